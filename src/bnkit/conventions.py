@@ -1,0 +1,192 @@
+"""The semantic knobs on which PyTorch and Keras batch normalization differ.
+
+A :class:`Convention` names every choice that is not fixed by the shared formula
+``y = gamma * (x - mean) / sqrt(var + eps) + beta``:
+
+* the default ``eps``;
+* the default ``momentum`` and what it weighs: the *new* batch statistic (PyTorch,
+  ``run = (1 - m) * run + m * batch``) or the *old* running value (Keras,
+  ``run = m * run + (1 - m) * batch``);
+* whether ``momentum=None`` means a cumulative average (PyTorch only);
+* the variance estimator folded into the running variance (PyTorch: unbiased,
+  ``n / (n - 1)`` times the biased batch variance; Keras: biased);
+* the channel axis of the framework's default layout (1 for NCHW, -1 for NHWC).
+
+Both frameworks normalise with the *biased* batch variance in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = [
+    "Convention",
+    "TORCH",
+    "KERAS",
+    "get_convention",
+    "translate_momentum",
+    "translate_settings",
+    "biased_to_unbiased",
+    "unbiased_to_biased",
+]
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One framework's batch-normalization semantics."""
+
+    name: str
+    eps: float
+    momentum: float
+    momentum_weighs: Literal["new", "old"]
+    cumulative_average_when_none: bool
+    running_var_estimator: Literal["unbiased", "biased"]
+    channel_axis: int
+
+    def __post_init__(self) -> None:
+        if self.momentum_weighs not in ("new", "old"):
+            raise ValueError(f"momentum_weighs must be 'new' or 'old', got {self.momentum_weighs!r}")
+        if self.running_var_estimator not in ("unbiased", "biased"):
+            raise ValueError(
+                f"running_var_estimator must be 'unbiased' or 'biased', got {self.running_var_estimator!r}"
+            )
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps!r}")
+
+    def check_momentum(self, momentum: float | None) -> None:
+        """Raise ``ValueError`` unless ``momentum`` is meaningful in this convention."""
+        if momentum is None:
+            if not self.cumulative_average_when_none:
+                raise ValueError(
+                    f"momentum=None (a cumulative average) is not part of the {self.name} convention; "
+                    f"give a float in [0, 1] (its default is {self.momentum})"
+                )
+            return
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__} {momentum!r}")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+
+    def weights(self, momentum: float | None, num_batches_tracked: int = 1) -> tuple[float, float]:
+        """``(old, new)``: the weights of the running value and of the batch statistic.
+
+        ``num_batches_tracked`` counts the batches so far, this one included; it matters
+        only for the cumulative average (``momentum=None``), whose new weight is ``1 / count``.
+        Each framework's own expression is kept (``1 - m`` is computed, ``m`` is not), so
+        the update rounds as the framework's does.
+        """
+        self.check_momentum(momentum)
+        if momentum is None:
+            new = 1.0 / max(int(num_batches_tracked), 1)
+            return 1.0 - new, new
+        m = float(momentum)
+        return (1.0 - m, m) if self.momentum_weighs == "new" else (m, 1.0 - m)
+
+    def new_weight(self, momentum: float | None, num_batches_tracked: int = 1) -> float:
+        """Weight of the new batch statistic in the running-statistics update."""
+        return self.weights(momentum, num_batches_tracked)[1]
+
+    @property
+    def unbiased_running_var(self) -> bool:
+        return self.running_var_estimator == "unbiased"
+
+
+TORCH = Convention(
+    name="torch",
+    eps=1e-5,
+    momentum=0.1,
+    momentum_weighs="new",
+    cumulative_average_when_none=True,
+    running_var_estimator="unbiased",
+    channel_axis=1,
+)
+
+KERAS = Convention(
+    name="keras",
+    eps=1e-3,
+    momentum=0.99,
+    momentum_weighs="old",
+    cumulative_average_when_none=False,
+    running_var_estimator="biased",
+    channel_axis=-1,
+)
+
+_BY_NAME = {"torch": TORCH, "pytorch": TORCH, "keras": KERAS}
+
+
+def get_convention(convention: str | Convention) -> Convention:
+    """Return the :class:`Convention` for ``"torch"``, ``"keras"`` or a Convention itself."""
+    if isinstance(convention, Convention):
+        return convention
+    if isinstance(convention, str) and convention.lower() in _BY_NAME:
+        return _BY_NAME[convention.lower()]
+    raise ValueError(f"convention must be 'torch', 'keras' or a bnkit.Convention, got {convention!r}")
+
+
+def translate_momentum(
+    momentum: float | None, source: str | Convention, target: str | Convention
+) -> float | None:
+    """The momentum that gives the same running-statistics weights in ``target``.
+
+    Keras ``momentum=0.99`` is PyTorch ``momentum=0.01`` and back. ``None`` (PyTorch's
+    cumulative average) has no equivalent in a convention without it: ``ValueError``.
+    """
+    src, dst = get_convention(source), get_convention(target)
+    src.check_momentum(momentum)
+    if momentum is None:
+        dst.check_momentum(None)
+        return None
+    if src.momentum_weighs == dst.momentum_weighs:
+        return float(momentum)
+    # 1 - m is exact only where m is; round-trip the complement through a string-free
+    # subtraction so that 0.99 -> 0.01 prints as 0.01 and not 0.010000000000000009.
+    return round(1.0 - float(momentum), 15)
+
+
+def translate_settings(
+    source: str | Convention,
+    target: str | Convention,
+    *,
+    eps: float | None = None,
+    momentum: float | None | Literal["default"] = "default",
+) -> dict:
+    """Translate a layer's ``eps`` and ``momentum`` from one convention to another.
+
+    Omitted values take the *source* convention's defaults, so the result is the
+    target-convention setting of the layer as the source framework would build it.
+    The running-variance estimator cannot be set per layer in either framework; the
+    returned ``running_var_factor`` says how the target's running variance relates to
+    the source's after one batch of ``n`` values per channel: multiply by
+    ``n / (n - 1)`` (biased → unbiased) or ``(n - 1) / n`` (unbiased → biased), or 1.
+    """
+    src, dst = get_convention(source), get_convention(target)
+    eps = src.eps if eps is None else float(eps)
+    momentum = src.momentum if momentum == "default" else momentum
+    factor = "1"
+    if src.running_var_estimator != dst.running_var_estimator:
+        factor = "n/(n-1)" if dst.unbiased_running_var else "(n-1)/n"
+    return {
+        "eps": eps,
+        "momentum": translate_momentum(momentum, src, dst),
+        "running_var_factor": factor,
+    }
+
+
+def biased_to_unbiased(var, n: int):
+    """Unbiased variance from the biased one over ``n`` values: ``var * n / (n - 1)``."""
+    if n < 2:
+        raise ValueError(f"the unbiased variance needs at least 2 values per channel, got n={n}")
+    return var * (n / (n - 1))
+
+
+def unbiased_to_biased(var, n: int):
+    """Biased variance from the unbiased one over ``n`` values: ``var * (n - 1) / n``."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got n={n}")
+    return var * ((n - 1) / n)
+
+
+def with_overrides(convention: Convention, **changes) -> Convention:
+    """A copy of ``convention`` with some knobs changed (a custom convention)."""
+    return replace(convention, **changes)

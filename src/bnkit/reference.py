@@ -1,0 +1,169 @@
+"""NumPy float64 reference for batch normalization: the specification in code.
+
+Every function takes arrays of any rank and the index of the channel axis (``axis=1`` for
+PyTorch's NCHW, ``axis=-1`` for Keras' NHWC). Statistics are per channel ``c`` over every
+other axis; ``n`` is the number of values per channel (``x.size // C``).
+
+Training forward::
+
+    mean = sum(x) / n
+    var  = sum((x - mean)^2) / n                    (biased; two passes, no E[x^2] - E[x]^2)
+    xhat = (x - mean) / sqrt(var + eps)
+    y    = gamma * xhat + beta
+
+Inference forward: the same with ``running_mean`` and ``running_var`` in place of the batch's.
+
+Running-statistics update, with ``w`` the weight of the new batch statistic
+(:meth:`bnkit.Convention.new_weight`: ``m`` in PyTorch, ``1 - m`` in Keras, ``1 / count``
+for PyTorch's ``momentum=None``)::
+
+    running_mean = (1 - w) * running_mean + w * mean
+    running_var  = (1 - w) * running_var  + w * var * (n / (n - 1) if unbiased else 1)
+
+Training backward, with ``g = dL/dy``::
+
+    dbeta  = sum(g)
+    dgamma = sum(g * xhat)
+    dx     = gamma / sqrt(var + eps) * (g - dbeta / n - xhat * dgamma / n)
+
+Inference backward: ``dx = g * gamma / sqrt(running_var + eps)``; dgamma, dbeta as above with
+``xhat`` from the running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from bnkit.conventions import Convention, get_convention
+
+__all__ = [
+    "BatchStats",
+    "RunningStats",
+    "Gradients",
+    "batch_stats",
+    "forward_train",
+    "forward_eval",
+    "update_running",
+    "backward_train",
+    "backward_eval",
+]
+
+
+class BatchStats(NamedTuple):
+    mean: np.ndarray
+    var: np.ndarray  # biased
+    n: int
+
+
+class RunningStats(NamedTuple):
+    mean: np.ndarray
+    var: np.ndarray
+    num_batches_tracked: int
+
+
+class Gradients(NamedTuple):
+    dx: np.ndarray
+    dgamma: np.ndarray
+    dbeta: np.ndarray
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _reduce_axes(x: np.ndarray, axis: int) -> tuple[int, ...]:
+    axis = axis % x.ndim
+    return tuple(i for i in range(x.ndim) if i != axis)
+
+
+def _per_channel(v, x: np.ndarray, axis: int) -> np.ndarray:
+    """Reshape a (C,) vector so that it broadcasts along ``axis`` of ``x``."""
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    return _f64(v).reshape(shape)
+
+
+def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarray]:
+    channels = x.shape[axis % x.ndim]
+    gamma = np.ones(channels) if gamma is None else _f64(gamma)
+    beta = np.zeros(channels) if beta is None else _f64(beta)
+    return gamma, beta
+
+
+def batch_stats(x, axis: int = 1) -> BatchStats:
+    """Per-channel mean and *biased* variance of a batch, two-pass in float64."""
+    x = _f64(x)
+    axes = _reduce_axes(x, axis)
+    mean = x.mean(axis=axes)
+    var = np.square(x - _per_channel(mean, x, axis)).mean(axis=axes)
+    return BatchStats(mean, var, x.size // x.shape[axis % x.ndim])
+
+
+def forward_train(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1):
+    """Training forward pass: ``(y, BatchStats)``. ``gamma``/``beta`` of None mean 1 and 0."""
+    x = _f64(x)
+    gamma, beta = _affine(x, axis, gamma, beta)
+    stats = batch_stats(x, axis)
+    y = _normalize(x, stats.mean, stats.var, gamma, beta, eps, axis)
+    return y, stats
+
+
+def forward_eval(x, running_mean, running_var, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1):
+    """Inference forward pass with the running statistics."""
+    x = _f64(x)
+    gamma, beta = _affine(x, axis, gamma, beta)
+    return _normalize(x, _f64(running_mean), _f64(running_var), gamma, beta, eps, axis)
+
+
+def _normalize(x, mean, var, gamma, beta, eps, axis):
+    xhat = (x - _per_channel(mean, x, axis)) / np.sqrt(_per_channel(var, x, axis) + eps)
+    return _per_channel(gamma, x, axis) * xhat + _per_channel(beta, x, axis)
+
+
+def update_running(
+    running: RunningStats,
+    stats: BatchStats,
+    momentum: float | None,
+    convention: str | Convention = "torch",
+) -> RunningStats:
+    """Running statistics after one training batch, in ``convention``'s meaning of momentum.
+
+    ``momentum=None`` is PyTorch's cumulative average (weight ``1 / num_batches_tracked``,
+    the count including this batch).
+    """
+    conv = get_convention(convention)
+    count = running.num_batches_tracked + 1
+    old, new = conv.weights(momentum, count)
+    var = stats.var * (stats.n / (stats.n - 1)) if conv.unbiased_running_var else stats.var
+    mean = old * _f64(running.mean) + new * stats.mean
+    var = old * _f64(running.var) + new * var
+    return RunningStats(mean, var, count)
+
+
+def backward_train(dy, x, gamma=None, eps: float = 1e-5, axis: int = 1) -> Gradients:
+    """Gradients of the training forward pass (batch statistics depend on ``x``)."""
+    x, dy = _f64(x), _f64(dy)
+    gamma, _ = _affine(x, axis, gamma, None)
+    stats = batch_stats(x, axis)
+    axes = _reduce_axes(x, axis)
+    invstd = 1.0 / np.sqrt(stats.var + eps)
+    xhat = (x - _per_channel(stats.mean, x, axis)) * _per_channel(invstd, x, axis)
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * xhat).sum(axis=axes)
+    n = stats.n
+    dx = _per_channel(gamma * invstd, x, axis) * (
+        dy - _per_channel(dbeta / n, x, axis) - xhat * _per_channel(dgamma / n, x, axis)
+    )
+    return Gradients(dx, dgamma, dbeta)
+
+
+def backward_eval(dy, x, running_mean, running_var, gamma=None, eps: float = 1e-5, axis: int = 1) -> Gradients:
+    """Gradients of the inference forward pass (statistics are constants)."""
+    x, dy = _f64(x), _f64(dy)
+    gamma, _ = _affine(x, axis, gamma, None)
+    axes = _reduce_axes(x, axis)
+    invstd = 1.0 / np.sqrt(_f64(running_var) + eps)
+    xhat = (x - _per_channel(running_mean, x, axis)) * _per_channel(invstd, x, axis)
+    return Gradients(dy * _per_channel(gamma * invstd, x, axis), (dy * xhat).sum(axis=axes), dy.sum(axis=axes))
