@@ -87,9 +87,16 @@ def _batchnorm(cls, sub, node, meta):
     return layer, state
 
 
-def _pool_args(node, defaults: tuple) -> list:
-    """Positional pooling settings after the input, with the operator's defaults."""
-    return [_arg(node, i + 1, d) for i, d in enumerate(defaults)]
+# the aten pooling operators' arguments after the input, in order, with their defaults
+_MAX_POOL = (("kernel_size", 2), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False))
+_AVG_POOL = (("kernel_size", 2), ("stride", None), ("padding", 0), ("ceil_mode", False), ("count_include_pad", True))
+
+
+def _pool_args(node, names: tuple) -> dict:
+    args = {name: _arg(node, i + 1, default) for i, (name, default) in enumerate(names)}
+    if not args["stride"]:  # aten's empty stride means "the kernel size"
+        args["stride"] = None
+    return args
 
 
 def _simple(factory):
@@ -108,10 +115,10 @@ _ACTIVATIONS = {
     nn.Softmax: lambda cls, node: cls(dim=_arg(node, 1, -1)),
     nn.Flatten: lambda cls, node: cls(start_dim=_arg(node, 1, 1), end_dim=_arg(node, 2, -1)),
     nn.Dropout: lambda cls, node: cls(p=float(_arg(node, 1, 0.5))),
-    nn.MaxPool1d: lambda cls, node: cls(*_pool_args(node, (2, None, 0, 1, False))),
-    nn.MaxPool2d: lambda cls, node: cls(*_pool_args(node, (2, None, 0, 1, False))),
-    nn.AvgPool1d: lambda cls, node: cls(*_pool_args(node, (2, None, 0, False, True))),
-    nn.AvgPool2d: lambda cls, node: cls(*_pool_args(node, (2, None, 0, False, True))),
+    nn.MaxPool1d: lambda cls, node: cls(**_pool_args(node, _MAX_POOL)),
+    nn.MaxPool2d: lambda cls, node: cls(**_pool_args(node, _MAX_POOL)),
+    nn.AvgPool1d: lambda cls, node: cls(**_pool_args(node, _AVG_POOL)),
+    nn.AvgPool2d: lambda cls, node: cls(**_pool_args(node, _AVG_POOL)),
     nn.AdaptiveAvgPool1d: lambda cls, node: cls(_arg(node, 1, 1)),
     nn.AdaptiveAvgPool2d: lambda cls, node: cls(_arg(node, 1, 1)),
 }
