@@ -38,12 +38,13 @@ class ModelFileError(ValueError):
 
 def framework_of(model) -> str:
     """``"torch"`` or ``"keras"`` for a model object, without importing either framework."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return "torch"
+    # Keras first: on its torch backend every Keras layer is also a torch.nn.Module
     keras = sys.modules.get("keras")
     if keras is not None and isinstance(model, keras.Model | keras.layers.Layer):
         return "keras"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return "torch"
     raise TypeError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
 
 

@@ -17,12 +17,13 @@ __all__ = ["rebuild_exported", "layer_metadata"]
 
 
 def layer_metadata(model: nn.Module) -> dict:
-    """What the exported graph loses: the convention and momentum of bnkit's batch norms."""
+    """What an eval-mode export loses: every batch norm's momentum (``None`` included) and
+    the convention of bnkit's batch norms."""
     meta = {}
     for name, module in model.named_modules():
-        convention = getattr(module, "convention", None)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and convention is not None:
-            meta[name] = {"convention": convention.name, "momentum": module.momentum}
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            convention = getattr(module, "convention", None)
+            meta[name] = {"convention": convention and convention.name, "momentum": module.momentum}
     return meta
 
 
@@ -78,12 +79,15 @@ def _batchnorm(cls, sub, node, meta):
     kwargs = {"affine": weight is not None, "track_running_stats": running_mean is not None}
     if weight is not None and bias is None:
         kwargs["bias"] = False
-    if meta:  # a bnkit layer: its convention and momentum were stored at export
+    if meta:
+        momentum = meta["momentum"]
+    if meta and meta.get("convention"):  # a bnkit layer
         cls = getattr(bt, cls.__name__, bt.BatchNorm2d)
-        layer = cls(reference.numel(), eps, meta["momentum"], convention=meta["convention"], **kwargs)
+        layer = cls(reference.numel(), eps, momentum, convention=meta["convention"], **kwargs)
     else:
         layer = cls(reference.numel(), eps, momentum, **kwargs)
-    state = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    state = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var,
+             "num_batches_tracked": _tensor(sub, "num_batches_tracked")}
     return layer, state
 
 
