@@ -34,8 +34,10 @@ def why_counts_differ(s: ModelSummary) -> str:
         f"{s.torch_params:,} + {s.torch_buffers:,} = {s.total:,}."
     )
     if s.torch_counters:
-        counters = "integer counter (num_batches_tracked) counts" if s.torch_counters == 1 else (
-            "integer counters (num_batches_tracked) count"
+        counters = (
+            "integer counter (num_batches_tracked) counts"
+            if s.torch_counters == 1
+            else ("integer counters (num_batches_tracked) count")
         )
         text += f" The {s.torch_counters:,} {counters} in neither."
     return text
