@@ -64,9 +64,7 @@ def lint(model, *, for_inference: bool = False, batch_size: int | None = None, i
     batch dimension, in the model's layout) let ``batch-of-one`` tell how many values each
     channel's statistics are computed from. Returns a list of :class:`Finding`, errors first.
     """
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     from bnkit.summarize import is_keras_model
 
@@ -188,14 +186,14 @@ def _torch_producer_bn_pairs(model):
     import torch.fx
     from torch import nn
 
+    from bnkit.torch.tracing import BatchNormLeafTracer
+
     producers = (nn.modules.conv._ConvNd, nn.Linear)
     batchnorm = nn.modules.batchnorm._BatchNorm
 
-    class _Tracer(torch.fx.Tracer):
+    class _Tracer(BatchNormLeafTracer):
         def is_leaf_module(self, module, qualified_name):
-            return isinstance(module, (batchnorm, *producers)) or super().is_leaf_module(
-                module, qualified_name
-            )
+            return isinstance(module, producers) or super().is_leaf_module(module, qualified_name)
 
     pairs = []
     try:
@@ -295,9 +293,7 @@ def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
     if batch_size == 1 and not for_inference:  # Keras uses batch statistics only in training (fit)
         for name, bn in bns:
             if bn.trainable:
-                findings.append(
-                    _batch_of_one(name, _describe_keras(bn), _keras_values_per_channel(bn), keras=True)
-                )
+                findings.append(_batch_of_one(name, _describe_keras(bn), _keras_values_per_channel(bn), keras=True))
 
     for name, bn in bns:
         if not bn.trainable:
@@ -448,8 +444,7 @@ def _eps_mismatch(named_eps) -> list[Finding]:
     if len(by_eps) < 2:
         return []
     groups = "; ".join(
-        f"eps={eps:g}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-        for eps, names in by_eps.items()
+        f"eps={eps:g}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for eps, names in by_eps.items()
     )
     return [
         Finding(

@@ -53,9 +53,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
     statistics = _unique(v for _, _, layer in _walk(model, keras) for v in _statistics(layer))
     torch_buffers = sum(_size(v) for v in statistics)
 
-    shapes_for_memory = input_shapes or (
-        tuple(s[1:] for s in model_inputs) if model_inputs is not None else None
-    )
+    shapes_for_memory = input_shapes or (tuple(s[1:] for s in model_inputs) if model_inputs is not None else None)
     memory = None
     notes = []
     if shapes_for_memory is not None and all(d is not None for s in shapes_for_memory for d in s):

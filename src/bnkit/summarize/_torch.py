@@ -9,7 +9,7 @@ from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary, normali
 
 
 def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSummary:
-    input_shapes = normalize_input_shape(input_shape)
+    input_shapes = normalize_input_shape(input_shape if input_shape is not None else _recorded_shapes(model))
     layers = _layers(model)
 
     outputs: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {}
@@ -56,6 +56,21 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
         dtype=str(_input_dtype(model, dtype)).removeprefix("torch."),
         notes=notes,
     )
+
+
+def _recorded_shapes(model: nn.Module):
+    """Input shapes (without batch) recorded in an fx graph's placeholders, as torch.export leaves them."""
+    graph = getattr(model, "graph", None)
+    if graph is None or not hasattr(graph, "nodes"):
+        return None
+    shapes = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor) or value.dim() < 1:
+                return None
+            shapes.append(tuple(int(d) for d in value.shape[1:]))
+    return shapes or None
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
