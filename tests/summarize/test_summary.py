@@ -185,3 +185,27 @@ def test_to_dict_is_json(keras_seed):
     assert data["torch"]["params"] == 13_108_694 and data["torch"]["buffers"] == 64
     assert data["rows"][2]["output_shape"] == [None, 64, 64, 32]
     assert data["memory"]["megabytes"]["total"] == pytest.approx(data["memory"]["bytes"]["total"] / 1e6)
+
+
+def test_subclassed_keras_model_counts_without_shapes():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+            self.bn = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(self.dense(x))
+
+    model = Sub()
+    s = bnkit.summary(model, (5,))  # built by calling it on zeros
+    assert s.total == model.count_params() == 18 + 12 and s.torch_buffers == 6
+    assert [r.output_shape for r in s.rows] == [None, None] and s.memory is None
+    assert "subclassed" in s.notes[0]
+
+
+def test_tied_torch_weights_count_once():
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False))
+    model[1].weight = model[0].weight  # weight tying, as in language models
+    s = bnkit.summary(model)
+    assert s.torch_params == sum(p.numel() for p in model.parameters()) == 28

@@ -412,7 +412,7 @@ def _batch_of_one(name, description, values_per_channel, *, keras: bool) -> Find
         f"{description} normalises each channel over a single sample at batch size 1{known}: the "
         "statistics are that sample's own (instance normalization in effect) and the running "
         "statistics get noisy. Use a larger batch, freeze the layer, or use GroupNorm."
-        + ("" if values_per_channel is not None else " Pass input_shape to check for one value per channel."),
+        + ("" if values_per_channel is not None or keras else " Pass input_shape to check for one value per channel."),
         "warning",
     )
 

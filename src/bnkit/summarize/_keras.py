@@ -65,7 +65,12 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
                 params=sum(_size(v) * _itemsize(v.dtype) for v in weights),
             )
     if memory is None:
-        notes.append("No memory estimate: some output shapes are unknown (pass input_shape).")
+        reason = (
+            "pass input_shape"
+            if shapes_for_memory is None
+            else "Keras records no output shapes for the layers of a subclassed model or variable-size inputs"
+        )
+        notes.append(f"No memory estimate: some output shapes are unknown ({reason}).")
     return ModelSummary(
         name=model.name,
         framework="keras",
