@@ -209,3 +209,18 @@ def test_tied_torch_weights_count_once():
     model[1].weight = model[0].weight  # weight tying, as in language models
     s = bnkit.summary(model)
     assert s.torch_params == sum(p.numel() for p in model.parameters()) == 28
+
+
+def test_keras_integer_counter_weights_are_counters_not_params():
+    # like bnkit.keras.BatchNormalization(convention="torch"), which keeps num_batches_tracked as a weight
+    class Counting(keras.layers.BatchNormalization):
+        def build(self, input_shape):
+            super().build(input_shape)
+            self.steps = self.add_weight(shape=(), name="steps", initializer="zeros", dtype="int64", trainable=False)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Counting()(inputs))
+    s = bnkit.summary(model)
+    assert s.total == model.count_params() == 17 and s.non_trainable == 9
+    assert (s.torch_params, s.torch_buffers, s.torch_counters) == (8, 8, 1)
+    assert "8 + 8 + 1 = 17" in rendered(s)

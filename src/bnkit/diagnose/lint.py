@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from bnkit.conventions import get_convention
+
 __all__ = ["Finding", "lint", "SEVERITIES"]
 
 SEVERITIES = ("error", "warning", "info")
@@ -309,9 +311,14 @@ def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
             )
 
     for name, bn in bns:
-        new_weight = 1 - bn.momentum
+        if bn.momentum is None:
+            continue
+        # bnkit.keras.BatchNormalization(convention="torch") reads momentum PyTorch's way
+        convention = getattr(bn, "convention", None)
+        weighs_new = convention is not None and get_convention(convention).momentum_weighs == "new"
+        new_weight = bn.momentum if weighs_new else 1 - bn.momentum
         if new_weight >= 0.5:
-            findings.append(_momentum_finding(name, _describe_keras(bn), bn.momentum, new_weight, False))
+            findings.append(_momentum_finding(name, _describe_keras(bn), bn.momentum, new_weight, weighs_new))
 
     findings += _eps_mismatch([(name, bn.epsilon) for name, bn in bns])
     return findings

@@ -37,6 +37,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
                 trainable_params=trainable,
                 non_trainable_params=non_trainable,
                 buffers=sum(_size(v) for v in _statistics(layer)),
+                counters=sum(_size(v) for v in _counters(layer)),
                 depth=depth,
             )
         )
@@ -52,6 +53,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
     trainable = sum(_size(v) for v in _unique(model.trainable_weights))
     statistics = _unique(v for _, _, layer in _walk(model, keras) for v in _statistics(layer))
     torch_buffers = sum(_size(v) for v in statistics)
+    torch_counters = sum(_size(v) for v in _unique(v for _, _, layer in _walk(model, keras) for v in _counters(layer)))
 
     shapes_for_memory = input_shapes or (tuple(s[1:] for s in model_inputs) if model_inputs is not None else None)
     memory = None
@@ -79,10 +81,10 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
         total=total,
         trainable=trainable,
         non_trainable=total - trainable,
-        torch_params=total - torch_buffers,
+        torch_params=total - torch_buffers - torch_counters,
         torch_trainable=trainable,
         torch_buffers=torch_buffers,
-        torch_counters=0,
+        torch_counters=torch_counters,
         memory=memory,
         dtype=str(getattr(model, "dtype", None) or "float32"),
         notes=notes,
@@ -158,6 +160,16 @@ def _statistics(layer):
     return [v for v in (getattr(layer, name, None) for name in _STATISTICS) if v is not None]
 
 
+def _counters(layer):
+    """Integer weights (a PyTorch-convention BN's num_batches_tracked): Keras counts them, PyTorch does not."""
+    return [v for v in layer.non_trainable_weights if not _is_floating(v.dtype)]
+
+
+def _is_floating(dtype) -> bool:
+    kind = np.dtype(str(dtype).removeprefix("torch.")).kind if str(dtype) != "bfloat16" else "f"
+    return kind in "fc"
+
+
 def _unique(variables):
     seen, unique = set(), []
     for v in variables:
@@ -172,4 +184,5 @@ def _size(variable) -> int:
 
 
 def _itemsize(dtype) -> int:
-    return np.dtype(str(dtype).removeprefix("torch.")).itemsize
+    name = str(dtype).removeprefix("torch.")
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize  # NumPy has no bfloat16

@@ -25,21 +25,24 @@ def format_shape(shapes) -> str:
 
 def why_counts_differ(s: ModelSummary) -> str:
     """One sentence on why PyTorch tools print a smaller count than Keras for this model."""
-    if s.torch_buffers == 0:
+    keras_counted_counters = s.total - s.torch_params - s.torch_buffers  # counter weights of a Keras model
+    if s.torch_buffers == 0 and keras_counted_counters == 0:
         return f"Both accountings agree on {s.total:,} params: this model has no running statistics."
+    counters = "integer counter (num_batches_tracked)" if s.torch_counters == 1 else "integer counters"
     text = (
         f"PyTorch tools (sum(p.numel() for p in model.parameters()), torchinfo) print {s.torch_params:,}: "
         f"the {s.torch_buffers:,} running statistics (running_mean, running_var) are buffers there, "
-        f"while Keras counts them as non-trainable weights: "
-        f"{s.torch_params:,} + {s.torch_buffers:,} = {s.total:,}."
+        f"while Keras counts them as non-trainable weights"
     )
-    if s.torch_counters:
-        counters = (
-            "integer counter (num_batches_tracked) counts"
-            if s.torch_counters == 1
-            else ("integer counters (num_batches_tracked) count")
+    if keras_counted_counters:
+        text += (
+            f", and the {keras_counted_counters:,} {counters} too: "
+            f"{s.torch_params:,} + {s.torch_buffers:,} + {keras_counted_counters:,} = {s.total:,}."
         )
-        text += f" The {s.torch_counters:,} {counters} in neither."
+    else:
+        text += f": {s.torch_params:,} + {s.torch_buffers:,} = {s.total:,}."
+        if s.torch_counters:
+            text += f" The {s.torch_counters:,} {counters} count{'s' if s.torch_counters == 1 else ''} in neither."
     return text
 
 
