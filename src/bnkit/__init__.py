@@ -33,7 +33,7 @@ _LAZY = {
 }
 _LAZY_ATTRS: dict[str, str] = {
     "summary": "bnkit.summarize",
-    "lint": "bnkit.diagnose",
+    "lint": "bnkit.diagnose.lint",
 }
 
 __all__ = [

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.diagnose import Finding
+from bnkit.diagnose.lint import Finding
 from bnkit.examples import torch_seed_model
 from bnkit.keras import keras
 from bnkit.torch import BatchNorm2d

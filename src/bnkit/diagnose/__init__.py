@@ -1,12 +1,12 @@
-"""Diagnosis of batch normalization problems: :func:`lint` (one model) and ``compare`` (two models)."""
+"""Diagnosis of batch-norm problems: compare two models, lint one."""
 
 from __future__ import annotations
 
 import importlib
 
-from bnkit.diagnose.lint import Finding, lint
+from bnkit.diagnose.lint import lint
 
-__all__ = ["lint", "Finding", "compare"]
+__all__ = ["lint", "compare"]
 
 
 def __getattr__(name: str):

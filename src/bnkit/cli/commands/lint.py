@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bnkit.cli import CLIError
-    from bnkit.diagnose import lint
+    from bnkit.diagnose.lint import lint
     from bnkit.io import load_model
 
     if args.batch_size is not None and args.batch_size < 1:
