@@ -124,7 +124,14 @@ def test_batch_of_one():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model(torch.randn(1, 3, 5, 5))
     assert by_code(bnkit.lint(model, batch_size=2, input_shape=(3, 5, 5)), "batch-of-one") == []
-    assert by_code(bnkit.lint(model.eval(), batch_size=1), "batch-of-one") == []  # eval: running stats
+    # serving one sample from an eval() model is fine: running statistics
+    assert by_code(bnkit.lint(model.eval(), batch_size=1, for_inference=True), "batch-of-one") == []
+    # training with batch size 1 is not, even if the model is in eval() now (a loaded file)
+    assert len(by_code(bnkit.lint(model, batch_size=1), "batch-of-one")) == 2
+    # a BN kept in eval() inside a model in train() is frozen on purpose
+    model.train()
+    model[1].eval()
+    assert [f.layer for f in by_code(bnkit.lint(model, batch_size=1), "batch-of-one")] == ["4"]
 
 
 def test_frozen_bn_still_updating():

@@ -13,7 +13,10 @@
     per-channel mean, so ``BN(Wx + b) = BN(Wx)`` in training: the bias is cancelled and its
     gradient is zero.
 ``batch-of-one`` (error when a channel gets one value, warning otherwise)
-    ``batch_size=1`` with a BN that uses batch statistics. With one value per channel
+    ``batch_size=1`` with a BN that uses batch statistics: in training (``model.train()``
+    or ``fit()``) every BN but one deliberately kept in ``eval()``; with
+    ``for_inference=True``, a PyTorch BN in ``train()`` mode or without running
+    statistics. With one value per channel
     PyTorch raises and Keras outputs ``beta`` for every input; with one sample the
     statistics are that sample's own (noisy running statistics).
 ``frozen-bn-still-updating`` (warning)
@@ -62,8 +65,9 @@ def lint(model, *, for_inference: bool = False, batch_size: int | None = None, i
     """Batch normalization pitfalls in a ``torch.nn.Module`` or a ``keras.Model``.
 
     ``for_inference=True`` says the model is about to be used for inference, so any BN
-    still in training mode is an error. ``batch_size`` (and ``input_shape``, without the
-    batch dimension, in the model's layout) let ``batch-of-one`` tell how many values each
+    still in training mode is an error. ``batch_size`` is the training batch size (the
+    serving one with ``for_inference=True``); with ``input_shape`` (PyTorch only: without the
+    batch dimension, in the model's layout) ``batch-of-one`` can tell how many values each
     channel's statistics are computed from. Returns a list of :class:`Finding`, errors first.
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -142,7 +146,12 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
             )
 
     if batch_size == 1:
-        uses_batch_stats = [(n, m) for n, m in bns if m.training or m.running_mean is None]
+        # For inference, batch_size is the serving batch: BNs in train() mode use batch statistics.
+        # For training, model.train() will switch every BN to batch statistics, except one kept in
+        # eval() inside a model in train() mode: that one was frozen on purpose.
+        uses_batch_stats = [
+            (n, m) for n, m in bns if m.training or m.running_mean is None or (not for_inference and not model.training)
+        ]
         values = _torch_values_per_channel(model, input_shape, batch_size) if uses_batch_stats else {}
         for name, bn in uses_batch_stats:
             findings.append(_batch_of_one(name, _describe(bn), values.get(name), keras=False))

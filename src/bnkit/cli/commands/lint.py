@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the model is about to serve predictions: any batch norm in training mode is an error",
     )
     parser.add_argument(
-        "--batch-size", type=int, metavar="N", help="the batch size it will be trained with (checks batch-of-one)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="the training batch size (the serving one with --for-inference): checks batch-of-one",
     )
     parser.add_argument(
         "--input-shape",
