@@ -31,7 +31,10 @@ _LAZY = {
     "convert": "bnkit.convert",
     "explain": "bnkit.explain",
 }
-_LAZY_ATTRS: dict[str, str] = {}
+_LAZY_ATTRS: dict[str, str] = {
+    "summary": "bnkit.summarize",
+    "lint": "bnkit.diagnose.lint",
+}
 
 __all__ = [
     "Convention",

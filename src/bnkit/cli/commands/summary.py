@@ -1,0 +1,67 @@
+"""``bnkit summary FILE``: layers, output shapes and parameter counts in Keras' and PyTorch's accountings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+NAME = "summary"
+HELP = "Show a model's layers and parameter counts, counted both as Keras and as PyTorch do."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="FILE",
+        help="a .keras or .h5 Keras model, a .pt2 torch.export program, or a package.module:factory spec",
+    )
+    parser.add_argument("--weights", metavar="WEIGHTS", help=".pt or .safetensors weights for a factory spec")
+    parser.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        type=parse_input_shape,
+        help="input shape without the batch dimension, in the model's layout, e.g. 64,64,1 (Keras) or 1,64,64 "
+        "(PyTorch); several inputs separated by ';'. Needed for a PyTorch factory's output shapes",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def parse_input_shape(text: str) -> tuple[tuple[int, ...], ...]:
+    shapes = []
+    for part in text.split(";"):
+        try:
+            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            dims = ()
+        if not dims or any(d < 1 for d in dims):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a shape: give positive ints separated by commas, e.g. 64,64,1"
+            )
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from bnkit.cli import CLIError
+    from bnkit.io import framework_of, load_model
+    from bnkit.summarize import render, summary
+
+    model = load_model(args.model, args.weights)
+    try:
+        result = summary(model, args.input_shape)
+    except (ValueError, TypeError) as e:
+        raise CLIError(" ".join(str(e).split())) from e
+    if framework_of(model) == "torch" and ":" not in args.model:
+        result = replace(result, name=Path(args.model).stem)  # an exported program has no class name of its own
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        from rich.console import Console
+
+        render(result, Console())
+    return 0

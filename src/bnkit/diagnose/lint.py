@@ -1,0 +1,473 @@
+"""Batch normalization pitfalls in one model, found without running it (unless given a shape).
+
+:func:`lint` returns :class:`Finding` records with stable codes:
+
+``bn-training-mode`` (error for inference, warning otherwise)
+    A PyTorch BN in ``train()`` mode inside a model in ``eval()`` mode, or, with
+    ``for_inference=True``, a model still in ``train()`` mode: the BN normalises with each
+    batch's statistics and overwrites its running statistics on every call.
+``bn-no-running-stats`` (warning for inference, info otherwise)
+    ``track_running_stats=False``: batch statistics even in ``eval()``.
+``conv-bias-before-bn`` (warning)
+    A convolution or linear layer with a bias feeding a BN directly. The BN subtracts the
+    per-channel mean, so ``BN(Wx + b) = BN(Wx)`` in training: the bias is cancelled and its
+    gradient is zero.
+``batch-of-one`` (error when a channel gets one value, warning otherwise)
+    ``batch_size=1`` with a BN that uses batch statistics: in training (``model.train()``
+    or ``fit()``) every BN but one deliberately kept in ``eval()``; with
+    ``for_inference=True``, a PyTorch BN in ``train()`` mode or without running
+    statistics. With one value per channel
+    PyTorch raises and Keras outputs ``beta`` for every input; with one sample the
+    statistics are that sample's own (noisy running statistics).
+``frozen-bn-still-updating`` (warning)
+    A PyTorch BN whose ``weight`` and ``bias`` have ``requires_grad=False`` but which is in
+    ``train()`` mode: its running statistics keep updating. Keras' ``trainable=False`` would
+    also have switched it to inference; in PyTorch call ``.eval()`` on the BN.
+``keras-frozen-inference`` (info)
+    A Keras BN with ``trainable=False``: fine, but it runs in inference mode even inside
+    ``fit()`` (``training and self.trainable``), with its moving statistics, never updating them.
+``momentum-literal-port`` (warning)
+    A momentum that gives the *new* batch half or more of the weight (PyTorch ``momentum >=
+    0.5``, Keras ``momentum <= 0.5``): most likely the other framework's value copied
+    literally. PyTorch's ``m`` is Keras' ``1 - m`` (:func:`bnkit.translate_momentum`).
+``eps-mismatch`` (info)
+    BN layers of one model with different ``eps``: often a half-finished port (PyTorch's
+    default is 1e-5, Keras' 1e-3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from bnkit.conventions import get_convention
+
+__all__ = ["Finding", "lint", "SEVERITIES"]
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One pitfall: a stable ``code``, the ``layer`` it is about, a ``message`` saying what
+    happens and how to fix it, and a ``severity`` ("error", "warning" or "info")."""
+
+    code: str
+    layer: str
+    message: str
+    severity: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lint(model, *, for_inference: bool = False, batch_size: int | None = None, input_shape=None):
+    """Batch normalization pitfalls in a ``torch.nn.Module`` or a ``keras.Model``.
+
+    ``for_inference=True`` says the model is about to be used for inference, so any BN
+    still in training mode is an error. ``batch_size`` is the training batch size (the
+    serving one with ``for_inference=True``); with ``input_shape`` (PyTorch only: without the
+    batch dimension, in the model's layout) ``batch-of-one`` can tell how many values each
+    channel's statistics are computed from. Returns a list of :class:`Finding`, errors first.
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    from bnkit.summarize import is_keras_model
+
+    if is_keras_model(model):
+        findings = _lint_keras(model, for_inference, batch_size, input_shape)
+    else:
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"lint() takes a torch.nn.Module or a keras.Model, got {type(model).__name__}")
+        findings = _lint_torch(model, for_inference, batch_size, input_shape)
+    return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
+    from torch import nn
+
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    findings: list[Finding] = []
+
+    if for_inference and model.training and bns:
+        findings.append(
+            Finding(
+                "bn-training-mode",
+                "(model)",
+                f"the model is in train() mode: its {len(bns)} batch norm layer(s) normalise with each "
+                "batch's statistics and overwrite their running statistics on every call. "
+                "Call model.eval() before inference.",
+                "error",
+            )
+        )
+    elif not model.training:
+        for name, bn in bns:
+            if bn.training:
+                findings.append(
+                    Finding(
+                        "bn-training-mode",
+                        name,
+                        f"{_describe(bn)} is in train() mode while the model is in eval(): it uses batch "
+                        "statistics and updates its running statistics (a .train() call after "
+                        "model.eval()?). Call .eval() on it, or model.eval() last.",
+                        "error" if for_inference else "warning",
+                    )
+                )
+
+    for name, bn in bns:
+        if bn.running_mean is None:
+            findings.append(
+                Finding(
+                    "bn-no-running-stats",
+                    name,
+                    f"{_describe(bn)} has no running statistics (track_running_stats=False): it "
+                    "normalises with the batch's statistics even in eval(), so each output depends on "
+                    "the other samples in the batch.",
+                    "warning" if for_inference else "info",
+                )
+            )
+
+    for producer_name, producer, bn_name, bn in _torch_producer_bn_pairs(model):
+        if getattr(producer, "bias", None) is not None:
+            findings.append(
+                _bias_finding(
+                    producer_name,
+                    type(producer).__name__,
+                    bn_name,
+                    _describe(bn),
+                    producer.bias.numel(),
+                    "bias=False",
+                )
+            )
+
+    if batch_size == 1:
+        # For inference, batch_size is the serving batch: BNs in train() mode use batch statistics.
+        # For training, model.train() will switch every BN to batch statistics, except one kept in
+        # eval() inside a model in train() mode: that one was frozen on purpose.
+        uses_batch_stats = [
+            (n, m) for n, m in bns if m.training or m.running_mean is None or (not for_inference and not model.training)
+        ]
+        values = _torch_values_per_channel(model, input_shape, batch_size) if uses_batch_stats else {}
+        for name, bn in uses_batch_stats:
+            findings.append(_batch_of_one(name, _describe(bn), values.get(name), keras=False))
+
+    for name, bn in bns:
+        frozen = bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
+        if frozen and bn.training and bn.running_mean is not None:
+            findings.append(
+                Finding(
+                    "frozen-bn-still-updating",
+                    name,
+                    f"{_describe(bn)} has weight and bias frozen (requires_grad=False) but is in train() "
+                    "mode: its running statistics still update on every forward pass and it still "
+                    "normalises with batch statistics. Call .eval() on it (after every model.train()) "
+                    "to freeze it completely, as Keras' trainable=False does.",
+                    "warning",
+                )
+            )
+
+    for name, bn in bns:
+        if bn.momentum is None:
+            continue
+        convention = getattr(bn, "convention", None)
+        weighs_new = convention is None or convention.momentum_weighs == "new"
+        new_weight = bn.momentum if weighs_new else 1 - bn.momentum
+        if new_weight >= 0.5:
+            findings.append(_momentum_finding(name, _describe(bn), bn.momentum, new_weight, weighs_new))
+
+    findings += _eps_mismatch([(name, bn.eps) for name, bn in bns])
+    return findings
+
+
+def _describe(bn) -> str:
+    return f"{type(bn).__name__}({bn.num_features})"
+
+
+def _torch_producer_bn_pairs(model):
+    """(producer name, producer, bn name, bn) for each conv/linear whose only consumer is a BN.
+
+    Read from a torch.fx trace of the model; where tracing fails (data-dependent control
+    flow), from consecutive children of every ``nn.Sequential``.
+    """
+    import torch.fx
+    from torch import nn
+
+    from bnkit.torch.tracing import BatchNormLeafTracer
+
+    producers = (nn.modules.conv._ConvNd, nn.Linear)
+    batchnorm = nn.modules.batchnorm._BatchNorm
+
+    class _Tracer(BatchNormLeafTracer):
+        def is_leaf_module(self, module, qualified_name):
+            return isinstance(module, producers) or super().is_leaf_module(module, qualified_name)
+
+    pairs = []
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # fx cannot trace every model: fall back to Sequential order
+        for parent_name, parent in model.named_modules():
+            if not isinstance(parent, nn.Sequential):
+                continue
+            children = list(parent.named_children())
+            for (a_name, a), (b_name, b) in zip(children, children[1:], strict=False):
+                if isinstance(a, producers) and isinstance(b, batchnorm):
+                    prefix = f"{parent_name}." if parent_name else ""
+                    pairs.append((prefix + a_name, a, prefix + b_name, b))
+        return pairs
+    for node in graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        bn = model.get_submodule(node.target)
+        source = node.args[0]
+        if not isinstance(bn, batchnorm) or not isinstance(source, torch.fx.Node):
+            continue
+        if source.op == "call_module" and len(source.users) == 1:
+            producer = model.get_submodule(source.target)
+            if isinstance(producer, producers):
+                pairs.append((source.target, producer, node.target, bn))
+    return pairs
+
+
+def _torch_values_per_channel(model, input_shape, batch_size) -> dict[str, int]:
+    """Values each BN channel's statistics come from at ``batch_size``, from one eval pass."""
+    if input_shape is None:
+        return {}
+    import torch
+    from torch import nn
+
+    from bnkit.summarize.rows import normalize_input_shape
+
+    shapes = normalize_input_shape(input_shape)
+    seen: dict[str, int] = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            x = args[0]
+            seen.setdefault(name, batch_size * math.prod(x.shape[2:]))
+
+        return hook
+
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in bns]
+    param = next(model.parameters(), None)
+    kwargs = {} if param is None else {"dtype": param.dtype, "device": param.device}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*[torch.zeros((1, *s), **kwargs) for s in shapes])
+    except Exception as e:
+        raise ValueError(
+            f"running {type(model).__name__} on zeros of input_shape {input_shape!r} (plus a batch "
+            f"dimension) failed: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return seen
+
+
+# --------------------------------------------------------------------------- Keras
+
+
+def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
+    from bnkit.keras import keras
+
+    layers = list(_keras_walk(model, keras))
+    bns = [(name, layer) for name, layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    findings: list[Finding] = []
+
+    for name, layer in layers:
+        producer = _keras_single_producer_of_bn(layer, keras)
+        if producer is None:
+            continue
+        producer_name = next((n for n, lay in layers if lay is producer), producer.name)
+        bias = getattr(producer, "bias", None)
+        findings.append(
+            _bias_finding(
+                producer_name,
+                type(producer).__name__,
+                name,
+                _describe_keras(layer),
+                0 if bias is None else math.prod(bias.shape),
+                "use_bias=False",
+            )
+        )
+
+    if batch_size == 1 and not for_inference:  # Keras uses batch statistics only in training (fit)
+        for name, bn in bns:
+            if bn.trainable:
+                findings.append(_batch_of_one(name, _describe_keras(bn), _keras_values_per_channel(bn), keras=True))
+
+    for name, bn in bns:
+        if not bn.trainable:
+            findings.append(
+                Finding(
+                    "keras-frozen-inference",
+                    name,
+                    f"{_describe_keras(bn)} has trainable=False: gamma and beta are frozen and the layer "
+                    "runs in inference mode even inside fit(), normalising with its moving statistics "
+                    "and never updating them (PyTorch's requires_grad=False freezes gamma and beta only).",
+                    "info",
+                )
+            )
+
+    for name, bn in bns:
+        if bn.momentum is None:
+            continue
+        # bnkit.keras.BatchNormalization(convention="torch") reads momentum PyTorch's way
+        convention = getattr(bn, "convention", None)
+        weighs_new = convention is not None and get_convention(convention).momentum_weighs == "new"
+        new_weight = bn.momentum if weighs_new else 1 - bn.momentum
+        if new_weight >= 0.5:
+            findings.append(_momentum_finding(name, _describe_keras(bn), bn.momentum, new_weight, weighs_new))
+
+    findings += _eps_mismatch([(name, bn.epsilon) for name, bn in bns])
+    return findings
+
+
+def _keras_walk(model, keras, prefix=""):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and hasattr(layer, "layers"):
+            yield from _keras_walk(layer, keras, f"{prefix}{layer.name}/")
+        else:
+            yield prefix + layer.name, layer
+
+
+def _describe_keras(bn) -> str:
+    return f"{type(bn).__name__}(axis={bn.axis})"
+
+
+def _keras_single_producer_of_bn(layer, keras):
+    """The conv/dense layer with a bias and no activation feeding BN ``layer`` alone, or None."""
+    if not isinstance(layer, keras.layers.BatchNormalization) or not layer.trainable:
+        return None  # a frozen Keras BN runs in inference mode: it does not cancel the bias
+    for node in layer._inbound_nodes:
+        parents = node.parent_nodes
+        if len(parents) != 1:
+            continue
+        producer = parents[0].operation
+        if not getattr(producer, "use_bias", False) or len(producer._outbound_nodes) != 1:
+            continue
+        activation = getattr(producer, "activation", None)
+        if activation is not None and getattr(activation, "__name__", "") != "linear":
+            continue  # BN(relu(Wx + b)) does not cancel b
+        if _keras_channel_axis(producer) == _normalized_axis(layer):
+            return producer
+    return None
+
+
+def _keras_channel_axis(layer) -> int | None:
+    try:
+        rank = len(layer.output.shape)
+    except (AttributeError, ValueError):
+        return None
+    return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else rank - 1
+
+
+def _normalized_axis(bn) -> int | None:
+    try:
+        rank = len(bn.input.shape)
+    except (AttributeError, ValueError):
+        return None
+    axis = bn.axis[0] if isinstance(bn.axis, (list, tuple)) else bn.axis
+    return axis % rank
+
+
+def _keras_values_per_channel(bn) -> int | None:
+    try:
+        shape = bn.input.shape
+    except (AttributeError, ValueError):
+        return None
+    axis = _normalized_axis(bn)
+    spatial = [d for i, d in enumerate(shape) if i not in (0, axis)]
+    if any(d is None for d in spatial):
+        return None
+    return math.prod(spatial)  # times batch_size, which is 1
+
+
+# --------------------------------------------------------------------------- shared messages
+
+
+def _bias_finding(producer_name, producer_type, bn_name, bn_description, bias_size, fix) -> Finding:
+    return Finding(
+        "conv-bias-before-bn",
+        producer_name,
+        f"{producer_type} {producer_name!r} has a bias and feeds {bn_description} {bn_name!r} directly: "
+        f"the batch norm subtracts the per-channel mean, which cancels the bias ({bias_size:,} params "
+        f"that get zero gradient). Build it with {fix}.",
+        "warning",
+    )
+
+
+def _batch_of_one(name, description, values_per_channel, *, keras: bool) -> Finding:
+    if values_per_channel == 1:
+        consequence = (
+            "Keras does not complain: the batch variance is 0 and the layer outputs beta for every input"
+            if keras
+            else "PyTorch raises 'Expected more than 1 value per channel when training'"
+        )
+        return Finding(
+            "batch-of-one",
+            name,
+            f"{description} gets one value per channel at batch size 1 in training: {consequence}. "
+            "Use a batch of 2 or more, or put the layer in inference mode.",
+            "error",
+        )
+    known = "" if values_per_channel is None else f" ({values_per_channel:,} values per channel)"
+    return Finding(
+        "batch-of-one",
+        name,
+        f"{description} normalises each channel over a single sample at batch size 1{known}: the "
+        "statistics are that sample's own (instance normalization in effect) and the running "
+        "statistics get noisy. Use a larger batch, freeze the layer, or use GroupNorm."
+        + ("" if values_per_channel is not None or keras else " Pass input_shape to check for one value per channel."),
+        "warning",
+    )
+
+
+_FRAMEWORK = {"torch": "PyTorch", "keras": "Keras"}
+
+
+def _momentum_finding(name, description, momentum, new_weight, weighs_new) -> Finding:
+    if weighs_new:
+        meaning = f"in PyTorch's convention momentum={momentum:g} gives each new batch {new_weight:.0%}"
+        source, target = "keras", "torch"
+    else:
+        meaning = f"in Keras' convention momentum={momentum:g} gives each new batch {new_weight:.0%}"
+        source, target = "torch", "keras"
+    return Finding(
+        "momentum-literal-port",
+        name,
+        f"{description}: {meaning} of the weight, so the running statistics follow the last few "
+        f"batches. Is it a {_FRAMEWORK[source]} momentum copied literally? The {_FRAMEWORK[target]} "
+        f"equivalent is {1 - momentum:g} (bnkit.translate_momentum({momentum:g}, {source!r}, {target!r})).",
+        "warning",
+    )
+
+
+def _eps_mismatch(named_eps) -> list[Finding]:
+    by_eps: dict[float, list[str]] = {}
+    for name, eps in named_eps:
+        by_eps.setdefault(float(eps), []).append(name)
+    if len(by_eps) < 2:
+        return []
+    groups = "; ".join(
+        f"eps={eps:g}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for eps, names in by_eps.items()
+    )
+    return [
+        Finding(
+            "eps-mismatch",
+            "(model)",
+            f"batch norm layers use different eps ({groups}). A half-finished port? PyTorch's default "
+            "is 1e-5, Keras' 1e-3; bnkit.translate_settings carries them over.",
+            "info",
+        )
+    ]

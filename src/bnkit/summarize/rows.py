@@ -1,0 +1,204 @@
+"""The data of a model summary: one :class:`LayerRow` per layer, totals in both accountings.
+
+Keras and PyTorch count the same network differently. Keras counts every weight a layer
+holds, so a ``BatchNormalization`` layer over C channels has 4·C params, of which the 2·C
+moving statistics are *non-trainable*. PyTorch counts ``parameters()`` only: the running
+statistics are *buffers*, and tools built on it (``sum(p.numel() for p in m.parameters())``,
+torchinfo, torchsummary) report 2·C. So, for the same network,
+
+    keras_total = torch_params + torch_buffers
+    keras_trainable = torch_trainable
+    keras_non_trainable = torch_frozen_params + torch_buffers
+
+where ``torch_buffers`` counts floating-point buffers (running statistics). Integer step
+counters such as ``num_batches_tracked`` have no Keras counterpart and are reported apart,
+as ``torch_counters``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["LayerRow", "MemoryEstimate", "ModelSummary"]
+
+#: Bytes in a megabyte, as torchinfo counts them (decimal).
+MEGABYTE = 1_000_000
+
+Shape = tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer of a summary.
+
+    ``trainable_params`` and ``non_trainable_params`` follow Keras' accounting (running
+    statistics are non-trainable params); ``buffers`` is the part of ``non_trainable_params``
+    that PyTorch keeps as buffers, so ``torch_params = trainable + non_trainable - buffers``.
+    ``output_shape`` includes the batch dimension (``None`` in Keras, 1 in the PyTorch
+    forward pass used to measure it) and is ``None`` where it is unknown; a layer with
+    several outputs has a tuple of shapes in ``output_shapes``.
+    """
+
+    name: str
+    type: str
+    output_shapes: tuple[Shape, ...] | None
+    trainable_params: int
+    non_trainable_params: int
+    buffers: int
+    counters: int = 0
+    depth: int = 0
+
+    @property
+    def output_shape(self) -> Shape | None:
+        """The shape of the (first) output, or ``None`` where it is unknown."""
+        return self.output_shapes[0] if self.output_shapes else None
+
+    @property
+    def params(self) -> int:
+        """Param count in Keras' accounting (what ``Param #`` of ``model.summary()`` shows)."""
+        return self.trainable_params + self.non_trainable_params
+
+    @property
+    def torch_params(self) -> int:
+        """Param count in PyTorch's accounting (running statistics left out)."""
+        return self.params - self.buffers
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory of one forward and backward pass at batch size 1, in bytes, torchinfo-style.
+
+    ``activations`` is the size of every layer's output, counted twice (kept for the
+    backward pass and its gradient); ``params`` is the size of all weights and buffers.
+    """
+
+    input: int
+    activations: int
+    params: int
+
+    @property
+    def total(self) -> int:
+        return self.input + self.activations + self.params
+
+    def megabytes(self) -> dict[str, float]:
+        return {
+            "input": self.input / MEGABYTE,
+            "forward_backward": self.activations / MEGABYTE,
+            "params": self.params / MEGABYTE,
+            "total": self.total / MEGABYTE,
+        }
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model's layers and parameter counts in Keras' and PyTorch's accountings.
+
+    ``total``, ``trainable``, ``non_trainable``: Keras' accounting (``model.count_params()``
+    and ``model.summary()``). ``torch_params``, ``torch_trainable``, ``torch_frozen``,
+    ``torch_buffers``, ``torch_counters``: PyTorch's (``parameters()`` and ``buffers()``).
+    The totals are read from the model itself (shared weights counted once), not summed
+    from the rows.
+    """
+
+    name: str
+    framework: str  # "torch" or "keras"
+    input_shapes: tuple[Shape, ...] | None
+    rows: list[LayerRow]
+    total: int
+    trainable: int
+    non_trainable: int
+    torch_params: int
+    torch_trainable: int
+    torch_buffers: int
+    torch_counters: int
+    memory: MemoryEstimate | None
+    dtype: str = "float32"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def torch_frozen(self) -> int:
+        """Parameters with ``requires_grad=False`` (Keras: non-trainable weights that are not statistics)."""
+        return self.torch_params - self.torch_trainable
+
+    @property
+    def input_shape(self) -> Shape | None:
+        return self.input_shapes[0] if self.input_shapes else None
+
+    def to_dict(self) -> dict:
+        """Plain data for ``json.dumps``: rows, both accountings and memory in bytes and MB."""
+        rows = []
+        for row in self.rows:
+            d = asdict(row)
+            d["output_shapes"] = _json_shapes(row.output_shapes)
+            d["output_shape"] = _json_shape(row.output_shape)
+            d["params"] = row.params
+            d["torch_params"] = row.torch_params
+            rows.append(d)
+        memory = None
+        if self.memory is not None:
+            memory = {
+                "bytes": {**asdict(self.memory), "total": self.memory.total},
+                "megabytes": self.memory.megabytes(),
+            }
+        return {
+            "name": self.name,
+            "framework": self.framework,
+            "input_shapes": _json_shapes(self.input_shapes),
+            "dtype": self.dtype,
+            "keras": {
+                "total": self.total,
+                "trainable": self.trainable,
+                "non_trainable": self.non_trainable,
+            },
+            "torch": {
+                "params": self.torch_params,
+                "trainable": self.torch_trainable,
+                "frozen": self.torch_frozen,
+                "buffers": self.torch_buffers,
+                "counters": self.torch_counters,
+            },
+            "memory": memory,
+            "rows": rows,
+            "notes": list(self.notes),
+        }
+
+
+def _json_shape(shape):
+    return None if shape is None else list(shape)
+
+
+def _json_shapes(shapes):
+    return None if shapes is None else [_json_shape(s) for s in shapes]
+
+
+def numel(shape: Shape, batch: int = 1) -> int:
+    """Elements of ``shape`` with an unknown (``None``) batch dimension taken as ``batch``."""
+    return math.prod(batch if d is None else int(d) for d in shape)
+
+
+def normalize_input_shape(input_shape) -> tuple[tuple[int, ...], ...] | None:
+    """``(64, 64, 1)`` or ``[(3,), (4, 5)]`` (one per input) -> a tuple of int tuples."""
+    if input_shape is None:
+        return None
+    if isinstance(input_shape, str):
+        raise TypeError(f"input_shape must be a tuple of ints such as (64, 64, 1), got {input_shape!r}")
+    items = list(input_shape)
+    if items and all(isinstance(s, (list, tuple)) for s in items):
+        return tuple(_check_dims(s) for s in items)
+    return (_check_dims(items),)
+
+
+def _check_dims(shape) -> tuple[int, ...]:
+    message = f"input_shape must hold positive ints (without the batch dimension), got {tuple(shape)!r}"
+    dims = []
+    for d in shape:
+        try:
+            d = operator.index(d)  # ints and NumPy integers, not floats or bools
+        except TypeError:
+            raise ValueError(message) from None
+        if isinstance(d, bool) or d < 1:
+            raise ValueError(message)
+        dims.append(d)
+    return tuple(dims)

@@ -1,0 +1,127 @@
+"""Rendering of a :class:`~bnkit.summarize.rows.ModelSummary` with rich.
+
+The layout follows Keras' ``model.summary()`` (layer table, then totals) and torchinfo
+(memory estimate), with the two parameter accountings side by side.
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.columns import Columns
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bnkit.summarize.rows import ModelSummary
+
+ACCOUNTING_NOTE = "Keras counts running statistics as non-trainable params; PyTorch keeps them as buffers."
+
+
+def format_shape(shapes) -> str:
+    if shapes is None:
+        return "?"
+    return ", ".join("(" + ", ".join("None" if d is None else str(d) for d in s) + ")" for s in shapes)
+
+
+def why_counts_differ(s: ModelSummary) -> str:
+    """One sentence on why PyTorch tools print a smaller count than Keras for this model."""
+    keras_counted_counters = s.total - s.torch_params - s.torch_buffers  # counter weights of a Keras model
+    if s.torch_buffers == 0 and keras_counted_counters == 0:
+        return f"Both accountings agree on {s.total:,} params: this model has no running statistics."
+    counters = "integer counter (num_batches_tracked)" if s.torch_counters == 1 else "integer counters"
+    text = (
+        f"PyTorch tools (sum(p.numel() for p in model.parameters()), torchinfo) print {s.torch_params:,}: "
+        f"the {s.torch_buffers:,} running statistics (running_mean, running_var) are buffers there, "
+        f"while Keras counts them as non-trainable weights"
+    )
+    if keras_counted_counters:
+        text += (
+            f", and the {keras_counted_counters:,} {counters} too: "
+            f"{s.torch_params:,} + {s.torch_buffers:,} + {keras_counted_counters:,} = {s.total:,}."
+        )
+    else:
+        text += f": {s.torch_params:,} + {s.torch_buffers:,} = {s.total:,}."
+        if s.torch_counters:
+            text += f" The {s.torch_counters:,} {counters} count{'s' if s.torch_counters == 1 else ''} in neither."
+    return text
+
+
+def layer_table(s: ModelSummary) -> Table:
+    framework = "Keras" if s.framework == "keras" else "PyTorch"
+    table = Table(
+        title=f'Model: "{s.name}" ({framework})',
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        caption="Param # and Non-trainable as Keras counts them; Buffers: the part PyTorch keeps as buffers.",
+        caption_justify="left",
+    )
+    table.add_column("Layer (type)", overflow="fold")
+    table.add_column("Output Shape", overflow="fold")
+    table.add_column("Param #", justify="right")
+    table.add_column("Non-trainable", justify="right")
+    table.add_column("Buffers", justify="right")
+    for row in s.rows:
+        label = Text("  " * row.depth + row.name)
+        label.append(f" ({row.type})", style="dim")
+        table.add_row(
+            label,
+            format_shape(row.output_shapes),
+            f"{row.params:,}",
+            f"{row.non_trainable_params:,}",
+            f"{row.buffers:,}" + (f" (+{row.counters:,} int)" if row.counters else ""),
+        )
+    return table
+
+
+def _block(title: str, items: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, box=box.ROUNDED, show_header=False, title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    for key, value in items:
+        table.add_row(key, value)
+    return table
+
+
+def totals_blocks(s: ModelSummary) -> Columns:
+    keras_block = _block(
+        "Keras accounting",
+        [
+            ("Total params", f"{s.total:,}"),
+            ("Trainable params", f"{s.trainable:,}"),
+            ("Non-trainable params", f"{s.non_trainable:,}"),
+        ],
+    )
+    torch_items = [
+        ("Params", f"{s.torch_params:,}"),
+        ("Trainable params", f"{s.torch_trainable:,}"),
+        ("Buffers (running statistics)", f"{s.torch_buffers:,}"),
+    ]
+    if s.torch_frozen:
+        torch_items.insert(2, ("Frozen params (requires_grad=False)", f"{s.torch_frozen:,}"))
+    if s.torch_counters:
+        torch_items.append(("Integer counters", f"{s.torch_counters:,}"))
+    blocks = [keras_block, _block("PyTorch accounting", torch_items)]
+    if s.memory is not None:
+        mb = s.memory.megabytes()
+        blocks.append(
+            _block(
+                "Memory, batch 1 (MB)",
+                [
+                    ("Input size", f"{mb['input']:.2f}"),
+                    ("Forward/backward pass size", f"{mb['forward_backward']:.2f}"),
+                    ("Params size", f"{mb['params']:.2f}"),
+                    ("Estimated total size", f"{mb['total']:.2f}"),
+                ],
+            )
+        )
+    return Columns(blocks, padding=(0, 2))
+
+
+def render(s: ModelSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(layer_table(s))
+    console.print(totals_blocks(s))
+    console.print(ACCOUNTING_NOTE)
+    console.print(why_counts_differ(s), highlight=False)
+    for note in s.notes:
+        console.print(f"[dim]{note}[/dim]")
