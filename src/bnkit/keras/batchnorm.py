@@ -31,9 +31,8 @@ import dataclasses
 import math
 
 import keras
-from keras import ops
-
 from bnkit.conventions import KERAS, TORCH, Convention, get_convention
+from keras import ops
 
 __all__ = ["BatchNormalization"]
 
