@@ -120,6 +120,8 @@ class _TorchToKeras:
     def __init__(self, module: nn.Module, input_shapes, semantics: str) -> None:
         self.semantics = check_semantics(semantics)
         self.module = copy.deepcopy(module).eval()  # tracing must not touch the running statistics
+        if isinstance(self.module, _LEAVES):  # fx traces into the root: give it a parent
+            self.module = nn.Sequential(self.module)
         self.input_shapes = input_shapes
         self.env: dict[fx.Node, _Value] = {}
         self.keras_names: set[str] = set()
