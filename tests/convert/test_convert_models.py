@@ -188,7 +188,5 @@ def test_source_semantics_torch_bn_to_keras_uses_torch_convention():
     module = torch_seed_model("naive")
     keras_model = torch_to_keras(module, (1, 64, 64))
     (layer,) = [la for la in keras_model.layers if isinstance(la, keras.layers.BatchNormalization)]
-    assert (
-        isinstance(layer, BatchNormalization) and layer.convention.name == "torch" and layer.momentum == 0.15
-    )
+    assert isinstance(layer, BatchNormalization) and layer.convention.name == "torch" and layer.momentum == 0.15
     assert module.training, "the module given is not changed by tracing"

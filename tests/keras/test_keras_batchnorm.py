@@ -53,9 +53,7 @@ def test_keras_convention_matches_keras(momentum):
     ours = BatchNormalization(momentum=momentum, epsilon=1e-3)
     theirs = keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-3)
     for x in _batches((6, 3, 3, 4), 4):
-        np.testing.assert_allclose(
-            _np(ours(x, training=True)), _np(theirs(x, training=True)), rtol=0, atol=0
-        )
+        np.testing.assert_allclose(_np(ours(x, training=True)), _np(theirs(x, training=True)), rtol=0, atol=0)
     for a, b in zip(ours.weights, theirs.weights, strict=True):
         np.testing.assert_allclose(_np(a), _np(b), rtol=RTOL_STATS)
     x = _batches((5, 3, 3, 4), 1, seed=1)[0]

@@ -85,6 +85,7 @@ def _functional(model):
 
 class _KerasToTorch:
     def __init__(self, model, semantics: str) -> None:
+        self.name = model.name
         self.model = _functional(model)
         self.semantics = check_semantics(semantics)
         self.root = nn.Module()
@@ -130,7 +131,7 @@ class _KerasToTorch:
             value = self.env[id(tensor)]
             outputs.append(value.node)
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-        gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.model.name))
+        gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
         for module in gm.modules():  # frozen Keras BN: see _batchnorm
             if getattr(module, "_bnkit_frozen", False):
                 module.eval()
@@ -144,11 +145,7 @@ class _KerasToTorch:
         if len(node.outputs) != 1:
             raise UnsupportedLayerError(layer.name, kind, "layers with several outputs are not supported")
         for value in inputs:
-            if (
-                value.layout == "same"
-                and value.rank > 2
-                and not isinstance(layer, (L.Flatten, *_PASS_THROUGH))
-            ):
+            if value.layout == "same" and value.rank > 2 and not isinstance(layer, (L.Flatten, *_PASS_THROUGH)):
                 raise UnsupportedLayerError(
                     layer.name, kind, "its input was permuted by a Permute layer; only Flatten may follow one"
                 )
@@ -223,9 +220,7 @@ class _KerasToTorch:
         elif layer.padding == "causal":
             pads = [((ks[0] - 1) * dilations[0], 0)]
         else:
-            pads = [
-                same_padding(in_shape[1 + i], ks[i], strides[i], dilations[i]) for i in range(spatial_rank)
-            ]
+            pads = [same_padding(in_shape[1 + i], ks[i], strides[i], dilations[i]) for i in range(spatial_rank)]
             if any(p is None for p in pads):
                 raise UnsupportedLayerError(
                     layer.name, kind, "padding='same' with strides > 1 needs the input's spatial size"
@@ -285,9 +280,7 @@ class _KerasToTorch:
                 layer.name, kind, f"axis={layer.axis} is not the channel axis of a rank-{x.rank} input"
             )
         if getattr(layer, "renorm", False) or getattr(layer, "synchronized", False):
-            raise UnsupportedLayerError(
-                layer.name, kind, "renorm and synchronized have no PyTorch equivalent"
-            )
+            raise UnsupportedLayerError(layer.name, kind, "renorm and synchronized have no PyTorch equivalent")
         conv: Convention = layer.convention if isinstance(layer, BnkitKerasBN) else KERAS
         channels = layer.moving_mean.shape[0]
         rank_to_dim = {2: 1, 3: 1, 4: 2, 5: 3}
@@ -306,9 +299,7 @@ class _KerasToTorch:
         else:
             from bnkit import torch as bnkit_torch
 
-            bn = getattr(bnkit_torch, f"BatchNorm{dim}d")(
-                channels, momentum=layer.momentum, convention=conv, **kwargs
-            )
+            bn = getattr(bnkit_torch, f"BatchNorm{dim}d")(channels, momentum=layer.momentum, convention=conv, **kwargs)
         with torch.no_grad():
             if layer.scale:
                 bn.weight.copy_(torch.from_numpy(_np(layer.gamma)))
@@ -341,11 +332,7 @@ class _KerasToTorch:
             module = self._activation_module(layer, layer.activation, x.rank)
         elif isinstance(layer, L.ReLU):
             max_value = None if layer.max_value is None else float(layer.max_value)
-            if (
-                float(layer.negative_slope) != 0.0
-                or float(layer.threshold) != 0.0
-                or max_value not in (None, 6.0)
-            ):
+            if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0 or max_value not in (None, 6.0):
                 raise UnsupportedLayerError(
                     layer.name,
                     kind,
@@ -367,9 +354,7 @@ class _KerasToTorch:
         (x,) = inputs
         if layer.noise_shape is not None:
             raise UnsupportedLayerError(layer.name, "Dropout", "noise_shape is not supported")
-        return _Value(
-            self._module(layer.name, nn.Dropout(float(layer.rate)), x.node), x.rank, x.layout, x.pending_flat
-        )
+        return _Value(self._module(layer.name, nn.Dropout(float(layer.rate)), x.node), x.rank, x.layout, x.pending_flat)
 
     def _feeds_only_dense(self, tensor) -> bool:
         """True when every path from ``tensor`` reaches a Dense through element-wise layers only."""

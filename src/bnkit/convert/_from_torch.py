@@ -84,6 +84,7 @@ _PASS_FUNCTIONS = {
     F.elu,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh"}
+_PAD_FUNCTIONS = (F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 
 
 class _Tracer(fx.Tracer):
@@ -98,6 +99,9 @@ class _Value:
     tensor: object  # a Keras symbolic tensor
     shape: tuple[int, ...]  # PyTorch shape without the batch dimension
     pending_flat: tuple[int, ...] | None = None  # see bnkit.convert._from_keras._Value
+    # True after a permute to channels-last: the torch tensor *is* the Keras tensor (only a
+    # Flatten may follow; Keras code written by hand, or keras_to_torch output, does this)
+    channels_last: bool = False
 
     @property
     def rank(self) -> int:
@@ -133,8 +137,7 @@ class _TorchToKeras:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.input_shapes):
             raise ValueError(
-                f"the module's forward takes {len(placeholders)} inputs, "
-                f"got {len(self.input_shapes)} input shapes"
+                f"the module's forward takes {len(placeholders)} inputs, got {len(self.input_shapes)} input shapes"
             )
         with torch.no_grad():
             ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in self.input_shapes))
@@ -186,9 +189,7 @@ class _TorchToKeras:
     def _kind(self, node) -> tuple[str, str]:
         if node.op == "call_module":
             return str(node.target), type(self.gm.get_submodule(node.target)).__name__
-        target = (
-            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-        )
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
         return node.name, f"{node.op} {target}"
 
     def _unsupported(self, node, reason: str) -> UnsupportedLayerError:
@@ -197,6 +198,10 @@ class _TorchToKeras:
 
     # ---- dispatch ---------------------------------------------------------------------
     def _convert(self, node):
+        for arg in node.all_input_nodes:
+            value = self.env.get(arg)
+            if isinstance(value, _Value) and value.channels_last and not self._is_flatten(node):
+                raise self._unsupported(node, "only a flatten may follow a permute to channels-last")
         if node.op == "call_module":
             return self._module(node, self.gm.get_submodule(node.target))
         if node.op == "call_function":
@@ -224,13 +229,9 @@ class _TorchToKeras:
             return _Value(L.Dropout(m.p, name=name)(x.tensor), x.shape, x.pending_flat)
         if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             return self._pool(node, m, x, name)
-        if isinstance(
-            m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-        ):
+        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
             if set(_pair(m.output_size, x.rank - 2)) != {1}:
-                raise self._unsupported(
-                    node, f"output_size={m.output_size!r}; only 1 (global pooling) converts"
-                )
+                raise self._unsupported(node, f"output_size={m.output_size!r}; only 1 (global pooling) converts")
             is_max = isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d))
             return self._global_pool(node, x, name, is_max, keepdims=True)
         if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)):
@@ -283,20 +284,29 @@ class _TorchToKeras:
             values = [self._value(t, node) for t in arg(0, "tensors")]
             dim = arg(1, "dim", 0)
             axis = torch_axis_to_keras(dim, values[0].rank)
-            return _Value(
-                L.Concatenate(axis=axis, name=name)([v.tensor for v in values]), self._out_shape(node)
-            )
+            return _Value(L.Concatenate(axis=axis, name=name)([v.tensor for v in values]), self._out_shape(node))
         if fn is torch.flatten:
             if arg(1, "start_dim", 0) != 1 or arg(2, "end_dim", -1) != -1:
                 raise self._unsupported(node, "only torch.flatten(x, 1) converts")
             return self._flatten(node, self._value(arg(0, "input"), node), name)
-        if fn in (torch.mean, torch.amax):
+        if fn in (torch.permute, torch.ops.aten.permute.default):
+            dims = arg(1, "dims")
+            return self._permute(node, self._value(arg(0, "input"), node), tuple(dims))
+        if fn in _PAD_FUNCTIONS:
+            x = self._value(arg(0, "input"), node)
+            mode = arg(2, "mode", "constant") if fn is not torch.ops.aten.constant_pad_nd.default else "constant"
+            value = arg(3, "value", 0.0) if fn is not torch.ops.aten.constant_pad_nd.default else arg(2, "value", 0)
+            if mode != "constant" or (value or 0) != 0:
+                raise self._unsupported(node, f"padding mode {mode!r} with value {value!r}; only zeros convert")
+            return self._zero_padding(node, x, name, tuple(arg(1, "pad")))
+        if fn in (torch.mean, torch.amax, torch.ops.aten.mean.dim, torch.ops.aten.amax.default):
             x = self._value(arg(0, "input"), node)
             dims = arg(1, "dim")
             dims = tuple(sorted(d % x.rank for d in _pair(dims, 1))) if dims is not None else None
             if dims != tuple(range(2, x.rank)):
                 raise self._unsupported(node, f"a reduction over dims {dims}; only the spatial dims convert")
-            return self._global_pool(node, x, name, fn is torch.amax, keepdims=bool(arg(2, "keepdim", False)))
+            is_max = fn in (torch.amax, torch.ops.aten.amax.default)
+            return self._global_pool(node, x, name, is_max, keepdims=bool(arg(2, "keepdim", False)))
         if fn in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
             x = self._value(arg(0, "input"), node)
             if set(_pair(arg(1, "output_size"), x.rank - 2)) != {1}:
@@ -307,9 +317,7 @@ class _TorchToKeras:
             return _Value(L.Dropout(arg(1, "p", 0.5), name=name)(x.tensor), x.shape, x.pending_flat)
         if fn in (F.softmax, torch.softmax):
             x = self._value(arg(0, "input"), node)
-            return _Value(
-                L.Softmax(axis=torch_axis_to_keras(arg(1, "dim"), x.rank), name=name)(x.tensor), x.shape
-            )
+            return _Value(L.Softmax(axis=torch_axis_to_keras(arg(1, "dim"), x.rank), name=name)(x.tensor), x.shape)
         layer = self._activation_function(node, fn, arg, name)
         if layer is not None:
             x = self._value(arg(0, "input"), node)
@@ -351,10 +359,11 @@ class _TorchToKeras:
         if method in ("view", "reshape"):
             out = self._out_shape(node)
             if out != (math.prod(x.shape),):
-                raise self._unsupported(
-                    node, f"a {method} to {out}; only flattening to (N, features) converts"
-                )
+                raise self._unsupported(node, f"a {method} to {out}; only flattening to (N, features) converts")
             return self._flatten(node, x, name)
+        if method == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            return self._permute(node, x, tuple(dims))
         if method == "mean":
             dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
             dims = tuple(sorted(d % x.rank for d in _pair(dims, 1)))
@@ -371,9 +380,7 @@ class _TorchToKeras:
             raise self._unsupported(node, f"padding_mode={m.padding_mode!r}; only 'zeros' converts")
         strides, dilations, ks = _pair(m.stride, n), _pair(m.dilation, n), _pair(m.kernel_size, n)
         if max(strides) > 1 and max(dilations) > 1:
-            raise self._unsupported(
-                node, f"stride={strides} with dilation={dilations}: Keras refuses the pair"
-            )
+            raise self._unsupported(node, f"stride={strides} with dilation={dilations}: Keras refuses the pair")
         if m.padding == "same":
             padding, explicit = "same", None
         elif m.padding == "valid" or set(_pair(m.padding, n)) == {0}:
@@ -381,9 +388,7 @@ class _TorchToKeras:
         else:
             pads = _pair(m.padding, n)
             keras_same = [same_padding(x.shape[1 + i], ks[i], strides[i], dilations[i]) for i in range(n)]
-            if all(s == 1 for s in strides) and all(
-                p == (q, q) for p, q in zip(keras_same, pads, strict=True)
-            ):
+            if all(s == 1 for s in strides) and all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
                 padding, explicit = "same", None
             else:
                 padding, explicit = "valid", pads
@@ -409,9 +414,7 @@ class _TorchToKeras:
 
     def _linear(self, node, m, x: _Value, name: str) -> _Value:
         if x.rank != 2:
-            raise self._unsupported(
-                node, f"Linear on a rank-{x.rank} input (only (batch, features) converts)"
-            )
+            raise self._unsupported(node, f"Linear on a rank-{x.rank} input (only (batch, features) converts)")
         kernel = _t(m.weight).T
         if x.pending_flat is not None:
             kernel = torch_to_keras_flat_order(kernel, x.pending_flat)
@@ -462,28 +465,38 @@ class _TorchToKeras:
                     continue
                 if isinstance(m, _PASS_MODULES) and self._feeds_only_linear(user):
                     continue
-            elif (
-                user.op == "call_function"
-                and user.target in _PASS_FUNCTIONS
-                and self._feeds_only_linear(user)
-            ):
+            elif user.op == "call_function" and user.target in _PASS_FUNCTIONS and self._feeds_only_linear(user):
                 continue
             elif user.op == "call_method" and user.target in _PASS_METHODS and self._feeds_only_linear(user):
                 continue
             return False
         return True
 
+    def _is_flatten(self, node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(node.target), nn.Flatten)
+        if node.op == "call_function":
+            return node.target is torch.flatten
+        return node.op == "call_method" and node.target in ("flatten", "view", "reshape")
+
+    def _permute(self, node, x: _Value, dims: tuple[int, ...]) -> _Value:
+        to_channels_last = (0, *range(2, x.rank), 1)
+        if x.channels_last or tuple(d % x.rank for d in dims) != to_channels_last:
+            raise self._unsupported(node, f"permute{dims}; only a permute to channels-last before a flatten converts")
+        shape = (*x.shape[1:], x.shape[0])
+        return _Value(x.tensor, shape, channels_last=True)
+
     def _flatten(self, node, x: _Value, name: str) -> _Value:
         if x.rank <= 2:
             return x
         features = (math.prod(x.shape),)
+        if x.channels_last:  # already in Keras' order
+            return _Value(L.Flatten(name=name)(x.tensor), features)
         if self._feeds_only_linear(node):
             out = L.Flatten(name=name)(x.tensor)
             return _Value(out, features, pending_flat=x.shape)
         # PyTorch flattens channels-first: permute the Keras data to (C, *spatial) first.
-        permuted = L.Permute(
-            (x.rank - 1, *range(1, x.rank - 1)), name=self._name(f"{name}_to_channels_first")
-        )
+        permuted = L.Permute((x.rank - 1, *range(1, x.rank - 1)), name=self._name(f"{name}_to_channels_first"))
         return _Value(L.Flatten(name=name)(permuted(x.tensor)), features)
 
     def _pool(self, node, m, x: _Value, name: str) -> _Value:
@@ -506,9 +519,7 @@ class _TorchToKeras:
             elif all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
                 padding = "same"
             else:
-                raise self._unsupported(
-                    node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})"
-                )
+                raise self._unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
         cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
             (is_max, n), L.AveragePooling2D
         )
@@ -554,18 +565,12 @@ def torch_to_keras(module: nn.Module, input_shape, *, semantics: str = "source")
     The module is traced with ``torch.fx`` on a copy in ``eval()`` mode: the original is untouched.
     Raises :class:`UnsupportedLayerError` naming the first layer it cannot translate exactly.
     """
-    if (
-        isinstance(input_shape, (tuple, list))
-        and input_shape
-        and all(isinstance(d, int) for d in input_shape)
-    ):
+    if isinstance(input_shape, (tuple, list)) and input_shape and all(isinstance(d, int) for d in input_shape):
         shapes = [tuple(input_shape)]
     elif isinstance(input_shape, (tuple, list)) and input_shape:
         shapes = [tuple(s) for s in input_shape]
     else:
-        raise ValueError(
-            f"input_shape must be a shape such as (3, 32, 32) or a list of them, got {input_shape!r}"
-        )
+        raise ValueError(f"input_shape must be a shape such as (3, 32, 32) or a list of them, got {input_shape!r}")
     for s in shapes:
         if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s):
             raise ValueError(f"input_shape entries must be positive ints (no batch dimension), got {s!r}")

@@ -61,6 +61,7 @@ def _choose_backend() -> None:
 _choose_backend()
 
 import keras  # noqa: E402
+
 from bnkit.keras.batchnorm import BatchNormalization  # noqa: E402
 
 __all__ = ["keras", "BatchNormalization"]

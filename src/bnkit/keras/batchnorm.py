@@ -31,8 +31,9 @@ import dataclasses
 import math
 
 import keras
-from bnkit.conventions import KERAS, TORCH, Convention, get_convention
 from keras import ops
+
+from bnkit.conventions import KERAS, TORCH, Convention, get_convention
 
 __all__ = ["BatchNormalization"]
 
