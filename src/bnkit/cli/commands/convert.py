@@ -1,0 +1,253 @@
+"""``bnkit convert IN OUT``: a Keras model to PyTorch or back, verified before it is written.
+
+The direction follows IN: a Keras model (``.keras``, ``.h5``, or a factory returning one)
+becomes a PyTorch file (``.pt2`` torch.export program, or ``.pt``/``.safetensors`` weights);
+a PyTorch model (``.pt2``, or ``package.module:factory`` with ``--weights``) becomes ``.keras``.
+Both models are run on the same random batch in inference before OUT is written; OUT is
+written atomically and an existing OUT is never replaced without ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from bnkit.cli import CLIError
+
+NAME = "convert"
+HELP = "convert a model between Keras and PyTorch (batch-norm semantics included) and verify it"
+
+_TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
+_KERAS_SUFFIXES = (".keras",)
+# float32 inference of the same weights in two frameworks: sums in another order, a few ulp
+# per layer; the issue's bar is 1e-5 for small nets, deep ones accumulate more.
+_PARITY_TOLERANCE = 1e-4
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", metavar="IN", help="model to convert: .keras, .h5, .pt2 or package.module:factory")
+    parser.add_argument("output", metavar="OUT", help="where to write: .pt2/.pt/.safetensors (from Keras) or .keras")
+    parser.add_argument("--weights", metavar="FILE", help="weights (.pt or .safetensors) for a factory spec")
+    parser.add_argument(
+        "--semantics",
+        choices=("source", "target"),
+        default="source",
+        help="batch norms keep the source framework's training semantics (default) or become the "
+        "target framework's native layer with translated momentum",
+    )
+    parser.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="input shape without the batch, in PyTorch's layout (C,H,W), e.g. 1,64,64; "
+        "needed for a PyTorch factory, read from the file otherwise",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[,x× ]+", text.strip("()[] ")) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise CLIError(f"--input-shape: expected positive integers such as 3,32,32, got {text!r}")
+    return shape
+
+
+def _direction(output: str) -> str:
+    suffix = "." + output.rsplit(".", 1)[-1].lower() if "." in output else ""
+    if suffix in _TORCH_SUFFIXES:
+        return "torch"
+    if suffix in _KERAS_SUFFIXES:
+        return "keras"
+    raise CLIError(
+        f"{output}: unknown output format {suffix or '(no suffix)'!r}; "
+        "expected .pt2, .pt or .safetensors (Keras to PyTorch) or .keras (PyTorch to Keras)"
+    )
+
+
+def _torch_input_shape(model, framework: str, given):
+    """The source model's input shape in PyTorch's layout, without the batch."""
+    if given is not None:
+        return given
+    if framework == "keras":
+        shape = tuple(model.inputs[0].shape[1:])
+        if any(d is None for d in shape):
+            raise CLIError(f"the Keras model's input shape {shape} is not fully known; give --input-shape")
+        return shape if len(shape) <= 1 else (shape[-1], *shape[:-1])
+    for node in getattr(getattr(model, "graph", None), "nodes", ()):
+        if node.op == "placeholder" and hasattr(node.meta.get("val"), "shape"):
+            return tuple(int(d) for d in node.meta["val"].shape[1:])
+    raise CLIError("the PyTorch model's input shape is unknown: give --input-shape in (C,H,W) order")
+
+
+def _batch_norms(model, framework: str) -> list[dict]:
+    rows = []
+    if framework == "keras":
+        from bnkit.keras import keras
+
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                convention = getattr(layer, "convention", None)
+                rows.append(
+                    {
+                        "name": layer.name,
+                        "type": type(layer).__name__,
+                        "convention": convention.name if convention is not None else "keras",
+                        "momentum": layer.momentum,
+                        "eps": layer.epsilon,
+                    }
+                )
+        return rows
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            convention = getattr(module, "convention", None)
+            rows.append(
+                {
+                    "name": name,
+                    "type": type(module).__name__,
+                    "convention": convention.name if convention is not None else "torch",
+                    "momentum": module.momentum,
+                    "eps": module.eps,
+                }
+            )
+    return rows
+
+
+def _key(name: str) -> str:
+    """A layer's name as the converter spells it on the other side (``block.bn1`` -> ``block_bn1``)."""
+    key = re.sub(r"\W", "_", name)
+    return f"_{key}" if key[:1].isdigit() else key
+
+
+def _max_difference(source, target, source_framework: str, torch_shape) -> float:
+    import numpy as np
+    import torch
+
+    from bnkit.keras import keras
+
+    x = torch.randn(2, *torch_shape, generator=torch.Generator().manual_seed(0))
+    x_keras = np.moveaxis(x.numpy(), 1, -1) if x.dim() > 2 else x.numpy()
+    keras_model, torch_model = (source, target) if source_framework == "keras" else (target, source)
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.no_grad():
+            t_out = torch_model(x)
+    finally:
+        torch_model.train(was_training)
+    k_out = keras_model(x_keras, training=False)
+    t_list = list(t_out) if isinstance(t_out, (tuple, list)) else [t_out]
+    k_list = list(k_out) if isinstance(k_out, (tuple, list)) else [k_out]
+    worst = 0.0
+    for t, k in zip(t_list, k_list, strict=True):
+        t_np = t.detach().numpy()
+        k_np = np.asarray(keras.ops.convert_to_numpy(k))
+        if t_np.ndim > 2:
+            t_np = np.moveaxis(t_np, 1, -1)
+        worst = max(worst, float(np.max(np.abs(t_np - k_np))) if t_np.size else 0.0)
+    return worst
+
+
+def run(args) -> int:
+    import warnings
+
+    from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
+
+    # torch.export's own deprecation noise, not the user's concern
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    target_framework = _direction(args.output)
+    given_shape = _parse_shape(args.input_shape)
+    try:
+        check_writable(args.output, args.force)  # refuse before the slow part
+        model = load_model(args.input, args.weights)
+    except ModelFileError as e:
+        raise CLIError(str(e)) from None
+    source_framework = framework_of(model)
+    if source_framework == target_framework:
+        raise CLIError(
+            f"{args.input} is already a {'Keras' if source_framework == 'keras' else 'PyTorch'} model; "
+            f"{args.output} asks for the same framework"
+        )
+    torch_shape = _torch_input_shape(model, source_framework, given_shape)
+
+    from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
+
+    try:
+        if source_framework == "keras":
+            converted = keras_to_torch(model, semantics=args.semantics)
+        else:
+            converted = torch_to_keras(model, torch_shape, semantics=args.semantics)
+    except UnsupportedLayerError as e:
+        raise CLIError(str(e)) from None
+    try:
+        difference = _max_difference(model, converted, source_framework, torch_shape)
+    except Exception as e:  # a shape the model does not take, typically
+        raise CLIError(f"could not run the models on a batch of shape {(2, *torch_shape)}: {e}") from None
+    if not difference <= _PARITY_TOLERANCE:
+        raise CLIError(
+            f"the converted model disagrees with {args.input}: max |difference| {difference:.3g} > "
+            f"{_PARITY_TOLERANCE:g} on a random batch; nothing was written",
+            status=1,
+        )
+    try:
+        save_model(converted, args.output, force=args.force, input_shape=torch_shape)
+    except ModelFileError as e:
+        raise CLIError(str(e)) from None
+
+    converted_bns = {_key(row["name"]): row for row in _batch_norms(converted, target_framework)}
+    pairs = [(row, converted_bns.get(_key(row["name"]))) for row in _batch_norms(model, source_framework)]
+    report = {
+        "input": str(args.input),
+        "output": str(args.output),
+        "from": source_framework,
+        "to": target_framework,
+        "semantics": args.semantics,
+        "input_shape_torch": list(torch_shape),
+        "max_abs_difference": difference,
+        "tolerance": _PARITY_TOLERANCE,
+        "batch_norms": [{"source": a, "target": b} for a, b in pairs],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    _render(report)
+    return 0
+
+
+def _render(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = {"keras": "Keras", "torch": "PyTorch"}
+    console = Console()
+    console.print(
+        f"[bold]{report['input']}[/] ({names[report['from']]}) → [bold]{report['output']}[/] "
+        f"({names[report['to']]}), batch-norm semantics: {report['semantics']}"
+    )
+    if report["batch_norms"]:
+        table = Table(title="Batch normalization", title_justify="left")
+        for column in ("layer", "source", "converted", "momentum", "eps"):
+            table.add_column(column)
+        for row in report["batch_norms"]:
+            a, b = row["source"], row["target"]
+            if b is None:
+                continue
+            table.add_row(
+                a["name"],
+                f"{a['type']} ({a['convention']})",
+                f"{b['type']} ({b['convention']})",
+                f"{a['momentum']} → {b['momentum']}",
+                f"{a['eps']:g} → {b['eps']:g}",
+            )
+        console.print(table)
+    console.print(
+        f"verified: max |difference| {report['max_abs_difference']:.2g} on a random batch in inference "
+        f"(tolerance {report['tolerance']:g})"
+    )

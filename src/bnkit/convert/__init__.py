@@ -1,0 +1,49 @@
+"""Convert whole models between Keras 3 and PyTorch, batch-norm semantics included.
+
+* :func:`keras_to_torch` — a functional or Sequential Keras model → ``torch.fx.GraphModule``.
+* :func:`torch_to_keras` — an ``nn.Module`` (traced with ``torch.fx``) → Keras functional model.
+
+Layouts are each framework's own: the PyTorch side takes ``(N, C, H, W)``, the Keras side
+``(N, H, W, C)``; weights are transposed, and the Dense/Linear after a Flatten has its rows
+reordered (Keras flattens ``H, W, C``, PyTorch ``C, H, W``). ``semantics`` chooses, for every
+batch norm, between the source framework's training semantics (``"source"``: bnkit's layer with
+the source convention) and the target's native layer with translated settings (``"target"``).
+See docs/conversion.md. Importing this package imports PyTorch and Keras on first use only.
+"""
+
+from __future__ import annotations
+
+from bnkit.convert._common import UnsupportedLayerError
+
+__all__ = ["keras_to_torch", "torch_to_keras", "UnsupportedLayerError"]
+
+
+def keras_to_torch(keras_model, *, semantics: str = "source"):
+    from bnkit.convert._from_keras import keras_to_torch as convert
+
+    return convert(keras_model, semantics=semantics)
+
+
+def torch_to_keras(module, input_shape, *, semantics: str = "source"):
+    from bnkit.convert._from_torch import torch_to_keras as convert
+
+    return convert(module, input_shape, semantics=semantics)
+
+
+keras_to_torch.__doc__ = """Convert a Keras 3 functional or Sequential model to a ``torch.fx.GraphModule``.
+
+The module takes and returns PyTorch's layout (``N, C, *spatial``). ``semantics="source"``
+(default) keeps Keras' batch-norm training semantics (``bnkit.torch.BatchNorm*d(convention="keras")``);
+``"target"`` gives ``torch.nn.BatchNorm*d`` with ``momentum = 1 - keras_momentum`` and the same eps.
+Raises :class:`UnsupportedLayerError` (a ``ValueError``) naming the first layer it cannot convert.
+"""
+
+torch_to_keras.__doc__ = """Convert a PyTorch module to a Keras 3 functional model (channels-last).
+
+``input_shape`` is in **PyTorch's layout without the batch**: ``(C, H, W)``, ``(C, L)`` or ``(F,)``
+(or a list of them). The Keras model takes ``(N, H, W, C)``. ``semantics="source"`` (default) keeps
+PyTorch's batch-norm training semantics (``bnkit.keras.BatchNormalization(convention="torch")``);
+``"target"`` gives ``keras.layers.BatchNormalization`` with ``momentum = 1 - torch_momentum``.
+The module is traced on a copy in ``eval()``: the original is not changed.
+Raises :class:`UnsupportedLayerError` (a ``ValueError``) naming the first layer it cannot convert.
+"""

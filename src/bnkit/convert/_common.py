@@ -1,0 +1,89 @@
+"""What both directions of conversion share: the error, layout arithmetic, activation names.
+
+Layouts: Keras tensors are channels-last (``N, *spatial, C``), PyTorch tensors channels-first
+(``N, C, *spatial``). A rank-2 ``(N, F)`` tensor is the same in both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "UnsupportedLayerError",
+    "SEMANTICS",
+    "check_semantics",
+    "keras_axis_to_torch",
+    "torch_axis_to_keras",
+    "same_padding",
+    "keras_to_torch_flat_order",
+    "torch_to_keras_flat_order",
+]
+
+SEMANTICS = ("source", "target")
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer (or operation) the converter cannot translate exactly."""
+
+    def __init__(self, name: str, kind: str, reason: str) -> None:
+        super().__init__(f"cannot convert layer {name!r} ({kind}): {reason}")
+        self.layer_name = name
+        self.layer_type = kind
+        self.reason = reason
+
+
+def check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be 'source' or 'target', got {semantics!r}")
+    return semantics
+
+
+def keras_axis_to_torch(axis: int, rank: int) -> int:
+    """The PyTorch dimension of Keras axis ``axis`` of a rank-``rank`` tensor."""
+    axis = axis % rank
+    if rank <= 2 or axis == 0:
+        return axis
+    return 1 if axis == rank - 1 else axis + 1
+
+
+def torch_axis_to_keras(dim: int, rank: int) -> int:
+    """The Keras axis of PyTorch dimension ``dim`` of a rank-``rank`` tensor."""
+    dim = dim % rank
+    if rank <= 2 or dim == 0:
+        return dim
+    return rank - 1 if dim == 1 else dim - 1
+
+
+def same_padding(size: int | None, kernel: int, stride: int, dilation: int) -> tuple[int, int] | None:
+    """``(before, after)`` zero padding of Keras/TensorFlow ``padding="same"`` on one axis.
+
+    The total is what makes ``ceil(size / stride)`` outputs; the odd element goes *after*.
+    With stride 1 it does not depend on ``size``; otherwise ``None`` when ``size`` is unknown.
+    """
+    effective = (kernel - 1) * dilation + 1
+    if stride == 1:
+        total = effective - 1
+    elif size is None:
+        return None
+    else:
+        total = max((math.ceil(size / stride) - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def keras_to_torch_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of a Dense kernel that follows a Keras Flatten of ``(*spatial, C)``, reordered for
+    a PyTorch Flatten of ``(C, *spatial)`` (``torch_shape``): the classic silent porting bug."""
+    c, *spatial = torch_shape
+    out = kernel.shape[-1]
+    k = kernel.reshape(*spatial, c, out)
+    return np.moveaxis(k, -2, 0).reshape(-1, out)
+
+
+def torch_to_keras_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of :func:`keras_to_torch_flat_order`: ``(C, *spatial)`` rows to ``(*spatial, C)``."""
+    c, *spatial = torch_shape
+    out = kernel.shape[-1]
+    k = kernel.reshape(c, *spatial, out)
+    return np.moveaxis(k, 0, -2).reshape(-1, out)

@@ -1,0 +1,182 @@
+r"""Keras 3 batch normalization in either framework's convention.
+
+:class:`BatchNormalization` subclasses ``keras.layers.BatchNormalization``: the same
+constructor arguments, the same weights (``gamma``, ``beta``, ``moving_mean``,
+``moving_variance``, in that order) so ``set_weights``/``get_weights`` and saved models move
+between the two, and every tool that recognises Keras' layer recognises this one. A
+keyword-only ``convention`` chooses the semantics:
+
+.. math::
+
+    y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+with the batch's mean and *biased* variance when called with ``training=True`` on a
+trainable layer (``training and self.trainable``, as Keras), the moving statistics otherwise.
+
+* ``convention="keras"`` (default): exactly ``keras.layers.BatchNormalization``
+  (``moving = m * moving + (1 - m) * batch``, biased variance, ``epsilon=1e-3``, ``momentum=0.99``).
+* ``convention="torch"``: PyTorch's ``BatchNorm``: ``moving = (1 - m) * moving + m * batch`` with
+  the *unbiased* batch variance ``n / (n - 1) * var``, ``epsilon=1e-5``, ``momentum=0.1``;
+  ``momentum=None`` is a cumulative average ``m = 1 / num_batches_tracked``, counted in a fifth,
+  non-trainable int64 weight ``num_batches_tracked`` (only in this convention, after the four).
+
+``momentum`` is stored and read in the layer's convention. The torch convention uses
+``keras.ops`` only (any backend) and computes the statistics in two passes (mean, then the mean
+of squared deviations) in float32 or wider, also for float16/bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+from keras import ops
+
+from bnkit.conventions import KERAS, TORCH, Convention, get_convention
+
+__all__ = ["BatchNormalization"]
+
+# Marks an argument left out, so that momentum=None stays meaningful.
+_DEFAULT = "default"
+
+
+def _convention_config(conv: Convention):
+    if conv == TORCH:
+        return "torch"
+    if conv == KERAS:
+        return "keras"
+    return dataclasses.asdict(conv)
+
+
+@keras.saving.register_keras_serializable(package="bnkit")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalization over ``axis`` (default -1, NHWC) with a ``convention``.
+
+    Args are Keras' (``axis``, ``momentum``, ``epsilon``, ``center``, ``scale``, initializers,
+    regularizers, constraints, ...) plus ``convention``: ``"keras"``, ``"torch"`` or a
+    :class:`bnkit.Convention`. ``momentum`` and ``epsilon`` default to the convention's.
+    Batch renormalization, ``synchronized`` and masks are Keras-convention features.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=_DEFAULT,
+        epsilon=None,
+        center=True,
+        scale=True,
+        *args,
+        convention: str | Convention | dict = "keras",
+        **kwargs,
+    ):
+        if isinstance(convention, dict):  # from get_config() of a custom convention
+            convention = Convention(**convention)
+        conv = get_convention(convention)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"axis must be an int (the channel axis), got {axis!r}")
+        if epsilon is None:
+            epsilon = conv.eps
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
+        if isinstance(momentum, str) and momentum == _DEFAULT:
+            momentum = conv.momentum
+        conv.check_momentum(momentum)
+        for name, value in (("center", center), ("scale", scale)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        native = conv == KERAS
+        if not native:
+            for option in ("renorm", "synchronized"):
+                if kwargs.get(option):
+                    raise ValueError(
+                        f"{option}={kwargs[option]!r} is a Keras-convention feature; "
+                        f"it is not available with convention={conv.name!r}"
+                    )
+        # Keras' own constructor stores a float momentum; the real one (maybe None) is set after.
+        super().__init__(axis, 0.0 if momentum is None else momentum, epsilon, center, scale, *args, **kwargs)
+        self.momentum = None if momentum is None else float(momentum)
+        self.convention = conv
+        self._native = native
+        self.num_batches_tracked = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.convention.cumulative_average_when_none:
+            # PyTorch's counter: after the four Keras weights, so their order is unchanged.
+            self.num_batches_tracked = self.add_weight(
+                shape=(),
+                name="num_batches_tracked",
+                initializer="zeros",
+                dtype="int64",
+                trainable=False,
+                autocast=False,
+            )
+
+    def call(self, inputs, training=None, mask=None):
+        if self._native:
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None:
+            raise ValueError(
+                f"{self.name}: masks are not supported with convention={self.convention.name!r} "
+                "(PyTorch's batch norm has none); use convention='keras'"
+            )
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = ops.cast(inputs, compute_dtype)
+        gamma = ops.cast(self.gamma, compute_dtype) if self.scale else None
+        beta = ops.cast(self.beta, compute_dtype) if self.center else None
+
+        if training and self.trainable:
+            mean, variance, count = self._batch_moments(x)
+            self._update_moving_statistics(mean, variance, count)
+        else:
+            mean = ops.cast(self.moving_mean, compute_dtype)
+            variance = ops.cast(self.moving_variance, compute_dtype)
+
+        outputs = ops.batch_normalization(
+            x, mean, variance, axis=self.axis, offset=beta, scale=gamma, epsilon=self.epsilon
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _batch_moments(self, x):
+        """Per-channel mean and biased variance in two passes, and the values per channel."""
+        mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
+        variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes, keepdims=True)
+        static = [x.shape[a] for a in self._reduction_axes]
+        if all(isinstance(d, int) for d in static):
+            count = math.prod(static)
+            if count < 2:
+                raise ValueError(
+                    f"{self.name}: expected more than 1 value per channel when training "
+                    f"(batch statistics), got input shape {tuple(x.shape)}"
+                )
+        else:  # a dynamic batch size (symbolic tracing on some backends)
+            shape = ops.shape(x)
+            count = 1
+            for a in self._reduction_axes:
+                count = count * shape[a]
+        return ops.squeeze(mean, self._reduction_axes), ops.squeeze(variance, self._reduction_axes), count
+
+    def _update_moving_statistics(self, mean, variance, count):
+        conv = self.convention
+        dtype = mean.dtype
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.assign(self.num_batches_tracked + 1)
+        if self.momentum is None:
+            new = 1.0 / ops.cast(self.num_batches_tracked, dtype)
+            old = 1.0 - new
+        else:
+            old, new = conv.weights(self.momentum)
+        if conv.unbiased_running_var:
+            count = ops.cast(count, dtype)
+            variance = variance * (count / (count - 1.0))
+        moving_mean = ops.cast(self.moving_mean, dtype)
+        moving_variance = ops.cast(self.moving_variance, dtype)
+        self.moving_mean.assign(moving_mean * old + mean * new)
+        self.moving_variance.assign(moving_variance * old + variance * new)
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum"] = self.momentum
+        config["convention"] = _convention_config(self.convention)
+        return config

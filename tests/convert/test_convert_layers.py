@@ -1,0 +1,288 @@
+"""Layer-by-layer conversion: the padding/stride/dilation/groups grid, pooling, activations,
+batch-norm settings, Flatten order, and the errors for what cannot be converted exactly.
+
+Tolerance 1e-5 (float32, different summation orders); weights are compared exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
+from bnkit.keras import BatchNormalization, keras
+
+L = keras.layers
+TOL = 1e-5
+
+
+def _np(x):
+    return x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _check_keras(model, x_nhwc, semantics="source"):
+    """keras -> torch agrees with Keras; torch -> keras again agrees too."""
+    torch_model = keras_to_torch(model, semantics=semantics).eval()
+    x_t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_nhwc, -1, 1)))
+    expected = _np(model(x_nhwc))
+    got = _np(torch_model(x_t))
+    if expected.ndim > 2:
+        got = np.moveaxis(got, 1, -1)
+    np.testing.assert_allclose(got, expected, rtol=TOL, atol=TOL)
+    back = torch_to_keras(torch_model, tuple(x_t.shape[1:]), semantics=semantics)
+    np.testing.assert_allclose(_np(back(x_nhwc)), expected, rtol=TOL, atol=TOL)
+    return torch_model
+
+
+def _check_torch(module, shape, semantics="source"):
+    module.eval()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(x).numpy()
+    model = torch_to_keras(module, shape, semantics=semantics)
+    got = _np(model(np.moveaxis(x.numpy(), 1, -1) if x.dim() > 2 else x.numpy()))
+    if expected.ndim > 2:
+        got = np.moveaxis(got, -1, 1)
+    np.testing.assert_allclose(got, expected, rtol=TOL, atol=TOL)
+    with torch.no_grad():
+        np.testing.assert_allclose(keras_to_torch(model).eval()(x).numpy(), expected, rtol=TOL, atol=TOL)
+    return model
+
+
+def _x(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+
+
+# kernel, strides, dilation, padding, groups, bias: Keras 'same' with stride 2 pads asymmetrically
+# on 9 and 10 wide inputs in different ways; even kernels pad asymmetrically even with stride 1.
+KERAS_CONV_GRID = [
+    (3, 1, 1, "same", 1, True),
+    (3, 2, 1, "same", 1, False),
+    (4, 2, 1, "same", 2, True),
+    (2, 1, 1, "same", 1, True),
+    (3, 1, 2, "same", 4, True),
+    (3, 1, 2, "valid", 1, False),
+    (5, 3, 1, "same", 1, True),
+    (3, 2, 1, "valid", 2, True),
+]
+
+
+@pytest.mark.parametrize(("rank", "size"), [(1, 9), (2, 9), (2, 10)])
+@pytest.mark.parametrize(("k", "s", "d", "padding", "groups", "bias"), KERAS_CONV_GRID)
+def test_keras_conv_grid(rank, size, k, s, d, padding, groups, bias):
+    keras.utils.set_random_seed(0)
+    shape = (size,) * rank + (4,)
+    cls = L.Conv1D if rank == 1 else L.Conv2D
+    inputs = keras.Input(shape)
+    conv = cls(8, k, strides=s, dilation_rate=d, padding=padding, groups=groups, use_bias=bias, name="conv")
+    outputs = conv(inputs)
+    model = keras.Model(inputs, outputs)
+    if bias:
+        conv.bias.assign(_x((8,), 5))
+    _check_keras(model, _x((2, *shape)))
+
+
+# kernel, stride, padding, dilation, groups, bias
+TORCH_CONV_GRID = [
+    (3, 1, 1, 1, 1, True),
+    (3, 2, 1, 1, 1, False),
+    (3, 1, "same", 2, 2, True),
+    (4, 1, "same", 1, 1, True),
+    (3, 2, 0, 1, 4, True),
+    (5, 2, 2, 1, 1, True),
+    (3, 1, 2, 1, 1, True),
+    (3, 1, 0, 3, 1, False),
+]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize(("k", "s", "p", "d", "groups", "bias"), TORCH_CONV_GRID)
+def test_torch_conv_grid(rank, k, s, p, d, groups, bias):
+    torch.manual_seed(0)
+    cls = nn.Conv1d if rank == 1 else nn.Conv2d
+    module = cls(4, 8, k, stride=s, padding=p, dilation=d, groups=groups, bias=bias)
+    _check_torch(module, (4,) + (9,) * rank)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("cls", [L.MaxPooling2D, L.AveragePooling2D, L.MaxPooling1D, L.AveragePooling1D])
+def test_keras_pooling(cls, padding):
+    rank = 1 if cls.__name__.endswith("1D") else 2
+    shape = (7,) * rank + (3,)
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, cls(3, strides=1, padding=padding)(inputs))
+    _check_keras(model, _x((2, *shape)))
+
+
+def test_torch_pooling_and_global_pooling():
+    module = nn.Sequential(
+        nn.MaxPool2d(3, stride=1, padding=1),
+        nn.AvgPool2d(2),
+        nn.AvgPool2d(3, stride=1, padding=1),  # count_include_pad=True: zero padding then 'valid'
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+    )
+    _check_torch(module, (3, 8, 8))
+
+
+class _Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), torch.sigmoid(self.b(x))], dim=1)
+        y = F.leaky_relu(y, 0.1) + F.elu(y)
+        flat = y.view(y.size(0), -1)
+        return torch.cat([flat, y.mean(dim=(2, 3))], dim=1)  # a Flatten that feeds no Linear
+
+
+def test_torch_functional_calls_and_flatten_not_followed_by_linear():
+    model = _check_torch(_Functional(), (3, 5, 6))
+    assert any(isinstance(layer, L.Permute) for layer in model.layers)  # the data were permuted
+
+
+@pytest.mark.parametrize(
+    "activation",
+    ["relu", "sigmoid", "tanh", "softmax", "gelu", "elu", "leaky_relu", "silu", "swish", "linear"],
+)
+def test_keras_activations(activation):
+    inputs = keras.Input((4, 4, 3))
+    x = L.Conv2D(3, 1, activation=activation)(inputs)
+    model = keras.Model(inputs, L.Dense(4)(L.Flatten()(L.Activation(activation)(x))))
+    _check_keras(model, _x((2, 4, 4, 3)))
+
+
+def test_keras_activation_layers_dropout_concat_and_flatten_to_output():
+    inputs = keras.Input((6, 3))
+    a = L.LeakyReLU(negative_slope=0.2)(L.Conv1D(4, 3, padding="causal")(inputs))
+    b = L.ELU(alpha=0.5)(L.Conv1D(2, 1)(inputs))
+    x = L.Concatenate(axis=-1)([a, b])
+    x = L.ReLU(max_value=6.0)(L.Dropout(0.5)(x))
+    x = L.Softmax(axis=1)(x)
+    x = L.Concatenate(axis=1)([x, L.ZeroPadding1D((1, 2))(x)])
+    y = L.Identity()(x)
+    model = keras.Model(inputs, [L.Flatten()(y), L.GlobalAveragePooling1D()(y)])
+    torch_model = keras_to_torch(model).eval()
+    x_np = _x((2, 6, 3))
+    expected = [_np(t) for t in model(x_np)]
+    got = torch_model(torch.from_numpy(np.moveaxis(x_np, -1, 1).copy()))
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(_np(g), e, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"center": False},
+        {"scale": False},
+        {"center": False, "scale": False},
+        {"momentum": 0.5, "epsilon": 1e-2},
+    ],
+)
+@pytest.mark.parametrize("semantics", ["source", "target"])
+def test_keras_batchnorm_settings(kwargs, semantics):
+    inputs = keras.Input((3, 3, 4))
+    bn = L.BatchNormalization(**kwargs, name="bn")
+    model = keras.Model(inputs, bn(inputs))
+    for w in bn.weights:
+        w.assign(_x(w.shape, len(w.name)) ** 2 + 0.5)
+    torch_model = _check_keras(model, _x((2, 3, 3, 4)), semantics)
+    assert torch_model.bn.eps == pytest.approx(bn.epsilon)
+    assert torch_model.bn.momentum == pytest.approx(bn.momentum if semantics == "source" else 1 - bn.momentum)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.BatchNorm1d(4, affine=False),
+        nn.BatchNorm1d(4, bias=False, eps=1e-2),
+        nn.BatchNorm1d(4, momentum=None),
+    ],
+)
+def test_torch_batchnorm1d_settings(module):
+    with torch.no_grad():
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 2)
+        module.num_batches_tracked.fill_(7)
+    model = _check_torch(nn.Sequential(module, nn.Linear(4, 2)), (4,))
+    (bn,) = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    assert isinstance(bn, BatchNormalization) and bn.momentum == module.momentum
+    assert int(_np(bn.num_batches_tracked.value)) == 7
+    assert (bn.scale, bn.center) == (module.affine, module.bias is not None)
+
+
+def test_frozen_keras_batchnorm_is_converted_in_eval():
+    inputs = keras.Input((4,))
+    bn = L.BatchNormalization(name="bn")
+    model = keras.Model(inputs, bn(inputs))
+    bn.trainable = False
+    with pytest.warns(UserWarning, match="frozen"):
+        torch_model = keras_to_torch(model)
+    assert not torch_model.bn.training and not torch_model.bn.weight.requires_grad
+
+
+class _Multiply(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: torch_to_keras(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), (4,)), r"'1' \(LSTM\)"),
+        (lambda: torch_to_keras(_Multiply(), (4,)), "mul"),
+        (
+            lambda: torch_to_keras(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)), (4,)),
+            "track_running_stats=False",
+        ),
+        (
+            lambda: torch_to_keras(nn.Sequential(nn.BatchNorm1d(4, momentum=None)), (4,), semantics="target"),
+            "momentum=None",
+        ),
+        (lambda: torch_to_keras(nn.Conv2d(3, 3, 3, stride=2, dilation=2), (3, 9, 9)), "dilation"),
+        (lambda: torch_to_keras(nn.MaxPool2d(2, ceil_mode=True), (3, 9, 9)), "ceil_mode"),
+    ],
+)
+def test_torch_unsupported_errors(build, match):
+    with pytest.raises(UnsupportedLayerError, match=match) as info:
+        build()
+    assert isinstance(info.value, ValueError)
+
+
+def _keras_model(layer, shape):
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, layer(inputs))
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: _keras_model(L.LSTM(3, name="rnn"), (5, 2)), r"'rnn' \(LSTM\)"),
+        (lambda: _keras_model(L.DepthwiseConv2D(3, name="dw"), (5, 5, 2)), r"'dw' \(DepthwiseConv2D\)"),
+        (lambda: _keras_model(L.MaxPooling2D(2, strides=2, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
+        (lambda: _keras_model(L.Dense(3, name="d3"), (5, 2)), "rank-3"),
+        (
+            lambda: _keras_model(L.Conv2D(2, 3, data_format="channels_first", name="cf"), (2, 5, 5)),
+            "channels_first",
+        ),
+        (lambda: _keras_model(L.BatchNormalization(axis=1, name="bn_h"), (5, 5, 2)), "axis=1"),
+        (lambda: _keras_model(L.Dense(3, activation="hard_sigmoid", name="hs"), (4,)), "hard_sigmoid"),
+    ],
+)
+def test_keras_unsupported_errors(build, match):
+    with pytest.raises(UnsupportedLayerError, match=match):
+        keras_to_torch(build())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="'both'"):
+        keras_to_torch(_keras_model(L.Dense(2), (3,)), semantics="both")
+    with pytest.raises(ValueError, match="input_shape"):
+        torch_to_keras(nn.Linear(3, 2), 3)
+    with pytest.raises(ValueError, match="1 inputs, got 2"):
+        torch_to_keras(nn.Linear(3, 2), [(3,), (3,)])
