@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -215,6 +216,14 @@ def test_backend_choice(monkeypatch, tmp_path):
 
     (tmp_path / "keras.json").write_text(json.dumps({"backend": "no_such_backend_pkg"}))
     with pytest.warns(RuntimeWarning, match="no_such_backend_pkg"):
+        _choose_backend()
+    assert os.environ["KERAS_BACKEND"] == "torch"
+
+    # the "tensorflow" Keras writes into a fresh keras.json is no choice: torch, silently
+    monkeypatch.delenv("KERAS_BACKEND")
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         _choose_backend()
     assert os.environ["KERAS_BACKEND"] == "torch"
 

@@ -49,13 +49,15 @@ def _choose_backend() -> None:
         return
     package = _BACKEND_PACKAGES.get(backend, backend)
     if importlib.util.find_spec(package) is None:
+        os.environ["KERAS_BACKEND"] = "torch"
+        if backend == "tensorflow":  # Keras' own default in a keras.json it wrote: no real choice
+            return
         warnings.warn(
             f"keras.json chooses the Keras backend {backend!r}, but {package!r} is not installed; "
             "bnkit uses the 'torch' backend (set KERAS_BACKEND to choose one)",
             RuntimeWarning,
             stacklevel=3,
         )
-        os.environ["KERAS_BACKEND"] = "torch"
 
 
 _choose_backend()
