@@ -31,7 +31,9 @@ _LAZY = {
     "convert": "bnkit.convert",
     "explain": "bnkit.explain",
 }
-_LAZY_ATTRS: dict[str, str] = {}
+_LAZY_ATTRS: dict[str, str] = {
+    "compare": "bnkit.diagnose.compare",
+}
 
 __all__ = [
     "Convention",

@@ -1,0 +1,1 @@
+"""Diagnosis of batch-norm problems: compare two models, lint one."""

@@ -1,0 +1,322 @@
+"""bnkit.compare on real PyTorch and Keras 3 models: each cause in the catalogue is produced by a
+deliberately broken pair and named by its code alone; a faithful port is reported as agreeing.
+
+Pairs are small analogues of the seed network (8x8 inputs, 4 channels) ported by hand: the Keras
+conv kernel (kh, kw, in, out) becomes PyTorch's (out, in, kh, kw), a dense kernel (in, out)
+becomes (out, in) — after Flatten its rows are reordered from H·W·C to C·H·W — and the batch
+norm's gamma, beta and moving statistics are copied. Tolerances are compare's float32 defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+from bnkit.diagnose.compare import CAUSES, compare
+from bnkit.keras import keras
+
+H, W, C_IN, C = 8, 8, 2, 4
+
+
+def keras_net(*, momentum=0.15, epsilon=1e-3, bn_trainable=True, seed=0):
+    """The seed network in miniature: Conv2D(relu) → BatchNormalization → Flatten → Dense → Dense."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inputs = keras.Input(shape=(H, W, C_IN))
+    x = layers.Conv2D(C, 3, padding="same", activation="relu", name="conv")(inputs)
+    bn = layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name="bn")
+    x = bn(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(6, activation="relu", name="dense")(x)
+    outputs = layers.Dense(3, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs, name="mini_seed")
+    rng = np.random.default_rng(seed + 1)
+    # running statistics as after training: inference differs from the batch statistics
+    bn.gamma.assign(rng.uniform(0.5, 1.5, C).astype("float32"))
+    bn.beta.assign(rng.normal(0, 0.5, C).astype("float32"))
+    bn.moving_mean.assign(rng.normal(0.3, 0.2, C).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.02, 0.1, C).astype("float32"))
+    bn.trainable = bn_trainable
+    return model
+
+
+def torch_port(kmodel, bn: nn.Module, *, permute_flatten=True):
+    """Hand port of :func:`keras_net` to PyTorch with the given batch norm (weights copied)."""
+    conv = nn.Conv2d(C_IN, C, 3, padding=1)
+    dense = nn.Linear(H * W * C, 6)
+    head = nn.Linear(6, 3)
+    kconv, kbn, kdense, khead = (kmodel.get_layer(n) for n in ("conv", "bn", "dense", "head"))
+    with torch.no_grad():
+        kernel, bias = weights_of(kconv)
+        conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(bias))
+        kernel, bias = weights_of(kdense)
+        if permute_flatten:  # Keras rows are in H·W·C order, PyTorch's Flatten gives C·H·W
+            kernel = kernel.reshape(H, W, C, -1).transpose(2, 0, 1, 3).reshape(H * W * C, -1)
+        dense.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        dense.bias.copy_(torch.from_numpy(bias))
+        kernel, bias = weights_of(khead)
+        head.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        head.bias.copy_(torch.from_numpy(bias))
+        gamma, beta, mean, var = weights_of(kbn)
+        if bn.affine:
+            bn.weight.copy_(torch.from_numpy(gamma))
+            bn.bias.copy_(torch.from_numpy(beta))
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(torch.from_numpy(mean))
+            bn.running_var.copy_(torch.from_numpy(var))
+    model = nn.Sequential(conv, nn.ReLU(), bn, nn.Flatten(), dense, nn.ReLU(), head, nn.Softmax(dim=1))
+    return model.eval()
+
+
+def weights_of(layer):
+    return [v.value.detach().cpu().numpy() for v in layer.weights]  # KERAS_BACKEND=torch
+
+
+def nhwc_batch(n=4, seed=0):
+    return np.random.default_rng(seed).normal(0, 1, (n, H, W, C_IN)).astype("float32")
+
+
+def codes(report):
+    return [c.code for c in report.causes]
+
+
+def faithful_bn(momentum=0.15, eps=1e-3):
+    return bnkit.torch.BatchNorm2d(C, momentum=momentum, eps=eps, convention="keras")
+
+
+# --------------------------------------------------------------------------------------------
+# agreement
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_faithful_port_agrees(training):
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn())
+    report = compare(kmodel, tmodel, nhwc_batch(), training=training)
+    assert report.agree, str(report)
+    assert report.causes == []
+    assert report.first_divergence is None
+    assert [r.kind for r in report.rows] == ["conv", "bn", "flatten", "dense", "dense"]
+    assert report.output_max_abs_diff < 1e-5
+    if training:
+        bn_row = report.rows[1]
+        assert bn_row.running_mean_abs_diff is not None and bn_row.running_var_abs_diff < 1e-5
+
+
+def test_faithful_port_agrees_with_torch_as_model_a():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn())
+    x_nchw = np.ascontiguousarray(nhwc_batch().transpose(0, 3, 1, 2))
+    report = compare(tmodel, kmodel, x_nchw)
+    assert report.agree and report.causes == []
+    assert (report.framework_a, report.framework_b) == ("torch", "keras")
+
+
+# --------------------------------------------------------------------------------------------
+# one broken pair per cause: exactly that code
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_mode_torch_module_left_in_train():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn()).train()  # forgot model.eval()
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["training-mode"]
+    assert report.first_divergence.kind == "bn"
+    assert report.causes[0].layers == ["bn / 2"]
+    assert tmodel.training, "compare must not change the caller's module"
+
+
+class _FrozenBatchNormNet(nn.Sequential):
+    """The detection-codebase pattern: train() keeps the batch norms in eval()."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+def test_training_mode_torch_batchnorm_kept_in_eval_under_training():
+    kmodel = keras_net()
+    tmodel = _FrozenBatchNormNet(*torch_port(kmodel, faithful_bn()))
+    report = compare(kmodel, tmodel, nhwc_batch(), training=True)
+    assert codes(report) == ["training-mode"]
+
+
+def test_eps():
+    kmodel = keras_net(epsilon=1e-3)
+    tmodel = torch_port(kmodel, faithful_bn(eps=1e-5))  # PyTorch's default eps kept
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["eps"]
+    assert "0.001" in report.causes[0].explanation and "1e-05" in report.causes[0].explanation
+
+
+def test_eps_between_two_keras_models():
+    report = compare(keras_net(epsilon=1e-3), keras_net(epsilon=1e-5), nhwc_batch())
+    assert codes(report) == ["eps"]
+
+
+def test_momentum_same_number_opposite_meaning():
+    # PyTorch's meaning of momentum (weight of the new batch) with Keras' biased estimator and eps,
+    # so that only the meaning of 0.15 differs from the Keras layer
+    torch_meaning = bnkit.Convention("torch-biased", 1e-3, 0.1, "new", True, "biased", 1)
+    kmodel = keras_net(momentum=0.15)
+    tmodel = torch_port(kmodel, bnkit.torch.BatchNorm2d(C, momentum=0.15, convention=torch_meaning))
+    report = compare(kmodel, tmodel, nhwc_batch(), training=True)
+    assert codes(report) == ["momentum-convention"]
+    assert "both say momentum=0.15" in report.causes[0].explanation
+    # the outputs of the training step agree: only the running statistics tell
+    assert not report.rows[1].diverges and report.rows[1].running_stats_diverge
+    # in inference the momentum plays no part: the models agree
+    assert compare(kmodel, tmodel, nhwc_batch()).causes == []
+
+
+def test_momentum_differs_after_translation():
+    kmodel = keras_net(momentum=0.15)
+    tmodel = torch_port(kmodel, faithful_bn(momentum=0.85))  # Keras convention, but 0.85
+    report = compare(kmodel, tmodel, nhwc_batch(), training=True)
+    assert codes(report) == ["momentum-convention"]
+
+
+def test_running_variance_estimator():
+    kmodel = keras_net(momentum=0.15)
+    # momentum translated correctly (0.85 on the new batch), eps matched: only the estimator differs
+    tmodel = torch_port(kmodel, nn.BatchNorm2d(C, eps=1e-3, momentum=bnkit.translate_momentum(0.15, "keras", "torch")))
+    report = compare(kmodel, tmodel, nhwc_batch(), training=True)
+    assert codes(report) == ["running-variance-estimator"]
+    # the running variances differ by the factor n/(n-1) on the batch part only
+    bn = report.batch_norms[0]
+    n = 4 * H * W
+    new_k = bn.a.running_var_after - 0.15 * bn.a.running_var_before
+    new_t = bn.b.running_var_after - 0.15 * bn.b.running_var_before
+    np.testing.assert_allclose(new_t, new_k * n / (n - 1), rtol=1e-5)
+
+
+def test_running_variance_estimator_between_two_torch_models():
+    kmodel = keras_net()
+    a = torch_port(kmodel, faithful_bn(momentum=0.9))
+    b = torch_port(kmodel, nn.BatchNorm2d(C, eps=1e-3, momentum=0.1))
+    x = np.ascontiguousarray(nhwc_batch().transpose(0, 3, 1, 2))
+    assert codes(compare(a, b, x, training=True)) == ["running-variance-estimator"]
+
+
+def test_keras_frozen_inference():
+    kmodel = keras_net(bn_trainable=False)
+    tmodel = torch_port(kmodel, faithful_bn())
+    report = compare(kmodel, tmodel, nhwc_batch(), training=True)
+    assert codes(report) == ["keras-frozen-inference"]
+    assert report.batch_norms[0].a.uses_batch_stats is False
+    assert report.batch_norms[0].b.uses_batch_stats is True
+
+
+def test_missing_running_stats():
+    kmodel = keras_net()
+    bn = bnkit.torch.BatchNorm2d(C, momentum=0.15, eps=1e-3, track_running_stats=False, convention="keras")
+    tmodel = torch_port(kmodel, bn)
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["missing-running-stats"]
+
+
+@pytest.mark.parametrize("keras_first", [True, False])
+def test_layout_flatten_weights_not_permuted(keras_first):
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn(), permute_flatten=False)
+    x = nhwc_batch()
+    if keras_first:
+        report = compare(kmodel, tmodel, x)
+    else:
+        report = compare(tmodel, kmodel, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    assert codes(report) == ["layout"]
+    assert report.first_divergence.kind == "dense"
+    flatten_row = report.rows[2]
+    assert flatten_row.kind == "flatten" and not flatten_row.diverges
+
+
+def test_weights_differ():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn())
+    with torch.no_grad():
+        tmodel[0].bias.add_(0.1)
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["weights"]
+    assert report.first_divergence.kind == "conv"
+
+
+def test_every_catalogue_code_is_documented():
+    assert set(CAUSES) >= {
+        "training-mode",
+        "eps",
+        "momentum-convention",
+        "running-variance-estimator",
+        "layout",
+        "keras-frozen-inference",
+        "missing-running-stats",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# side effects, inputs, renderings
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_leaves_both_models_unchanged():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn())
+    before_k = [w.copy() for w in weights_of(kmodel.get_layer("bn"))]
+    before_t = copy.deepcopy(tmodel.state_dict())
+    compare(kmodel, tmodel, nhwc_batch(), training=True)
+    for old, new in zip(before_k, weights_of(kmodel.get_layer("bn")), strict=True):
+        np.testing.assert_array_equal(old, new)
+    for key, value in tmodel.state_dict().items():
+        assert torch.equal(value, before_t[key]), key
+    assert not tmodel.training
+
+
+def test_bad_inputs_give_clear_errors():
+    kmodel = keras_net()
+    with pytest.raises(TypeError, match="torch.nn.Module or a keras.Model"):
+        compare(kmodel, object(), nhwc_batch())
+    with pytest.raises(TypeError, match="floating point"):
+        compare(kmodel, kmodel, np.zeros((2, H, W, C_IN), dtype=np.int64))
+
+
+def test_to_dict_is_json():
+    kmodel = keras_net()
+    report = compare(kmodel, torch_port(kmodel, faithful_bn()).train(), nhwc_batch())
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["agree"] is False
+    assert [c["code"] for c in data["causes"]] == ["training-mode"]
+    assert data["first_divergence"]["kind"] == "bn"
+    assert len(data["layers"]) == 5
+
+
+def test_html_report_is_self_contained(tmp_path):
+    kmodel = keras_net()
+    report = compare(kmodel, torch_port(kmodel, faithful_bn(eps=1e-5)), nhwc_batch())
+    path = tmp_path / "report.html"
+    assert report.to_html(path) == str(path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<svg" in text
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in text and "src=" not in text and "<link" not in text and "<script" not in text
+    assert "eps" in text and "bn / 2" in text
+    with pytest.raises(FileExistsError, match="force"):
+        report.to_html(path)
+    path.write_text("old")
+    report.to_html(path, force=True)
+    assert "<svg" in path.read_text(encoding="utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp files left
+
+
+def test_public_api_is_lazy():
+    assert bnkit.compare is compare
