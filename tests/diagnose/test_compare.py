@@ -47,23 +47,26 @@ def keras_net(*, momentum=0.15, epsilon=1e-3, bn_trainable=True, seed=0):
 
 
 def torch_port(kmodel, bn: nn.Module, *, permute_flatten=True):
-    """Hand port of :func:`keras_net` to PyTorch with the given batch norm (weights copied)."""
-    conv = nn.Conv2d(C_IN, C, 3, padding=1)
-    dense = nn.Linear(H * W * C, 6)
-    head = nn.Linear(6, 3)
+    """Hand port of a :func:`keras_net`-shaped Keras model (conv, bn, flatten, dense, head) to
+    PyTorch with the given batch norm; the weights are copied."""
     kconv, kbn, kdense, khead = (kmodel.get_layer(n) for n in ("conv", "bn", "dense", "head"))
+    h, w, _ = kmodel.input_shape[1:]
+    conv_kernel, conv_bias = weights_of(kconv)
+    dense_kernel, dense_bias = weights_of(kdense)
+    head_kernel, head_bias = weights_of(khead)
+    c_in, c = conv_kernel.shape[2:]
+    conv = nn.Conv2d(c_in, c, conv_kernel.shape[0], padding=conv_kernel.shape[0] // 2)
+    dense = nn.Linear(h * w * c, dense_kernel.shape[1])
+    head = nn.Linear(*head_kernel.shape)
     with torch.no_grad():
-        kernel, bias = weights_of(kconv)
-        conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-        conv.bias.copy_(torch.from_numpy(bias))
-        kernel, bias = weights_of(kdense)
+        conv.weight.copy_(torch.from_numpy(conv_kernel.transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(conv_bias))
         if permute_flatten:  # Keras rows are in H·W·C order, PyTorch's Flatten gives C·H·W
-            kernel = kernel.reshape(H, W, C, -1).transpose(2, 0, 1, 3).reshape(H * W * C, -1)
-        dense.weight.copy_(torch.from_numpy(kernel.T.copy()))
-        dense.bias.copy_(torch.from_numpy(bias))
-        kernel, bias = weights_of(khead)
-        head.weight.copy_(torch.from_numpy(kernel.T.copy()))
-        head.bias.copy_(torch.from_numpy(bias))
+            dense_kernel = dense_kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+        dense.weight.copy_(torch.from_numpy(dense_kernel.T.copy()))
+        dense.bias.copy_(torch.from_numpy(dense_bias))
+        head.weight.copy_(torch.from_numpy(head_kernel.T.copy()))
+        head.bias.copy_(torch.from_numpy(head_bias))
         gamma, beta, mean, var = weights_of(kbn)
         if bn.affine:
             bn.weight.copy_(torch.from_numpy(gamma))
@@ -191,7 +194,9 @@ def test_momentum_differs_after_translation():
 def test_running_variance_estimator():
     kmodel = keras_net(momentum=0.15)
     # momentum translated correctly (0.85 on the new batch), eps matched: only the estimator differs
-    tmodel = torch_port(kmodel, nn.BatchNorm2d(C, eps=1e-3, momentum=bnkit.translate_momentum(0.15, "keras", "torch")))
+    tmodel = torch_port(
+        kmodel, nn.BatchNorm2d(C, eps=1e-3, momentum=bnkit.translate_momentum(0.15, "keras", "torch"))
+    )
     report = compare(kmodel, tmodel, nhwc_batch(), training=True)
     assert codes(report) == ["running-variance-estimator"]
     # the running variances differ by the factor n/(n-1) on the batch part only
@@ -320,3 +325,19 @@ def test_html_report_is_self_contained(tmp_path):
 
 def test_public_api_is_lazy():
     assert bnkit.compare is compare
+
+
+def test_seed_network_naive_port_and_faithful_port():
+    """The bundled seed network (64x64x1, 32 channels, a 131072x100 dense layer)."""
+    from bnkit.examples.seed import SEED_CHANNELS, SEED_KERAS_MOMENTUM, keras_seed_model
+
+    kmodel = keras_seed_model()
+    x = np.random.default_rng(0).uniform(0, 1, (2, 64, 64, 1)).astype("float32")
+    naive = torch_port(kmodel, nn.BatchNorm2d(SEED_CHANNELS, momentum=SEED_KERAS_MOMENTUM))
+    report = compare(kmodel, naive, x, training=True)
+    assert codes(report) == ["eps", "momentum-convention", "running-variance-estimator"]
+    faithful = torch_port(
+        kmodel, bnkit.torch.BatchNorm2d(SEED_CHANNELS, momentum=SEED_KERAS_MOMENTUM, convention="keras")
+    )
+    report = compare(kmodel, faithful, x, training=True)
+    assert report.agree and report.causes == [], str(report)
