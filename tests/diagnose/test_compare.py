@@ -194,9 +194,7 @@ def test_momentum_differs_after_translation():
 def test_running_variance_estimator():
     kmodel = keras_net(momentum=0.15)
     # momentum translated correctly (0.85 on the new batch), eps matched: only the estimator differs
-    tmodel = torch_port(
-        kmodel, nn.BatchNorm2d(C, eps=1e-3, momentum=bnkit.translate_momentum(0.15, "keras", "torch"))
-    )
+    tmodel = torch_port(kmodel, nn.BatchNorm2d(C, eps=1e-3, momentum=bnkit.translate_momentum(0.15, "keras", "torch")))
     report = compare(kmodel, tmodel, nhwc_batch(), training=True)
     assert codes(report) == ["running-variance-estimator"]
     # the running variances differ by the factor n/(n-1) on the batch part only
@@ -341,3 +339,43 @@ def test_seed_network_naive_port_and_faithful_port():
     )
     report = compare(kmodel, faithful, x, training=True)
     assert report.agree and report.causes == [], str(report)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line (the real console script, on model files)
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_agreeing_files_exit_0_with_json_and_html(run_cli, tmp_path):
+    from bnkit.io import save_model
+
+    kmodel = keras_net()
+    save_model(kmodel, tmp_path / "a.keras")
+    save_model(torch_port(kmodel, faithful_bn()), tmp_path / "b.pt2", input_shape=(C_IN, H, W))
+    proc = run_cli("compare", "a.keras", "b.pt2", "--training", "--json", "--report", "r.html")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["agree"] is True and data["causes"] == [] and data["training"] is True
+    assert [row["kind"] for row in data["layers"]] == ["conv", "bn", "flatten", "dense", "dense"]
+    assert "<svg" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    # an existing report is kept unless --force
+    proc = run_cli("compare", "a.keras", "b.pt2", "--report", "r.html")
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--force" in proc.stderr
+
+
+def test_cli_disagreeing_files_exit_1_and_name_the_cause(run_cli, tmp_path):
+    from bnkit.io import save_model
+
+    save_model(keras_net(epsilon=1e-3), tmp_path / "a.keras")
+    save_model(keras_net(epsilon=1e-5), tmp_path / "b.keras")
+    proc = run_cli("compare", "a.keras", "b.keras", "--seed", "3")
+    assert proc.returncode == 1, proc.stderr
+    assert "The models disagree" in proc.stdout and "eps" in proc.stdout and "✗ first" in proc.stdout
+
+
+def test_cli_errors_exit_2_with_one_line(run_cli, tmp_path):
+    proc = run_cli("compare", "missing.keras", "other.pt2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["bnkit compare: error: missing.keras: no such file"]
+    proc = run_cli("compare", "a.keras", "b.keras", "--input-shape", "8,eight")
+    assert proc.returncode == 2 and "--input-shape" in proc.stderr

@@ -27,6 +27,7 @@ import copy
 import difflib
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +41,7 @@ CAUSES: dict[str, str] = {
     "training-mode": "a batch norm runs in training mode (batch statistics) on one side only",
     "keras-frozen-inference": "a Keras BatchNormalization with trainable=False runs in inference mode "
     "even when called with training=True",
-    "missing-running-stats": "a PyTorch batch norm with track_running_stats=False uses batch statistics "
-    "in eval() too",
+    "missing-running-stats": "a PyTorch batch norm with track_running_stats=False uses batch statistics in eval() too",
     "eps": "the two sides add a different eps to the variance",
     "momentum-convention": "the running statistics are updated with different weights (PyTorch's momentum "
     "weighs the new batch, Keras' weighs the old value)",
@@ -248,8 +248,7 @@ class CompareReport:
         verdict = "agree" if self.agree else "DISAGREE"
         lines = [
             f"compare {self.name_a} ({self.framework_a}) vs {self.name_b} ({self.framework_b}): {verdict}",
-            f"  output max abs diff {self.output_max_abs_diff:.3g}, "
-            f"max rel diff {self.output_max_rel_diff:.3g}",
+            f"  output max abs diff {self.output_max_abs_diff:.3g}, max rel diff {self.output_max_rel_diff:.3g}",
         ]
         first = self.first_divergence
         if first is not None:
@@ -286,8 +285,7 @@ def _framework(model) -> str:
     if torch is not None and isinstance(model, torch.nn.Module):
         return "torch"
     raise TypeError(
-        f"compare needs a torch.nn.Module or a keras.Model, got {type(model).__module__}."
-        f"{type(model).__name__}"
+        f"compare needs a torch.nn.Module or a keras.Model, got {type(model).__module__}.{type(model).__name__}"
     )
 
 
@@ -388,12 +386,74 @@ def _torch_bn_state(module) -> BatchNormState:
     )
 
 
-def _trace_torch(model, x: np.ndarray, training: bool):
-    """Run a copy of ``model`` on ``x`` (NCHW) with forward hooks; return (entries, output)."""
-    import torch
-    from torch import nn
+def _torch_functional_kind(node, args) -> str | None:
+    """The kind of a traced ``call_function``/``call_method`` node (``F.relu``, ``x + y``, ...)."""
+    import operator
 
-    work = copy.deepcopy(model)
+    import torch
+    import torch.nn.functional as F
+
+    activations = {
+        torch.relu, F.relu, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.softmax,
+        F.softmax, F.log_softmax, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish, F.mish, F.softplus,
+    }  # fmt: skip
+    target = node.target
+    if node.op == "call_function":
+        if target in activations:
+            return "act"
+        if target is torch.flatten:
+            return "flatten"
+        if target in (operator.add, operator.iadd, torch.add):
+            return "add" if all(isinstance(a, torch.Tensor) for a in args[:2]) else None
+        if target in (torch.cat, torch.concat):
+            return "concat"
+        return None
+    if node.op == "call_method":
+        if target in ("relu", "relu_", "sigmoid", "tanh", "softmax"):
+            return "act"
+        if target == "flatten":
+            return "flatten"
+        if target in ("view", "reshape") and args and isinstance(args[0], torch.Tensor):
+            return "flatten-if-2d"
+        if target in ("add", "add_"):
+            return "add" if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+    return None
+
+
+def _functional_rerun(op: str, target, rest: tuple, kwargs: dict):
+    """A callable that re-applies a traced functional node to a new first argument."""
+    if op == "call_method":
+        return lambda t: getattr(t, target)(*rest, **kwargs)
+    return lambda t: target(t, *rest, **kwargs)
+
+
+def _traced(work):
+    """``work`` as an ``fx.GraphModule`` sharing its layers, or None when it does not trace."""
+    from torch import fx
+
+    if isinstance(work, fx.GraphModule):
+        return work
+    try:
+        from bnkit.torch.tracing import symbolic_trace
+
+        return symbolic_trace(work)
+    except Exception:  # noqa: BLE001 - dynamic control flow: fall back to module hooks alone
+        return None
+
+
+def _trace_torch(model, x: np.ndarray, training: bool):
+    """Run a copy of ``model`` on ``x`` (NCHW) and record every significant layer's output.
+
+    Layers (modules) are recorded by forward hooks; where the module traces with ``torch.fx``
+    the graph is run node by node so that functional activations, ``flatten``, additions and
+    concatenations (``F.relu(x)``, ``x + y``, ``torch.cat``) are recorded too.
+    """
+    import torch
+    from torch import fx, nn
+
+    with warnings.catch_warnings():  # programs rebuilt from torch.export warn on deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        work = copy.deepcopy(model)
     if training:
         work.train()
     for m in work.modules():  # random masks cannot agree across frameworks
@@ -404,45 +464,74 @@ def _trace_torch(model, x: np.ndarray, training: bool):
     last_ptr: list = [None]
     handles = []
 
-    def hook(module, inputs, output):
-        kind = _torch_kind(module)
-        if kind is None or not isinstance(output, torch.Tensor):
-            return
+    def record(name, type_name, kind, inp, output, callable_):
         out = output.detach().cpu().numpy().copy()
-        inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
         if (
             kind == "act"
             and entries
             and entries[-1].kind in ("conv", "dense")
             and inp is not None
             and last_ptr[0] == (inp.data_ptr(), tuple(inp.shape))
-        ):
+        ):  # an activation applied to a convolution's or dense layer's output: fold it in
             prev = entries[-1]
-            prev.type = f"{prev.type}+{type(module).__name__}"
+            prev.type = f"{prev.type}+{type_name}"
             prev.raw = prev.canonical = out
-            prev.callables.append(module)
+            prev.callables.append(callable_)
         else:
-            entry = _Entry(names.get(module, type(module).__name__), type(module).__name__, kind, out, out)
-            entry.callables.append(module)
+            entry = _Entry(name, type_name, kind, out, out)
+            entry.callables.append(callable_)
             if kind == "flatten" and inp is not None:
                 entry.pre_flatten_shape = tuple(inp.shape)
             if kind == "bn":
-                entry.bn = module._bnkit_compare_state
+                entry.bn = callable_._bnkit_compare_state
             entries.append(entry)
         last_ptr[0] = (output.data_ptr(), tuple(output.shape))
+
+    def hook(module, inputs, output):
+        kind = _torch_kind(module)
+        if kind is None or not isinstance(output, torch.Tensor):
+            return
+        inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        record(names.get(module, type(module).__name__), type(module).__name__, kind, inp, output, module)
 
     def pre_hook(module, inputs):
         # record the mode and the statistics *before* the forward pass updates them
         module._bnkit_compare_state = _torch_bn_state(module)
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.op in ("call_function", "call_method") and isinstance(result, torch.Tensor):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                kind = _torch_functional_kind(n, args)
+                if kind == "flatten-if-2d":
+                    kind = "flatten" if result.ndim == 2 and args[0].ndim >= 3 else None
+                if kind is not None:
+                    inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                    if kind in ("concat",) and args and isinstance(args[0], (list, tuple)):
+                        inp = None
+                    type_name = getattr(n.target, "__name__", str(n.target))
+
+                    rerun = _functional_rerun(n.op, n.target, tuple(args[1:]), dict(kwargs))
+                    record(n.name, type_name, kind, inp, result, rerun)
+            return result
 
     for m in work.modules():
         if _torch_kind(m) is not None and not list(m.children()):
             handles.append(m.register_forward_hook(hook))
             if _torch_kind(m) == "bn":
                 handles.append(m.register_forward_pre_hook(pre_hook))
+    graph_module = _traced(work)
     try:
         with torch.no_grad():
-            out = work(torch.from_numpy(x))
+            if graph_module is not None:
+                try:
+                    out = Recorder(graph_module).run(torch.from_numpy(x))
+                except Exception:  # noqa: BLE001 - the trace did not run: use the module itself
+                    entries.clear()
+                    out = work(torch.from_numpy(x))
+            else:
+                out = work(torch.from_numpy(x))
     finally:
         for h in handles:
             h.remove()
@@ -593,9 +682,7 @@ def _trace_keras(model, x: np.ndarray, training: bool):
             layer.rate = rate
 
     n = len(groups)
-    flat_shapes = dict(
-        zip(flatten_inputs, (r.shape for r in results[n : n + len(flatten_inputs)]), strict=True)
-    )
+    flat_shapes = dict(zip(flatten_inputs, (r.shape for r in results[n : n + len(flatten_inputs)]), strict=True))
     entries = []
     for (group_layers, kind, _), out in zip(groups, results[:n], strict=True):
         first = group_layers[0]
@@ -665,9 +752,7 @@ def _diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float
 
 
 def _align(entries_a: list[_Entry], entries_b: list[_Entry]):
-    matcher = difflib.SequenceMatcher(
-        None, [e.token for e in entries_a], [e.token for e in entries_b], autojunk=False
-    )
+    matcher = difflib.SequenceMatcher(None, [e.token for e in entries_a], [e.token for e in entries_b], autojunk=False)
     pairs = []
     for block in matcher.get_matching_blocks():
         for k in range(block.size):
@@ -880,12 +965,7 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
                 name,
                 "config: eps differs and the layer's outputs differ",
             )
-        if (
-            ctx.training
-            and a.uses_batch_stats
-            and b.uses_batch_stats
-            and row.running_mean_abs_diff is not None
-        ):
+        if ctx.training and a.uses_batch_stats and b.uses_batch_stats and row.running_mean_abs_diff is not None:
             stats_differ = row.running_stats_diverge
             if stats_differ and not _same_weight(a, b):
                 same_number = a.momentum is not None and a.momentum == b.momentum
@@ -957,8 +1037,7 @@ def _find_layout(report: CompareReport, ctx: _Context, add) -> None:
             alt_b = _rerun(db, ctx.framework_b, fa.raw)
             alt_a = _rerun(da, ctx.framework_a, fb.raw)
             confirmed = (
-                not _diff(alt_b, da.raw, ctx.atol, ctx.rtol)[2]
-                or not _diff(alt_a, db.raw, ctx.atol, ctx.rtol)[2]
+                not _diff(alt_b, da.raw, ctx.atol, ctx.rtol)[2] or not _diff(alt_a, db.raw, ctx.atol, ctx.rtol)[2]
             )
         except Exception:  # noqa: BLE001 - an experiment that cannot run confirms nothing
             confirmed = False

@@ -63,9 +63,7 @@ def divergence_svg(report) -> str:
     # decade grid and axis labels, top and bottom
     for d in range(lo, hi + 1):
         x = label_w + (d - lo) / (hi - lo) * bar_w
-        parts.append(
-            f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{height - bottom + 4}" stroke="#e0e0e0"/>'
-        )
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{height - bottom + 4}" stroke="#e0e0e0"/>')
         for y in (top - 10, height - bottom + 16):
             parts.append(f'<text x="{x:.1f}" y="{y}" text-anchor="middle" fill="{_MUTED}">1e{d}</text>')
     tol_x = x_of(report.atol)
@@ -104,9 +102,7 @@ def divergence_svg(report) -> str:
             f'<rect x="{label_w}" y="{y + 4}" width="{max(x_end - label_w, 1.5):.1f}" height="{row_h - 8}" '
             f'fill="{color}"><title>{escape(tip)}</title></rect>'
         )
-        parts.append(
-            f'<text x="{max(x_end, label_w) + 4:.1f}" y="{y + 13}">{escape(_fmt(r.max_abs_diff))}</text>'
-        )
+        parts.append(f'<text x="{max(x_end, label_w) + 4:.1f}" y="{y + 13}">{escape(_fmt(r.max_abs_diff))}</text>')
         if r.running_var_abs_diff is not None:
             stats = max(r.running_mean_abs_diff or 0, r.running_var_abs_diff or 0)
             sx = x_of(stats)
@@ -159,10 +155,7 @@ def html_page(report) -> str:
         f"max rel diff {_fmt(report.output_max_rel_diff)}.",
     ]
     if first is not None:
-        out.append(
-            f" First divergence: <b>{escape(first.name)}</b> "
-            f"({escape(first.type_a)} / {escape(first.type_b)})."
-        )
+        out.append(f" First divergence: <b>{escape(first.name)}</b> ({escape(first.type_a)} / {escape(first.type_b)}).")
     out.append("</p>")
     out.append("<h2>Causes</h2>")
     if not report.causes:
@@ -273,28 +266,29 @@ def render_rich(report, console=None) -> None:
         f"{'one training step' if report.training else 'inference'}",
         title_justify="left",
     )
+    same_names = all(r.name_a == r.name_b for r in report.rows)
     table.add_column("#", justify="right", style="dim")
-    table.add_column("layer A")
-    table.add_column("layer B")
-    table.add_column("type A / type B")
-    table.add_column("shape")
-    table.add_column("max abs diff", justify="right")
-    table.add_column("max rel diff", justify="right")
+    if same_names:
+        table.add_column("layer")
+    else:
+        table.add_column("layer A")
+        table.add_column("layer B")
+    table.add_column("type A / type B", overflow="fold")
+    table.add_column("shape", no_wrap=True)
+    table.add_column("max abs diff", justify="right", no_wrap=True)
+    table.add_column("max rel diff", justify="right", no_wrap=True)
     if report.training:
-        table.add_column("stats diff", justify="right")
-    table.add_column("")
+        table.add_column("stats diff", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
     first = report.first_divergence
     for r in report.rows:
         status = "[red]✗ first[/]" if r is first else ("[red]✗[/]" if r.differs else "[green]✓[/]")
         types = r.type_a if r.type_a == r.type_b else f"{r.type_a} / {r.type_b}"
-        cells = [str(r.index), r.name_a, r.name_b, types, str(tuple(r.shape))]
-        cells += [_fmt(r.max_abs_diff), _fmt(r.max_rel_diff)]
+        cells = [str(r.index), r.name_a] if same_names else [str(r.index), r.name_a, r.name_b]
+        cells += [types, "×".join(map(str, r.shape)), _fmt(r.max_abs_diff), _fmt(r.max_rel_diff)]
         if report.training:
-            cells.append(
-                ""
-                if r.running_mean_abs_diff is None
-                else f"{_fmt(max(r.running_mean_abs_diff, r.running_var_abs_diff))}"
-            )
+            stats = None if r.running_mean_abs_diff is None else max(r.running_mean_abs_diff, r.running_var_abs_diff)
+            cells.append("" if stats is None else _fmt(stats))
         cells.append(status)
         table.add_row(*cells, style="bold" if r.kind == "bn" else None)
     console.print(table)
@@ -303,14 +297,10 @@ def render_rich(report, console=None) -> None:
         f"{_fmt(report.output_max_rel_diff)} (tolerance atol {report.atol:g}, rtol {report.rtol:g})"
     )
     if report.unmatched_a or report.unmatched_b:
-        console.print(
-            f"[dim]without a counterpart: A {report.unmatched_a or '–'}, B {report.unmatched_b or '–'}[/]"
-        )
+        console.print(f"[dim]without a counterpart: A {report.unmatched_a or '–'}, B {report.unmatched_b or '–'}[/]")
     if report.agree:
         console.print("[bold green]The models agree.[/]")
         return
-    console.print(
-        "[bold red]The models disagree.[/]" + (f" First divergence: {first.name}." if first else "")
-    )
+    console.print("[bold red]The models disagree.[/]" + (f" First divergence: {first.name}." if first else ""))
     for c in report.causes:
         console.print(f"  [bold red]{c.code}[/] {c.explanation}", highlight=False)
