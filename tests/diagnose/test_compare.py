@@ -379,3 +379,70 @@ def test_cli_errors_exit_2_with_one_line(run_cli, tmp_path):
     assert proc.stderr.strip().splitlines() == ["bnkit compare: error: missing.keras: no such file"]
     proc = run_cli("compare", "a.keras", "b.keras", "--input-shape", "8,eight")
     assert proc.returncode == 2 and "--input-shape" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# pairing beyond Sequential stacks
+# --------------------------------------------------------------------------------------------
+
+
+class _TorchResidual(nn.Module):
+    """Functional ``x + y`` and ``flatten``: seen through torch.fx, not hooks."""
+
+    def __init__(self, bn_momentum=0.01):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(4, eps=1e-3, momentum=bn_momentum)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(4, eps=1e-3, momentum=bn_momentum)
+        self.pool = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(x + self.b2(self.c2(x)))
+        return self.head(self.drop(torch.flatten(self.gap(self.pool(x)), 1)))
+
+
+def _keras_residual():
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    inputs = keras.Input((H, W, 3))
+    x = layers.Conv2D(4, 3, padding="same", use_bias=False, name="c1")(inputs)
+    x = layers.ReLU(name="r1")(layers.BatchNormalization(name="b1")(x))
+    y = layers.BatchNormalization(name="b2")(layers.Conv2D(4, 3, padding="same", use_bias=False, name="c2")(x))
+    x = layers.ReLU(name="r2")(layers.Add(name="add")([x, y]))
+    x = layers.GlobalAveragePooling2D(name="gap")(layers.MaxPooling2D(name="pool")(x))
+    outputs = layers.Dense(3, name="head")(layers.Dropout(0.5, name="drop")(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_residual_pair_with_functional_add(training):
+    kmodel = _keras_residual()
+    tmodel = _TorchResidual().eval()
+    with torch.no_grad():
+        for name in ("c1", "c2"):
+            kernel = weights_of(kmodel.get_layer(name))[0]
+            getattr(tmodel, name).weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+        kernel, bias = weights_of(kmodel.get_layer("head"))
+        tmodel.head.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        tmodel.head.bias.copy_(torch.from_numpy(bias))
+    x = np.random.default_rng(0).normal(size=(4, H, W, 3)).astype("float32")
+    report = compare(kmodel, tmodel, x, training=training)
+    pairs = [(r.name_a, r.name_b) for r in report.rows]
+    assert ("add", "add") in pairs and ("b2", "b2") in pairs and ("head", "head") in pairs
+    if training:  # Keras 0.99 is PyTorch 0.01; the variance estimators still differ
+        assert codes(report) == ["running-variance-estimator"]
+    else:
+        assert report.agree and report.causes == [], str(report)
+
+
+def test_models_ending_in_flatten_compare_in_one_order():
+    kmodel = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.BatchNormalization(), keras.layers.Flatten()])
+    tmodel = nn.Sequential(bnkit.torch.BatchNorm2d(3, convention="keras"), nn.Flatten())
+    x = np.random.default_rng(0).normal(size=(5, 4, 4, 3)).astype("float32")
+    report = compare(kmodel, tmodel, x, training=True)
+    assert report.agree and report.output_max_abs_diff < 1e-5, str(report)

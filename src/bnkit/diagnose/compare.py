@@ -699,7 +699,12 @@ def _trace_keras(model, x: np.ndarray, training: bool):
         if kind == "bn":
             entry.bn = states[id(first)]
         entries.append(entry)
-    return entries, results[-1], model
+    final = results[-1]
+    if groups and groups[-1][2] is model.outputs[0]:  # e.g. a model ending in Flatten: C·H·W order
+        final = entries[-1].canonical
+    else:
+        final = _to_layout(final, "keras", "torch")
+    return entries, final, model
 
 
 def _trace(model, framework: str, x: np.ndarray, training: bool):
@@ -823,7 +828,7 @@ def compare(
             bn_pairs.append(BatchNormPair(row, ea.bn, eb.bn))
         rows.append(row)
     out_abs, out_rel, out_div = _diff(
-        _to_layout(out_a, framework_a, "torch"), _to_layout(out_b, framework_b, "torch"), atol, rtol
+        out_a, out_b, atol, rtol  # both already in PyTorch's layout
     )
     matched_a = {ia for ia, _ in pairs}
     matched_b = {ib for _, ib in pairs}
