@@ -203,6 +203,8 @@ def test_running_variance_estimator():
     new_k = bn.a.running_var_after - 0.15 * bn.a.running_var_before
     new_t = bn.b.running_var_after - 0.15 * bn.b.running_var_before
     np.testing.assert_allclose(new_t, new_k * n / (n - 1), rtol=1e-5)
+    assert f"n/(n-1) = {n / (n - 1):.6g} with n = {n}" in report.causes[0].evidence
+    assert f"folded in {n / (n - 1):.5g}" in report.causes[0].evidence
 
 
 def test_running_variance_estimator_between_two_torch_models():
@@ -446,3 +448,28 @@ def test_models_ending_in_flatten_compare_in_one_order():
     x = np.random.default_rng(0).normal(size=(5, 4, 4, 3)).astype("float32")
     report = compare(kmodel, tmodel, x, training=True)
     assert report.agree and report.output_max_abs_diff < 1e-5, str(report)
+
+
+def test_html_chart_has_one_row_per_layer_for_dozens_of_batch_norms(tmp_path):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(24):
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()]
+    a = nn.Sequential(*layers)
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype("float32")
+    with torch.no_grad():  # running statistics of this data, as after training
+        for m in a.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        a(torch.from_numpy(x))
+    a.eval()
+    b = copy.deepcopy(a)
+    b[3 * 20 + 1].eps = 1e-2  # one batch norm out of 24
+    report = compare(a, b, x)
+    assert codes(report) == ["eps"] and report.causes[0].layers == ["61"]
+    assert report.first_divergence.name == "61"
+    report.to_html(tmp_path / "deep.html")
+    svg = (tmp_path / "deep.html").read_text(encoding="utf-8").split("<svg", 1)[1].split("</svg>", 1)[0]
+    assert svg.count('font-weight="bold"') == 24  # every batch norm labelled, in bold
+    assert svg.count("<rect") >= len(report.rows) == 72  # conv, bn, relu: one bar each
+    assert "▶ 61" in svg  # the first divergence is marked

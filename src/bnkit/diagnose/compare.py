@@ -828,7 +828,10 @@ def compare(
             bn_pairs.append(BatchNormPair(row, ea.bn, eb.bn))
         rows.append(row)
     out_abs, out_rel, out_div = _diff(
-        out_a, out_b, atol, rtol  # both already in PyTorch's layout
+        out_a,
+        out_b,
+        atol,
+        rtol,  # both already in PyTorch's layout
     )
     matched_a = {ia for ia, _ in pairs}
     matched_b = {ib for _, ib in pairs}
@@ -873,6 +876,31 @@ def _compare_running_stats(row: LayerDiff, a: BatchNormState, b: BatchNormState,
     row.running_mean_abs_diff = mean_abs
     row.running_var_abs_diff = var_abs
     row.running_stats_diverge = bool(mean_div or var_div)
+    # One step moves the running statistics by only w (the new-batch weight, 0.01 for Keras'
+    # default) times the difference, but they converge to what each side folds in: compare the
+    # batch statistics folded in, (after - (1 - w) * before) / w, too.
+    folded = [_folded_batch_stats(s) for s in (a, b)]
+    if folded[0] is not None and folded[1] is not None:
+        for k in range(2):
+            x, y = folded[0][k], folded[1][k]
+            # rounding of after/before (float32) is amplified by 1/w
+            slack = 4 * np.finfo(np.float32).eps * max(folded[0][2], folded[1][2])
+            if _diff(x, y, atol + slack, rtol)[2]:
+                row.running_stats_diverge = True
+
+
+def _folded_batch_stats(s: BatchNormState):
+    """(batch mean, batch variance, rounding scale) that a training step folded into the running
+    statistics, recovered from the statistics before and after; None when unknown."""
+    if s.new_weight is None or not s.new_weight > 0 or s.running_mean_before is None:
+        return None
+    w = s.new_weight
+    arrays = [np.asarray(v, dtype=np.float64) for v in (s.running_mean_before, s.running_mean_after)]
+    arrays += [np.asarray(v, dtype=np.float64) for v in (s.running_var_before, s.running_var_after)]
+    mean = (arrays[1] - (1 - w) * arrays[0]) / w
+    var = (arrays[3] - (1 - w) * arrays[2]) / w
+    scale = max(float(np.max(np.abs(v))) for v in arrays) / w if arrays[0].size else 0.0
+    return mean, var, scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,7 +1026,7 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
                     "variances — and so every later inference — do not. Use a bnkit layer with the other "
                     "side's convention.",
                     name,
-                    "observed: the running variances differ after one training step",
+                    _estimator_evidence(row, a, b),
                 )
 
     _find_layout(report, ctx, add)
@@ -1014,6 +1042,26 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
         )
     order = list(CAUSES)
     return sorted(found.values(), key=lambda c: order.index(c.code))
+
+
+def _estimator_evidence(row: LayerDiff, a: BatchNormState, b: BatchNormState) -> str:
+    """The measured ratio of the batch variances each side folded in, next to n / (n - 1)."""
+    text = "observed: the running variances differ after one training step"
+    folded_a, folded_b = _folded_batch_stats(a), _folded_batch_stats(b)
+    if folded_a is None or folded_b is None or len(row.shape) < 2:
+        return text
+    n = int(np.prod(row.shape)) // int(row.shape[1])
+    unbiased, biased = (
+        (folded_a[1], folded_b[1]) if a.running_var_estimator == "unbiased" else (folded_b[1], folded_a[1])
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.nanmedian(unbiased / biased))
+    if n < 2 or not math.isfinite(ratio):
+        return text
+    return (
+        f"{text}; the unbiased side folded in {ratio:.6g} times the biased side's batch variance, "
+        f"n/(n-1) = {n / (n - 1):.6g} with n = {n} values per channel"
+    )
 
 
 def _same_weight(a: BatchNormState, b: BatchNormState) -> bool:
