@@ -257,6 +257,15 @@ def test_weights_differ():
     assert report.first_divergence.kind == "conv"
 
 
+def test_weights_and_training_mode_are_both_named():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn()).train()
+    with torch.no_grad():
+        tmodel[0].weight.mul_(1.5)
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["training-mode", "weights"]
+
+
 def test_every_catalogue_code_is_documented():
     assert set(CAUSES) >= {
         "training-mode",

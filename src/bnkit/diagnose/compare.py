@@ -1030,8 +1030,8 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
                 )
 
     _find_layout(report, ctx, add)
-    if not found:
-        _find_weights(report, ctx, add)
+    explained = {name for cause in found.values() for name in cause.layers}
+    _find_weights(report, ctx, add, explained)
     if not found:
         first = report.first_divergence
         add(
@@ -1109,11 +1109,14 @@ def _find_layout(report: CompareReport, ctx: _Context, add) -> None:
             )
 
 
-def _find_weights(report: CompareReport, ctx: _Context, add) -> None:
-    """A convolution or dense layer that diverges although its inputs (the previous pair) agree."""
+def _find_weights(report: CompareReport, ctx: _Context, add, explained: set[str]) -> None:
+    """The first divergence, when it is a convolution or dense layer whose inputs (the previous
+    pair) agree and that no other cause explains."""
     for k, row in enumerate(report.rows):
         if not row.differs:
             continue
+        if row.name in explained:
+            return
         if row.kind in ("conv", "dense") and (k == 0 or not report.rows[k - 1].differs):
             add(
                 "weights",
