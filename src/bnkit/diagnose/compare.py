@@ -612,6 +612,16 @@ def _keras_canonical(out: np.ndarray, kind: str, pre_flatten_shape) -> np.ndarra
     return _to_layout(out, "keras", "torch")
 
 
+def _keras_all_layers(model) -> list:
+    """Every layer of ``model``, nested models' layers included."""
+    found, stack = [], list(getattr(model, "layers", []))
+    while stack:
+        layer = stack.pop()
+        found.append(layer)
+        stack.extend(getattr(layer, "layers", []))
+    return found
+
+
 def _trace_keras(model, x: np.ndarray, training: bool):
     """Run ``model`` on ``x`` (NHWC) through a functional model over the layers' outputs."""
     from bnkit.keras import keras
@@ -661,7 +671,7 @@ def _trace_keras(model, x: np.ndarray, training: bool):
     states = {id(layer): _keras_bn_state(layer, training) for layer in bn_layers}
     dropout_rates = []
     if training:  # random masks cannot agree across frameworks
-        for layer in model._flatten_layers(include_self=False, recursive=True):
+        for layer in _keras_all_layers(model):
             if "Dropout" in _keras_class_names(layer) and hasattr(layer, "rate"):
                 dropout_rates.append((layer, layer.rate))
                 layer.rate = 0.0
