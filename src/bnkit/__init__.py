@@ -34,6 +34,7 @@ _LAZY = {
 _LAZY_ATTRS: dict[str, str] = {
     "summary": "bnkit.summarize",
     "lint": "bnkit.diagnose.lint",
+    "compare": "bnkit.diagnose.compare",
 }
 
 __all__ = [

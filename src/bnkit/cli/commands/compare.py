@@ -1,0 +1,118 @@
+"""``bnkit compare A B``: run two models on the same random batch and explain the differences.
+
+Exit status, like ``diff``: 0 when the models agree, 1 when they disagree, 2 on an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from bnkit.cli import CLIError
+
+NAME = "compare"
+HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and name why they disagree."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model_a", metavar="A", help="model file (.keras, .h5, .pt2) or package.module:factory")
+    parser.add_argument("model_b", metavar="B", help="the model to compare with A, same forms")
+    parser.add_argument("--weights-a", metavar="FILE", help="weights (.pt or .safetensors) for a factory A")
+    parser.add_argument("--weights-b", metavar="FILE", help="weights (.pt or .safetensors) for a factory B")
+    parser.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="input shape without the batch dimension, in A's layout (H,W,C for Keras, C,H,W for PyTorch), "
+        "e.g. 64,64,1; default: the Keras model's input shape",
+    )
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="batch size (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random normal input (default 0)")
+    parser.add_argument(
+        "--training",
+        action="store_true",
+        help="compare one training step (batch statistics, running-statistics updates) instead of inference",
+    )
+    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report here")
+    parser.add_argument("--force", action="store_true", help="replace an existing --report file")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]")) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise CLIError(f"--input-shape must be positive integers such as 64,64,1; got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise CLIError(f"--input-shape must be positive integers such as 64,64,1; got {text!r}")
+    return shape
+
+
+def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> tuple[int, ...]:
+    if args.input_shape:
+        return parse_shape(args.input_shape)
+    for model, framework in ((model_a, framework_a), (model_b, framework_b)):
+        if framework != "keras":
+            continue
+        shape = getattr(model, "input_shape", None)
+        if isinstance(shape, list):
+            shape = shape[0] if len(shape) == 1 else None
+        if shape and all(isinstance(d, int) for d in shape[1:]):
+            shape = tuple(shape[1:])
+            if framework != framework_a and len(shape) in (2, 3, 4):  # Keras (H, W, C) -> (C, H, W)
+                shape = (shape[-1], *shape[:-1])
+            return shape
+    raise CLIError("cannot tell the input shape of a PyTorch model: give --input-shape in A's layout, e.g. 1,64,64")
+
+
+def run(args) -> int:
+    import numpy as np
+    from rich.console import Console
+
+    from bnkit.io import ModelFileError, framework_of, load_model
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input_shape:
+        parse_shape(args.input_shape)  # a typo fails before the models load
+    if args.report:
+        from bnkit.io import check_writable
+
+        try:
+            check_writable(args.report, args.force)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from None
+    err = Console(stderr=True)
+    with err.status("loading the models…", spinner="dots"):
+        try:
+            model_a = load_model(args.model_a, args.weights_a)
+            model_b = load_model(args.model_b, args.weights_b)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from None
+    framework_a, framework_b = framework_of(model_a), framework_of(model_b)
+    shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
+    x = np.random.default_rng(args.seed).normal(0.0, 1.0, (args.batch_size, *shape)).astype(np.float32)
+
+    from bnkit.diagnose.compare import compare
+
+    with err.status("running both models layer by layer…", spinner="dots"):
+        try:
+            report = compare(model_a, model_b, x, training=args.training, atol=args.atol, rtol=args.rtol)
+        except (ValueError, TypeError, RuntimeError) as e:
+            message = " ".join(str(e).split())
+            raise CLIError(f"cannot run the models on input {tuple(x.shape)}: {message[:300]}") from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        report.render(Console())
+    if args.report:
+        try:
+            path = report.to_html(args.report, force=args.force)
+        except (FileExistsError, FileNotFoundError, IsADirectoryError) as e:
+            raise CLIError(str(e)) from None
+        if not args.json:
+            print(f"HTML report written to {path}", file=sys.stderr)
+    return 0 if report.agree else 1

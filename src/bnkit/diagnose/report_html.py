@@ -1,0 +1,306 @@
+"""Renderings of a :class:`~bnkit.diagnose.compare.CompareReport`: a terminal table (rich) and a
+self-contained HTML page.
+
+The HTML page has no external assets, links or scripts: the styles are inline and the
+per-layer divergence is an inline SVG chart, one row per paired layer with the maximum absolute
+difference on a log scale, so that a network with dozens of batch norms reads at a glance
+(hover a bar for the exact figures). The file is written atomically (a temporary file in the
+same folder, then ``os.replace``) and an existing file is replaced only with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from html import escape
+from pathlib import Path
+
+__all__ = ["write_html", "html_page", "divergence_svg", "render_rich"]
+
+_OK = "#2e7d32"
+_BAD = "#c62828"
+_STATS = "#ef6c00"
+_MUTED = "#757575"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "shape differs" if x == math.inf else str(x)
+    if x == 0:
+        return "0"
+    return f"{x:.3g}"
+
+
+def divergence_svg(report) -> str:
+    """An inline SVG chart: one row per paired layer, max |a − b| on a log10 axis."""
+    rows = report.rows
+    label_w, bar_w, row_h, top, bottom = 300, 520, 18, 34, 28
+    height = top + max(len(rows), 1) * row_h + bottom
+    width = label_w + bar_w + 90
+    values = [r.max_abs_diff for r in rows if r.max_abs_diff > 0 and math.isfinite(r.max_abs_diff)]
+    values += [r.running_mean_abs_diff or 0 for r in rows] + [r.running_var_abs_diff or 0 for r in rows]
+    values = [v for v in values if v > 0 and math.isfinite(v)] + [report.atol]
+    lo = math.floor(math.log10(min(values))) - 1
+    hi = max(math.ceil(math.log10(max(values))), lo + 2)
+    lo = max(lo, hi - 16)
+
+    def x_of(v: float) -> float:
+        if not (v > 0):
+            return label_w
+        if not math.isfinite(v):
+            return label_w + bar_w
+        frac = (min(max(math.log10(v), lo), hi) - lo) / (hi - lo)
+        return label_w + frac * bar_w
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="per-layer divergence" '
+        'font-family="ui-monospace, Menlo, Consolas, monospace" font-size="11">'
+    ]
+    # decade grid and axis labels, top and bottom
+    for d in range(lo, hi + 1):
+        x = label_w + (d - lo) / (hi - lo) * bar_w
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{height - bottom + 4}" stroke="#e0e0e0"/>')
+        for y in (top - 10, height - bottom + 16):
+            parts.append(f'<text x="{x:.1f}" y="{y}" text-anchor="middle" fill="{_MUTED}">1e{d}</text>')
+    tol_x = x_of(report.atol)
+    parts.append(
+        f'<line x1="{tol_x:.1f}" y1="{top - 6}" x2="{tol_x:.1f}" y2="{height - bottom + 4}" '
+        f'stroke="{_BAD}" stroke-dasharray="4 3"><title>atol = {report.atol:g}</title></line>'
+    )
+    parts.append(
+        f'<text x="{tol_x + 3:.1f}" y="{top - 22}" fill="{_BAD}">atol {report.atol:g} '
+        f"(+ rtol {report.rtol:g}·|value|)</text>"
+    )
+    first = report.first_divergence
+    for i, r in enumerate(rows):
+        y = top + i * row_h
+        if i % 2:
+            parts.append(f'<rect x="0" y="{y}" width="{width}" height="{row_h}" fill="#fafafa"/>')
+        weight = ' font-weight="bold"' if r.kind == "bn" else ""
+        label = r.name if len(r.name) <= 30 else r.name[:29] + "…"
+        marker = "▶ " if r is first else ""
+        parts.append(
+            f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end"{weight}>'
+            f"{escape(marker + label)} <tspan fill='{_MUTED}'>{escape(r.kind)}</tspan></text>"
+        )
+        color = _BAD if r.diverges else _OK
+        x_end = x_of(r.max_abs_diff)
+        tip = (
+            f"{r.name_a} ({r.type_a}) / {r.name_b} ({r.type_b}), shape {tuple(r.shape)}: "
+            f"max abs diff {_fmt(r.max_abs_diff)}, max rel diff {_fmt(r.max_rel_diff)}"
+        )
+        if r.running_mean_abs_diff is not None:
+            tip += (
+                f"; after the step: running mean diff {_fmt(r.running_mean_abs_diff)}, "
+                f"running var diff {_fmt(r.running_var_abs_diff)}"
+            )
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 4}" width="{max(x_end - label_w, 1.5):.1f}" height="{row_h - 8}" '
+            f'fill="{color}"><title>{escape(tip)}</title></rect>'
+        )
+        parts.append(f'<text x="{max(x_end, label_w) + 4:.1f}" y="{y + 13}">{escape(_fmt(r.max_abs_diff))}</text>')
+        if r.running_var_abs_diff is not None:
+            stats = max(r.running_mean_abs_diff or 0, r.running_var_abs_diff or 0)
+            sx = x_of(stats)
+            stats_color = _STATS if r.running_stats_diverge else _OK
+            parts.append(
+                f'<path d="M{sx:.1f},{y + 3} l4,6 l-4,6 l-4,-6 z" fill="{stats_color}" stroke="white">'
+                f"<title>{escape(f'running statistics after the step: max abs diff {_fmt(stats)}')}</title>"
+                "</path>"
+            )
+    if not rows:
+        parts.append(f'<text x="{label_w}" y="{top + 13}" fill="{_MUTED}">no paired layers</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2em; color: #212121; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
+.verdict { display: inline-block; padding: .15em .6em; border-radius: .3em; color: white; font-weight: bold; }
+.agree { background: #2e7d32; } .disagree { background: #c62828; }
+code, .code { font-family: ui-monospace, Menlo, Consolas, monospace; }
+.cause { border-left: 4px solid #c62828; padding: .3em .8em; margin: .6em 0; background: #fff5f5; }
+.cause .code { font-weight: bold; color: #c62828; }
+.evidence { color: #616161; font-size: .9em; }
+table { border-collapse: collapse; font-size: .9em; }
+th, td { border-bottom: 1px solid #e0e0e0; padding: .25em .6em; text-align: left; }
+td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospace; }
+tr.bad td { color: #c62828; } tr.bn td:first-child { font-weight: bold; }
+.chart { overflow-x: auto; }
+.legend { color: #616161; font-size: .9em; }
+"""
+
+
+def html_page(report) -> str:
+    """The whole HTML document for ``report`` as a string."""
+    verdict = "agree" if report.agree else "disagree"
+    first = report.first_divergence
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>bnkit compare: {escape(report.name_a)} vs {escape(report.name_b)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>bnkit compare: <code>{escape(report.name_a)}</code> ({escape(report.framework_a)}) vs "
+        f"<code>{escape(report.name_b)}</code> ({escape(report.framework_b)}) "
+        f'<span class="verdict {verdict}">{verdict}</span></h1>',
+        f"<p>Input {escape(str(tuple(report.input_shape)))} in model A's layout; "
+        f"{'one training step' if report.training else 'inference'}; a layer diverges where "
+        f"|a − b| &gt; {report.atol:g} + {report.rtol:g}·max(|a|, |b|). "
+        f"Final outputs: max abs diff {_fmt(report.output_max_abs_diff)}, "
+        f"max rel diff {_fmt(report.output_max_rel_diff)}.",
+    ]
+    if first is not None:
+        out.append(f" First divergence: <b>{escape(first.name)}</b> ({escape(first.type_a)} / {escape(first.type_b)}).")
+    out.append("</p>")
+    out.append("<h2>Causes</h2>")
+    if not report.causes:
+        out.append("<p>None: the models agree.</p>" if report.agree else "<p>None found.</p>")
+    for c in report.causes:
+        out.append(
+            f'<div class="cause"><span class="code">{escape(c.code)}</span> — {escape(c.explanation)}'
+            f'<div class="evidence">layers: {escape(", ".join(c.layers))}'
+            f"{'; ' + escape(c.evidence) if c.evidence else ''}</div></div>"
+        )
+    out.append("<h2>Divergence per layer</h2>")
+    out.append(
+        '<p class="legend">Bars: maximum absolute difference of the paired layers\' outputs (log scale; '
+        "red beyond tolerance, ▶ the first divergence, bold rows are batch norms). Diamonds: running "
+        "statistics after the training step. Hover for exact figures.</p>"
+    )
+    out.append(f'<div class="chart">{divergence_svg(report)}</div>')
+    out.append("<h2>Layers</h2><table><thead><tr>")
+    for h in (
+        "#",
+        "layer A",
+        "layer B",
+        "type A",
+        "type B",
+        "shape",
+        "max abs diff",
+        "max rel diff",
+        "stats diff",
+    ):
+        out.append(f"<th>{h}</th>")
+    out.append("</tr></thead><tbody>")
+    for r in report.rows:
+        classes = " ".join(c for c in ("bad" if r.differs else "", "bn" if r.kind == "bn" else "") if c)
+        stats = (
+            "–"
+            if r.running_mean_abs_diff is None
+            else f"{_fmt(r.running_mean_abs_diff)} / {_fmt(r.running_var_abs_diff)}"
+        )
+        out.append(
+            f'<tr class="{classes}"><td class="num">{r.index}</td><td>{escape(r.name_a)}</td>'
+            f"<td>{escape(r.name_b)}</td><td>{escape(r.type_a)}</td><td>{escape(r.type_b)}</td>"
+            f"<td>{escape(str(tuple(r.shape)))}</td><td class='num'>{_fmt(r.max_abs_diff)}</td>"
+            f"<td class='num'>{_fmt(r.max_rel_diff)}</td><td class='num'>{stats}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    if report.batch_norms:
+        out.append("<h2>Batch norm settings</h2><table><thead><tr>")
+        for h in ("layer", "side", "eps", "momentum", "new-batch weight", "running var", "mode", "trainable"):
+            out.append(f"<th>{h}</th>")
+        out.append("</tr></thead><tbody>")
+        for p in report.batch_norms:
+            for label, s, name in (("A", p.a, p.row.name_a), ("B", p.b, p.row.name_b)):
+                mode = "batch statistics" if s.uses_batch_stats else "running statistics"
+                weight = "1/count" if s.new_weight is None else f"{s.new_weight:g}"
+                momentum = "None" if s.momentum is None else f"{s.momentum:g}"
+                out.append(
+                    f"<tr><td>{escape(name)}</td><td>{label} ({escape(s.framework)})</td>"
+                    f"<td class='num'>{s.eps:g}</td><td class='num'>{momentum}</td>"
+                    f"<td class='num'>{weight}</td><td>{escape(s.running_var_estimator)}"
+                    f"{'' if s.tracks_running_stats else ' (none kept)'}</td><td>{mode}</td>"
+                    f"<td>{s.trainable}</td></tr>"
+                )
+        out.append("</tbody></table>")
+    if report.unmatched_a or report.unmatched_b:
+        out.append("<h2>Layers without a counterpart</h2><ul>")
+        if report.unmatched_a:
+            out.append(f"<li>model A: {escape(', '.join(report.unmatched_a))}</li>")
+        if report.unmatched_b:
+            out.append(f"<li>model B: {escape(', '.join(report.unmatched_b))}</li>")
+        out.append("</ul>")
+    out.append("</body></html>\n")
+    return "".join(out)
+
+
+def write_html(report, path, *, force: bool = False) -> str:
+    """Write :func:`html_page` to ``path`` atomically; refuse to replace a file unless ``force``."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; give a file name such as {target / 'report.html'}")
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: the folder {folder} does not exist")
+    text = html_page(report)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(target)
+
+
+def render_rich(report, console=None) -> None:
+    """Print the per-layer table, the final outputs and the causes with ``rich``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(
+        title=f"{report.name_a} ({report.framework_a}) vs {report.name_b} ({report.framework_b}) — "
+        f"{'one training step' if report.training else 'inference'}",
+        title_justify="left",
+    )
+    same_names = all(r.name_a == r.name_b for r in report.rows)
+    table.add_column("#", justify="right", style="dim")
+    if same_names:
+        table.add_column("layer")
+    else:
+        table.add_column("layer A")
+        table.add_column("layer B")
+    table.add_column("type A / type B", overflow="fold")
+    table.add_column("shape", no_wrap=True)
+    table.add_column("max abs diff", justify="right", no_wrap=True)
+    table.add_column("max rel diff", justify="right", no_wrap=True)
+    if report.training:
+        table.add_column("stats diff", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    first = report.first_divergence
+    for r in report.rows:
+        status = "[red]✗ first[/]" if r is first else ("[red]✗[/]" if r.differs else "[green]✓[/]")
+        types = r.type_a if r.type_a == r.type_b else f"{r.type_a} / {r.type_b}"
+        cells = [str(r.index), r.name_a] if same_names else [str(r.index), r.name_a, r.name_b]
+        cells += [types, "×".join(map(str, r.shape)), _fmt(r.max_abs_diff), _fmt(r.max_rel_diff)]
+        if report.training:
+            stats = None if r.running_mean_abs_diff is None else max(r.running_mean_abs_diff, r.running_var_abs_diff)
+            cells.append("" if stats is None else _fmt(stats))
+        cells.append(status)
+        table.add_row(*cells, style="bold" if r.kind == "bn" else None)
+    console.print(table)
+    console.print(
+        f"outputs: max abs diff {_fmt(report.output_max_abs_diff)}, max rel diff "
+        f"{_fmt(report.output_max_rel_diff)} (tolerance atol {report.atol:g}, rtol {report.rtol:g})"
+    )
+    if report.unmatched_a or report.unmatched_b:
+        console.print(f"[dim]without a counterpart: A {report.unmatched_a or '–'}, B {report.unmatched_b or '–'}[/]")
+    if report.agree:
+        console.print("[bold green]The models agree.[/]")
+        return
+    console.print("[bold red]The models disagree.[/]" + (f" First divergence: {first.name}." if first else ""))
+    for c in report.causes:
+        console.print(f"  [bold red]{c.code}[/] {c.explanation}", highlight=False)
