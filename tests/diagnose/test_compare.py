@@ -482,3 +482,13 @@ def test_html_chart_has_one_row_per_layer_for_dozens_of_batch_norms(tmp_path):
     assert svg.count('font-weight="bold"') == 24  # every batch norm labelled, in bold
     assert svg.count("<rect") >= len(report.rows) == 72  # conv, bn, relu: one bar each
     assert "▶ 61" in svg  # the first divergence is marked
+
+
+def test_causes_read_as_their_codes():
+    from bnkit.diagnose.compare import Cause
+
+    causes = [Cause("eps", "eps differs", ["bn"]), Cause("training-mode", "one side trains")]
+    assert "eps" in causes and "layout" not in causes
+    assert causes == ["eps", "training-mode"] and set(causes) == {"eps", "training-mode"}
+    assert sorted(causes, reverse=True) == ["training-mode", "eps"]
+    assert str(causes[0]) == "eps" and causes[0] != Cause("eps", "another explanation")

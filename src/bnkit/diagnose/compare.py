@@ -142,14 +142,34 @@ class LayerDiff:
         }
 
 
-@dataclass
+@dataclass(eq=False)
 class Cause:
-    """One reason for the disagreement: a stable ``code``, an explanation and the layers."""
+    """One reason for the disagreement: a stable ``code``, an explanation and the layers.
+
+    A cause equals (and hashes as) its code, so ``"eps" in report.causes`` and
+    ``set(report.causes) == {"eps"}`` read as the list of codes they stand for.
+    """
 
     code: str
     explanation: str
     layers: list[str] = field(default_factory=list)
     evidence: str = ""
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, str):
+            return self.code == other
+        if isinstance(other, Cause):
+            return self.to_dict() == other.to_dict()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.code)
+
+    def __lt__(self, other) -> bool:
+        return self.code < (other.code if isinstance(other, Cause) else other)
+
+    def __str__(self) -> str:
+        return self.code
 
     def to_dict(self) -> dict:
         return {
