@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 __all__ = ["ModelFileError", "load_model", "save_model", "framework_of", "atomic_path", "check_writable"]
@@ -154,7 +155,9 @@ def _load_torch_export(path: Path):
 
     extra = {_BNKIT_META: ""}
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        with warnings.catch_warnings():  # torch.export's pytree pickling warns about itself
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
         raise ModelFileError(f"{path}: not a readable torch.export program ({_one_line(e)})") from e
     meta = json.loads(extra[_BNKIT_META]) if extra[_BNKIT_META] else {}

@@ -10,6 +10,8 @@ keep their convention through the metadata :func:`layer_metadata` stores beside 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import fx, nn
 
@@ -160,7 +162,10 @@ def _class_for(type_name: str):
 def rebuild_exported(program, bnkit_layers: dict | None = None) -> fx.GraphModule:
     """An ``fx.GraphModule`` over the program's module hierarchy with known layers rebuilt."""
     bnkit_layers = bnkit_layers or {}
-    unflat = torch.export.unflatten(program)
+    with warnings.catch_warnings():
+        # torch.export's own pytree code trips its own deprecation; nothing the user can act on
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        unflat = torch.export.unflatten(program)
     types = _original_types(program)
     for path, type_name in types.items():
         kind, cls = _class_for(type_name)

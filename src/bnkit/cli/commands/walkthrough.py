@@ -1,0 +1,71 @@
+"""``bnkit walkthrough``: the seed network ported from Keras to PyTorch, what breaks, why, and the fix."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "walkthrough"
+HELP = (
+    "Walk through the bundled seed network: both summaries, a hand port that disagrees with Keras, "
+    "the causes bnkit finds, and the fix (a conversion that agrees)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep the files it writes (seed.keras, seed.pt2) in DIR (default: a temporary folder, removed)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace existing files in --out")
+    parser.add_argument("--batch", type=int, default=8, metavar="N", help="batch size of the random input (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.rule import Rule
+
+    from bnkit.cli import CLIError
+    from bnkit.io import check_writable
+    from bnkit.summarize import render
+    from bnkit.walkthrough import run_walkthrough
+
+    if args.batch < 2:
+        raise CLIError(f"--batch must be at least 2 (batch statistics need 2 values per channel), got {args.batch}")
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="bnkit-walkthrough-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        if args.out:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("seed.keras", "seed.pt2"):
+                check_writable(out / name, args.force)
+                if args.force:
+                    (out / name).unlink(missing_ok=True)
+        with console.status("Building the seed network and running the comparisons…"):
+            steps = run_walkthrough(out, batch=args.batch, seed=args.seed)
+        for step in steps:
+            console.print(Rule(f"[bold]{step.title}"))
+            console.print(step.text)
+            if step.code:
+                console.print(f"[dim]$[/dim] [cyan]{step.code}[/cyan]")
+            if step.summary is not None:
+                render(step.summary, console)
+            if step.report is not None:
+                step.report.render(console)
+            if step.files and args.out:
+                console.print("wrote " + ", ".join(step.files))
+        final = steps[-1].report
+        verdict = "[green]agree[/green]" if final is not None and final.agree else "[red]still disagree[/red]"
+        console.print(
+            Panel(
+                f"After bnkit.convert the Keras model and the PyTorch model {verdict}. "
+                "Try it on your own files: bnkit summary, bnkit compare, bnkit convert, bnkit lint.",
+                title="Done",
+            )
+        )
+    return 0 if final is not None and final.agree else 1
