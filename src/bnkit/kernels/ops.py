@@ -20,8 +20,12 @@ __all__ = ["batch_norm_triton", "SUPPORTED_DTYPES", "ACTIVATIONS"]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "relu")
 
-_TILE = 4096  # elements per elementwise program: 16 KiB of float32 in flight per program
-_REDUCE_TILE = 2048  # elements per reduction tile
+# Tile sizes (elements). Module-level so that tests can shrink them to exercise, on tiny
+# tensors, the multi-tile, multi-split and ragged-edge paths that large tensors take.
+_TILE = 4096  # per elementwise program: 16 KiB of float32 in flight
+_REDUCE_TILE = 2048  # per reduction tile (one mean/M2 summary, then a Chan merge)
+_RUN_CAP = 1024  # longest contiguous run a tile covers
+_FINALIZE_TILE = 4096  # partials per finalize step
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,10 @@ def _pow2_at_most(value: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(int(value), 1)), cap)
 
 
-def _run_block(length: int, cap: int = 1024, floor: int = 32) -> int:
+def _run_block(length: int, cap: int | None = None) -> int:
     """A power-of-two block for runs of ``length`` values, wasting at most ~10% of lanes."""
+    cap = min(cap or _RUN_CAP, _RUN_CAP)
+    floor = min(32, cap)
     if length <= cap:
         return max(_pow2_at_most(length, cap), 1)
     best, best_use = cap, 0.0
@@ -104,7 +110,7 @@ def _reduction_plan(layout: _Layout, device: torch.device) -> tuple[tuple[int, i
     """(grid, items per split, block sizes) of the per-channel reduction kernels."""
     target = _target_programs(device)
     if layout.channels_last:
-        block_c = _pow2_at_most(layout.C, 64)
+        block_c = _pow2_at_most(layout.C, min(64, _RUN_CAP))
         M = layout.N * layout.S
         block_m = max(1, min(_REDUCE_TILE // block_c, _pow2_at_most(M, 1 << 30)))
         col_blocks = triton.cdiv(layout.C, block_c)
@@ -121,8 +127,8 @@ def _reduction_plan(layout: _Layout, device: torch.device) -> tuple[tuple[int, i
 
 
 def _finalize_blocks(P: int, C: int) -> dict:
-    block_c = _pow2_at_most(C, 128)
-    block_p = max(1, min(_pow2_at_most(P, 64), 4096 // block_c))
+    block_c = _pow2_at_most(C, min(128, _RUN_CAP))
+    block_p = max(1, min(_pow2_at_most(P, 64), _FINALIZE_TILE // block_c))
     return {"BLOCK_P": block_p, "BLOCK_C": block_c}
 
 
@@ -187,9 +193,13 @@ def _grad_sums(x, dy, y, layout, mean, invstd, weight, bias, relu, mask_from_out
         parts[0], parts[1],
     )  # fmt: skip
     if layout.channels_last:
-        K._grad_sums_rows_kernel[grid](*args, layout.N * layout.S, C, per_split, **flags, **blocks, num_warps=8)
+        K._grad_sums_rows_kernel[grid](
+            *args, layout.N * layout.S, C, per_split, **flags, **blocks, num_warps=8
+        )
     else:
-        K._grad_sums_nchw_kernel[grid](*args, layout.N, C, layout.S, per_split, **flags, **blocks, num_warps=8)
+        K._grad_sums_nchw_kernel[grid](
+            *args, layout.N, C, layout.S, per_split, **flags, **blocks, num_warps=8
+        )
     dbeta = torch.empty(C, device=x.device, dtype=torch.float32)
     dgamma = torch.empty_like(dbeta)
     fin = _finalize_blocks(P, C)
@@ -210,7 +220,9 @@ class _TritonBatchNorm(torch.autograd.Function):
             residual = _like(residual, x)
         relu = activation == "relu"
         if use_batch_stats:
-            mean, invstd = _batch_stats(x, layout, running_mean, running_var, eps, old_weight, new_weight, var_factor)
+            mean, invstd = _batch_stats(
+                x, layout, running_mean, running_var, eps, old_weight, new_weight, var_factor
+            )
             y = _normalize(x, layout, residual, mean, invstd, False, weight, bias, eps, relu)
         else:
             y = _normalize(x, layout, residual, running_mean, running_var, True, weight, bias, eps, relu)
@@ -240,7 +252,9 @@ class _TritonBatchNorm(torch.autograd.Function):
             return (None, None, None, dy) + (None,) * 8
         dbeta = dgamma = None
         if ctx.use_batch_stats and need_dx or need_dw or need_db:
-            dbeta, dgamma = _grad_sums(x, dy, y, layout, mean, invstd, weight, bias, ctx.relu, ctx.mask_from_output)
+            dbeta, dgamma = _grad_sums(
+                x, dy, y, layout, mean, invstd, weight, bias, ctx.relu, ctx.mask_from_output
+            )
         dx = torch.empty_like(x) if need_dx else None
         dres = torch.empty_like(x) if (need_dres and ctx.relu) else None
         if dx is not None or dres is not None:
@@ -303,10 +317,20 @@ def batch_norm_triton(
         raise ValueError(
             f"residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
         )
+    if residual is not None and (residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(
+            f"residual must have the input's dtype and device ({x.dtype}, {x.device}), "
+            f"got ({residual.dtype}, {residual.device})"
+        )
     if not use_batch_stats and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when use_batch_stats=False")
     C = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None and (t.shape != (C,) or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous vector of {C} values, got shape {tuple(t.shape)}")
     return _TritonBatchNorm.apply(

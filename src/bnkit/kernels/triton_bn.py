@@ -201,7 +201,16 @@ def _normalize_kernel(
         shift = shift[None, :]
     else:
         mean, invstd, scale, shift = _channel_params(
-            rows % C, row_mask, mean_ptr, stat_ptr, weight_ptr, bias_ptr, eps, STAT_IS_VAR, HAS_WEIGHT, HAS_BIAS
+            rows % C,
+            row_mask,
+            mean_ptr,
+            stat_ptr,
+            weight_ptr,
+            bias_ptr,
+            eps,
+            STAT_IS_VAR,
+            HAS_WEIGHT,
+            HAS_BIAS,
         )
         mean = mean[:, None]
         scale = scale[:, None]
