@@ -56,7 +56,7 @@ def tiles(request, monkeypatch):
     """Default tiles, or tiles so small that tiny tensors take the multi-tile, multi-split
     and ragged-edge paths (Chan merges across tiles, splits and finalize blocks)."""
     if request.param == "tiny_tiles":
-        monkeypatch.setattr(ops, "_TILE", 8)
+        monkeypatch.setattr(ops, "_TILE", 16)
         monkeypatch.setattr(ops, "_REDUCE_TILE", 8)
         monkeypatch.setattr(ops, "_RUN_CAP", 4)
         monkeypatch.setattr(ops, "_FINALIZE_TILE", 8)

@@ -26,6 +26,8 @@ _TILE = 4096  # per elementwise program: 16 KiB of float32 in flight
 _REDUCE_TILE = 2048  # per reduction tile (one mean/M2 summary, then a Chan merge)
 _RUN_CAP = 1024  # longest contiguous run a tile covers
 _FINALIZE_TILE = 4096  # partials per finalize step
+# explicit, as Triton 3.9 asks (its default changes in 3.10): fused multiply-adds, one rounding
+_OPTIONS = {"enable_fp_fusion": True}
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,30 @@ def _batch_stats(x, layout, running_mean, running_var, eps, old_weight, new_weig
     part_mean, part_m2, part_count = parts[0], parts[1], parts[2]
     if layout.channels_last:
         K._stats_rows_kernel[grid](
-            x, part_mean, part_m2, part_count, layout.N * layout.S, C, per_split, **blocks, num_warps=8
+            x,
+            part_mean,
+            part_m2,
+            part_count,
+            layout.N * layout.S,
+            C,
+            per_split,
+            **blocks,
+            num_warps=8,
+            **_OPTIONS,
         )
     else:
         K._stats_nchw_kernel[grid](
-            x, part_mean, part_m2, part_count, layout.N, C, layout.S, per_split, **blocks, num_warps=8
+            x,
+            part_mean,
+            part_m2,
+            part_count,
+            layout.N,
+            C,
+            layout.S,
+            per_split,
+            **blocks,
+            num_warps=8,
+            **_OPTIONS,
         )
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
@@ -155,7 +176,7 @@ def _batch_stats(x, layout, running_mean, running_var, eps, old_weight, new_weig
         part_mean, part_m2, part_count, mean, invstd,
         running_mean if update else mean, running_var if update else invstd,
         P, C, float(eps), float(old_weight), float(new_weight), float(var_factor),
-        UPDATE_RUNNING=update, **fin, num_warps=4,
+        UPDATE_RUNNING=update, **fin, num_warps=4, **_OPTIONS,
     )  # fmt: skip
     return mean, invstd
 
@@ -170,7 +191,7 @@ def _normalize(x, layout, residual, mean, stat, stat_is_var, weight, bias, eps, 
         CHANNEL_IS_COL=layout.channels_last, STAT_IS_VAR=stat_is_var,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4,
+        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4, **_OPTIONS,
     )  # fmt: skip
     return y
 
@@ -194,16 +215,18 @@ def _grad_sums(x, dy, y, layout, mean, invstd, weight, bias, relu, mask_from_out
     )  # fmt: skip
     if layout.channels_last:
         K._grad_sums_rows_kernel[grid](
-            *args, layout.N * layout.S, C, per_split, **flags, **blocks, num_warps=8
+            *args, layout.N * layout.S, C, per_split, **flags, **blocks, num_warps=8, **_OPTIONS
         )
     else:
         K._grad_sums_nchw_kernel[grid](
-            *args, layout.N, C, layout.S, per_split, **flags, **blocks, num_warps=8
+            *args, layout.N, C, layout.S, per_split, **flags, **blocks, num_warps=8, **_OPTIONS
         )
     dbeta = torch.empty(C, device=x.device, dtype=torch.float32)
     dgamma = torch.empty_like(dbeta)
     fin = _finalize_blocks(P, C)
-    K._finalize_grad_kernel[(triton.cdiv(C, fin["BLOCK_C"]),)](parts[0], parts[1], dbeta, dgamma, P, C, **fin)
+    K._finalize_grad_kernel[(triton.cdiv(C, fin["BLOCK_C"]),)](
+        parts[0], parts[1], dbeta, dgamma, P, C, **fin, num_warps=4, **_OPTIONS
+    )
     return dbeta, dgamma
 
 
@@ -270,7 +293,7 @@ class _TritonBatchNorm(torch.autograd.Function):
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 RELU=ctx.relu, MASK_FROM_OUTPUT=ctx.mask_from_output,
                 WRITE_DX=dx is not None, WRITE_DRESIDUAL=dres is not None,
-                BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4,
+                BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4, **_OPTIONS,
             )  # fmt: skip
         if need_dres and dres is None:
             dres = dy  # no activation: d residual is the incoming gradient itself

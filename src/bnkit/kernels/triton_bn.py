@@ -169,7 +169,7 @@ def _channel_params(
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
-    shift = tl.zeros_like(mean)
+    shift = mean * 0.0  # zeros of mean's shape, a scalar or a vector
     if HAS_BIAS:
         shift = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
     return mean, invstd, scale, shift
@@ -257,7 +257,7 @@ def _grad_sums_nchw_kernel(
     c = tl.program_id(0)
     split = tl.program_id(1)
     mean, invstd, scale, shift = _channel_params(
-        c, True, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, 0.0, False, HAS_WEIGHT, HAS_BIAS
+        c, c < C, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, 0.0, False, HAS_WEIGHT, HAS_BIAS
     )
     n_lo = split * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
