@@ -48,6 +48,7 @@ SHAPES = {
     "channels_last": ((3, 4, 5, 5), torch.channels_last),
     "2d": ((6, 5), None),
     "3d": ((2, 3, 7), None),
+    "5d_channels_last": ((2, 3, 2, 3, 2), torch.channels_last_3d),
 }
 
 
@@ -67,7 +68,7 @@ def make_input(shape, memory_format=None, dtype=torch.float32, offset=3.0, seed=
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 2.0 + offset
     x = x.to(dtype)
-    if memory_format is not None and x.dim() == 4:
+    if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
     return x
 
