@@ -249,13 +249,11 @@ class _TritonBatchNorm(torch.autograd.Function):
             y = _normalize(x, layout, residual, mean, invstd, False, weight, bias, eps, relu)
         else:
             y = _normalize(x, layout, residual, running_mean, running_var, True, weight, bias, eps, relu)
-            if any(ctx.needs_input_grad[:3]):
-                # statistics are constants in inference; keep the float32 values used
-                mean = running_mean.detach().float().clone()
-                invstd = running_var.detach().float().add(eps).sqrt().reciprocal()
-            else:
-                mean = invstd = None
+            # saved as they are (no work in the forward pass): the backward pass derives
+            # invstd from them, and autograd refuses if they were modified in between
+            mean, invstd = running_mean, running_var
         mask_from_output = relu and residual is not None
+        ctx.eps = eps
         ctx.layout = layout
         ctx.use_batch_stats = use_batch_stats
         ctx.relu = relu
@@ -268,6 +266,8 @@ class _TritonBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         x, weight, bias, mean, invstd, y = ctx.saved_tensors
+        if not ctx.use_batch_stats:  # saved: the running mean and variance
+            mean, invstd = mean.float(), invstd.float().add(ctx.eps).sqrt().reciprocal()
         layout = ctx.layout
         dy = _like(grad_output, x)
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
