@@ -55,7 +55,7 @@ SHAPES = {
 @pytest.fixture(params=["default_tiles", "tiny_tiles"])
 def tiles(request, monkeypatch):
     """Default tiles, or tiles so small that tiny tensors take the multi-tile, multi-split
-    and ragged-edge paths (Chan merges across tiles, splits and finalize blocks)."""
+    and ragged-edge paths (Chan merges across lanes, splits and finalize blocks)."""
     if request.param == "tiny_tiles":
         monkeypatch.setattr(ops, "_TILE", 16)
         monkeypatch.setattr(ops, "_REDUCE_TILE", 8)
@@ -120,8 +120,8 @@ def test_training_forward_and_running_stats_match_reference_and_torch(case, tile
 
 def test_statistics_are_accurate_for_a_large_mean():
     """mean 1000, std 0.01: E[x^2] - E[x]^2 in float32 would lose every digit of the variance
-    (x^2 ~ 1e6 carries an absolute rounding of ~0.06 >> var = 1e-4). Merged tile summaries
-    keep it to float32 accuracy."""
+    (x^2 ~ 1e6 carries an absolute rounding of ~0.06 >> var = 1e-4). Welford summaries
+    merged with Chan's update keep it to float32 accuracy."""
     g = torch.Generator().manual_seed(3)
     x = (1000.0 + 0.01 * torch.randn(8, 2, 6, 6, generator=g, dtype=torch.float64)).float()
     rm, rv = torch.zeros(2), torch.zeros(2)

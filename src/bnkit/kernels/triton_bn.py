@@ -9,8 +9,9 @@ Two storage layouts are handled, both addressed from the tensor's base pointer:
 
 Training forward (input read twice)::
 
-    pass 1  per (channel block, split):  tile mean and M2 (two-pass inside the tile, in
-            float32), merged tile by tile with Chan et al.'s update -> partials
+    pass 1  per (channel block, split): every lane of the tile keeps a Welford (mean, M2,
+            count) in float32 over the values it visits; the lanes are merged with Chan
+            et al.'s pairwise update -> partials
     pass 2  per channel: Chan-merge the partials -> mean, biased var, invstd; update the
             running statistics: run = old*run + new*batch (var scaled by var_factor)
     pass 3  y = act((x - mean) * invstd * gamma + beta [+ residual])
@@ -47,34 +48,45 @@ def _chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 
 
 @triton.jit
+def _welford_update(mean, m2, count, x, mask):
+    """Add one value per lane (where ``mask``) to per-lane running (mean, M2, count)."""
+    count += tl.where(mask, 1.0, 0.0)
+    delta = x - mean
+    mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+    m2 += tl.where(mask, delta * (x - mean), 0.0)
+    return mean, m2, count
+
+
+@triton.jit
 def _stats_nchw_kernel(
     x_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr,
     N, C, S, n_per_split,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Partial (mean, M2, count) of channel ``program_id(0)`` over a range of samples."""
+    """Partial (mean, M2, count) of channel ``program_id(0)`` over a range of samples.
+
+    Each lane of the [BLOCK_N, BLOCK_S] tile keeps its own Welford summary while the tile
+    walks the range (no cross-lane work in the loop); the lanes are Chan-merged at the end.
+    """
     c = tl.program_id(0)
     split = tl.program_id(1)
     n_lo = split * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
     offs_n = tl.arange(0, BLOCK_N)[:, None]
     offs_s = tl.arange(0, BLOCK_S)[None, :]
-    mean = 0.0
-    m2 = 0.0
-    count = 0.0
+    mean = tl.zeros([BLOCK_N, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_N, BLOCK_S], dtype=tl.float32)
+    count = tl.zeros([BLOCK_N, BLOCK_S], dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + offs_n
         base = (n.to(tl.int64) * C + c) * S
-        rows_in_tile = tl.minimum(n_hi - n0, BLOCK_N)
         for s0 in range(0, S, BLOCK_S):
             s = s0 + offs_s
             mask = (n < n_hi) & (s < S)
             x = tl.load(x_ptr + base + s, mask=mask, other=0.0).to(tl.float32)
-            tile_count = (rows_in_tile * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
-            tile_mean = tl.sum(tl.sum(x, 1), 0) / tile_count
-            dev = tl.where(mask, x - tile_mean, 0.0)
-            tile_m2 = tl.sum(tl.sum(dev * dev, 1), 0)
-            mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tile_m2, tile_count)
+            mean, m2, count = _welford_update(mean, m2, count, x, mask)
+    mean, m2, count = tl.reduce((mean, m2, count), 1, _chan_merge)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _chan_merge)
     out = split * C + c
     tl.store(part_mean_ptr + out, mean)
     tl.store(part_m2_ptr + out, m2)
@@ -87,29 +99,27 @@ def _stats_rows_kernel(
     M, C, rows_per_split,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Partial (mean, M2, count) of a block of channels over a range of rows."""
+    """Partial (mean, M2, count) of a block of channels over a range of rows (per-lane
+    Welford summaries, Chan-merged across the tile's rows at the end)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
     m_lo = split * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    count = 0.0
+    mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         mask = (rows < m_hi)[:, None] & col_mask[None, :]
         ptrs = x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tile_count = tl.minimum(m_hi - m0, BLOCK_M).to(tl.float32)
-        tile_mean = tl.sum(x, 0) / tile_count
-        dev = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(dev * dev, 0)
-        mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tile_m2, tile_count)
+        mean, m2, count = _welford_update(mean, m2, count, x, mask)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _chan_merge)
     out = split * C + cols
     tl.store(part_mean_ptr + out, mean, mask=col_mask)
     tl.store(part_m2_ptr + out, m2, mask=col_mask)
-    tl.store(part_count_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + count, mask=col_mask)
+    tl.store(part_count_ptr + out, count, mask=col_mask)
 
 
 @triton.jit
