@@ -8,6 +8,7 @@ how the test suite checks the kernels without a GPU.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,7 @@ def _run_block(length: int, cap: int | None = None) -> int:
     return best
 
 
+@functools.cache
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
