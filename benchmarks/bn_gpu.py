@@ -227,8 +227,9 @@ def measure_case(torch, F, bt, time_ms, args, n, c, hw, dtype_name, layout) -> l
         torch._dynamo.reset()  # a fresh cache: no fallback to eager after the recompile limit
         return torch.compile(module, dynamic=False)
 
-    def timed(step_of) -> float | None:
-        return None if step_of is None else time_ms(step_of)
+    def timed(module, make_step) -> float | None:
+        # "module is None", not "not module": a compiled Sequential would be asked its len()
+        return None if module is None else time_ms(make_step(module))
 
     rows = []
     # training forward + backward
@@ -240,7 +241,7 @@ def measure_case(torch, F, bt, time_ms, args, n, c, hw, dtype_name, layout) -> l
             "train", n, c, hw, dtype_name, layout,
             time_ms(training_step(torch, ours, x, dy, (ours.weight, ours.bias))),
             time_ms(training_step(torch, theirs, x, dy, (theirs.weight, theirs.bias))),
-            timed(reference and training_step(torch, reference, x, dy, (theirs.weight, theirs.bias))),
+            timed(reference, lambda m: training_step(torch, m, x, dy, (theirs.weight, theirs.bias))),
             None, TENSOR_PASSES["train"] * nbytes, matches,
         )
     )  # fmt: skip
@@ -253,7 +254,7 @@ def measure_case(torch, F, bt, time_ms, args, n, c, hw, dtype_name, layout) -> l
             Row(
                 "infer", n, c, hw, dtype_name, layout,
                 time_ms(lambda: ours(x)), time_ms(lambda: theirs(x)),
-                timed(reference and (lambda: reference(x))),
+                timed(reference, lambda m: lambda: m(x)),
                 None, TENSOR_PASSES["infer"] * nbytes, matches,
             )
         )  # fmt: skip
@@ -269,7 +270,7 @@ def measure_case(torch, F, bt, time_ms, args, n, c, hw, dtype_name, layout) -> l
             "bn_relu", n, c, hw, dtype_name, layout,
             time_ms(training_step(torch, fused, x, dy, (fused.weight, fused.bias))),
             time_ms(training_step(torch, theirs_relu, x, dy, (theirs.weight, theirs.bias))),
-            timed(reference and training_step(torch, reference, x, dy, (theirs.weight, theirs.bias))),
+            timed(reference, lambda m: training_step(torch, m, x, dy, (theirs.weight, theirs.bias))),
             time_ms(training_step(torch, ours_relu, x, dy, (ours.weight, ours.bias))),
             TENSOR_PASSES["bn_relu"] * nbytes, matches,
         )
