@@ -21,7 +21,8 @@ forward pass:
 
 ``momentum`` is stored and read in the layer's convention. Both conventions run PyTorch's
 fused native kernel; the Keras convention asks it for the batch statistics (through scratch
-buffers and momentum 1) and applies its own per-channel running update.
+buffers and momentum 1) and applies its own per-channel running update. On CUDA tensors both
+run bnkit's fused Triton kernels instead (:mod:`bnkit.kernels`; ``BNKIT_TRITON=0`` turns them off).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnkit import kernels
 from bnkit.checks import check_bn_input
 from bnkit.conventions import Convention, get_convention
 
@@ -101,6 +103,8 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         return f"{type(self).__name__}({self.num_features}, convention={self.convention.name!r})"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(input):  # CUDA: the fused Triton kernels (bnkit.kernels)
+            return kernels.batch_norm(self, input)
         if self._native_update:
             return super().forward(input)  # torch.nn's forward calls _check_input_dim first
         self._check_input_dim(input)
