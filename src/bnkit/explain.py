@@ -341,6 +341,8 @@ def _why(quantity: str, given: LayerSettings, other: LayerSettings, n: int, resi
                 reasons.append(f"with that factor undone the difference is {residual:.2g}")
         elif quantity == "running variance":
             reasons.append("both store the same (" + given.running_var_estimator + ") batch variance")
+        if same_weights and (quantity == "running mean" or same_estimator):
+            reasons.append("equal up to float32 rounding")
         return "; ".join(reasons) + "."
     # inference output
     if not (given.track_running_stats and other.track_running_stats):
