@@ -11,8 +11,11 @@ Contenders, all in training mode on the same float32 input, each timed for one f
 
 Shapes are the batch-norm layers of ResNet-50 (C@HxW) with the batch size of ``--batch``. In
 each repeat the contenders run one after the other in a rotated order, so that a slow spell of
-a shared machine hits them all; the table shows medians and the ratios the goals are stated in:
-bnkit-torch / torch.nn <= 1.05, bnkit-keras / torch.nn <= 1.15, keras / bnkit-keras >= 2.
+a shared machine hits them all. The table shows each contender's median time, and the ratios
+the goals are stated in: bnkit-torch / torch.nn <= 1.05, bnkit-keras / torch.nn <= 1.15,
+keras / bnkit-keras >= 2. A ratio is the median over repeats of the ratio within a repeat (the
+two runs were moments apart), which cancels most of the drift of a busy machine; ``--best``
+uses minimum times and their ratios instead.
 Before timing, every shape checks that the results agree: bnkit-torch with torch.nn to float32
 rounding, bnkit-keras with Keras within 1e-4 (Keras' E[x^2] - E[x]^2 moments round differently).
 
@@ -148,18 +151,23 @@ def time_shape(channels: int, size: int, args) -> dict[str, float]:
             elapsed = time.perf_counter() - start
             if r >= args.warmup:
                 times[name].append(elapsed)
-    pick = min if args.best else statistics.median
-    medians = {name: pick(t) for name, t in times.items()}
-    medians["_problems"] = problems
-    return medians
+    return times, problems
 
 
-def ratios(m: dict) -> dict[str, float]:
-    return {
-        "bnkit-torch / torch.nn": m["bnkit-torch"] / m["torch.nn"],
-        "bnkit-keras / torch.nn": m["bnkit-keras"] / m["torch.nn"],
-        "keras / bnkit-keras": m["keras"] / m["bnkit-keras"],
-    }
+RATIOS = {"bnkit-torch / torch.nn": ("bnkit-torch", "torch.nn"),
+          "bnkit-keras / torch.nn": ("bnkit-keras", "torch.nn"),
+          "keras / bnkit-keras": ("keras", "bnkit-keras")}
+
+
+def summarize(times: dict[str, list[float]], best: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """(time per contender, ratio per goal): medians and paired ratios, or minima with --best."""
+    if best:
+        picked = {name: min(t) for name, t in times.items()}
+        return picked, {goal: picked[a] / picked[b] for goal, (a, b) in RATIOS.items()}
+    picked = {name: statistics.median(t) for name, t in times.items()}
+    paired = {goal: statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
+              for goal, (a, b) in RATIOS.items()}
+    return picked, paired
 
 
 def meets(goal: str, value: float) -> bool:
@@ -193,9 +201,9 @@ def main(argv=None) -> int:
     with console.status("timing...") as status:
         for channels, size in shapes:
             status.update(f"timing {args.batch}x{channels}x{size}x{size}")
-            m = time_shape(channels, size, args)
-            failures += [f"{channels}@{size}x{size}: {p}" for p in m.pop("_problems")]
-            r = ratios(m)
+            times, problems = time_shape(channels, size, args)
+            failures += [f"{channels}@{size}x{size}: {p}" for p in problems]
+            m, r = summarize(times, args.best)
             all_ratios.append(r)
             cells = [f"{m[n] * 1e3:.3f}" for n in ("torch.nn", "bnkit-torch", "bnkit-keras", "keras")]
             cells += [f"[{'green' if meets(g, v) else 'red'}]{v:.3f}[/]" for g, v in r.items()]
