@@ -13,9 +13,9 @@ from bnkit.cli import CLIError
 
 NAME = "explain"
 HELP = (
-    "Show a batch-norm layer's settings in both PyTorch and Keras, the parameter counts each reports, "
-    "and how outputs and running statistics differ after one training and one inference step "
-    "(default: the seed example, Keras BatchNormalization(momentum=0.15) on 32 channels)."
+    "Explain a batch norm in PyTorch's and Keras' terms: equivalent settings, the parameter counts each "
+    "reports, and how one training and one inference step differ (default: Keras "
+    "BatchNormalization(momentum=0.15) on 32 channels)."
 )
 
 SEED_KERAS_MOMENTUM = 0.15  # the seed example's BatchNormalization(momentum=0.15)
