@@ -172,10 +172,10 @@ def _layer_settings(
     eps_value = conv.eps if eps is None else float(eps)
     if framework == "keras":
         code = _keras_code(channels, eps, momentum, center, scale)
-        layout = "NHWC (axis=-1); on NCHW data axis=1"
+        layout = "NHWC, axis=-1 (axis=1 on NCHW)"
     else:
         code = _torch_code(channels, eps, momentum, center, scale, track)
-        layout = "NCHW (channel axis 1; channels_last is only a memory format)"
+        layout = "NCHW, channel axis 1"
     return LayerSettings(
         role=role,
         framework=framework,
