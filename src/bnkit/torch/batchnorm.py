@@ -126,17 +126,24 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
             )
         self.num_batches_tracked.add_(1)
         # With momentum 1 the native kernel writes the batch mean and the unbiased batch
-        # variance (accurate Welford statistics) into the scratch buffers.
-        batch_mean = torch.zeros_like(self.running_mean)
-        batch_var = torch.zeros_like(self.running_var)
+        # variance (accurate Welford statistics) into the scratch buffers. Autograd keeps them
+        # for the backward pass: they are only read below, never changed in place (that would
+        # make backward() fail on their version counter).
+        running_mean, running_var = self.running_mean, self.running_var  # one Module lookup each
+        batch_mean = torch.zeros_like(running_mean)
+        batch_var = torch.zeros_like(running_var)
         output = F.batch_norm(input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
-        n = input.numel() // self.num_features
-        old, new = self.convention.weights(self.momentum, int(self.num_batches_tracked))
-        with torch.no_grad():
-            if not self.convention.unbiased_running_var:
-                batch_var.mul_((n - 1) / n)
-            self.running_mean.copy_(self.running_mean * old + batch_mean * new)
-            self.running_var.copy_(self.running_var * old + batch_var * new)
+        # The count matters only to the cumulative average; reading it syncs a GPU stream.
+        count = int(self.num_batches_tracked) if self.momentum is None else 1
+        old, new = self.convention.weights(self.momentum, count)
+        var_weight = new
+        if not self.convention.unbiased_running_var:
+            n = input.numel() // self.num_features
+            var_weight = new * ((n - 1) / n)  # biased variance = unbiased * (n - 1) / n
+        # run = old * run + new * batch, in place: four small ops, no temporaries. Nothing
+        # here requires grad, so autograd records none of it.
+        running_mean.mul_(old).add_(batch_mean, alpha=new)
+        running_var.mul_(old).add_(batch_var, alpha=var_weight)
         return output
 
     def extra_repr(self) -> str:
