@@ -127,8 +127,10 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = input.numel() // self.num_features
         old, new = self.convention.weights(self.momentum, int(self.num_batches_tracked))
         with torch.no_grad():
+            # Out of place: autograd saved ``batch_var`` for the backward pass, so an in-place
+            # change would make ``backward()`` fail with a version-counter error.
             if not self.convention.unbiased_running_var:
-                batch_var.mul_((n - 1) / n)
+                batch_var = batch_var * ((n - 1) / n)
             self.running_mean.copy_(self.running_mean * old + batch_mean * new)
             self.running_var.copy_(self.running_var * old + batch_var * new)
         return output
