@@ -21,7 +21,11 @@ SHAPES = {"N,C": (6, 3), "N,C,L": (4, 3, 5), "N,C,H,W": (3, 3, 4, 5), "N,C,D,H,W
 PAIRS = {2: (bt.BatchNorm1d, nn.BatchNorm1d), 3: (bt.BatchNorm1d, nn.BatchNorm1d)}
 PAIRS |= {4: (bt.BatchNorm2d, nn.BatchNorm2d), 5: (bt.BatchNorm3d, nn.BatchNorm3d)}
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-AFFINE = {"affine": {"affine": True}, "no-affine": {"affine": False}, "no-bias": {"affine": True, "bias": False}}
+AFFINE = {
+    "affine": {"affine": True},
+    "no-affine": {"affine": False},
+    "no-bias": {"affine": True, "bias": False},
+}
 
 # every shape in contiguous layout, the 4D/5D ones also in channels_last(_3d)
 LAYOUTS = [(name, "contiguous") for name in SHAPES] + [
