@@ -22,6 +22,13 @@ forward pass:
 ``momentum`` is stored and read in the layer's convention. Both conventions run PyTorch's
 fused native kernel; the Keras convention asks it for the batch statistics (through scratch
 buffers and momentum 1) and applies its own per-channel running update.
+
+NaN and Inf propagate exactly as in ``torch.nn`` (and, for the Keras convention, to the same
+places as in Keras): in training a NaN or Inf anywhere in a channel makes that channel's batch
+mean and variance NaN or Inf, so the channel's whole output is NaN and its running statistics
+become NaN/Inf (and stay so; reset them with ``reset_running_stats()``). Other channels are
+untouched. In ``eval()`` with finite running statistics a NaN/Inf only affects its own output
+element. Nothing is checked or replaced: a NaN check would cost a pass over the input.
 """
 
 from __future__ import annotations
