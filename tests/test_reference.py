@@ -57,9 +57,7 @@ def test_forward_train_and_eval_match_torch_nn(shape, eps):
 
     bn.eval()
     x2 = _batch(shape, 2)
-    y_ref_eval = ref.forward_eval(
-        x2, _np(bn.running_mean), _np(bn.running_var), _np(bn.weight), _np(bn.bias), eps
-    )
+    y_ref_eval = ref.forward_eval(x2, _np(bn.running_mean), _np(bn.running_var), _np(bn.weight), _np(bn.bias), eps)
     np.testing.assert_allclose(y_ref_eval, _np(bn(torch.from_numpy(x2))), rtol=RTOL, atol=ATOL)
 
 

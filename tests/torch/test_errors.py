@@ -44,8 +44,7 @@ def test_wrong_channel_count(convention, training):
     with pytest.raises(ValueError) as info:
         layer(torch.zeros(2, 4, 5, 5))
     assert str(info.value) == (
-        f"BatchNorm2d(3, convention={convention!r}): expected 3 channels on axis 1, got 4 "
-        "(input shape (2, 4, 5, 5))"
+        f"BatchNorm2d(3, convention={convention!r}): expected 3 channels on axis 1, got 4 (input shape (2, 4, 5, 5))"
     )
     with pytest.raises(RuntimeError, match="should contain 4 elements not 3"):  # torch.nn's wording
         nn.BatchNorm2d(3).train(training)(torch.zeros(2, 4, 5, 5))

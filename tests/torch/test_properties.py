@@ -100,7 +100,9 @@ def _errors(layer, x32, momentum, convention, eps):
     y = layer(x32).detach().double().numpy()
     y_ref, stats = ref.forward_train(x64, eps=eps)
     channels = x32.shape[1]
-    expected = ref.update_running(ref.RunningStats(np.zeros(channels), np.ones(channels), 0), stats, momentum, convention)
+    expected = ref.update_running(
+        ref.RunningStats(np.zeros(channels), np.ones(channels), 0), stats, momentum, convention
+    )
     var = layer.running_var.double().numpy()
     mean = layer.running_mean.double().numpy()
     return (
@@ -126,7 +128,8 @@ def test_float32_hard_channel_as_accurate_as_torch_nn(batch, convention, momentu
     theirs_err = _errors(theirs, x32, torch_momentum, "torch", eps)
     # a small factor (2) and a floor of a few float32 ulps for the cases where torch.nn is exact
     floors = (1e-6, 1e-6, 1e-7 * 1e4)
-    for what, ours_e, theirs_e, floor in zip(("output", "running var", "running mean"), ours_err, theirs_err, floors):
+    names = ("output", "running var", "running mean")
+    for what, ours_e, theirs_e, floor in zip(names, ours_err, theirs_err, floors, strict=True):
         assert ours_e <= 2 * theirs_e + floor, f"{what}: bnkit {ours_e:.3g} vs torch.nn {theirs_e:.3g}"
     if convention == "torch":  # torch.nn's own code path: the same errors exactly
         assert ours_err == theirs_err

@@ -71,9 +71,7 @@ def _run_steps(ours, theirs, shape, layout, steps=3):
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         y1, y2 = ours(x1), theirs(x2)
         assert torch.equal(y1, y2)
-        assert y1.is_contiguous(memory_format=_memory_format(x)) == y2.is_contiguous(
-            memory_format=_memory_format(x)
-        )
+        assert y1.is_contiguous(memory_format=_memory_format(x)) == y2.is_contiguous(memory_format=_memory_format(x))
         dy = _input(shape, layout, seed=100 + step)
         g1 = torch.autograd.grad(y1, [x1, *params_ours], dy)
         g2 = torch.autograd.grad(y2, [x2, *params_theirs], dy)
