@@ -63,8 +63,8 @@ def _assert_within(actual, expected, rtol, atol, what):
 def test_dtype_against_float64_reference(shape_name, layout, convention, dtype):
     shape = SHAPES[shape_name]
     channels = shape[1]
-    # float64 layers hold float64 parameters and statistics; every other input dtype goes
-    # through a default (float32) layer, as with torch.nn under autocast-free mixed precision
+    # float64 layers hold float64 parameters and statistics; every other input dtype
+    # goes through a default (float32) layer, whose float32 statistics serve half inputs too
     layer_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     layer = LAYERS[len(shape)][0](channels, momentum=0.5, convention=convention, dtype=layer_dtype)
     g = torch.Generator().manual_seed(0)

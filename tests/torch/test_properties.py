@@ -22,6 +22,7 @@ from torch import nn
 
 import bnkit.torch as bt
 from bnkit import reference as ref
+from bnkit.conventions import KERAS, TORCH, get_convention, with_overrides
 
 LAYERS = {2: bt.BatchNorm1d, 3: bt.BatchNorm1d, 4: bt.BatchNorm2d, 5: bt.BatchNorm3d}
 NN_LAYERS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -50,10 +51,19 @@ def _values(shape, seed, kinds, step=0):
     return x
 
 
+# custom conventions exercise bnkit's own running update with every combination of knobs
+CUSTOM_CONVENTIONS = [
+    with_overrides(TORCH, name="torch-biased", running_var_estimator="biased"),
+    with_overrides(KERAS, name="keras-unbiased", running_var_estimator="unbiased"),
+    with_overrides(KERAS, name="keras-cumulative", cumulative_average_when_none=True),
+]
+
+
 @st.composite
 def layer_settings(draw):
-    convention = draw(st.sampled_from(["torch", "keras"]))
-    momenta = [0.0, 0.1, 0.5, 0.99, 1.0] + ([None] if convention == "torch" else [])
+    convention = draw(st.sampled_from(["torch", "keras", *CUSTOM_CONVENTIONS]))
+    cumulative = get_convention(convention).cumulative_average_when_none
+    momenta = [0.0, 0.1, 0.5, 0.99, 1.0] + ([None] if cumulative else [])
     return {
         "convention": convention,
         "momentum": draw(st.sampled_from(momenta)),
@@ -65,6 +75,7 @@ def layer_settings(draw):
 @PROPERTY_SETTINGS
 @given(batch=batches(), config=layer_settings())
 def test_float64_equals_reference(batch, config):
+    """Every convention, the presets and custom ones, follows the reference's update."""
     shape, seed, kinds = batch
     channels = shape[1]
     layer = LAYERS[len(shape)](channels, dtype=torch.float64, **config)
