@@ -255,3 +255,17 @@ def test_biased_to_unbiased_needs_two_values():
         biased_to_unbiased(1.0, 1)
     with pytest.raises(ValueError, match="n must be positive, got n=0"):
         unbiased_to_biased(1.0, 0)
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (1.5, ValueError, "momentum must be in [0, 1], got 1.5"),
+        (None, ValueError, "default momentum must be a float in [0, 1], got None"),
+        ("0.9", TypeError, "momentum must be a float or None, got str '0.9'"),
+    ],
+)
+def test_convention_default_momentum_is_validated(value, error, message):
+    with pytest.raises(error) as info:
+        with_overrides(KERAS, momentum=value)
+    assert message in str(info.value)

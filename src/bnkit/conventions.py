@@ -54,6 +54,9 @@ class Convention:
             )
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if self.momentum is None:
+            raise ValueError("a convention's default momentum must be a float in [0, 1], got None")
+        self.check_momentum(self.momentum)
 
     def check_momentum(self, momentum: float | None) -> None:
         """Raise ``ValueError`` unless ``momentum`` is meaningful in this convention."""
