@@ -10,10 +10,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-# One intra-op thread: the suite's tensors are tiny, and on a busy 2-core machine OpenMP's
-# spinning worker threads made it ~7x slower (107 s vs 14 s wall). Set before torch is imported;
-# subprocesses (the CLI tests) inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
