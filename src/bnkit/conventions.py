@@ -17,6 +17,7 @@ Both frameworks normalise with the *biased* batch variance in training.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -53,6 +54,9 @@ class Convention:
             )
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if self.momentum is None:
+            raise ValueError("a convention's default momentum must be a float in [0, 1], got None")
+        self.check_momentum(self.momentum)
 
     def check_momentum(self, momentum: float | None) -> None:
         """Raise ``ValueError`` unless ``momentum`` is meaningful in this convention."""
@@ -63,7 +67,8 @@ class Convention:
                     f"give a float in [0, 1] (its default is {self.momentum})"
                 )
             return
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        # numbers.Real also admits NumPy scalars (np.float32 is not a Python float)
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
             raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__} {momentum!r}")
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")

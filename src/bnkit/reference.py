@@ -159,11 +159,14 @@ def backward_train(dy, x, gamma=None, eps: float = 1e-5, axis: int = 1) -> Gradi
     return Gradients(dx, dgamma, dbeta)
 
 
-def backward_eval(dy, x, running_mean, running_var, gamma=None, eps: float = 1e-5, axis: int = 1) -> Gradients:
+def backward_eval(
+    dy, x, running_mean, running_var, gamma=None, eps: float = 1e-5, axis: int = 1
+) -> Gradients:
     """Gradients of the inference forward pass (statistics are constants)."""
     x, dy = _f64(x), _f64(dy)
     gamma, _ = _affine(x, axis, gamma, None)
     axes = _reduce_axes(x, axis)
     invstd = 1.0 / np.sqrt(_f64(running_var) + eps)
     xhat = (x - _per_channel(running_mean, x, axis)) * _per_channel(invstd, x, axis)
-    return Gradients(dy * _per_channel(gamma * invstd, x, axis), (dy * xhat).sum(axis=axes), dy.sum(axis=axes))
+    dx = dy * _per_channel(gamma * invstd, x, axis)
+    return Gradients(dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes))

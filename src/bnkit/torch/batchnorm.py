@@ -23,9 +23,18 @@ forward pass:
 fused native kernel; the Keras convention asks it for the batch statistics (through scratch
 buffers and momentum 1) and applies its own per-channel running update. On CUDA tensors both
 run bnkit's fused Triton kernels instead (:mod:`bnkit.kernels`; ``BNKIT_TRITON=0`` turns them off).
+
+NaN and Inf propagate exactly as in ``torch.nn`` (and, for the Keras convention, to the same
+places as in Keras): in training a NaN or Inf anywhere in a channel makes that channel's batch
+mean and variance NaN or Inf, so the channel's whole output is NaN and its running statistics
+become NaN/Inf (and stay so; reset them with ``reset_running_stats()``). Other channels are
+untouched. In ``eval()`` with finite running statistics a NaN/Inf only affects its own output
+element. Nothing is checked or replaced: a NaN check would cost a pass over the input.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +57,23 @@ class _Default:
 DEFAULT = _Default()
 
 
+def _checked_settings(conv: Convention, num_features, eps, momentum) -> tuple[float, float | None]:
+    """``(eps, momentum)`` with the convention's defaults filled in, or a message quoting the bad value."""
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        kind = type(num_features).__name__
+        raise TypeError(f"num_features must be a positive int, got {kind} {num_features!r}")
+    if num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    eps = conv.eps if eps is None else eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__} {eps!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    momentum = conv.momentum if isinstance(momentum, _Default) else momentum
+    conv.check_momentum(momentum)
+    return float(eps), momentum
+
+
 class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Adds ``convention`` to ``torch.nn``'s batch norm; subclasses fix the input rank."""
 
@@ -66,16 +92,15 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         convention: str | Convention = "torch",
     ) -> None:
-        conv = get_convention(convention)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        eps = conv.eps if eps is None else eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive float, got {eps!r}")
-        momentum = conv.momentum if isinstance(momentum, _Default) else momentum
-        conv.check_momentum(momentum)
+        layer = type(self).__name__
+        try:
+            conv = get_convention(convention)
+            eps, momentum = _checked_settings(conv, num_features, eps, momentum)
+        except (TypeError, ValueError) as error:
+            # name the layer, as the input checks do: "BatchNorm2d: momentum must be in [0, 1], got 1.5"
+            raise type(error)(f"{layer}: {error}") from None
         super().__init__(
-            num_features, float(eps), momentum, affine, track_running_stats, device, dtype, bias=bias
+            int(num_features), eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.convention = conv
 
