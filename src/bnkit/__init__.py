@@ -31,7 +31,11 @@ _LAZY = {
     "convert": "bnkit.convert",
     "explain": "bnkit.explain",
 }
-_LAZY_ATTRS: dict[str, str] = {}
+_LAZY_ATTRS: dict[str, str] = {
+    "fold_bn": "bnkit.lifecycle.fold",
+    "freeze_bn": "bnkit.lifecycle.freeze",
+    "recalibrate": "bnkit.lifecycle.recalibrate",
+}
 
 __all__ = [
     "Convention",

@@ -1,11 +1,7 @@
 """What users do with batch norm after the model is built: fold, freeze, recalibrate.
 
-``fold_bn``, ``freeze_bn`` and ``recalibrate`` take PyTorch or Keras models; each framework is
-imported only when a model of it is given.
+The functions are ``bnkit.fold_bn`` (:mod:`bnkit.lifecycle.fold`), ``bnkit.freeze_bn``
+(:mod:`bnkit.lifecycle.freeze`) and ``bnkit.recalibrate`` (:mod:`bnkit.lifecycle.recalibrate`).
+They take PyTorch or Keras models; a framework is imported only when a model of it is given.
+This package does not re-export them, so that ``bnkit.lifecycle.recalibrate`` stays the module.
 """
-
-from bnkit.lifecycle.fold import fold_bn
-from bnkit.lifecycle.freeze import freeze_bn
-from bnkit.lifecycle.recalibrate import recalibrate
-
-__all__ = ["fold_bn", "freeze_bn", "recalibrate"]

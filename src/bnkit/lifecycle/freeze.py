@@ -109,5 +109,4 @@ def _freeze_keras(model, mode: str, freeze_stats: bool):
 
 def _all_layers(model):
     yield model
-    for layer in getattr(model, "_flatten_layers", lambda **_: [])(include_self=False, recursive=True):
-        yield layer
+    yield from model._flatten_layers(include_self=False, recursive=True)
