@@ -128,7 +128,8 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         old, new = self.convention.weights(self.momentum, int(self.num_batches_tracked))
         with torch.no_grad():
             if not self.convention.unbiased_running_var:
-                batch_var.mul_((n - 1) / n)
+                # out of place: the native kernel saved batch_var for its backward
+                batch_var = batch_var * ((n - 1) / n)
             self.running_mean.copy_(self.running_mean * old + batch_mean * new)
             self.running_var.copy_(self.running_var * old + batch_var * new)
         return output
