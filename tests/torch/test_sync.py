@@ -117,7 +117,8 @@ def test_recalibration_across_ranks_equals_concatenated_data(world):
 def test_without_process_group_sync_batchnorm_is_plain_batchnorm():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4)
-    for convention, reference in (("torch", nn.BatchNorm2d(3)), ("keras", bt.BatchNorm2d(3, convention="keras"))):
+    references = (("torch", nn.BatchNorm2d(3)), ("keras", bt.BatchNorm2d(3, convention="keras")))
+    for convention, reference in references:
         sync = bt.SyncBatchNorm(3, convention=convention)
         torch.testing.assert_close(sync(x), reference(x))
         torch.testing.assert_close(sync.running_var, reference.running_var)
