@@ -51,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    from bnkit.io import ModelFileError
+
     try:
         return int(args._run(args) or 0)
     except CLIError as e:
         print(f"bnkit {args.command}: error: {e}", file=sys.stderr)
         return e.status
+    except ModelFileError as e:
+        print(f"bnkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

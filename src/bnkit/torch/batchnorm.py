@@ -84,6 +84,8 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         return c.momentum_weighs == "new" and c.unbiased_running_var and c.cumulative_average_when_none
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
+        if isinstance(input, torch.fx.Proxy):  # symbolic tracing: no concrete shape to check
+            return
         uses_batch_stats = self.training or self.running_mean is None
         check_bn_input(
             self._name(),
