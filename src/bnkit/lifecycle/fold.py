@@ -16,7 +16,12 @@ layer (Keras). ``s`` and ``t`` are computed in float64 and rounded once to the l
 
 from __future__ import annotations
 
+import sys
+
 from bnkit.lifecycle._frameworks import framework_of
+
+if "keras" in sys.modules:  # so that Keras files holding bnkit>ChannelAffine load (bnkit.io imports us)
+    import bnkit.lifecycle.keras_layers  # noqa: F401
 
 __all__ = ["fold_bn"]
 
