@@ -57,11 +57,17 @@ class Moments:
         return merged
 
 
-def _normalise_with_batch_stats(bn: _BatchNorm, moments: Moments):
+def _normalise_with_batch_stats(name: str, bn: _BatchNorm, moments: Moments):
     def forward(input: torch.Tensor) -> torch.Tensor:
         moments.add(input)
         if input.numel() == 0:
             return input.clone()
+        if input.numel() == input.shape[1]:
+            raise ValueError(
+                f"{display_name(name, bn)} got a batch with 1 value per channel (input shape "
+                f"{tuple(input.shape)}), which cannot be normalised with its own statistics; use larger "
+                "batches or drop the last incomplete one (DataLoader(drop_last=True))"
+            )
         return F.batch_norm(input, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
 
     return forward
@@ -109,7 +115,7 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
     for name, bn in found:
         if "forward" in bn.__dict__:
             raise ValueError(f"{display_name(name, bn)} has an instance attribute 'forward'; cannot hook it")
-        bn.forward = _normalise_with_batch_stats(bn, moments[name])
+        bn.forward = _normalise_with_batch_stats(name, bn, moments[name])
     model.eval()
     try:
         with torch.no_grad(), _progress(progress, total) as bar:
