@@ -128,7 +128,7 @@ def test_untraceable_model_falls_back_to_sequential_with_a_warning():
     torch.manual_seed(5)
     with pytest.warns(UserWarning, match="torch.fx could not trace Untraceable"):
         folded = _assert_folds_exactly(Untraceable(), torch.randn(2, 3, 6, 6), affines=1)
-    assert isinstance(folded.features[1], nn.Identity)
+    assert isinstance(folded.features[1], nn.Identity) and isinstance(folded, Untraceable)
 
 
 def test_linear_on_3d_input_needs_example_inputs():

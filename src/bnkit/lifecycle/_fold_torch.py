@@ -19,17 +19,18 @@ from bnkit.lifecycle._torch_bn import (
     require_running_stats,
 )
 from bnkit.torch.affine import ChannelAffine
+from bnkit.torch.tracing import BatchNormLeafTracer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FOLDABLE = _CONV + _CONV_TRANSPOSE + (nn.Linear,)
 
 
-class _Tracer(torch.fx.Tracer):
-    """Keeps batch norms (bnkit's too) and the layers they fold into as single graph nodes."""
+class _Tracer(BatchNormLeafTracer):
+    """Keeps batch norms (bnkit's too), ChannelAffine and the layers they fold into as graph nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_BatchNorm, ChannelAffine) + FOLDABLE) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (ChannelAffine,) + FOLDABLE) or super().is_leaf_module(m, qualname)
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -90,7 +91,19 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
             example_inputs = (example_inputs,)
         with torch.no_grad():
             ShapeProp(graph_module).propagate(*example_inputs)
-    return _fold_graph(graph_module, shapes_known=example_inputs is not None).eval()
+    plan = _plan(graph_module, shapes_known=example_inputs is not None)
+    # The graph only decides; the deep copy keeps its own class and forward, with each batch
+    # norm swapped for nn.Identity (folded) or a ChannelAffine (not foldable).
+    for name, bn in batchnorms(model):
+        producers = plan.get(name)
+        if producers:
+            scale, shift = inference_scale_shift(bn)
+            for producer in producers:
+                fold_into(model.get_submodule(producer), scale, shift)
+            model = replace_module(model, name, nn.Identity())
+        else:
+            model = replace_module(model, name, _affine_for(bn))
+    return model
 
 
 def _foldable_pair(layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) -> bool:
@@ -101,11 +114,12 @@ def _foldable_pair(layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) ->
     return True
 
 
-def _fold_graph(gm: torch.fx.GraphModule, *, shapes_known: bool) -> torch.fx.GraphModule:
+def _plan(gm: torch.fx.GraphModule, *, shapes_known: bool) -> dict[str, list[str]]:
+    """``batch norm name -> the layers it folds into``, for batch norms foldable at every call."""
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    unfolded: set[str] = set()
-    for node in list(gm.graph.nodes):
+    plan: dict[str, list[str] | None] = {}
+    for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
             continue
         bn = modules[node.target]
@@ -113,25 +127,19 @@ def _fold_graph(gm: torch.fx.GraphModule, *, shapes_known: bool) -> torch.fx.Gra
         ndim = None
         if shapes_known and isinstance(source, torch.fx.Node) and "tensor_meta" in source.meta:
             ndim = len(source.meta["tensor_meta"].shape)
-        if (
+        foldable = (
             isinstance(source, torch.fx.Node)
             and source.op == "call_module"
             and len(source.users) == 1  # nothing else reads the un-normalised output
             and calls[source.target] == 1  # a layer called twice would fold for both calls
             and _foldable_pair(modules[source.target], bn, ndim)
-        ):
-            fold_into(modules[source.target], *inference_scale_shift(bn))
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
-        else:
-            unfolded.add(node.target)
-    for target in unfolded:
-        replace_module(gm, target, _affine_for(modules[target]))
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    # batch norms the forward never calls (unused submodules) are gone with the pass above
-    return gm
+        )
+        sites = plan.setdefault(node.target, [])
+        if sites is None or not foldable:
+            plan[node.target] = None  # a batch norm is one module: every call must fold, or none
+        elif source.target not in sites:
+            sites.append(source.target)
+    return {name: sites for name, sites in plan.items() if sites}
 
 
 def _fold_sequential(model: nn.Module) -> nn.Module:

@@ -30,12 +30,13 @@ def fold_bn(model, *, example_inputs=None):
     """A new inference model with every batch norm folded away; ``model`` is left untouched.
 
     PyTorch: ``model`` is deep-copied, put in ``eval()`` and traced with ``torch.fx``; a batch
-    norm (``torch.nn`` or bnkit, either convention) whose input is the only use of a
-    ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` output is folded into that layer
-    (a bias is created where it had none); the others become ``ChannelAffine`` modules. If the
-    model cannot be traced, a warning says so and only batch norms that directly follow such a
-    layer inside an ``nn.Sequential`` are folded. The result is a ``torch.fx.GraphModule``
-    (or the deep copy itself after the fallback).
+    norm (``torch.nn`` or bnkit, either convention) whose input is, at every call, the only use
+    of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` output is folded into that
+    layer (a bias is created where it had none) and replaced by ``nn.Identity``; the others
+    become ``ChannelAffine`` modules. The result is the deep copy, of the model's own class
+    with its own ``forward``: the graph only decides what folds. If the model cannot be traced,
+    a warning says so and only batch norms that directly follow such a layer inside an
+    ``nn.Sequential`` are folded.
 
     ``example_inputs`` (a tuple of tensors, PyTorch only) lets the shapes be checked: a
     ``Linear`` is then folded only when its output is 2-D ``(N, C)``. Without it a
