@@ -11,7 +11,7 @@ from bnkit.io import load_model, save_model
 
 def test_fold_pt2_to_pt2(run_cli, tmp_path):
     torch.manual_seed(0)
-    model = randomize_batchnorms(ResNetStyle(widths=(8, 16, 16))).eval()
+    model = randomize_batchnorms(ResNetStyle(widths=(4, 8, 8))).eval()
     save_model(model, tmp_path / "net.pt2", input_shape=(3, 16, 16))
     proc = run_cli("fold", "net.pt2", "folded.pt2", check=True)
     assert "folded 9 of 9 batch norms into the preceding layer; wrote folded.pt2" in proc.stdout
@@ -28,16 +28,20 @@ def test_fold_pt2_to_pt2(run_cli, tmp_path):
     assert "bnkit fold: error: folded.pt2: already exists; pass --force to replace it" in again.stderr
 
 
-def test_fold_keras_seed_model(run_cli, tmp_path):
-    from bnkit.examples.seed import keras_seed_model
+def test_fold_keras_model(run_cli, tmp_path):
     from bnkit.keras import keras
 
-    model = keras_seed_model()
-    model.save(tmp_path / "seed.keras")
-    proc = run_cli("fold", "seed.keras", "folded.keras", check=True)
-    assert "folded 0 of 1 batch norm into the preceding layer, 1 replaced by ChannelAffine" in proc.stdout
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = layers.BatchNormalization()(layers.Conv2D(4, 3)(inputs))  # folds
+    x = layers.BatchNormalization()(layers.Conv2D(4, 3, activation="relu")(x))  # after a relu: affine
+    model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(x)))
+    model.save(tmp_path / "small.keras")
+    proc = run_cli("fold", "small.keras", "folded.keras", check=True)
+    assert "folded 1 of 2 batch norms into the preceding layer, 1 replaced by ChannelAffine" in proc.stdout
     folded = load_model(tmp_path / "folded.keras")
-    x = np.random.default_rng(0).normal(size=(2, 64, 64, 1)).astype("float32")
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype("float32")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(folded(x)), keras.ops.convert_to_numpy(model(x)),
                                rtol=1e-5, atol=1e-6)
 
