@@ -159,3 +159,16 @@ def test_a_batchnorm_alone_becomes_a_channel_affine():
 def test_not_a_model_is_a_type_error():
     with pytest.raises(TypeError, match="fold_bn takes a torch.nn.Module or a Keras 3 model, got list"):
         bnkit.fold_bn([1, 2])
+
+
+def test_public_names_import_no_framework():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, bnkit; bnkit.fold_bn, bnkit.freeze_bn, bnkit.recalibrate; "
+            "print(sorted(m for m in ('torch', 'keras', 'tensorflow') if m in sys.modules))")
+    src = Path(__file__).resolve().parents[2] / "src"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(src), "PATH": ""}).stdout
+    assert out.strip() == "[]"
