@@ -101,3 +101,30 @@ def test_errors_name_the_problem():
         bnkit.recalibrate(nn.BatchNorm1d(2), ["not a tensor"], progress=False)
     with pytest.raises(ValueError, match=r"BatchNorm1d '1' got a batch with 1 value per channel"):
         bnkit.recalibrate(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), [torch.randn(1, 2)], progress=False)
+
+
+def test_keras_model_gets_the_biased_statistics_of_the_concatenated_data():
+    import numpy as np
+
+    from bnkit.keras import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.BatchNormalization(momentum=0.5)(keras.layers.Conv2D(2, 1)(inputs))
+    x = keras.layers.Dropout(0.5)(x)
+    outputs = keras.layers.BatchNormalization()(keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    model = keras.Model(inputs, outputs)
+    first, second = model.layers[2], model.layers[-1]
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(n, 4, 4, 3)) * 2 + 1e3).astype("float32") for n in (5, 3, 8, 2)]
+    kernel_before = model.layers[1].get_weights()[0].copy()
+    bnkit.recalibrate(model, [(b, None) for b in batches], progress=False)
+    conv = keras.ops.convert_to_numpy(model.layers[1](np.concatenate(batches))).astype(np.float64)
+    conv = conv.reshape(-1, 2)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first.moving_mean), conv.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first.moving_variance), conv.var(0), rtol=1e-6)
+    np.testing.assert_array_equal(model.layers[1].get_weights()[0], kernel_before)
+    assert "call" not in vars(first) and first.momentum == 0.5
+    assert not np.allclose(keras.ops.convert_to_numpy(second.moving_variance), 1.0)  # later layers too
+    with pytest.raises(ValueError, match=r"got a batch with 1 value\(s\) per channel"):
+        bnkit.recalibrate(model, batches[:1] + [batches[0][:1]], progress=False)  # (1, 3) at the Dense

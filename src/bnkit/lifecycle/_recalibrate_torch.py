@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bnkit.lifecycle._progress import batch_total, progress_bar
 from bnkit.lifecycle._torch_bn import (
     _BatchNorm,
     batchnorms,
@@ -85,22 +86,6 @@ def _input_of(batch, device):
     return batch if device is None else batch.to(device)
 
 
-def _progress(progress: bool, total: int | None):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("recalibrating batch norm"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not progress or not console.is_terminal,
-    )
-
-
 def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, device, process_group):
     found = batchnorms(model)
     if not found:
@@ -109,16 +94,14 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
         require_running_stats(name, bn, "recalibrate")
     moments = {name: Moments(bn.num_features, bn.running_mean.device) for name, bn in found}
     training = {m: m.training for m in model.modules()}
-    total = num_batches
-    if hasattr(batches, "__len__"):
-        total = len(batches) if num_batches is None else min(num_batches, len(batches))
+    total = batch_total(batches, num_batches)
     for name, bn in found:
         if "forward" in bn.__dict__:
             raise ValueError(f"{display_name(name, bn)} has an instance attribute 'forward'; cannot hook it")
         bn.forward = _normalise_with_batch_stats(name, bn, moments[name])
     model.eval()
     try:
-        with torch.no_grad(), _progress(progress, total) as bar:
+        with torch.no_grad(), progress_bar(progress) as bar:
             task = bar.add_task("recalibrate", total=total)
             for i, batch in enumerate(batches):
                 if num_batches is not None and i >= num_batches:

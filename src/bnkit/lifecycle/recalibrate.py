@@ -49,16 +49,22 @@ def recalibrate(model, batches, num_batches: int | None = None, *, progress: boo
     merged in float64 in rank order, so every rank ends with the same statistics: those of all
     ranks' data together. Every rank must call ``recalibrate``.
 
+    Keras models: the same definition for every ``BatchNormalization`` layer, with Keras' biased
+    moving variance; the model is called with ``training=False`` and each batch norm normalises
+    with its batch's statistics. ``trainable`` flags and all other weights stay as they were.
+
     Returns the model (changed in place).
     """
-    if framework_of(model, "recalibrate") == "keras":
-        raise NotImplementedError(
-            "recalibrate supports PyTorch models; for Keras, run the model over the data with "
-            "training=True after setting momentum=0 is the closest built-in"
-        )
+    framework = framework_of(model, "recalibrate")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if framework == "keras":
+        if device is not None or process_group is not None:
+            raise ValueError("device and process_group are for PyTorch models")
+        from bnkit.lifecycle._recalibrate_keras import recalibrate_keras
+
+        return recalibrate_keras(model, batches, num_batches, progress=progress)
     from bnkit.lifecycle._recalibrate_torch import recalibrate_torch
 
     return recalibrate_torch(model, batches, num_batches, progress=progress, device=device,
