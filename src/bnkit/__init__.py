@@ -35,6 +35,9 @@ _LAZY_ATTRS: dict[str, str] = {
     "summary": "bnkit.summarize",
     "lint": "bnkit.diagnose.lint",
     "compare": "bnkit.diagnose.compare",
+    "fold_bn": "bnkit.lifecycle.fold",
+    "freeze_bn": "bnkit.lifecycle.freeze",
+    "recalibrate": "bnkit.lifecycle.recalibrate",
 }
 
 __all__ = [

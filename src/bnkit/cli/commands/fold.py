@@ -1,0 +1,96 @@
+"""``bnkit fold IN OUT``: fold every batch norm of a model into the layer before it, for inference."""
+
+from __future__ import annotations
+
+from bnkit.cli import CLIError
+
+NAME = "fold"
+HELP = "fold batch norms into the preceding Conv/ConvTranspose/Linear (Dense) layers for inference"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", metavar="IN", help="model: .keras, .h5, .pt2 or package.module:factory")
+    parser.add_argument("output", metavar="OUT", help="folded model: .keras (Keras), .pt2, .pt or .safetensors")
+    parser.add_argument("--weights", metavar="FILE", help="state dict (.pt or .safetensors) for a factory spec")
+    parser.add_argument(
+        "--input-shape", metavar="C,H,W",
+        help="input shape without the batch axis, for a .pt2 output (read from a .pt2 input when omitted)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _parse_shape(text: str | None):
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise CLIError(f"--input-shape must be positive integers separated by commas, like 3,32,32; got {text!r}")
+    return shape
+
+
+def _recorded_input_shape(model):
+    """The example input shape (batch axis dropped) recorded in a rebuilt .pt2 graph, if any."""
+    graph = getattr(model, "graph", None)
+    for node in getattr(graph, "nodes", []):
+        if node.op == "placeholder":
+            value = node.meta.get("val", node.meta.get("tensor_meta"))
+            shape = getattr(value, "shape", None)
+            return tuple(int(d) for d in shape[1:]) if shape is not None else None
+    return None
+
+
+def _count_batchnorms(model, framework: str) -> int:
+    if framework == "keras":
+        from bnkit.keras import keras
+
+        layers = model._flatten_layers(include_self=False, recursive=True)
+        return sum(isinstance(m, keras.layers.BatchNormalization) for m in layers)
+    from torch import nn
+
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _count_affines(model, framework: str) -> int:
+    if framework == "keras":
+        from bnkit.lifecycle.keras_layers import ChannelAffine
+
+        return sum(isinstance(m, ChannelAffine) for m in model._flatten_layers(include_self=True, recursive=True))
+    from bnkit.torch.affine import ChannelAffine
+
+    return sum(isinstance(m, ChannelAffine) for m in model.modules())
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
+    from bnkit.lifecycle.fold import fold_bn
+
+    shape = _parse_shape(args.input_shape)
+    try:
+        check_writable(args.output, args.force)  # fail before the (slow) load and fold
+        model = load_model(args.input, weights=args.weights)
+    except ModelFileError as e:
+        raise CLIError(str(e)) from e
+    framework = framework_of(model)
+    if shape is None and Path(args.output).suffix.lower() == ".pt2":
+        shape = _recorded_input_shape(model)
+    total = _count_batchnorms(model, framework)
+    try:
+        folded = fold_bn(model)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    affines = _count_affines(folded, framework)
+    try:
+        save_model(folded, args.output, force=args.force, input_shape=shape)
+    except ModelFileError as e:
+        raise CLIError(str(e)) from e
+    print(
+        f"folded {total - affines} of {total} batch norm{'s' if total != 1 else ''} into the preceding layer"
+        + (f", {affines} replaced by ChannelAffine" if affines else "")
+        + f"; wrote {args.output}"
+    )
+    return 0

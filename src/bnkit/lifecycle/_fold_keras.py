@@ -1,0 +1,126 @@
+"""Keras side of :func:`bnkit.fold_bn`: clone the model, folding batch norms into kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnkit.keras import keras
+from bnkit.lifecycle.keras_layers import ChannelAffine
+
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
+
+
+def _scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:
+    """Inference ``x * scale + shift`` of a BatchNormalization, in float64."""
+    mean = np.asarray(keras.ops.convert_to_numpy(bn.moving_mean), dtype=np.float64)
+    var = np.asarray(keras.ops.convert_to_numpy(bn.moving_variance), dtype=np.float64)
+    scale = 1.0 / np.sqrt(var + bn.epsilon)
+    if bn.gamma is not None:
+        scale = scale * np.asarray(keras.ops.convert_to_numpy(bn.gamma), dtype=np.float64)
+    shift = -mean * scale
+    if bn.beta is not None:
+        shift = shift + np.asarray(keras.ops.convert_to_numpy(bn.beta), dtype=np.float64)
+    return scale, shift
+
+
+def _channel_axis(layer, rank: int) -> int:
+    if isinstance(layer, keras.layers.Dense):
+        return rank - 1
+    return rank - 1 if layer.data_format == "channels_last" else 1
+
+
+def _nodes_in(model):
+    """``(operation, node)`` for every call inside ``model``'s own graph."""
+    keys = getattr(model, "_nodes", None)
+    for op in getattr(model, "operations", []):
+        for i, node in enumerate(op._inbound_nodes):
+            if keys is None or f"{id(op)}_ib-{i}" in keys:
+                yield op, node
+
+
+def _foldable_pairs(model) -> dict[int, object]:
+    """``id(batch norm) -> producer layer`` for every batch norm that can be folded."""
+    pairs: dict[int, object] = {}
+    graphs = [model] + [m for m in model._flatten_layers(include_self=False, recursive=True)
+                        if isinstance(m, keras.Model)]
+    for graph in graphs:
+        nodes = list(_nodes_in(graph))
+        readers: dict[int, int] = {}
+        for _, node in nodes:
+            for tensor in node.input_tensors:
+                readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+        for tensor in keras.tree.flatten(getattr(graph, "outputs", None) or []):
+            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+        for op, node in nodes:
+            if not isinstance(op, keras.layers.BatchNormalization) or len(op._inbound_nodes) != 1:
+                continue
+            if len(node.input_tensors) != 1:
+                continue
+            tensor = node.input_tensors[0]
+            producer = tensor._keras_history.operation
+            if (
+                isinstance(producer, _FOLDABLE)
+                and len(producer._inbound_nodes) == 1
+                and readers.get(id(tensor)) == 1
+                and producer.get_config().get("activation") == "linear"
+                and len(producer.get_weights()) in (1, 2)  # kernel[, bias]: no LoRA, not quantised
+                and op.axis % len(tensor.shape) == _channel_axis(producer, len(tensor.shape))
+            ):
+                pairs[id(op)] = producer
+    return pairs
+
+
+def _copy_layer(layer, weights=None, **config_changes):
+    config = {**layer.get_config(), **config_changes}
+    new = layer.__class__.from_config(config)
+    build_config = layer.get_build_config()
+    if build_config:
+        new.build_from_config(build_config)
+    new.set_weights(layer.get_weights() if weights is None else weights)
+    return new
+
+
+def fold_keras(model):
+    if not isinstance(model, keras.Model):
+        if isinstance(model, keras.layers.BatchNormalization):
+            raise TypeError("fold_bn takes a Keras model; wrap the layer in keras.Sequential first")
+        raise TypeError(f"fold_bn takes a Keras model, got layer {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"Keras model {model.name!r} is not built; call it on data or give it an Input first")
+    pairs = _foldable_pairs(model)
+    folded_producers = {id(producer): bn for bn_id, producer in pairs.items()
+                        for bn in _batchnorms(model) if id(bn) == bn_id}
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if id(layer) in pairs:
+                return keras.layers.Identity(name=layer.name)
+            scale, shift = _scale_shift(layer)
+            affine = ChannelAffine(axis=layer.axis, name=layer.name, dtype=layer.dtype_policy)
+            affine.build_from_config(layer.get_build_config())
+            affine.set_weights([scale.astype(affine.scale.dtype), shift.astype(affine.shift.dtype)])
+            return affine
+        if id(layer) in folded_producers:
+            scale, shift = _scale_shift(folded_producers[id(layer)])
+            weights = layer.get_weights()
+            kernel = weights[0].astype(np.float64) * scale  # output channels are the kernel's last axis
+            bias = weights[1].astype(np.float64) if len(weights) == 2 else np.zeros_like(scale)
+            bias = bias * scale + shift
+            return _copy_layer(layer, [kernel.astype(weights[0].dtype), bias.astype(weights[0].dtype)],
+                               use_bias=True)
+        return _copy_layer(layer)
+
+    def call(layer, *args, **kwargs):
+        if isinstance(layer, (keras.layers.Identity, ChannelAffine)):
+            kwargs.pop("mask", None)  # a batch norm's call arguments that the replacements lack
+            kwargs.pop("training", None)
+        return layer(*args, **kwargs)
+
+    if isinstance(model, keras.Sequential):  # layers are listed, not called, when cloning a Sequential
+        return keras.models.clone_model(model, clone_function=clone, recursive=True)
+    return keras.models.clone_model(model, clone_function=clone, call_function=call, recursive=True)
+
+
+def _batchnorms(model):
+    return [m for m in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(m, keras.layers.BatchNormalization)]

@@ -1,0 +1,96 @@
+"""Keras side of :func:`bnkit.recalibrate`: same definition, Keras' biased moving variance."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnkit.keras import keras
+from bnkit.lifecycle._progress import batch_total, progress_bar
+
+
+class _Moments:
+    """Per-channel count, mean and M2 in float64 (Chan et al.'s merge of two-pass batch moments)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Merge ``(C, n)`` values; returns the batch's mean and biased variance."""
+        n_b = values.shape[1]
+        mean_b = values.mean(axis=1)
+        m2_b = np.square(values - mean_b[:, None]).sum(axis=1)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+        else:
+            n = self.count + n_b
+            delta = mean_b - self.mean
+            self.mean = self.mean + delta * (n_b / n)
+            self.m2 = self.m2 + m2_b + np.square(delta) * (self.count * n_b / n)
+            self.count = n
+        return mean_b, m2_b / n_b
+
+
+def _normalise_with_batch_stats(layer, moments: _Moments):
+    ops = keras.ops
+
+    def call(inputs, training=None, mask=None):
+        if mask is not None:
+            raise ValueError(f"recalibrate does not support masks (BatchNormalization {layer.name!r} got one)")
+        rank = len(inputs.shape)
+        axis = layer.axis % rank
+        values = np.moveaxis(np.asarray(ops.convert_to_numpy(inputs), dtype=np.float64), axis, 0)
+        values = values.reshape(values.shape[0], -1)
+        if values.shape[1] < 2:
+            raise ValueError(
+                f"BatchNormalization {layer.name!r} got a batch with {values.shape[1]} value(s) per channel "
+                f"(input shape {tuple(inputs.shape)}), which cannot be normalised with its own statistics"
+            )
+        mean, var = moments.add(values)
+        shape = [1] * rank
+        shape[axis] = -1
+        scale = 1.0 / np.sqrt(var + layer.epsilon)
+        if layer.gamma is not None:
+            scale = scale * np.asarray(ops.convert_to_numpy(layer.gamma), dtype=np.float64)
+        shift = -mean * scale
+        if layer.beta is not None:
+            shift = shift + np.asarray(ops.convert_to_numpy(layer.beta), dtype=np.float64)
+        dtype = inputs.dtype
+        return inputs * ops.cast(np.reshape(scale, shape), dtype) + ops.cast(np.reshape(shift, shape), dtype)
+
+    return call
+
+
+def _input_of(batch):
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("recalibrate got an empty tuple/list as a batch; expected (input, ...)")
+        batch = batch[0]
+    return batch
+
+
+def recalibrate_keras(model, batches, num_batches, *, progress):
+    layers = [m for m in model._flatten_layers(include_self=True, recursive=True)
+              if isinstance(m, keras.layers.BatchNormalization)]
+    if not layers:
+        raise ValueError(f"Keras model {model.name!r} has no BatchNormalization layers to recalibrate")
+    moments = {id(layer): _Moments() for layer in layers}
+    for layer in layers:
+        layer.call = _normalise_with_batch_stats(layer, moments[id(layer)])
+    try:
+        with progress_bar(progress) as bar:
+            task = bar.add_task("recalibrate", total=batch_total(batches, num_batches))
+            for i, batch in enumerate(batches):
+                if num_batches is not None and i >= num_batches:
+                    break
+                model(_input_of(batch), training=False)  # dropout off; batch norms use batch statistics
+                bar.advance(task)
+    finally:
+        for layer in layers:
+            del layer.call
+    for layer in layers:
+        m = moments[id(layer)]
+        if m.count == 0:
+            continue
+        layer.moving_mean.assign(m.mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign((m.m2 / m.count).astype(layer.moving_variance.dtype))  # Keras: biased
+    return model

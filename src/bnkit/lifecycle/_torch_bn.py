@@ -1,0 +1,59 @@
+"""Shared PyTorch helpers: find batch norms, their convention, replace modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnkit.conventions import TORCH, Convention
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """``(qualified name, module)`` of every batch norm, the root included (named ``""``)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def convention_of(bn: nn.Module) -> Convention:
+    """A bnkit layer's ``convention``; ``torch.nn`` batch norms follow PyTorch's."""
+    return getattr(bn, "convention", TORCH)
+
+
+def display_name(name: str, bn: nn.Module) -> str:
+    return f"{type(bn).__name__} {name!r}" if name else f"{type(bn).__name__} (the model itself)"
+
+
+def require_running_stats(name: str, bn: _BatchNorm, action: str) -> None:
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{display_name(name, bn)} has track_running_stats=False: it normalises with batch statistics "
+            f"even in eval(), so it has no fixed statistics to {action}"
+        )
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` inside ``root``; returns the root (``new`` itself for ``name == ""``)."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+    return root
+
+
+def inference_scale_shift(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` of ``bn`` in eval(), in float64.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias = x * scale + shift`` with
+    ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale``.
+    """
+    mean = bn.running_mean.detach().double()
+    var = bn.running_var.detach().double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    return scale, shift

@@ -1,0 +1,63 @@
+r"""Fold batch normalization into the preceding layer for inference.
+
+In inference a batch norm is a per-channel affine map of its input ``z``:
+
+.. math::
+
+    y = \frac{z - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta = z \cdot s + t,\qquad
+    s = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}},\quad t = \beta - \mu s
+
+with the running (moving) statistics ``mu``, ``sigma^2``. When ``z = W x + b`` is the output of a
+convolution, transposed convolution or dense layer and nothing else reads ``z``, the batch norm
+disappears into that layer: ``W' = s W`` (per output channel) and ``b' = s b + t``. Every other
+batch norm becomes a :class:`~bnkit.torch.ChannelAffine` (PyTorch) or a ``bnkit>ChannelAffine``
+layer (Keras). ``s`` and ``t`` are computed in float64 and rounded once to the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bnkit.lifecycle._frameworks import framework_of
+
+if "keras" in sys.modules:  # so that Keras files holding bnkit>ChannelAffine load (bnkit.io imports us)
+    import bnkit.lifecycle.keras_layers  # noqa: F401
+
+__all__ = ["fold_bn"]
+
+
+def fold_bn(model, *, example_inputs=None):
+    """A new inference model with every batch norm folded away; ``model`` is left untouched.
+
+    PyTorch: ``model`` is deep-copied, put in ``eval()`` and traced with ``torch.fx``; a batch
+    norm (``torch.nn`` or bnkit, either convention) whose input is, at every call, the only use
+    of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` output is folded into that
+    layer (a bias is created where it had none) and replaced by ``nn.Identity``; the others
+    become ``ChannelAffine`` modules. The result is the deep copy, of the model's own class
+    with its own ``forward``: the graph only decides what folds. If the model cannot be traced,
+    a warning says so and only batch norms that directly follow such a layer inside an
+    ``nn.Sequential`` are folded.
+
+    ``example_inputs`` (a tuple of tensors, PyTorch only) lets the shapes be checked: a
+    ``Linear`` is then folded only when its output is 2-D ``(N, C)``. Without it a
+    ``BatchNorm1d`` after a ``Linear`` with as many outputs as the batch norm has channels is
+    taken to normalise those outputs, which is what ``nn.Linear`` + ``nn.BatchNorm1d`` on
+    ``(N, C)`` batches do.
+
+    Keras: a new functional model (``keras.models.clone_model``) in which each
+    ``BatchNormalization`` whose input is the only use of a ``Conv1D/2D/3D`` or ``Dense`` output
+    with a linear activation, normalising that layer's channel axis, is folded into its kernel
+    and bias and replaced by an ``Identity`` layer; the others become ``ChannelAffine`` layers.
+
+    A batch norm without running statistics (``track_running_stats=False``) normalises with
+    batch statistics even in inference, so it cannot be folded: ``ValueError`` naming it.
+    """
+    if framework_of(model, "fold_bn") == "keras":
+        if example_inputs is not None:
+            raise ValueError("example_inputs is for PyTorch models; Keras models know their shapes")
+        from bnkit.lifecycle._fold_keras import fold_keras
+
+        return fold_keras(model)
+    from bnkit.lifecycle._fold_torch import fold_torch
+
+    return fold_torch(model, example_inputs=example_inputs)

@@ -1,0 +1,222 @@
+r"""Synchronised batch normalization over a ``torch.distributed`` process group, on CPU or GPU.
+
+:class:`SyncBatchNorm` normalises each process's slice of a batch with the statistics of the
+whole batch, the slices of every process in the group together:
+
+.. math::
+
+    n = \sum_r n_r,\quad \mu = \frac{1}{n}\sum_r n_r \mu_r,\quad
+    \sigma^2 = \frac{1}{n}\sum_r \left(M_{2,r} + n_r (\mu_r - \mu)^2\right)
+
+where rank ``r`` holds ``n_r`` values per channel with mean ``mu_r`` and sum of squared
+deviations ``M2_r`` (Chan et al.'s exact parallel merge, in float64). Ranks may hold different
+batch sizes, including none at all (``N = 0``). One ``all_gather`` of ``(n_r, mu_r, M2_r)``
+carries the forward; the backward
+
+.. math::
+
+    \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2+\epsilon}}\left(
+    \frac{\partial L}{\partial y} - \frac{1}{n}\sum \frac{\partial L}{\partial y}
+    - \hat{x}\,\frac{1}{n}\sum \frac{\partial L}{\partial y}\hat{x}\right)
+
+needs one ``all_reduce`` of the two per-channel sums. ``weight`` and ``bias`` get this process's
+own contribution (``sum(dy * xhat)`` and ``sum(dy)`` over its slice), as ``torch.nn.SyncBatchNorm``
+gives them: ``DistributedDataParallel`` (or an ``all_reduce``) sums them across processes.
+All communication goes through ``torch.distributed`` collectives, so gloo (CPU) and NCCL (GPU)
+both work; ``torch.nn.SyncBatchNorm`` refuses CPU tensors. Every process must run the layer's
+forward and backward, as with any collective.
+
+Without an initialised process group (or with one process) the layer is a plain batch norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bnkit.checks import check_bn_input
+from bnkit.conventions import TORCH
+from bnkit.torch.batchnorm import DEFAULT, _ConventionBatchNorm
+
+__all__ = ["SyncBatchNorm", "convert_sync", "merge_moments"]
+
+
+def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
+    """Merge per-part ``(n_r,)``, ``(R, C)`` means and ``(R, C)`` M2 into ``(n, mean, M2)`` exactly."""
+    total = counts.sum()
+    weights = counts.reshape(-1, 1)
+    if total == 0:
+        return total, torch.zeros_like(means[0]), torch.zeros_like(m2s[0])
+    mean = (weights * means).sum(0) / total
+    m2 = m2s.sum(0) + (weights * (means - mean).square()).sum(0)
+    return total, mean, m2
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """``y = (x - mean) * invstd * weight + bias`` with ``mean``/``invstd`` of the whole group."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mean, invstd, count, group):
+        cd = _compute_dtype(input)
+        xhat = (input.to(cd) - mean.to(cd).reshape(1, -1, *(1,) * (input.ndim - 2))) * invstd.to(cd).reshape(
+            1, -1, *(1,) * (input.ndim - 2)
+        )
+        shape = (1, -1, *(1,) * (input.ndim - 2))
+        out = xhat
+        if weight is not None:
+            out = out * weight.to(cd).reshape(shape)
+        if bias is not None:
+            out = out + bias.to(cd).reshape(shape)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.count, ctx.group, ctx.input_dtype, ctx.has_bias = count, group, input.dtype, bias is not None
+        return out.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        xhat, weight, invstd = ctx.saved_tensors
+        cd = xhat.dtype
+        shape = (1, -1, *(1,) * (xhat.ndim - 2))
+        dims = [0, *range(2, xhat.ndim)]
+        dy = grad_output.to(cd)
+        sum_dy = dy.sum(dims, dtype=torch.float64)
+        sum_dy_xhat = (dy * xhat).sum(dims, dtype=torch.float64)
+        grad_input = grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else cd)
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xhat])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+            c = xhat.shape[1]
+            mean_dy = (sums[:c] / ctx.count).to(cd).reshape(shape)
+            mean_dy_xhat = (sums[c:] / ctx.count).to(cd).reshape(shape)
+            scale = invstd.to(cd)
+            if weight is not None:
+                scale = scale * weight.to(cd)
+            grad_input = (scale.reshape(shape) * (dy - mean_dy - xhat * mean_dy_xhat)).to(ctx.input_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class SyncBatchNorm(_ConventionBatchNorm):
+    """Batch norm with statistics over all processes of ``process_group``; any input rank 2 to 5.
+
+    Same arguments as ``torch.nn.SyncBatchNorm`` plus bnkit's keyword-only ``convention``
+    (``"torch"``: unbiased running variance, momentum weighs the new value; ``"keras"``: biased,
+    momentum weighs the old value). The running statistics are updated from the group's
+    statistics, identically on every process.
+    """
+
+    _ranks = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        momentum=DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        convention="torch",
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, convention=convention
+        )
+        self.process_group = process_group
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        uses_batch_stats = self.training or self.running_mean is None
+        if not uses_batch_stats or self._world_size() == 1:
+            return super().forward(input)
+        # the "more than one value per channel" check is on the whole group's batch, below
+        check_bn_input(self._name(), input.shape, str(input.dtype), input.is_floating_point(),
+                       ranks=self._ranks, num_features=self.num_features, uses_batch_stats=False)
+        count, mean, m2 = self._group_moments(input)
+        if count <= 1:
+            raise ValueError(
+                f"{self._name()}: expected more than 1 value per channel when training across the "
+                f"process group, got {int(count)} in total (this process: input shape {tuple(input.shape)})"
+            )
+        var = m2 / count
+        invstd = torch.rsqrt(var + self.eps)
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            self._update_running(mean, m2, count)
+        return _SyncNormalize.apply(input, self.weight, self.bias, mean, invstd, count, self.process_group)
+
+    def _group_moments(self, input: torch.Tensor):
+        c = self.num_features
+        n_local = input.numel() // c if c else 0
+        row = torch.zeros(1 + 2 * c, dtype=torch.float64, device=input.device)
+        if n_local > 0:
+            with torch.no_grad():
+                dims = [0, *range(2, input.ndim)]
+                values = input.detach().to(_compute_dtype(input))
+                var_l, mean_l = torch.var_mean(values, dim=dims, correction=0)
+            row[0] = n_local
+            row[1 : 1 + c] = mean_l.double()
+            row[1 + c :] = var_l.double() * n_local
+        rows = [torch.empty_like(row) for _ in range(self._world_size())]
+        dist.all_gather(rows, row, group=self.process_group)
+        table = torch.stack(rows)
+        return merge_moments(table[:, 0], table[:, 1 : 1 + c], table[:, 1 + c :])
+
+    def _update_running(self, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            n = float(count)
+            var = m2 / (n - 1) if self.convention.unbiased_running_var else m2 / n
+            old, new = self.convention.weights(self.momentum, int(self.num_batches_tracked))
+            dtype = self.running_mean.dtype
+            self.running_mean.copy_(self.running_mean * old + mean.to(dtype) * new)
+            self.running_var.copy_(self.running_var * old + var.to(dtype) * new)
+
+
+def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every batch norm in ``module`` by a :class:`SyncBatchNorm`, in place; returns the module.
+
+    ``torch.nn`` batch norms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) and bnkit's layers are
+    converted keeping ``eps``, ``momentum``, ``convention`` (``torch`` for ``torch.nn`` layers),
+    the ``training`` flag and the state: the new layer holds the *same* ``weight`` and ``bias``
+    parameters (an optimizer built before still updates them) and running buffers. Frozen batch
+    norms (:mod:`bnkit.torch.frozen`) never use batch statistics across processes and are left.
+    """
+    from bnkit.torch.frozen import FrozenBatchNorm
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (SyncBatchNorm, FrozenBatchNorm)
+    ):
+        sync = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.weight is not None,
+            module.track_running_stats,
+            process_group,
+            convention=getattr(module, "convention", TORCH),
+        )
+        if module.weight is not None:
+            sync.weight = module.weight
+        if module.bias is not None:
+            sync.bias = module.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(sync, name, getattr(module, name))
+        sync.train(module.training)
+        if hasattr(module, "qconfig"):
+            sync.qconfig = module.qconfig
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync(child, process_group))
+    return module

@@ -1,0 +1,174 @@
+"""bnkit.fold_bn on PyTorch models: folded models equal the originals in eval.
+
+Tolerance 1e-5 (float32): folding reassociates (W x) * s + t as (s W) x + (s b + t), a few
+float32 roundings per output on values of order 1-10.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _lifecycle_models import ResNetStyle, randomize_batchnorms
+from torch import nn
+
+import bnkit
+import bnkit.torch as bt
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _affines(model):
+    return [m for m in model.modules() if isinstance(m, bt.ChannelAffine)]
+
+
+def _assert_folds_exactly(model, x, *, affines=0, **kwargs):
+    model = randomize_batchnorms(model).eval()
+    state = copy.deepcopy(model.state_dict())
+    folded = fold_bn_checked(model, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), **TOL)
+    assert not _batchnorms(folded)
+    assert len(_affines(folded)) == affines
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert torch.equal(value, state[key]), key
+    return folded
+
+
+def fold_bn_checked(model, **kwargs):
+    folded = bnkit.fold_bn(model, **kwargs)
+    assert folded is not model and not folded.training
+    return folded
+
+
+def test_resnet_style_network_folds_every_batchnorm():
+    torch.manual_seed(0)
+    model = ResNetStyle()
+    assert len(_batchnorms(model)) == 9
+    _assert_folds_exactly(model, torch.randn(2, 3, 16, 16))
+    assert model.stem[1].training is False  # randomize put it in eval(); fold_bn left it so
+    model.train()
+    folded = bnkit.fold_bn(model)
+    assert model.training and all(m.training for m in model.modules())  # flags of the original kept
+    assert not folded.training
+
+
+class TransposeBlock(nn.Module):
+    """torchvision-like decoder block: grouped ConvTranspose2d + BN + ReLU, and a BN after a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1, output_padding=1, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.up2 = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.bn2 = bt.BatchNorm2d(4, convention="keras")
+        self.post = nn.BatchNorm2d(4)  # follows a ReLU: becomes a ChannelAffine
+
+    def forward(self, x):
+        return self.post(torch.relu(self.bn2(self.up2(torch.relu(self.bn(self.up(x)))))))
+
+
+def test_block_with_grouped_conv_transpose():
+    torch.manual_seed(1)
+    folded = _assert_folds_exactly(TransposeBlock(), torch.randn(2, 6, 5, 5), affines=1)
+    assert folded.up.bias is not None  # created where the layer had none
+
+
+def test_linear_batchnorm1d_mlp():
+    torch.manual_seed(2)
+    mlp = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16, bias=False),
+                        bt.BatchNorm1d(16, convention="keras"), nn.ReLU(), nn.Linear(16, 3))
+    _assert_folds_exactly(mlp, torch.randn(7, 12))
+
+
+def test_conv1d_and_conv3d():
+    torch.manual_seed(3)
+    _assert_folds_exactly(nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4, affine=False)), torch.randn(3, 2, 9))
+    _assert_folds_exactly(nn.Sequential(nn.Conv3d(2, 4, 2, groups=2), nn.BatchNorm3d(4)),
+                          torch.randn(2, 2, 3, 4, 4))
+
+
+class SharedOutput(nn.Module):
+    """The conv's output is read by the BN and by the skip: folding would change the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        z = self.conv(x)
+        return self.bn(z) + z
+
+
+def test_batchnorm_whose_input_has_other_readers_becomes_affine():
+    torch.manual_seed(4)
+    _assert_folds_exactly(SharedOutput(), torch.randn(2, 3, 4, 4), affines=1)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.extra = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = self.extra(x)
+        return x
+
+
+def test_untraceable_model_falls_back_to_sequential_with_a_warning():
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="torch.fx could not trace Untraceable"):
+        folded = _assert_folds_exactly(Untraceable(), torch.randn(2, 3, 6, 6), affines=1)
+    assert isinstance(folded.features[1], nn.Identity) and isinstance(folded, Untraceable)
+
+
+def test_linear_on_3d_input_needs_example_inputs():
+    # Linear acts on the last axis, BatchNorm1d on axis 1: with 4 == 4 the pair looks foldable
+    torch.manual_seed(6)
+    model = randomize_batchnorms(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))).eval()
+    x = torch.randn(5, 4, 4)
+    folded = bnkit.fold_bn(model, example_inputs=(x,))
+    assert len(_affines(folded)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), **TOL)
+
+
+def test_batchnorm_without_running_stats_is_an_error_naming_it():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"BatchNorm2d '1' has track_running_stats=False"):
+        bnkit.fold_bn(model)
+
+
+def test_a_batchnorm_alone_becomes_a_channel_affine():
+    bn = randomize_batchnorms(nn.BatchNorm1d(3)).eval()
+    folded = bnkit.fold_bn(bn)
+    assert isinstance(folded, bt.ChannelAffine)
+    x = torch.randn(4, 3, 2)
+    torch.testing.assert_close(folded(x), bn(x), **TOL)
+
+
+def test_not_a_model_is_a_type_error():
+    with pytest.raises(TypeError, match="fold_bn takes a torch.nn.Module or a Keras 3 model, got list"):
+        bnkit.fold_bn([1, 2])
+
+
+def test_public_names_import_no_framework():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, bnkit; bnkit.fold_bn, bnkit.freeze_bn, bnkit.recalibrate; "
+            "print(sorted(m for m in ('torch', 'keras', 'tensorflow') if m in sys.modules))")
+    src = Path(__file__).resolve().parents[2] / "src"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(src), "PATH": ""}).stdout
+    assert out.strip() == "[]"

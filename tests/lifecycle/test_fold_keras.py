@@ -1,0 +1,96 @@
+"""bnkit.fold_bn on Keras 3 models (torch backend): folded models equal the originals in inference.
+
+Tolerance 1e-5 relative and absolute (float32): folding reassociates the per-channel affine
+into the kernel, a few roundings per output on values of order 1-10.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bnkit
+from bnkit.keras import keras
+
+L = keras.layers
+
+
+def _randomize(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, L.BatchNormalization):
+            values = {"gamma": rng.uniform(0.5, 2.0), "beta": rng.normal, "moving_mean": rng.normal,
+                      "moving_variance": rng.uniform(0.1, 2.0)}
+            for variable in layer.weights:
+                name = variable.path.rsplit("/", 1)[-1]
+                make = values[name]
+                shape = tuple(variable.shape)
+                data = make(size=shape) if callable(make) else rng.uniform(0.5, 2.0, size=shape)
+                variable.assign(data.astype("float32"))
+    return model
+
+
+def _layers(model, cls):
+    return [m for m in model._flatten_layers(include_self=False, recursive=True) if isinstance(m, cls)]
+
+
+def _assert_same(model, folded, x):
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    actual = keras.ops.convert_to_numpy(folded(x, training=False))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _functional_resnet_like():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    y = L.Conv2D(6, 1)(x)
+    y = L.BatchNormalization(center=False, epsilon=1e-5)(y)
+    x = L.Add()([x, y])
+    x = L.BatchNormalization(name="after_add")(x)  # not after a conv: a ChannelAffine
+    x = L.Conv1D(4, 2)(L.Reshape((64, 6))(x))
+    x = L.BatchNormalization(scale=False)(x)
+    x = L.Dense(5)(L.Flatten()(x))
+    outputs = L.BatchNormalization(momentum=0.5)(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_functional_model_folds_into_conv_and_dense():
+    model = _randomize(_functional_resnet_like())
+    before = [w.copy() for w in model.get_weights()]
+    folded = bnkit.fold_bn(model)
+    assert folded is not model
+    assert not _layers(folded, L.BatchNormalization)
+    assert len(_layers(folded, L.Identity)) == 4
+    assert [m.name for m in _layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)] == ["after_add"]
+    _assert_same(model, folded, np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype("float32"))
+    for old, new in zip(before, model.get_weights(), strict=True):  # the original is untouched
+        np.testing.assert_array_equal(old, new)
+
+
+def test_seed_model_batchnorm_after_relu_becomes_affine_and_saves(tmp_path):
+    from bnkit.examples.seed import keras_seed_model
+
+    model = _randomize(keras_seed_model())
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)) == 1  # conv has relu
+    x = np.random.default_rng(2).normal(size=(2, 64, 64, 1)).astype("float32")
+    _assert_same(model, folded, x)
+    folded.save(tmp_path / "folded.keras")
+    _assert_same(model, keras.models.load_model(tmp_path / "folded.keras"), x)
+
+
+def test_sequential_model():
+    keras.utils.set_random_seed(3)
+    model = _randomize(keras.Sequential([keras.Input((10,)), L.Dense(8, use_bias=False), L.BatchNormalization(),
+                                         L.ReLU(), L.Dense(4), L.BatchNormalization()]))
+    folded = bnkit.fold_bn(model)
+    assert not _layers(folded, L.BatchNormalization)
+    _assert_same(model, folded, np.random.default_rng(3).normal(size=(5, 10)).astype("float32"))
+
+
+def test_unbuilt_model_is_an_error():
+    with pytest.raises(ValueError, match="is not built"):
+        bnkit.fold_bn(keras.Sequential([L.Dense(3), L.BatchNormalization()]))

@@ -1,0 +1,104 @@
+"""Runs in each spawned process of tests/torch/test_sync.py (a module of its own: spawn imports it).
+
+Every rank builds the same data from the same seed, takes its own slice (sizes differ per rank,
+and may be 0), runs bnkit's SyncBatchNorm and a converted model, recalibrates, and saves what it
+saw; the test process compares with single-process batch norm over the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHANNELS = 3
+
+
+def make_data(sizes):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(sizes), CHANNELS, 4, 5, generator=generator) * 2 + 3
+    target = torch.randn(sum(sizes), CHANNELS, 4, 5, generator=generator)
+    return x, target
+
+
+def make_layer(cls, convention):
+    generator = torch.Generator().manual_seed(1)
+    layer = cls(CHANNELS, convention=convention)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(CHANNELS, generator=generator) + 0.5)
+        layer.bias.copy_(torch.randn(CHANNELS, generator=generator))
+        layer.running_mean.copy_(torch.randn(CHANNELS, generator=generator))
+        layer.running_var.copy_(torch.rand(CHANNELS, generator=generator) + 0.5)
+    return layer
+
+
+def make_model():
+    import bnkit.torch as bt
+
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(CHANNELS, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 1),
+        bt.BatchNorm2d(2, convention="keras"),
+    )
+
+
+def run(rank, world_size, init_file, out_dir, sizes):
+    import bnkit
+    import bnkit.torch as bt
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        start = sum(sizes[:rank])
+        x_all, target_all = make_data(sizes)
+        x_local = x_all[start : start + sizes[rank]]
+        target_local = target_all[start : start + sizes[rank]]
+        result = {}
+        for convention in ("torch", "keras"):
+            layer = make_layer(bt.SyncBatchNorm, convention).train()
+            outputs, grads = [], []
+            for _step in range(2):  # two steps: the running update compounds
+                x = x_local.clone().requires_grad_(True)
+                layer.zero_grad()
+                y = layer(x)
+                (y * target_local).sum().backward()
+                outputs.append(y.detach())
+                grads.append((x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+            result[convention] = {
+                "outputs": outputs,
+                "grads": grads,
+                "running_mean": layer.running_mean.clone(),
+                "running_var": layer.running_var.clone(),
+                "num_batches_tracked": layer.num_batches_tracked.clone(),
+            }
+        # float64, so that the convolutions' own summation order does not blur the comparison
+        model = bt.convert_sync(make_model().double()).train()
+        x = x_local.double().requires_grad_(True)
+        y = model(x)
+        (y * target_local[:, :2].double()).sum().backward()
+        result["model"] = {
+            "output": y.detach(),
+            "input_grad": x.grad,
+            "param_grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "types": [type(m).__name__ for m in model],
+        }
+        # recalibration across ranks: each rank sees its slice in two batches (or none)
+        model = make_model()
+        half = sizes[rank] // 2
+        batches = [b for b in (x_local[:half], x_local[half:]) if len(b)]
+        bnkit.recalibrate(model, batches, progress=False)
+        result["recalibrated"] = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,139 @@
+"""bnkit.torch.SyncBatchNorm and convert_sync across 2 and 3 real gloo processes on localhost.
+
+Each world runs once (one spawn per world size, shared by the tests). Ranks hold different
+batch sizes; in the 3-process world one rank holds an empty batch. Everything is compared with
+single-process batch norm (torch.nn.BatchNorm2d for the torch convention, bnkit's BatchNorm2d
+for the keras convention) over the concatenated batch. Tolerance 1e-6: float32 values of order
+1, where the two sides differ only in summation order (the converted model with convolutions
+runs in float64, where the convolutions' own float32 summation order would dominate).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _sync_worker import make_data, make_layer, make_model, run
+from torch import nn
+
+import bnkit.torch as bt
+
+TIMEOUT_S = 120
+WORLDS = {2: [5, 3], 3: [4, 0, 7]}
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _spawn(world_size, sizes, tmp_path):
+    context = mp.start_processes(
+        run,
+        args=(world_size, str(tmp_path / "init"), str(tmp_path), sizes),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} gloo processes did not finish within {TIMEOUT_S} s")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module", params=sorted(WORLDS), ids=lambda w: f"world{w}")
+def world(request, tmp_path_factory):
+    world_size = request.param
+    sizes = WORLDS[world_size]
+    return sizes, _spawn(world_size, sizes, tmp_path_factory.mktemp(f"world{world_size}"))
+
+
+def _slices(tensor, sizes):
+    return list(torch.split(tensor, sizes))
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_sync_batchnorm_equals_single_process_batchnorm(world, convention):
+    sizes, results = world
+    x_all, target_all = make_data(sizes)
+    if convention == "torch":
+        single = make_layer(lambda channels, convention: nn.BatchNorm2d(channels), convention)
+    else:
+        single = make_layer(bt.BatchNorm2d, convention)
+    single.train()
+    for step in range(2):
+        x = x_all.clone().requires_grad_(True)
+        single.zero_grad()
+        y = single(x)
+        (y * target_all).sum().backward()
+        ranks = [r[convention] for r in results]
+        torch.testing.assert_close(torch.cat([r["outputs"][step] for r in ranks]), y.detach(), **TOL)
+        torch.testing.assert_close(torch.cat([r["grads"][step][0] for r in ranks]), x.grad, **TOL)
+        # weight/bias gradients are each rank's contribution; DDP or an all_reduce sums them
+        torch.testing.assert_close(sum(r["grads"][step][1] for r in ranks), single.weight.grad, **TOL)
+        torch.testing.assert_close(sum(r["grads"][step][2] for r in ranks), single.bias.grad, **TOL)
+    for r in results:
+        torch.testing.assert_close(r[convention]["running_mean"], single.running_mean, **TOL)
+        torch.testing.assert_close(r[convention]["running_var"], single.running_var, **TOL)
+        assert int(r[convention]["num_batches_tracked"]) == 2
+    assert [len(r[convention]["outputs"][0]) for r in results] == sizes
+
+
+def test_convert_sync_model_equals_single_process_model(world):
+    sizes, results = world
+    x_all, target_all = make_data(sizes)
+    model = make_model().double().train()
+    x = x_all.double().requires_grad_(True)
+    y = model(x)
+    (y * target_all[:, :2].double()).sum().backward()
+    assert results[0]["model"]["types"] == ["Conv2d", "SyncBatchNorm", "ReLU", "Conv2d", "SyncBatchNorm"]
+    torch.testing.assert_close(torch.cat([r["model"]["output"] for r in results]), y.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([r["model"]["input_grad"] for r in results]), x.grad, **TOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sum(r["model"]["param_grads"][name] for r in results), p.grad, **TOL)
+    for key, value in model.state_dict().items():
+        for r in results:
+            torch.testing.assert_close(r["model"]["state"][key], value, **TOL)
+
+
+def test_recalibration_across_ranks_equals_concatenated_data(world):
+    sizes, results = world
+    x_all, _ = make_data(sizes)
+    model = make_model()
+    with torch.no_grad():
+        first = model[0](x_all).double()
+    states = [r["recalibrated"] for r in results]
+    rel = dict(rtol=1e-6, atol=1e-9)
+    for state in states:
+        torch.testing.assert_close(state["1.running_mean"].double(), first.mean((0, 2, 3)), **rel)
+        torch.testing.assert_close(state["1.running_var"].double(), first.var((0, 2, 3), correction=1), **rel)
+        assert int(state["1.num_batches_tracked"]) == 0  # left as it was
+    for key in states[0]:  # every rank ends with the same statistics, later layers included
+        for state in states[1:]:
+            torch.testing.assert_close(state[key], states[0][key], rtol=0, atol=0)
+
+
+def test_without_process_group_sync_batchnorm_is_plain_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4)
+    references = (("torch", nn.BatchNorm2d(3)), ("keras", bt.BatchNorm2d(3, convention="keras")))
+    for convention, reference in references:
+        sync = bt.SyncBatchNorm(3, convention=convention)
+        torch.testing.assert_close(sync(x), reference(x))
+        torch.testing.assert_close(sync.running_var, reference.running_var)
+
+
+def test_convert_sync_keeps_parameters_state_and_convention():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, momentum=None),
+                          bt.BatchNorm1d(2, convention="keras"), bt.FrozenBatchNorm2d(2))
+    model[1].running_mean.fill_(0.5)
+    model.eval()
+    weight = model[1].weight
+    converted = bt.convert_sync(model)
+    assert isinstance(converted[1], bt.SyncBatchNorm) and isinstance(converted[2], bt.SyncBatchNorm)
+    assert converted[1].weight is weight and converted[1].momentum is None
+    assert converted[1].convention.name == "torch" and converted[2].convention.name == "keras"
+    assert converted[2].momentum == 0.99 and not converted[1].training
+    assert isinstance(converted[3], bt.FrozenBatchNorm2d)
+    assert float(converted[1].running_mean[0]) == 0.5
