@@ -159,13 +159,22 @@ def _class_for(type_name: str):
     return None, None
 
 
-def rebuild_exported(program, bnkit_layers: dict | None = None) -> fx.GraphModule:
+def rebuild_exported(program, bnkit_layers: dict | None = None) -> nn.Module:
     """An ``fx.GraphModule`` over the program's module hierarchy with known layers rebuilt."""
     bnkit_layers = bnkit_layers or {}
-    with warnings.catch_warnings():
-        # torch.export's own pytree code trips its own deprecation; nothing the user can act on
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        unflat = torch.export.unflatten(program)
+    try:
+        with warnings.catch_warnings():
+            # torch.export's own pytree code trips its own deprecation; nothing the user can act on
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            unflat = torch.export.unflatten(program)
+    except Exception as e:  # torch.export.unflatten fails on some hierarchies (torch 2.13)
+        warnings.warn(
+            f"torch.export.unflatten could not restore the module hierarchy ({type(e).__name__}: {e}); "
+            "the program runs as flat operators, without its layers",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return FlatProgram(program.module())
     types = _original_types(program)
     for path, type_name in types.items():
         kind, cls = _class_for(type_name)
@@ -218,6 +227,23 @@ def _plain_graph(graph: fx.Graph) -> None:
         if node.op == "output" and isinstance(node.args[0], (tuple, list)) and len(node.args[0]) == 1:
             node.args = (node.args[0][0],)
     graph.lint()
+
+
+class FlatProgram(nn.Module):
+    """An exported program that runs as flat operators, in the mode it was exported in."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+        self.training = False
+
+    def forward(self, *args, **kwargs):
+        return self.program(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> FlatProgram:
+        # the exported graph fixed its batch-norm mode; its module refuses .train()/.eval()
+        self.training = mode
+        return self
 
 
 def _set_submodule(root: nn.Module, path: str, layer: nn.Module) -> None:
