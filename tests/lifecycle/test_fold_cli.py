@@ -54,5 +54,6 @@ def test_bad_input_shape_is_one_line_error(run_cli):
     proc = run_cli("fold", "a.pt2", "b.pt2", "--input-shape", "3,x")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "bnkit fold: error: --input-shape must be positive integers separated by commas, like 3,32,32; got '3,x'"
+        "bnkit fold: error: argument --input-shape: must be positive integers separated by commas, "
+        "like 64,64,1; got '3,x' (see bnkit fold --help)"
     )

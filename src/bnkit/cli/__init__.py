@@ -31,8 +31,15 @@ def _commands():
             yield importlib.import_module(f"bnkit.cli.commands.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors every bnkit command gives (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnkit",
         description="Batch normalization that is exact and fast across PyTorch and Keras.",
     )

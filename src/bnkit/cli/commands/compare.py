@@ -6,10 +6,10 @@ Exit status, like ``diff``: 0 when the models agree, 1 when they disagree, 2 on 
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 from bnkit.cli import CLIError
+from bnkit.cli.options import parse_shape
 
 NAME = "compare"
 HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and name why they disagree."
@@ -23,6 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--input-shape",
         metavar="SHAPE",
+        type=parse_shape,
         help="input shape without the batch dimension, in A's layout (H,W,C for Keras, C,H,W for PyTorch), "
         "e.g. 64,64,1; default: the Keras model's input shape",
     )
@@ -40,20 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing --report file")
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]")) if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise CLIError(f"--input-shape must be positive integers such as 64,64,1; got {text!r}") from None
-    if not shape or any(d < 1 for d in shape):
-        raise CLIError(f"--input-shape must be positive integers such as 64,64,1; got {text!r}")
-    return shape
-
-
 def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> tuple[int, ...]:
     if args.input_shape:
-        return parse_shape(args.input_shape)
+        return args.input_shape
     for model, framework in ((model_a, framework_a), (model_b, framework_b)):
         if framework != "keras":
             continue
@@ -76,8 +66,6 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.input_shape:
-        parse_shape(args.input_shape)  # a typo fails before the models load
     if args.report:
         from bnkit.io import check_writable
 

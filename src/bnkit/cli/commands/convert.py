@@ -13,6 +13,7 @@ import json
 import re
 
 from bnkit.cli import CLIError
+from bnkit.cli.options import parse_shape
 
 NAME = "convert"
 HELP = "convert a model between Keras and PyTorch (batch-norm semantics included) and verify it"
@@ -38,24 +39,12 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--input-shape",
         metavar="SHAPE",
+        type=parse_shape,
         help="input shape without the batch, in PyTorch's layout (C,H,W), e.g. 1,64,64; "
         "needed for a PyTorch factory, read from the file otherwise",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")
-
-
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    parts = [p for p in re.split(r"[,x× ]+", text.strip("()[] ")) if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise CLIError(f"--input-shape: expected positive integers such as 3,32,32, got {text!r}")
-    return shape
 
 
 def _direction(output: str) -> str:
@@ -163,7 +152,7 @@ def run(args) -> int:
     # torch.export's own deprecation noise, not the user's concern
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     target_framework = _direction(args.output)
-    given_shape = _parse_shape(args.input_shape)
+    given_shape = args.input_shape
     try:
         check_writable(args.output, args.force)  # refuse before the slow part
         model = load_model(args.input, args.weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bnkit.cli import CLIError
+from bnkit.cli.options import parse_shape
 
 NAME = "fold"
 HELP = "fold batch norms into the preceding Conv/ConvTranspose/Linear (Dense) layers for inference"
@@ -13,22 +14,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("output", metavar="OUT", help="folded model: .keras (Keras), .pt2, .pt or .safetensors")
     parser.add_argument("--weights", metavar="FILE", help="state dict (.pt or .safetensors) for a factory spec")
     parser.add_argument(
-        "--input-shape", metavar="C,H,W",
+        "--input-shape", metavar="C,H,W", type=parse_shape,
         help="input shape without the batch axis, for a .pt2 output (read from a .pt2 input when omitted)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-
-
-def _parse_shape(text: str | None):
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(d < 1 for d in shape):
-        raise CLIError(f"--input-shape must be positive integers separated by commas, like 3,32,32; got {text!r}")
-    return shape
 
 
 def _recorded_input_shape(model):
@@ -69,7 +58,7 @@ def run(args) -> int:
     from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
     from bnkit.lifecycle.fold import fold_bn
 
-    shape = _parse_shape(args.input_shape)
+    shape = args.input_shape
     try:
         check_writable(args.output, args.force)  # fail before the (slow) load and fold
         model = load_model(args.input, weights=args.weights)

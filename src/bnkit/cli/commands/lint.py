@@ -11,7 +11,7 @@ HELP = "Find batch normalization pitfalls in a model (exit status 1 when errors 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bnkit.cli.commands.summary import parse_input_shape
+    from bnkit.cli.options import parse_shapes
 
     parser.add_argument(
         "model",
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape",
         metavar="SHAPE",
-        type=parse_input_shape,
+        type=parse_shapes,
         help="input shape without the batch dimension (e.g. 1,64,64): lets batch-of-one count values per channel",
     )
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")

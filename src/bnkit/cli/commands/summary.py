@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from bnkit.cli.options import parse_shapes
+
 NAME = "summary"
 HELP = "Show a model's layers and parameter counts, counted both as Keras and as PyTorch do."
 
@@ -20,26 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape",
         metavar="SHAPE",
-        type=parse_input_shape,
+        type=parse_shapes,
         help="input shape without the batch dimension, in the model's layout, e.g. 64,64,1 (Keras) or 1,64,64 "
         "(PyTorch); several inputs separated by ';'. Needed for a PyTorch factory's output shapes",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def parse_input_shape(text: str) -> tuple[tuple[int, ...], ...]:
-    shapes = []
-    for part in text.split(";"):
-        try:
-            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
-        except ValueError:
-            dims = ()
-        if not dims or any(d < 1 for d in dims):
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a shape: give positive ints separated by commas, e.g. 64,64,1"
-            )
-        shapes.append(dims)
-    return tuple(shapes)
 
 
 def run(args: argparse.Namespace) -> int:
