@@ -16,7 +16,7 @@ from bnkit.cli import CLIError
 from bnkit.cli.options import parse_shape
 
 NAME = "convert"
-HELP = "convert a model between Keras and PyTorch (batch-norm semantics included) and verify it"
+HELP = "Convert a model between Keras and PyTorch (batch-norm semantics included) and verify it."
 
 _TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
 _KERAS_SUFFIXES = (".keras",)

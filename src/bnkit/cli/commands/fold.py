@@ -6,7 +6,7 @@ from bnkit.cli import CLIError
 from bnkit.cli.options import parse_shape
 
 NAME = "fold"
-HELP = "fold batch norms into the preceding Conv/ConvTranspose/Linear (Dense) layers for inference"
+HELP = "Fold batch norms into the preceding Conv/ConvTranspose/Linear (Dense) layers for inference."
 
 
 def add_arguments(parser) -> None:
