@@ -241,36 +241,25 @@ def _torch_values_per_channel(model, input_shape, batch_size) -> dict[str, int]:
     from torch import nn
 
     from bnkit.summarize.rows import normalize_input_shape
+    from bnkit.torch.probe import probing
 
     shapes = normalize_input_shape(input_shape)
     seen: dict[str, int] = {}
 
-    def hook_for(name):
-        def hook(module, args, output):
-            x = args[0]
-            seen.setdefault(name, batch_size * math.prod(x.shape[2:]))
-
-        return hook
+    def record(name, module, args, output):
+        seen.setdefault(name, batch_size * math.prod(args[0].shape[2:]))
 
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in bns]
     param = next(model.parameters(), None)
     kwargs = {} if param is None else {"dtype": param.dtype, "device": param.device}
     try:
-        model.eval()
-        with torch.no_grad():
+        with probing(model, bns, record):
             model(*[torch.zeros((1, *s), **kwargs) for s in shapes])
     except Exception as e:
         raise ValueError(
             f"running {type(model).__name__} on zeros of input_shape {input_shape!r} (plus a batch "
             f"dimension) failed: {type(e).__name__}: {e}"
         ) from e
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
     return seen
 
 

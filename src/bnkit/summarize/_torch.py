@@ -132,24 +132,20 @@ def _tensors(value) -> list[torch.Tensor]:
 
 def _trace_outputs(model: nn.Module, layers, inputs) -> dict:
     """Run ``model`` once in eval mode without gradients; every layer's first output's shapes and bytes."""
+    from bnkit.torch.probe import probing
+
     outputs: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {}
 
-    def hook_for(name):
-        def hook(module, args, output):
-            if name not in outputs:  # a layer called twice shows its first call
-                tensors = _tensors(output)
-                outputs[name] = (
-                    tuple(tuple(t.shape) for t in tensors),
-                    sum(t.numel() * t.element_size() for t in tensors),
-                )
+    def record(name, module, args, output):
+        if name not in outputs:  # a layer called twice shows its first call
+            tensors = _tensors(output)
+            outputs[name] = (
+                tuple(tuple(t.shape) for t in tensors),
+                sum(t.numel() * t.element_size() for t in tensors),
+            )
 
-        return hook
-
-    modes = {module: module.training for module in model.modules()}
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers]
     try:
-        model.eval()
-        with torch.no_grad():
+        with probing(model, layers, record):
             model(*inputs)
     except Exception as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
@@ -158,9 +154,4 @@ def _trace_outputs(model: nn.Module, layers, inputs) -> dict:
             f"(input_shape excludes the batch dimension and uses the model's own layout): "
             f"{type(e).__name__}: {e}"
         ) from e
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
     return outputs
