@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-__all__ = ["parse_shape", "parse_shapes", "add_input_shape"]
+__all__ = ["parse_shape", "parse_shapes", "add_model"]
 
 _EXAMPLE = "64,64,1"
 
@@ -30,11 +30,10 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(parse_shape(part) for part in text.split(";"))
 
 
-def add_input_shape(parser: argparse.ArgumentParser, help: str, *, several: bool = False) -> None:
-    """``--input-shape``, checked before any model is loaded (a typo fails fast)."""
-    parser.add_argument(
-        "--input-shape",
-        metavar="SHAPE",
-        type=parse_shapes if several else parse_shape,
-        help=help,
-    )
+MODEL_HELP = "a .keras or .h5 Keras model, a .pt2 torch.export program, or a package.module:factory spec"
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """The ``FILE`` argument and its ``--weights``, as every one-model command takes them."""
+    parser.add_argument("model", metavar="FILE", help=MODEL_HELP)
+    parser.add_argument("--weights", metavar="WEIGHTS", help=".pt or .safetensors weights for a factory spec")

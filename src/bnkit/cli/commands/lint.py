@@ -11,14 +11,9 @@ HELP = "Find batch normalization pitfalls in a model (exit status 1 when errors 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bnkit.cli.options import parse_shapes
+    from bnkit.cli.options import add_model, parse_shapes
 
-    parser.add_argument(
-        "model",
-        metavar="FILE",
-        help="a .keras or .h5 Keras model, a .pt2 torch.export program, or a package.module:factory spec",
-    )
-    parser.add_argument("--weights", metavar="WEIGHTS", help=".pt or .safetensors weights for a factory spec")
+    add_model(parser)
     parser.add_argument(
         "--for-inference",
         action="store_true",

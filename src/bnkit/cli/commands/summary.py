@@ -6,19 +6,14 @@ import argparse
 import json
 import sys
 
-from bnkit.cli.options import parse_shapes
+from bnkit.cli.options import add_model, parse_shapes
 
 NAME = "summary"
 HELP = "Show a model's layers and parameter counts, counted both as Keras and as PyTorch do."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="FILE",
-        help="a .keras or .h5 Keras model, a .pt2 torch.export program, or a package.module:factory spec",
-    )
-    parser.add_argument("--weights", metavar="WEIGHTS", help=".pt or .safetensors weights for a factory spec")
+    add_model(parser)
     parser.add_argument(
         "--input-shape",
         metavar="SHAPE",
