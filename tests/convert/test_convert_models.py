@@ -190,3 +190,15 @@ def test_source_semantics_torch_bn_to_keras_uses_torch_convention():
     (layer,) = [la for la in keras_model.layers if isinstance(la, keras.layers.BatchNormalization)]
     assert isinstance(layer, BatchNormalization) and layer.convention.name == "torch" and layer.momentum == 0.15
     assert module.training, "the module given is not changed by tracing"
+
+
+def test_channels_last_input_shape_is_read_as_such_with_a_warning():
+    torch.manual_seed(0)
+    module = torch_resnet().eval()
+    channels_first = torch_to_keras(module, (3, 8, 8))
+    with pytest.warns(UserWarning, match="read it as channels-last"):
+        channels_last = torch_to_keras(module, (8, 8, 3))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(_np(channels_last(x)), _np(channels_first(x)))
+    with pytest.raises(ValueError, match="does not run on input_shape"):
+        torch_to_keras(module, (5, 8, 8))

@@ -6,6 +6,7 @@ import copy
 import math
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,34 @@ class _TorchToKeras:
         self.env: dict[fx.Node, _Value] = {}
         self.keras_names: set[str] = set()
 
+    def _propagate_shapes(self) -> list[tuple[int, ...]]:
+        """Record every node's shape; the shapes are PyTorch's layout, but a channels-last
+        (Keras-style) shape that only fits the module that way is accepted with a warning."""
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in self.input_shapes))
+            return self.input_shapes
+        except Exception as first_error:
+            failure = ValueError(
+                f"the module does not run on input_shape {self.input_shapes} (PyTorch's layout, no batch "
+                f"dimension): {type(first_error).__name__}: {' '.join(str(first_error).split())}"
+            )
+            moved = [(s[-1], *s[:-1]) if len(s) >= 2 else s for s in self.input_shapes]
+            if moved == self.input_shapes:
+                raise failure from first_error
+            try:
+                with torch.no_grad():
+                    ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in moved))
+            except Exception:
+                raise failure from first_error
+            warnings.warn(
+                f"input_shape {self.input_shapes} does not fit the module in PyTorch's layout (C, H, W); "
+                f"read it as channels-last, i.e. {moved}",
+                UserWarning,
+                stacklevel=4,
+            )
+            return moved
+
     def build(self):
         tracer = _Tracer()
         graph = tracer.trace(self.module)
@@ -139,8 +168,7 @@ class _TorchToKeras:
             raise ValueError(
                 f"the module's forward takes {len(placeholders)} inputs, got {len(self.input_shapes)} input shapes"
             )
-        with torch.no_grad():
-            ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in self.input_shapes))
+        self.input_shapes = self._propagate_shapes()
         inputs, outputs = [], []
         for node in graph.nodes:
             if node.op == "placeholder":
