@@ -197,3 +197,30 @@ def test_train_eval_toggle_and_many_batches():
         assert torch.equal(ours(x), theirs(x))
     _assert_same_state(ours, theirs)
     assert int(ours.num_batches_tracked) == 6
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2), (0, 3, 1, 2, 2)], ids=str)
+def test_empty_batch_as_torch_nn(shape, convention):
+    """An empty batch (N=0) in training: torch.nn returns an empty output, counts the batch and
+    keeps the running statistics; both conventions do the same (the Keras convention used to
+    divide by n = 0)."""
+    ours, theirs = _pair(shape)
+    ours = type(ours)(3, convention=convention)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for a, b in ((ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):
+            a.fill_(2.0)
+            b.fill_(2.0)
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        x1, x2 = torch.zeros(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+        y1, y2 = ours(x1), theirs(x2)
+        assert y1.shape == y2.shape == shape
+        y1.sum().backward()
+        y2.sum().backward()
+        assert x1.grad.shape == x2.grad.shape
+        assert torch.equal(ours.weight.grad, theirs.weight.grad)
+        _assert_same_state(ours, theirs)
+    assert int(ours.num_batches_tracked) == 1

@@ -51,6 +51,8 @@ def use_triton(input) -> bool:
 
     if not isinstance(input, torch.Tensor) or not input.is_cuda:  # fx Proxies, CPU tensors
         return False
+    if input.numel() == 0:  # an empty batch: nothing to launch, and the native path keeps the statistics
+        return False
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if torch.compiler.is_compiling():

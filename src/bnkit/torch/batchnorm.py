@@ -30,6 +30,11 @@ mean and variance NaN or Inf, so the channel's whole output is NaN and its runni
 become NaN/Inf (and stay so; reset them with ``reset_running_stats()``). Other channels are
 untouched. In ``eval()`` with finite running statistics a NaN/Inf only affects its own output
 element. Nothing is checked or replaced: a NaN check would cost a pass over the input.
+An empty batch (N = 0) is counted in ``num_batches_tracked`` and leaves the running
+statistics as they are, as in ``torch.nn``.
+
+``torch.compile``, ``torch.export`` and ``torch.jit.trace`` take these layers;
+``torch.jit.script`` does not (the ``convention`` attribute is not a TorchScript type).
 """
 
 from __future__ import annotations
@@ -144,7 +149,9 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
             output = self._forward_own_update(input.contiguous())
             return output.contiguous(memory_format=_memory_format(input))
         updates = self.training and self.track_running_stats and self.running_mean is not None
-        if not updates:
+        if updates:
+            self.num_batches_tracked.add_(1)
+        if not updates or input.numel() == 0:  # torch.nn counts an empty batch but keeps the statistics
             return F.batch_norm(
                 input,
                 None if use_batch_stats else self.running_mean,
@@ -155,7 +162,6 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
                 0.0,
                 self.eps,
             )
-        self.num_batches_tracked.add_(1)
         # With momentum 1 the native kernel writes the batch mean and the unbiased batch
         # variance (accurate Welford statistics) into the scratch buffers. Autograd keeps them
         # for the backward pass: they are only read below, never changed in place (that would
@@ -167,14 +173,13 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         # The count matters only to the cumulative average; reading it syncs a GPU stream.
         count = int(self.num_batches_tracked) if self.momentum is None else 1
         old, new = self.convention.weights(self.momentum, count)
-        var_weight = new
         if not self.convention.unbiased_running_var:
             n = input.numel() // self.num_features
-            var_weight = new * ((n - 1) / n)  # biased variance = unbiased * (n - 1) / n
-        # run = old * run + new * batch, in place: four small ops, no temporaries. Nothing
-        # here requires grad, so autograd records none of it.
+            batch_var = batch_var * ((n - 1) / n)  # biased variance = unbiased * (n - 1) / n
+        # run = old * run + new * batch, in place. Nothing here requires grad, so autograd
+        # records none of it.
         running_mean.mul_(old).add_(batch_mean, alpha=new)
-        running_var.mul_(old).add_(batch_var, alpha=var_weight)
+        running_var.mul_(old).add_(batch_var, alpha=new)
         return output
 
     def extra_repr(self) -> str:
