@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
 
@@ -233,6 +234,24 @@ def test_translate_settings_given_values_and_identity():
     assert translate_settings("keras", "keras")["running_var_factor"] == "1"
     with pytest.raises(ValueError, match="not part of the keras convention"):
         translate_settings("torch", "keras", momentum=None)
+
+
+@pytest.mark.parametrize(
+    "eps, error, message",
+    [
+        (0.0, ValueError, "eps must be a positive float, got 0.0"),
+        (-1e-5, ValueError, "eps must be a positive float, got -1e-05"),
+        (float("nan"), ValueError, "eps must be a positive float, got nan"),
+        ("1e-3", TypeError, "eps must be a positive float, got str '1e-3'"),
+        (True, TypeError, "eps must be a positive float, got bool True"),
+    ],
+)
+def test_translate_settings_rejects_a_bad_eps(eps, error, message):
+    # torch.nn.BatchNorm2d and Keras' BatchNormalization both need eps > 0 for a finite output
+    with pytest.raises(error, match=re.escape(message)):
+        translate_settings("keras", "torch", eps=eps)
+    np = pytest.importorskip("numpy")
+    assert translate_settings("keras", "torch", eps=np.float32(1e-3))["eps"] == float(np.float32(1e-3))
 
 
 # --- variance estimators --------------------------------------------------------------------

@@ -127,6 +127,8 @@ def test_bad_settings_are_named():
         explain(channels=0)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 2"):
         explain(momentum=2)
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got inf"):
+        explain(eps=float("inf"))
     with pytest.raises(ValueError, match="no Keras equivalent"):
         explain(source="torch", momentum=None)
     with pytest.raises(ValueError, match="track_running_stats=False exists only with source='torch'"):

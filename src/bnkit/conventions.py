@@ -166,7 +166,13 @@ def translate_settings(
     ``n / (n - 1)`` (biased → unbiased) or ``(n - 1) / n`` (unbiased → biased), or 1.
     """
     src, dst = get_convention(source), get_convention(target)
-    eps = src.eps if eps is None else float(eps)
+    if eps is None:
+        eps = src.eps
+    elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__} {eps!r}")
+    elif not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    eps = float(eps)
     momentum = src.momentum if momentum == "default" else momentum
     factor = "1"
     if src.running_var_estimator != dst.running_var_estimator:

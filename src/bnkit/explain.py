@@ -403,8 +403,8 @@ def explain(
         raise ValueError("momentum=None (PyTorch's cumulative average) has no Keras equivalent; "
                          "give a float in [0, 1]")
     momentum = float(momentum)
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if source == "keras" and not track:
         raise ValueError("Keras' BatchNormalization always keeps moving statistics: "
                          "track_running_stats=False exists only with source='torch'")

@@ -37,6 +37,7 @@ def test_json_is_the_data(run_cli):
         (["--channels", "0"], "--channels must be a positive integer, got 0"),
         (["--momentum", "2"], "--momentum must be in [0, 1], got 2"),
         (["--eps", "-1"], "--eps must be positive"),
+        (["--eps", "inf"], "--eps must be positive and finite, got inf"),  # JSON has no Infinity
         (["--no-affine"], "--no-affine is a torch option"),
         (["--from", "torch", "--no-center"], "--no-center is a keras option"),
     ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from bnkit.cli import CLIError
 
@@ -50,8 +51,8 @@ def _check_args(args) -> None:
         raise CLIError(f"--size must be a positive integer, got {args.size}")
     if args.momentum is not None and not 0.0 <= args.momentum <= 1.0:
         raise CLIError(f"--momentum must be in [0, 1], got {args.momentum:g}")
-    if args.eps is not None and not args.eps > 0:
-        raise CLIError(f"--eps must be positive, got {args.eps:g}")
+    if args.eps is not None and not 0 < args.eps < math.inf:
+        raise CLIError(f"--eps must be positive and finite, got {args.eps:g}")
     if args.batch * args.size * args.size < 2:
         raise CLIError("a training step needs at least 2 values per channel: raise --batch or --size")
     if args.source == "keras" and (args.no_affine or args.no_track_running_stats):
