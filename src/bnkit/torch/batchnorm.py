@@ -35,6 +35,10 @@ statistics as they are, as in ``torch.nn``.
 
 ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` take these layers;
 ``torch.jit.script`` does not (the ``convention`` attribute is not a TorchScript type).
+``torch.fx.symbolic_trace`` keeps only ``torch.nn``'s own layers as leaves and traces into
+these, which in training loses the in-place running update (and, in the Keras convention,
+stops at a branch on the input's layout): trace with :func:`bnkit.torch.tracing.symbolic_trace`,
+which keeps every batch norm a ``call_module`` node.
 """
 
 from __future__ import annotations
