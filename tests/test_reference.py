@@ -105,6 +105,17 @@ def test_update_running_momentum_none_is_the_mean_of_the_batch_statistics():
     assert running.num_batches_tracked == 5
 
 
+def test_update_running_unbiased_needs_two_values_as_torch_nn():
+    # torch.nn refuses a batch of one value per channel in training (its unbiased running
+    # variance would divide by n - 1 = 0); the reference says so too instead of dividing by 0
+    x = np.random.default_rng(0).normal(size=(1, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        torch.nn.BatchNorm1d(3)(torch.from_numpy(x))
+    stats = ref.batch_stats(x)
+    with pytest.raises(ValueError, match="at least 2 values per channel, got n=1"):
+        ref.update_running(ref.RunningStats(np.zeros(3), np.ones(3), 0), stats, 0.1, "torch")
+
+
 def test_update_running_none_refused_in_keras():
     stats = ref.batch_stats(_batch((4, 2), 0))
     with pytest.raises(ValueError, match="not part of the keras convention"):

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bnkit.conventions import Convention, get_convention
+from bnkit.conventions import Convention, biased_to_unbiased, get_convention
 
 __all__ = [
     "BatchStats",
@@ -136,7 +136,7 @@ def update_running(
     conv = get_convention(convention)
     count = running.num_batches_tracked + 1
     old, new = conv.weights(momentum, count)
-    var = stats.var * (stats.n / (stats.n - 1)) if conv.unbiased_running_var else stats.var
+    var = biased_to_unbiased(stats.var, stats.n) if conv.unbiased_running_var else stats.var
     mean = old * _f64(running.mean) + new * stats.mean
     var = old * _f64(running.var) + new * var
     return RunningStats(mean, var, count)
