@@ -391,3 +391,5 @@ def test_clear_errors():
         ops.batch_norm_triton(x, None, None, torch.ones(4), use_batch_stats=True)
     with pytest.raises(ValueError, match="running_mean and running_var are required"):
         ops.batch_norm_triton(x, None, None, use_batch_stats=False)
+    with pytest.raises(ValueError, match=r"non-empty input for batch statistics, got shape \(0, 3, 4, 4\)"):
+        ops.batch_norm_triton(torch.zeros(0, 3, 4, 4), None, None, use_batch_stats=True)

@@ -347,6 +347,9 @@ def batch_norm_triton(
             f"residual must have the input's dtype and device ({x.dtype}, {x.device}), "
             f"got ({residual.dtype}, {residual.device})"
         )
+    if use_batch_stats and x.numel() == 0:
+        # no statistics to compute; bnkit.torch's layers leave an empty batch to PyTorch's kernel
+        raise ValueError(f"batch_norm_triton needs a non-empty input for batch statistics, got shape {tuple(x.shape)}")
     if not use_batch_stats and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when use_batch_stats=False")
     C = x.shape[1]
