@@ -179,7 +179,10 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         old, new = self.convention.weights(self.momentum, count)
         if not self.convention.unbiased_running_var:
             n = input.numel() // self.num_features
-            batch_var = batch_var * ((n - 1) / n)  # biased variance = unbiased * (n - 1) / n
+            # biased variance = unbiased * (n - 1) / n, on the tensor: folded into the update's
+            # weight as (1 - m) * (n - 1) / n, it made torch.compile fail once Dynamo treats the
+            # momentum as a symbolic float (a guard that rounds the product differently)
+            batch_var = batch_var * ((n - 1) / n)
         # run = old * run + new * batch, in place. Nothing here requires grad, so autograd
         # records none of it.
         running_mean.mul_(old).add_(batch_mean, alpha=new)
