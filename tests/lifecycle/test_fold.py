@@ -142,6 +142,65 @@ def test_linear_on_3d_input_needs_example_inputs():
         torch.testing.assert_close(folded(x), model(x), **TOL)
 
 
+def test_linear_then_batchnorm2d_never_folds():
+    # (N, C, H, W) with W == C == out_features: a BatchNorm2d normalises axis 1, the Linear maps W
+    torch.manual_seed(7)
+    _assert_folds_exactly(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm2d(4)), torch.randn(2, 4, 3, 4), affines=1)
+
+
+class ConvWeightReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+
+
+def test_conv_whose_weight_is_also_read_directly_is_not_folded():
+    torch.manual_seed(8)
+    _assert_folds_exactly(ConvWeightReadTwice(), torch.randn(2, 3, 5, 5), affines=1)
+
+
+class AliasedBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.bn_alias = self.bn  # one module, two names; named_modules() yields only "bn"
+
+    def forward(self, x):
+        return self.bn_alias(self.conv(x))
+
+
+def test_batchnorm_registered_under_two_names_is_replaced_under_both():
+    torch.manual_seed(9)
+    folded = _assert_folds_exactly(AliasedBatchNorm(), torch.randn(2, 3, 5, 5))
+    assert isinstance(folded.bn_alias, nn.Identity)
+    frozen = bnkit.freeze_bn(AliasedBatchNorm(), convention="keras")
+    assert isinstance(frozen.bn_alias, bt.FrozenBatchNorm2d) and frozen.bn_alias is frozen.bn
+
+
+class FunctionalBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        bn = self.bn
+        return nn.functional.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                        False, 0.1, bn.eps)
+
+
+def test_batchnorm_read_as_tensors_is_left_with_a_warning():
+    torch.manual_seed(10)
+    model = randomize_batchnorms(FunctionalBatchNorm()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(UserWarning, match="BatchNorm2d 'bn' is not only called"):
+        folded = bnkit.fold_bn(model)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), **TOL)
+
+
 def test_batchnorm_without_running_stats_is_an_error_naming_it():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
     with pytest.raises(ValueError, match=r"BatchNorm2d '1' has track_running_stats=False"):

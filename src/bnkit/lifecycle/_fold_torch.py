@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from bnkit.lifecycle._torch_bn import (
     _BatchNorm,
     batchnorms,
+    display_name,
     inference_scale_shift,
     replace_module,
     require_running_stats,
@@ -91,10 +92,18 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
             example_inputs = (example_inputs,)
         with torch.no_grad():
             ShapeProp(graph_module).propagate(*example_inputs)
-    plan = _plan(graph_module, shapes_known=example_inputs is not None)
+    read = _read_as_tensors(graph_module)
+    plan = _plan(graph_module, read, shapes_known=example_inputs is not None)
     # The graph only decides; the deep copy keeps its own class and forward, with each batch
     # norm swapped for nn.Identity (folded) or a ChannelAffine (not foldable).
     for name, bn in batchnorms(model):
+        if name in read:
+            warnings.warn(
+                f"{display_name(name, bn)} is not only called: forward reads its tensors directly "
+                "(e.g. F.batch_norm(x, self.bn.running_mean, ...)), so it is left as it is",
+                stacklevel=3,
+            )
+            continue
         producers = plan.get(name)
         if producers:
             scale, shift = inference_scale_shift(bn)
@@ -109,12 +118,27 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
 def _foldable_pair(layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) -> bool:
     if not isinstance(layer, FOLDABLE) or _out_channels(layer) != bn.num_features:
         return False
-    if isinstance(layer, nn.Linear) and output_ndim is not None and output_ndim != 2:
-        return False  # (N, C, L) with C = out_features would normalise the wrong axis
+    if isinstance(layer, nn.Linear):
+        # Linear maps the last axis, a batch norm normalises axis 1: they agree only on (N, C)
+        if isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            return False  # 4-D / 5-D input, even when its last axis has C entries
+        if output_ndim is not None and output_ndim != 2:
+            return False  # (N, C, L) with C = out_features would normalise the wrong axis
     return True
 
 
-def _plan(gm: torch.fx.GraphModule, *, shapes_known: bool) -> dict[str, list[str]]:
+def _read_as_tensors(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the modules whose parameters or buffers ``forward`` reads directly (``get_attr``
+    nodes, e.g. ``F.conv2d(x, self.conv.weight)``): folding would change what those reads see."""
+    read = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            parts = node.target.split(".")
+            read.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return read
+
+
+def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool) -> dict[str, list[str]]:
     """``batch norm name -> the layers it folds into``, for batch norms foldable at every call."""
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -132,6 +156,7 @@ def _plan(gm: torch.fx.GraphModule, *, shapes_known: bool) -> dict[str, list[str
             and source.op == "call_module"
             and len(source.users) == 1  # nothing else reads the un-normalised output
             and calls[source.target] == 1  # a layer called twice would fold for both calls
+            and source.target not in read  # nor may its weight be read elsewhere
             and _foldable_pair(modules[source.target], bn, ndim)
         )
         sites = plan.setdefault(node.target, [])
