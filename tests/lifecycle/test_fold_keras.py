@@ -88,7 +88,32 @@ def test_sequential_model():
                                          L.ReLU(), L.Dense(4), L.BatchNormalization()]))
     folded = bnkit.fold_bn(model)
     assert not _layers(folded, L.BatchNormalization)
+    assert len(_layers(folded, L.Identity)) == 2  # both follow a linear Dense: folded, not affine
+    assert not _layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)
     _assert_same(model, folded, np.random.default_rng(3).normal(size=(5, 10)).astype("float32"))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_conv_transpose_folds(data_format):
+    keras.utils.set_random_seed(4)
+    shape, axis = ((5, 5, 3), -1) if data_format == "channels_last" else ((3, 5, 5), 1)
+    model = _randomize(keras.Sequential([
+        keras.Input(shape), L.Conv2DTranspose(4, 3, strides=2, data_format=data_format),
+        L.BatchNormalization(axis=axis), L.ReLU(),
+    ]))
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, L.Identity)) == 1 and not _layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)
+    _assert_same(model, folded, np.random.default_rng(4).normal(size=(2, *shape)).astype("float32"))
+
+
+def test_conv1d_transpose_without_bias_folds_in_a_functional_model():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((7, 3))
+    outputs = L.BatchNormalization(center=False)(L.Conv1DTranspose(6, 2, use_bias=False)(inputs))
+    model = _randomize(keras.Model(inputs, outputs))
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, L.Identity)) == 1
+    _assert_same(model, folded, np.random.default_rng(5).normal(size=(3, 7, 3)).astype("float32"))
 
 
 def test_unbuilt_model_is_an_error():

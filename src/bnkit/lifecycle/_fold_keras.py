@@ -7,7 +7,8 @@ import numpy as np
 from bnkit.keras import keras
 from bnkit.lifecycle.keras_layers import ChannelAffine
 
-_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
+_CONV_TRANSPOSE = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense) + _CONV_TRANSPOSE
 
 
 def _scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +45,8 @@ def _foldable_pairs(model) -> dict[int, object]:
     graphs = [model] + [m for m in model._flatten_layers(include_self=False, recursive=True)
                         if isinstance(m, keras.Model)]
     for graph in graphs:
+        # a built Sequential keeps its graph in a Functional of its own; it lists no operations
+        graph = getattr(graph, "_functional", None) or graph
         nodes = list(_nodes_in(graph))
         readers: dict[int, int] = {}
         for _, node in nodes:
@@ -103,7 +106,10 @@ def fold_keras(model):
         if id(layer) in folded_producers:
             scale, shift = _scale_shift(folded_producers[id(layer)])
             weights = layer.get_weights()
-            kernel = weights[0].astype(np.float64) * scale  # output channels are the kernel's last axis
+            if isinstance(layer, _CONV_TRANSPOSE):  # kernel (*size, out, in)
+                kernel = weights[0].astype(np.float64) * scale[:, None]
+            else:  # Conv (*size, in / groups, out), Dense (in, out): output channels last
+                kernel = weights[0].astype(np.float64) * scale
             bias = weights[1].astype(np.float64) if len(weights) == 2 else np.zeros_like(scale)
             bias = bias * scale + shift
             return _copy_layer(layer, [kernel.astype(weights[0].dtype), bias.astype(weights[0].dtype)],

@@ -48,9 +48,11 @@ def fold_bn(model, *, example_inputs=None):
     ``(N, C)`` batches do.
 
     Keras: a new functional model (``keras.models.clone_model``) in which each
-    ``BatchNormalization`` whose input is the only use of a ``Conv1D/2D/3D`` or ``Dense`` output
-    with a linear activation, normalising that layer's channel axis, is folded into its kernel
-    and bias and replaced by an ``Identity`` layer; the others become ``ChannelAffine`` layers.
+    ``BatchNormalization`` whose input is the only use of a ``Conv1D/2D/3D``,
+    ``Conv1D/2D/3DTranspose`` or ``Dense`` output with a linear activation, normalising that
+    layer's channel axis, is folded into its kernel and bias and replaced by an ``Identity``
+    layer (in functional and ``Sequential`` models alike); the others become ``ChannelAffine``
+    layers.
 
     A batch norm without running statistics (``track_running_stats=False``) normalises with
     batch statistics even in inference, so it cannot be folded: ``ValueError`` naming it.
