@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
@@ -103,9 +104,8 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
     try:
         with torch.no_grad(), progress_bar(progress) as bar:
             task = bar.add_task("recalibrate", total=total)
-            for i, batch in enumerate(batches):
-                if num_batches is not None and i >= num_batches:
-                    break
+            # islice: a generator or DataLoader iterator loses no batch beyond num_batches
+            for batch in itertools.islice(batches, num_batches):
                 model(_input_of(batch, device))
                 bar.advance(task)
     finally:
