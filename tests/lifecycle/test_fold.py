@@ -201,6 +201,20 @@ def test_batchnorm_read_as_tensors_is_left_with_a_warning():
         torch.testing.assert_close(folded(x), model(x), **TOL)
 
 
+def test_parametrized_or_hooked_layers_are_not_folded_into():
+    # weight_norm / spectral_norm rebuild weight at every call, a hook rewrites the output:
+    # scaling the stored weight would be lost or wrong, so those batch norms become ChannelAffine
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(11)
+    hooked = nn.Conv2d(3, 4, 1)
+    hooked.register_forward_hook(lambda module, args, output: output * 2)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4),
+                          nn.Flatten(), parametrizations.spectral_norm(nn.Linear(64, 5)), nn.BatchNorm1d(5))
+    _assert_folds_exactly(model, torch.randn(2, 3, 6, 6), affines=2)
+    _assert_folds_exactly(nn.Sequential(hooked, nn.BatchNorm2d(4)), torch.randn(2, 3, 4, 4), affines=1)
+
+
 def test_batchnorm_without_running_stats_is_an_error_naming_it():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
     with pytest.raises(ValueError, match=r"BatchNorm2d '1' has track_running_stats=False"):

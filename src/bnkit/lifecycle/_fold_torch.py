@@ -10,6 +10,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from bnkit.lifecycle._torch_bn import (
     _BatchNorm,
@@ -115,8 +116,17 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
     return model
 
 
+def _computes_plainly(layer: nn.Module) -> bool:
+    """The layer's output is its ``weight``/``bias`` applied, nothing recomputed or changed around it:
+    a parametrization (``weight_norm``, ``spectral_norm``) rebuilds ``weight`` at every call, and a
+    forward (pre-)hook (old-style ``weight_norm``, user hooks) may rewrite weight, input or output."""
+    return not parametrize.is_parametrized(layer) and not layer._forward_hooks and not layer._forward_pre_hooks
+
+
 def _foldable_pair(layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) -> bool:
     if not isinstance(layer, FOLDABLE) or _out_channels(layer) != bn.num_features:
+        return False
+    if not _computes_plainly(layer):
         return False
     if isinstance(layer, nn.Linear):
         # Linear maps the last axis, a batch norm normalises axis 1: they agree only on (N, C)

@@ -34,7 +34,8 @@ def fold_bn(model, *, example_inputs=None):
     of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` output is folded into that
     layer (a bias is created where it had none) and replaced by ``nn.Identity``; the others
     become ``ChannelAffine`` modules (also when ``forward`` reads the layer's weight directly,
-    or the layer is a ``Linear`` before a ``BatchNorm2d/3d``). A batch norm whose tensors
+    the layer has a parametrization such as ``weight_norm`` or a forward hook, or it is a
+    ``Linear`` before a ``BatchNorm2d/3d``). A batch norm whose tensors
     ``forward`` reads directly (``F.batch_norm(x, self.bn.running_mean, ...)``) is left as it
     is, with a warning. The result is the deep copy, of the model's own class
     with its own ``forward``: the graph only decides what folds. If the model cannot be traced,
