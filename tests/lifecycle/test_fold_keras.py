@@ -119,3 +119,19 @@ def test_conv1d_transpose_without_bias_folds_in_a_functional_model():
 def test_unbuilt_model_is_an_error():
     with pytest.raises(ValueError, match="is not built"):
         bnkit.fold_bn(keras.Sequential([L.Dense(3), L.BatchNormalization()]))
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.dense, self.bn = L.Dense(3), L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+def test_subclassed_model_is_a_clear_error():
+    model = _Subclassed()
+    model(np.zeros((2, 4), "float32"))
+    with pytest.raises(ValueError, match="folds Keras functional and Sequential models; 'subclassed' is a subclassed"):
+        bnkit.fold_bn(model)

@@ -7,6 +7,8 @@ import numpy as np
 from bnkit.keras import keras
 from bnkit.lifecycle.keras_layers import ChannelAffine
 
+# keras.Model(inputs, outputs) builds one; it has no public name (and keras must come through bnkit.keras)
+Functional = keras.src.models.functional.Functional
 _CONV_TRANSPOSE = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense) + _CONV_TRANSPOSE
 
@@ -90,6 +92,11 @@ def fold_keras(model):
         raise TypeError(f"fold_bn takes a Keras model, got layer {type(model).__name__}")
     if not model.built:
         raise ValueError(f"Keras model {model.name!r} is not built; call it on data or give it an Input first")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise ValueError(
+            f"fold_bn folds Keras functional and Sequential models; {model.name!r} is a subclassed "
+            f"{type(model).__name__} whose call() is Python code that clone_model cannot rebuild"
+        )
     pairs = _foldable_pairs(model)
     folded_producers = {id(producer): bn for bn_id, producer in pairs.items()
                         for bn in _batchnorms(model) if id(bn) == bn_id}
