@@ -116,6 +116,18 @@ def test_conv1d_transpose_without_bias_folds_in_a_functional_model():
     _assert_same(model, folded, np.random.default_rng(5).normal(size=(3, 7, 3)).astype("float32"))
 
 
+def test_loaded_sequential_folds(tmp_path):
+    # loading rebuilds a Sequential's graph: its layers keep stale inbound nodes of earlier builds
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((5, 5, 3)), L.Conv2DTranspose(4, 3), L.BatchNormalization(),
+                              L.Conv2D(2, 1, use_bias=False), L.BatchNormalization(center=False)])
+    _randomize(model).save(tmp_path / "seq.keras")
+    loaded = keras.models.load_model(tmp_path / "seq.keras")
+    folded = bnkit.fold_bn(loaded)
+    assert len(_layers(folded, L.Identity)) == 2
+    _assert_same(model, folded, np.random.default_rng(6).normal(size=(2, 5, 5, 3)).astype("float32"))
+
+
 def test_unbuilt_model_is_an_error():
     with pytest.raises(ValueError, match="is not built"):
         bnkit.fold_bn(keras.Sequential([L.Dense(3), L.BatchNormalization()]))

@@ -46,9 +46,15 @@ def _foldable_pairs(model) -> dict[int, object]:
     pairs: dict[int, object] = {}
     graphs = [model] + [m for m in model._flatten_layers(include_self=False, recursive=True)
                         if isinstance(m, keras.Model)]
+    # a built Sequential keeps its graph in a Functional of its own; it lists no operations
+    graphs = list({id(g): g for g in (getattr(graph, "_functional", None) or graph for graph in graphs)}.values())
+    # calls per layer inside this model; a loaded or rebuilt Sequential leaves its layers stale
+    # inbound nodes of earlier graphs, so len(layer._inbound_nodes) overcounts
+    calls: dict[int, int] = {}
     for graph in graphs:
-        # a built Sequential keeps its graph in a Functional of its own; it lists no operations
-        graph = getattr(graph, "_functional", None) or graph
+        for op, _ in _nodes_in(graph):
+            calls[id(op)] = calls.get(id(op), 0) + 1
+    for graph in graphs:
         nodes = list(_nodes_in(graph))
         readers: dict[int, int] = {}
         for _, node in nodes:
@@ -57,7 +63,7 @@ def _foldable_pairs(model) -> dict[int, object]:
         for tensor in keras.tree.flatten(getattr(graph, "outputs", None) or []):
             readers[id(tensor)] = readers.get(id(tensor), 0) + 1
         for op, node in nodes:
-            if not isinstance(op, keras.layers.BatchNormalization) or len(op._inbound_nodes) != 1:
+            if not isinstance(op, keras.layers.BatchNormalization) or calls[id(op)] != 1:
                 continue
             if len(node.input_tensors) != 1:
                 continue
@@ -65,7 +71,7 @@ def _foldable_pairs(model) -> dict[int, object]:
             producer = tensor._keras_history.operation
             if (
                 isinstance(producer, _FOLDABLE)
-                and len(producer._inbound_nodes) == 1
+                and calls.get(id(producer)) == 1
                 and readers.get(id(tensor)) == 1
                 and producer.get_config().get("activation") == "linear"
                 and len(producer.get_weights()) in (1, 2)  # kernel[, bias]: no LoRA, not quantised
