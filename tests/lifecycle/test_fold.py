@@ -131,6 +131,24 @@ def test_untraceable_model_falls_back_to_sequential_with_a_warning():
     assert isinstance(folded.features[1], nn.Identity) and isinstance(folded, Untraceable)
 
 
+class UntraceableWithSharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.side = self.features[0]  # the same conv, also called without the batch norm
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this
+            return self.features(x) + self.side(x)
+        return self.features(x) - self.side(x)
+
+
+def test_untraceable_fallback_does_not_fold_into_a_layer_used_elsewhere():
+    torch.manual_seed(12)
+    with pytest.warns(UserWarning, match="torch.fx could not trace"):
+        _assert_folds_exactly(UntraceableWithSharedConv(), torch.rand(2, 3, 4, 4), affines=1)
+
+
 def test_linear_on_3d_input_needs_example_inputs():
     # Linear acts on the last axis, BatchNorm1d on axis 1: with 4 == 4 the pair looks foldable
     torch.manual_seed(6)

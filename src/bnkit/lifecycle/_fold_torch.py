@@ -178,12 +178,18 @@ def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool) -> di
 
 
 def _fold_sequential(model: nn.Module) -> nn.Module:
+    # a layer or batch norm registered under a second name may be called from there as well
+    registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for parent in list(model.modules()):
         if type(parent) is not nn.Sequential:
             continue
         children = list(parent._modules.items())
         for (_, layer), (bn_name, bn) in zip(children, children[1:], strict=False):
-            if isinstance(bn, _BatchNorm) and _foldable_pair(layer, bn, None):
+            if (
+                isinstance(bn, _BatchNorm)
+                and _foldable_pair(layer, bn, None)
+                and registrations[id(layer)] == registrations[id(bn)] == 1
+            ):
                 fold_into(layer, *inference_scale_shift(bn))
                 parent._modules[bn_name] = nn.Identity()
     for name, bn in batchnorms(model):
