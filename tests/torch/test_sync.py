@@ -137,3 +137,11 @@ def test_convert_sync_keeps_parameters_state_and_convention():
     assert converted[2].momentum == 0.99 and not converted[1].training
     assert isinstance(converted[3], bt.FrozenBatchNorm2d)
     assert float(converted[1].running_mean[0]) == 0.5
+
+
+def test_convert_sync_keeps_the_process_group_of_a_torch_sync_batchnorm():
+    group = object()  # stands in for a dist.new_group(...) handle; no collective runs here
+    converted = bt.convert_sync(nn.Sequential(nn.SyncBatchNorm(2, process_group=group), nn.BatchNorm1d(2)))
+    assert converted[0].process_group is group and converted[1].process_group is None
+    other = object()
+    assert bt.convert_sync(nn.SyncBatchNorm(2, process_group=group), other).process_group is other

@@ -190,7 +190,8 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     ``torch.nn`` batch norms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) and bnkit's layers are
     converted keeping ``eps``, ``momentum``, ``convention`` (``torch`` for ``torch.nn`` layers),
     the ``training`` flag and the state: the new layer holds the *same* ``weight`` and ``bias``
-    parameters (an optimizer built before still updates them) and running buffers. Frozen batch
+    parameters (an optimizer built before still updates them) and running buffers; a
+    ``torch.nn.SyncBatchNorm`` keeps its ``process_group`` when none is given. Frozen batch
     norms (:mod:`bnkit.torch.frozen`) never use batch statistics across processes and are left.
     """
     from bnkit.torch.frozen import FrozenBatchNorm
@@ -204,7 +205,8 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
             module.momentum,
             module.weight is not None,
             module.track_running_stats,
-            process_group,
+            # a torch.nn.SyncBatchNorm keeps the group it was built for, unless one is given
+            process_group if process_group is not None else getattr(module, "process_group", None),
             convention=getattr(module, "convention", TORCH),
         )
         if module.weight is not None:
