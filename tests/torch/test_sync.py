@@ -114,6 +114,13 @@ def test_recalibration_across_ranks_equals_concatenated_data(world):
             torch.testing.assert_close(state[key], states[0][key], rtol=0, atol=0)
 
 
+def test_eval_forward_on_one_rank_alone_uses_that_ranks_batch(world):
+    _, results = world
+    x, y = results[0]["eval_alone"]
+    expected = nn.BatchNorm2d(x.shape[1], track_running_stats=False).eval()(x)
+    torch.testing.assert_close(y, expected, **TOL)
+
+
 def test_without_process_group_sync_batchnorm_is_plain_batchnorm():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4)

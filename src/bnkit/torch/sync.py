@@ -109,7 +109,9 @@ class SyncBatchNorm(_ConventionBatchNorm):
     Same arguments as ``torch.nn.SyncBatchNorm`` plus bnkit's keyword-only ``convention``
     (``"torch"``: unbiased running variance, momentum weighs the new value; ``"keras"``: biased,
     momentum weighs the old value). The running statistics are updated from the group's
-    statistics, identically on every process.
+    statistics, identically on every process. Only ``train()`` communicates: in ``eval()`` (even
+    with ``track_running_stats=False``) each process normalises on its own, as
+    ``torch.nn.SyncBatchNorm`` does.
     """
 
     _ranks = (2, 3, 4, 5)
@@ -138,8 +140,10 @@ class SyncBatchNorm(_ConventionBatchNorm):
         return dist.get_world_size(self.process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        uses_batch_stats = self.training or self.running_mean is None
-        if not uses_batch_stats or self._world_size() == 1:
+        # only training synchronises, as with torch.nn.SyncBatchNorm: an eval() forward on one
+        # rank alone (validation on rank 0) must not wait for the others, so without running
+        # statistics eval() normalises with this rank's batch
+        if not self.training or self._world_size() == 1:
             return super().forward(input)
         # the "more than one value per channel" check is on the whole group's batch, below
         check_bn_input(self._name(), input.shape, str(input.dtype), input.is_floating_point(),
@@ -152,7 +156,7 @@ class SyncBatchNorm(_ConventionBatchNorm):
             )
         var = m2 / count
         invstd = torch.rsqrt(var + self.eps)
-        if self.training and self.track_running_stats and self.running_mean is not None:
+        if self.track_running_stats and self.running_mean is not None:
             self._update_running(mean, m2, count)
         return _SyncNormalize.apply(input, self.weight, self.bias, mean, invstd, count, self.process_group)
 
