@@ -112,6 +112,8 @@ def test_recalibration_across_ranks_equals_concatenated_data(world):
     for key in states[0]:  # every rank ends with the same statistics, later layers included
         for state in states[1:]:
             torch.testing.assert_close(state[key], states[0][key], rtol=0, atol=0)
+        for r in results:  # a DistributedDataParallel-wrapped model alike (and no rank waits)
+            torch.testing.assert_close(r["recalibrated_ddp"][key], states[0][key], rtol=0, atol=0)
 
 
 def test_eval_forward_on_one_rank_alone_uses_that_ranks_batch(world):

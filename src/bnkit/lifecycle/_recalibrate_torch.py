@@ -88,6 +88,12 @@ def _input_of(batch, device):
 
 
 def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, device, process_group):
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # DDP broadcasts buffers in every forward, a collective: ranks with different numbers
+        # of batches would wait on each other; the statistics are merged once at the end instead
+        recalibrate_torch(model.module, batches, num_batches, progress=progress, device=device,
+                          process_group=process_group)
+        return model
     found = batchnorms(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no batch-norm layers to recalibrate")
