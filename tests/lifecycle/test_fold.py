@@ -233,6 +233,40 @@ def test_parametrized_or_hooked_layers_are_not_folded_into():
     _assert_folds_exactly(nn.Sequential(hooked, nn.BatchNorm2d(4)), torch.randn(2, 3, 4, 4), affines=1)
 
 
+def _assert_rounded_once(actual, exact):
+    """``actual`` (half) is ``exact`` (float32) rounded once: within half a unit in the last place."""
+    eps = torch.finfo(actual.dtype).eps  # the spacing relative to the value, between 1 and 2 of it
+    excess = (actual.float() - exact).abs() - (exact.abs() * eps / 2 * 1.001 + 1e-6)
+    assert float(excess.max()) <= 0, f"beyond half an ulp by up to {float(excess.max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_affine_rounds_once_like_batchnorm(dtype):
+    # batch norm computes half inputs in float32 and rounds once; so must its replacement
+    torch.manual_seed(13)
+    model = randomize_batchnorms(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(8))).eval().to(dtype)
+    x = (torch.randn(4, 8, 5, 5) * 3).to(dtype)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).float()(x.float())  # the same (half) statistics, in float32
+        _assert_rounded_once(model(x), exact)  # the real batch norm meets the bound
+        folded = bnkit.fold_bn(model)(x)
+    assert folded.dtype == dtype
+    _assert_rounded_once(folded, exact)
+
+
+def test_batchnorm_kept_in_float32_inside_a_bfloat16_model():
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    model = randomize_batchnorms(model).eval().to(torch.bfloat16)
+    model[2].float()  # a common mixed-precision recipe; the batch norm still returns bfloat16
+    x = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        folded = bnkit.fold_bn(model)(x)  # was a dtype error in the next convolution
+    assert folded.dtype == torch.bfloat16
+    torch.testing.assert_close(folded, expected)
+
+
 def test_batchnorm_without_running_stats_is_an_error_naming_it():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
     with pytest.raises(ValueError, match=r"BatchNorm2d '1' has track_running_stats=False"):

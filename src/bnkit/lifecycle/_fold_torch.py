@@ -67,7 +67,8 @@ def fold_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> Non
 
 def _affine_for(bn: _BatchNorm) -> ChannelAffine:
     scale, shift = inference_scale_shift(bn)
-    dtype = bn.running_mean.dtype
+    # at least float32: a half batch norm computes in float32, and so does ChannelAffine
+    dtype = torch.promote_types(bn.running_mean.dtype, torch.float32)
     return ChannelAffine(scale.to(dtype), shift.to(dtype))
 
 
