@@ -128,6 +128,28 @@ def test_loaded_sequential_folds(tmp_path):
     _assert_same(model, folded, np.random.default_rng(6).normal(size=(2, 5, 5, 3)).astype("float32"))
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "bfloat16"])
+def test_half_precision_affine_rounds_once_like_batchnorm(policy):
+    # BatchNormalization computes half inputs in float32 with weights never autocast to half
+    half = "bfloat16" if "bfloat16" in policy else "float16"
+    inputs = keras.Input((5, 5, 8))
+    model = _randomize(keras.Model(inputs, L.BatchNormalization(dtype=policy)(L.ReLU(dtype=policy)(inputs))))
+    x = np.random.default_rng(7).normal(size=(4, 5, 5, 8)).astype("float32") * 3
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)) == 1
+
+    def as_float(tensor):
+        return keras.ops.convert_to_numpy(keras.ops.cast(tensor, "float32")).astype(np.float64)
+
+    bn = model.layers[-1]
+    mean, var, gamma, beta = (as_float(v) for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta))
+    exact = (as_float(keras.ops.relu(keras.ops.cast(x, half))) - mean) / np.sqrt(var + bn.epsilon) * gamma + beta
+    bound = np.abs(exact) * float(np.finfo(np.float16).eps if half == "float16" else 2.0**-7) / 2 * 1.001 + 1e-6
+    for outputs in (model(x), folded(x)):  # the real layer meets the bound, and so must the fold
+        assert keras.backend.standardize_dtype(outputs.dtype) == half
+        assert np.all(np.abs(as_float(outputs) - exact) <= bound)
+
+
 def test_unbuilt_model_is_an_error():
     with pytest.raises(ValueError, match="is not built"):
         bnkit.fold_bn(keras.Sequential([L.Dense(3), L.BatchNormalization()]))
