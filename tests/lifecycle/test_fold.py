@@ -180,6 +180,20 @@ def test_conv_whose_weight_is_also_read_directly_is_not_folded():
     _assert_folds_exactly(ConvWeightReadTwice(), torch.randn(2, 3, 5, 5), affines=1)
 
 
+class ConvWeightDtypeAsked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x.to(self.conv.weight.dtype)))
+
+
+def test_conv_whose_weight_dtype_is_asked_still_folds():
+    torch.manual_seed(15)
+    _assert_folds_exactly(ConvWeightDtypeAsked(), torch.randn(2, 3, 5, 5))
+
+
 class AliasedBatchNorm(nn.Module):
     def __init__(self):
         super().__init__()

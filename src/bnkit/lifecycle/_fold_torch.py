@@ -143,10 +143,17 @@ def _read_as_tensors(gm: torch.fx.GraphModule) -> set[str]:
     nodes, e.g. ``F.conv2d(x, self.conv.weight)``): folding would change what those reads see."""
     read = set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and not all(_asks_metadata(user) for user in node.users):
             parts = node.target.split(".")
             read.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return read
+
+
+def _asks_metadata(node: torch.fx.Node) -> bool:
+    """``self.conv.weight.dtype``, ``.shape``, ``.size()``: what folding leaves as it is."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return node.op == "call_method" and node.target in ("size", "dim")
 
 
 def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool) -> dict[str, list[str]]:
