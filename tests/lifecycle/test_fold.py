@@ -158,6 +158,12 @@ def test_linear_on_3d_input_needs_example_inputs():
     assert len(_affines(folded)) == 1
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), **TOL)
+    unchecked = bnkit.fold_bn(model)  # assumes (N, C): right there, and says so on (N, C, L)
+    with torch.no_grad():
+        torch.testing.assert_close(unchecked(x[:, :, 0]), model(x[:, :, 0]), **TOL)
+        with pytest.raises(ValueError, match=r"batch norm '1' into the Linear .* Got input shape \[5, 4, 4\]"):
+            unchecked(x)
+    assert type(bnkit.fold_bn(model, example_inputs=(x[:, :, 0],))[1]) is nn.Identity  # checked: no guard
 
 
 def test_linear_then_batchnorm2d_never_folds():

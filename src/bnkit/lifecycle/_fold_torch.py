@@ -65,6 +65,35 @@ def fold_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> Non
             layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
+class FoldedIntoLinear(nn.Identity):
+    """Where a batch norm was folded into the ``Linear`` before it on the assumption, not checked
+    (no ``example_inputs``), that its input is ``(N, C)``: the identity there, and an error on
+    ``(N, C, L)``, where the ``Linear`` maps ``L`` and the batch norm normalised ``C``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        # built here: forward stays scriptable (TorchScript has no f-string conversions)
+        self.message = (
+            f"bnkit.fold_bn folded the batch norm {name!r} into the Linear before it, taking its input to "
+            "be (N, C), where alone that is right; fold again with example_inputs=(x,) so that shapes "
+            "are checked. Got input shape "
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.ndim != 2:
+            raise ValueError(self.message + str(list(input.shape)))
+        return input
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
+
+
+def _folded(name: str, unchecked_linear: bool) -> nn.Module:
+    """What takes a folded batch norm's place: ``nn.Identity``, guarded where the fold assumed (N, C)."""
+    return FoldedIntoLinear(name) if unchecked_linear else nn.Identity()
+
+
 def _affine_for(bn: _BatchNorm) -> ChannelAffine:
     scale, shift = inference_scale_shift(bn)
     # at least float32: a half batch norm computes in float32, and so does ChannelAffine
@@ -111,7 +140,8 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
             scale, shift = inference_scale_shift(bn)
             for producer in producers:
                 fold_into(model.get_submodule(producer), scale, shift)
-            model = replace_module(model, name, nn.Identity())
+            linear = any(isinstance(model.get_submodule(p), nn.Linear) for p in producers)
+            model = replace_module(model, name, _folded(name, linear and example_inputs is None))
         else:
             model = replace_module(model, name, _affine_for(bn))
     return model
@@ -199,7 +229,7 @@ def _fold_sequential(model: nn.Module) -> nn.Module:
                 and registrations[id(layer)] == registrations[id(bn)] == 1
             ):
                 fold_into(layer, *inference_scale_shift(bn))
-                parent._modules[bn_name] = nn.Identity()
+                parent._modules[bn_name] = _folded(bn_name, isinstance(layer, nn.Linear))
     for name, bn in batchnorms(model):
         model = replace_module(model, name, _affine_for(bn))
     return model

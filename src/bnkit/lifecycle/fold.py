@@ -46,7 +46,8 @@ def fold_bn(model, *, example_inputs=None):
     ``Linear`` is then folded only when its output is 2-D ``(N, C)``. Without it a
     ``BatchNorm1d`` after a ``Linear`` with as many outputs as the batch norm has channels is
     taken to normalise those outputs, which is what ``nn.Linear`` + ``nn.BatchNorm1d`` on
-    ``(N, C)`` batches do.
+    ``(N, C)`` batches do; the batch norm's place then holds a ``FoldedIntoLinear`` identity that
+    raises ``ValueError`` on any other rank instead of returning wrong values.
 
     Keras: a new functional model (``keras.models.clone_model``) in which each
     ``BatchNormalization`` whose input is the only use of a ``Conv1D/2D/3D``,
