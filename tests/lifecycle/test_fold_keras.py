@@ -88,9 +88,84 @@ def test_sequential_model():
                                          L.ReLU(), L.Dense(4), L.BatchNormalization()]))
     folded = bnkit.fold_bn(model)
     assert not _layers(folded, L.BatchNormalization)
+    assert len(_layers(folded, L.Identity)) == 2  # both follow a linear Dense: folded, not affine
+    assert not _layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)
     _assert_same(model, folded, np.random.default_rng(3).normal(size=(5, 10)).astype("float32"))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_conv_transpose_folds(data_format):
+    keras.utils.set_random_seed(4)
+    shape, axis = ((5, 5, 3), -1) if data_format == "channels_last" else ((3, 5, 5), 1)
+    model = _randomize(keras.Sequential([
+        keras.Input(shape), L.Conv2DTranspose(4, 3, strides=2, data_format=data_format),
+        L.BatchNormalization(axis=axis), L.ReLU(),
+    ]))
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, L.Identity)) == 1 and not _layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)
+    _assert_same(model, folded, np.random.default_rng(4).normal(size=(2, *shape)).astype("float32"))
+
+
+def test_conv1d_transpose_without_bias_folds_in_a_functional_model():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((7, 3))
+    outputs = L.BatchNormalization(center=False)(L.Conv1DTranspose(6, 2, use_bias=False)(inputs))
+    model = _randomize(keras.Model(inputs, outputs))
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, L.Identity)) == 1
+    _assert_same(model, folded, np.random.default_rng(5).normal(size=(3, 7, 3)).astype("float32"))
+
+
+def test_loaded_sequential_folds(tmp_path):
+    # loading rebuilds a Sequential's graph: its layers keep stale inbound nodes of earlier builds
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((5, 5, 3)), L.Conv2DTranspose(4, 3), L.BatchNormalization(),
+                              L.Conv2D(2, 1, use_bias=False), L.BatchNormalization(center=False)])
+    _randomize(model).save(tmp_path / "seq.keras")
+    loaded = keras.models.load_model(tmp_path / "seq.keras")
+    folded = bnkit.fold_bn(loaded)
+    assert len(_layers(folded, L.Identity)) == 2
+    _assert_same(model, folded, np.random.default_rng(6).normal(size=(2, 5, 5, 3)).astype("float32"))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "bfloat16"])
+def test_half_precision_affine_rounds_once_like_batchnorm(policy):
+    # BatchNormalization computes half inputs in float32 with weights never autocast to half
+    half = "bfloat16" if "bfloat16" in policy else "float16"
+    inputs = keras.Input((5, 5, 8))
+    model = _randomize(keras.Model(inputs, L.BatchNormalization(dtype=policy)(L.ReLU(dtype=policy)(inputs))))
+    x = np.random.default_rng(7).normal(size=(4, 5, 5, 8)).astype("float32") * 3
+    folded = bnkit.fold_bn(model)
+    assert len(_layers(folded, bnkit.lifecycle.keras_layers.ChannelAffine)) == 1
+
+    def as_float(tensor):
+        return keras.ops.convert_to_numpy(keras.ops.cast(tensor, "float32")).astype(np.float64)
+
+    bn = model.layers[-1]
+    mean, var, gamma, beta = (as_float(v) for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta))
+    exact = (as_float(keras.ops.relu(keras.ops.cast(x, half))) - mean) / np.sqrt(var + bn.epsilon) * gamma + beta
+    bound = np.abs(exact) * float(np.finfo(np.float16).eps if half == "float16" else 2.0**-7) / 2 * 1.001 + 1e-6
+    for outputs in (model(x), folded(x)):  # the real layer meets the bound, and so must the fold
+        assert keras.backend.standardize_dtype(outputs.dtype) == half
+        assert np.all(np.abs(as_float(outputs) - exact) <= bound)
 
 
 def test_unbuilt_model_is_an_error():
     with pytest.raises(ValueError, match="is not built"):
         bnkit.fold_bn(keras.Sequential([L.Dense(3), L.BatchNormalization()]))
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.dense, self.bn = L.Dense(3), L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+def test_subclassed_model_is_a_clear_error():
+    model = _Subclassed()
+    model(np.zeros((2, 4), "float32"))
+    with pytest.raises(ValueError, match="folds Keras functional and Sequential models; 'subclassed' is a subclassed"):
+        bnkit.fold_bn(model)

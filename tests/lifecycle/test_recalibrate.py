@@ -84,6 +84,15 @@ def test_everything_else_is_left_as_it_was():
     assert model[3].running_mean.abs().sum() > 0  # frozen batch norms are recalibrated too
 
 
+def test_num_batches_takes_no_batch_beyond_them_from_an_iterator():
+    batches = iter(_batches())
+    bn = nn.BatchNorm2d(3)
+    bnkit.recalibrate(bn, batches, num_batches=2, progress=False)
+    assert len(list(batches)) == len(SIZES) - 2  # the rest is still there for the caller
+    data = torch.cat(_batches()[:2]).double()
+    torch.testing.assert_close(bn.running_var.double(), data.var((0, 2, 3)), **REL)
+
+
 def test_progress_bar_is_silent_when_not_a_terminal(capsys):
     bnkit.recalibrate(nn.BatchNorm2d(3), _batches(), progress=True)
     captured = capsys.readouterr()

@@ -99,6 +99,13 @@ def run(rank, world_size, init_file, out_dir, sizes):
         batches = [b for b in (x_local[:half], x_local[half:]) if len(b)]
         bnkit.recalibrate(model, batches, progress=False)
         result["recalibrated"] = {k: v.clone() for k, v in model.state_dict().items()}
+        # wrapped in DDP, whose forward broadcasts buffers: ranks with 2 batches and with none
+        ddp = nn.parallel.DistributedDataParallel(make_model())
+        bnkit.recalibrate(ddp, batches, progress=False)
+        result["recalibrated_ddp"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
+        if rank == 0:  # eval() on one rank alone: no collective, or this would wait for the others
+            layer = bt.SyncBatchNorm(CHANNELS, track_running_stats=False).eval()
+            result["eval_alone"] = (x_local, layer(x_local))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -112,6 +112,15 @@ def test_recalibration_across_ranks_equals_concatenated_data(world):
     for key in states[0]:  # every rank ends with the same statistics, later layers included
         for state in states[1:]:
             torch.testing.assert_close(state[key], states[0][key], rtol=0, atol=0)
+        for r in results:  # a DistributedDataParallel-wrapped model alike (and no rank waits)
+            torch.testing.assert_close(r["recalibrated_ddp"][key], states[0][key], rtol=0, atol=0)
+
+
+def test_eval_forward_on_one_rank_alone_uses_that_ranks_batch(world):
+    _, results = world
+    x, y = results[0]["eval_alone"]
+    expected = nn.BatchNorm2d(x.shape[1], track_running_stats=False).eval()(x)
+    torch.testing.assert_close(y, expected, **TOL)
 
 
 def test_without_process_group_sync_batchnorm_is_plain_batchnorm():
@@ -137,3 +146,11 @@ def test_convert_sync_keeps_parameters_state_and_convention():
     assert converted[2].momentum == 0.99 and not converted[1].training
     assert isinstance(converted[3], bt.FrozenBatchNorm2d)
     assert float(converted[1].running_mean[0]) == 0.5
+
+
+def test_convert_sync_keeps_the_process_group_of_a_torch_sync_batchnorm():
+    group = object()  # stands in for a dist.new_group(...) handle; no collective runs here
+    converted = bt.convert_sync(nn.Sequential(nn.SyncBatchNorm(2, process_group=group), nn.BatchNorm1d(2)))
+    assert converted[0].process_group is group and converted[1].process_group is None
+    other = object()
+    assert bt.convert_sync(nn.SyncBatchNorm(2, process_group=group), other).process_group is other

@@ -7,7 +7,10 @@ import numpy as np
 from bnkit.keras import keras
 from bnkit.lifecycle.keras_layers import ChannelAffine
 
-_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
+# keras.Model(inputs, outputs) builds one; it has no public name (and keras must come through bnkit.keras)
+Functional = keras.src.models.functional.Functional
+_CONV_TRANSPOSE = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense) + _CONV_TRANSPOSE
 
 
 def _scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +46,14 @@ def _foldable_pairs(model) -> dict[int, object]:
     pairs: dict[int, object] = {}
     graphs = [model] + [m for m in model._flatten_layers(include_self=False, recursive=True)
                         if isinstance(m, keras.Model)]
+    # a built Sequential keeps its graph in a Functional of its own; it lists no operations
+    graphs = list({id(g): g for g in (getattr(graph, "_functional", None) or graph for graph in graphs)}.values())
+    # calls per layer inside this model; a loaded or rebuilt Sequential leaves its layers stale
+    # inbound nodes of earlier graphs, so len(layer._inbound_nodes) overcounts
+    calls: dict[int, int] = {}
+    for graph in graphs:
+        for op, _ in _nodes_in(graph):
+            calls[id(op)] = calls.get(id(op), 0) + 1
     for graph in graphs:
         nodes = list(_nodes_in(graph))
         readers: dict[int, int] = {}
@@ -52,7 +63,7 @@ def _foldable_pairs(model) -> dict[int, object]:
         for tensor in keras.tree.flatten(getattr(graph, "outputs", None) or []):
             readers[id(tensor)] = readers.get(id(tensor), 0) + 1
         for op, node in nodes:
-            if not isinstance(op, keras.layers.BatchNormalization) or len(op._inbound_nodes) != 1:
+            if not isinstance(op, keras.layers.BatchNormalization) or calls[id(op)] != 1:
                 continue
             if len(node.input_tensors) != 1:
                 continue
@@ -60,7 +71,7 @@ def _foldable_pairs(model) -> dict[int, object]:
             producer = tensor._keras_history.operation
             if (
                 isinstance(producer, _FOLDABLE)
-                and len(producer._inbound_nodes) == 1
+                and calls.get(id(producer)) == 1
                 and readers.get(id(tensor)) == 1
                 and producer.get_config().get("activation") == "linear"
                 and len(producer.get_weights()) in (1, 2)  # kernel[, bias]: no LoRA, not quantised
@@ -87,6 +98,11 @@ def fold_keras(model):
         raise TypeError(f"fold_bn takes a Keras model, got layer {type(model).__name__}")
     if not model.built:
         raise ValueError(f"Keras model {model.name!r} is not built; call it on data or give it an Input first")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise ValueError(
+            f"fold_bn folds Keras functional and Sequential models; {model.name!r} is a subclassed "
+            f"{type(model).__name__} whose call() is Python code that clone_model cannot rebuild"
+        )
     pairs = _foldable_pairs(model)
     folded_producers = {id(producer): bn for bn_id, producer in pairs.items()
                         for bn in _batchnorms(model) if id(bn) == bn_id}
@@ -103,7 +119,10 @@ def fold_keras(model):
         if id(layer) in folded_producers:
             scale, shift = _scale_shift(folded_producers[id(layer)])
             weights = layer.get_weights()
-            kernel = weights[0].astype(np.float64) * scale  # output channels are the kernel's last axis
+            if isinstance(layer, _CONV_TRANSPOSE):  # kernel (*size, out, in)
+                kernel = weights[0].astype(np.float64) * scale[:, None]
+            else:  # Conv (*size, in / groups, out), Dense (in, out): output channels last
+                kernel = weights[0].astype(np.float64) * scale
             bias = weights[1].astype(np.float64) if len(weights) == 2 else np.zeros_like(scale)
             bias = bias * scale + shift
             return _copy_layer(layer, [kernel.astype(weights[0].dtype), bias.astype(weights[0].dtype)],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from bnkit.keras import keras
@@ -79,9 +81,8 @@ def recalibrate_keras(model, batches, num_batches, *, progress):
     try:
         with progress_bar(progress) as bar:
             task = bar.add_task("recalibrate", total=batch_total(batches, num_batches))
-            for i, batch in enumerate(batches):
-                if num_batches is not None and i >= num_batches:
-                    break
+            # islice: a generator or DataLoader iterator loses no batch beyond num_batches
+            for batch in itertools.islice(batches, num_batches):
                 model(_input_of(batch), training=False)  # dropout off; batch norms use batch statistics
                 bar.advance(task)
     finally:

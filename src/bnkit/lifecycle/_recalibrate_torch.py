@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
@@ -87,6 +88,12 @@ def _input_of(batch, device):
 
 
 def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, device, process_group):
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # DDP broadcasts buffers in every forward, a collective: ranks with different numbers
+        # of batches would wait on each other; the statistics are merged once at the end instead
+        recalibrate_torch(model.module, batches, num_batches, progress=progress, device=device,
+                          process_group=process_group)
+        return model
     found = batchnorms(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no batch-norm layers to recalibrate")
@@ -103,9 +110,8 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
     try:
         with torch.no_grad(), progress_bar(progress) as bar:
             task = bar.add_task("recalibrate", total=total)
-            for i, batch in enumerate(batches):
-                if num_batches is not None and i >= num_batches:
-                    break
+            # islice: a generator or DataLoader iterator loses no batch beyond num_batches
+            for batch in itertools.islice(batches, num_batches):
                 model(_input_of(batch, device))
                 bar.advance(task)
     finally:

@@ -33,12 +33,17 @@ def require_running_stats(name: str, bn: _BatchNorm, action: str) -> None:
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` inside ``root``; returns the root (``new`` itself for ``name == ""``)."""
+    """Put ``new`` wherever the module at ``name`` is registered inside ``root`` (one module may
+    sit under several names, e.g. ``self.bn_alias = self.bn``: ``named_modules()`` gives only the
+    first); returns the root (``new`` itself for ``name == ""``)."""
     if not name:
         return new
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    old = root.get_submodule(name)
+    aliases = [qualname for qualname, m in root.named_modules(remove_duplicate=False) if m is old]
+    for alias in aliases:
+        parent_name, _, child = alias.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, new)
     return root
 
 

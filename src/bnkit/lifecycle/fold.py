@@ -33,7 +33,11 @@ def fold_bn(model, *, example_inputs=None):
     norm (``torch.nn`` or bnkit, either convention) whose input is, at every call, the only use
     of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` output is folded into that
     layer (a bias is created where it had none) and replaced by ``nn.Identity``; the others
-    become ``ChannelAffine`` modules. The result is the deep copy, of the model's own class
+    become ``ChannelAffine`` modules (also when ``forward`` reads the layer's weight directly,
+    the layer has a parametrization such as ``weight_norm`` or a forward hook, or it is a
+    ``Linear`` before a ``BatchNorm2d/3d``). A batch norm whose tensors
+    ``forward`` reads directly (``F.batch_norm(x, self.bn.running_mean, ...)``) is left as it
+    is, with a warning. The result is the deep copy, of the model's own class
     with its own ``forward``: the graph only decides what folds. If the model cannot be traced,
     a warning says so and only batch norms that directly follow such a layer inside an
     ``nn.Sequential`` are folded.
@@ -42,12 +46,15 @@ def fold_bn(model, *, example_inputs=None):
     ``Linear`` is then folded only when its output is 2-D ``(N, C)``. Without it a
     ``BatchNorm1d`` after a ``Linear`` with as many outputs as the batch norm has channels is
     taken to normalise those outputs, which is what ``nn.Linear`` + ``nn.BatchNorm1d`` on
-    ``(N, C)`` batches do.
+    ``(N, C)`` batches do; the batch norm's place then holds a ``FoldedIntoLinear`` identity that
+    raises ``ValueError`` on any other rank instead of returning wrong values.
 
     Keras: a new functional model (``keras.models.clone_model``) in which each
-    ``BatchNormalization`` whose input is the only use of a ``Conv1D/2D/3D`` or ``Dense`` output
-    with a linear activation, normalising that layer's channel axis, is folded into its kernel
-    and bias and replaced by an ``Identity`` layer; the others become ``ChannelAffine`` layers.
+    ``BatchNormalization`` whose input is the only use of a ``Conv1D/2D/3D``,
+    ``Conv1D/2D/3DTranspose`` or ``Dense`` output with a linear activation, normalising that
+    layer's channel axis, is folded into its kernel and bias and replaced by an ``Identity``
+    layer (in functional and ``Sequential`` models alike); the others become ``ChannelAffine``
+    layers.
 
     A batch norm without running statistics (``track_running_stats=False``) normalises with
     batch statistics even in inference, so it cannot be folded: ``ValueError`` naming it.

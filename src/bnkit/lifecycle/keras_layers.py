@@ -12,7 +12,8 @@ class ChannelAffine(keras.layers.Layer):
     """``y = x * scale + shift`` per channel along ``axis``: an inference-mode batch norm.
 
     ``scale = gamma / sqrt(moving_variance + epsilon)`` and
-    ``shift = beta - moving_mean * scale``; both are non-trainable weights.
+    ``shift = beta - moving_mean * scale``; both are non-trainable weights, in float32 at least.
+    Half-precision inputs are computed in float32 and rounded once, as BatchNormalization does.
     """
 
     def __init__(self, axis: int = -1, **kwargs) -> None:
@@ -28,17 +29,25 @@ class ChannelAffine(keras.layers.Layer):
         channels = input_shape[self.axis]
         if channels is None:
             raise ValueError(f"the channel axis {self.axis} of input shape {input_shape} must be known")
-        self.scale = self.add_weight(shape=(channels,), initializer="ones", trainable=False, name="scale")
-        self.shift = self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name="shift")
+        # float32 at least and never autocast to a half compute dtype (BatchNormalization's own
+        # weights are not either): scale and shift keep the precision the statistics had
+        dtype = self.variable_dtype if self.variable_dtype not in ("float16", "bfloat16") else "float32"
+        weight = dict(shape=(channels,), trainable=False, dtype=dtype, autocast=False)
+        self.scale = self.add_weight(initializer="ones", name="scale", **weight)
+        self.shift = self.add_weight(initializer="zeros", name="shift", **weight)
 
     def call(self, inputs):
         ops = keras.ops
         rank = len(inputs.shape)
         shape = [1] * rank
         shape[self.axis % rank] = -1
-        return inputs * ops.reshape(ops.cast(self.scale, inputs.dtype), shape) + ops.reshape(
-            ops.cast(self.shift, inputs.dtype), shape
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        # half inputs in float32, rounded once, as BatchNormalization computes them
+        compute = "float32" if dtype in ("float16", "bfloat16") else dtype
+        outputs = ops.cast(inputs, compute) * ops.reshape(ops.cast(self.scale, compute), shape) + ops.reshape(
+            ops.cast(self.shift, compute), shape
         )
+        return ops.cast(outputs, dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -47,7 +47,9 @@ def recalibrate(model, batches, num_batches: int | None = None, *, progress: boo
     With ``torch.distributed`` initialised (and more than one process in ``process_group``), each
     process runs its own batches and the per-layer counts, means and ``M2`` are gathered and
     merged in float64 in rank order, so every rank ends with the same statistics: those of all
-    ranks' data together. Every rank must call ``recalibrate``.
+    ranks' data together. Every rank must call ``recalibrate``; ranks may hold different numbers
+    of batches (a ``DistributedDataParallel`` model is run through its ``.module``, so that DDP's
+    per-forward buffer broadcast does not make them wait on each other).
 
     Keras models: the same definition for every ``BatchNormalization`` layer, with Keras' biased
     moving variance; the model is called with ``training=False`` and each batch norm normalises

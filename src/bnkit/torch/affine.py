@@ -13,7 +13,8 @@ class ChannelAffine(nn.Module):
 
     ``bnkit.fold_bn`` puts one where a batch norm has no preceding layer to fold into:
     ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``.
-    ``scale`` and ``shift`` are buffers: the module is meant for inference.
+    ``scale`` and ``shift`` are buffers: the module is meant for inference. Half-precision
+    inputs are computed in float32; the output has the input's dtype.
     """
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
@@ -31,7 +32,12 @@ class ChannelAffine(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Moving the channel axis last broadcasts against (C,) for any rank; it is a view,
         # and the elementwise result keeps the input's memory layout.
-        return (input.transpose(1, -1) * self.scale + self.shift).transpose(1, -1)
+        x = input.transpose(1, -1)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # as batch norm computes half inputs: in float32, rounded once
+        # the output has the input's dtype, as a batch norm's has, also when scale and shift are
+        # wider (a batch norm kept in float32 inside a half model)
+        return (x * self.scale + self.shift).to(input.dtype).transpose(1, -1)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"

@@ -109,7 +109,9 @@ class SyncBatchNorm(_ConventionBatchNorm):
     Same arguments as ``torch.nn.SyncBatchNorm`` plus bnkit's keyword-only ``convention``
     (``"torch"``: unbiased running variance, momentum weighs the new value; ``"keras"``: biased,
     momentum weighs the old value). The running statistics are updated from the group's
-    statistics, identically on every process.
+    statistics, identically on every process. Only ``train()`` communicates: in ``eval()`` (even
+    with ``track_running_stats=False``) each process normalises on its own, as
+    ``torch.nn.SyncBatchNorm`` does.
     """
 
     _ranks = (2, 3, 4, 5)
@@ -138,8 +140,10 @@ class SyncBatchNorm(_ConventionBatchNorm):
         return dist.get_world_size(self.process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        uses_batch_stats = self.training or self.running_mean is None
-        if not uses_batch_stats or self._world_size() == 1:
+        # only training synchronises, as with torch.nn.SyncBatchNorm: an eval() forward on one
+        # rank alone (validation on rank 0) must not wait for the others, so without running
+        # statistics eval() normalises with this rank's batch
+        if not self.training or self._world_size() == 1:
             return super().forward(input)
         # the "more than one value per channel" check is on the whole group's batch, below
         check_bn_input(self._name(), input.shape, str(input.dtype), input.is_floating_point(),
@@ -152,7 +156,7 @@ class SyncBatchNorm(_ConventionBatchNorm):
             )
         var = m2 / count
         invstd = torch.rsqrt(var + self.eps)
-        if self.training and self.track_running_stats and self.running_mean is not None:
+        if self.track_running_stats and self.running_mean is not None:
             self._update_running(mean, m2, count)
         return _SyncNormalize.apply(input, self.weight, self.bias, mean, invstd, count, self.process_group)
 
@@ -190,7 +194,8 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     ``torch.nn`` batch norms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) and bnkit's layers are
     converted keeping ``eps``, ``momentum``, ``convention`` (``torch`` for ``torch.nn`` layers),
     the ``training`` flag and the state: the new layer holds the *same* ``weight`` and ``bias``
-    parameters (an optimizer built before still updates them) and running buffers. Frozen batch
+    parameters (an optimizer built before still updates them) and running buffers; a
+    ``torch.nn.SyncBatchNorm`` keeps its ``process_group`` when none is given. Frozen batch
     norms (:mod:`bnkit.torch.frozen`) never use batch statistics across processes and are left.
     """
     from bnkit.torch.frozen import FrozenBatchNorm
@@ -204,7 +209,8 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
             module.momentum,
             module.weight is not None,
             module.track_running_stats,
-            process_group,
+            # a torch.nn.SyncBatchNorm keeps the group it was built for, unless one is given
+            process_group if process_group is not None else getattr(module, "process_group", None),
             convention=getattr(module, "convention", TORCH),
         )
         if module.weight is not None:

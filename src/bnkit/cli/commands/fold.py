@@ -73,13 +73,15 @@ def run(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from e
     affines = _count_affines(folded, framework)
+    kept = _count_batchnorms(folded, framework)  # read as tensors by forward: left, with a warning
     try:
         save_model(folded, args.output, force=args.force, input_shape=shape)
     except ModelFileError as e:
         raise CLIError(str(e)) from e
     print(
-        f"folded {total - affines} of {total} batch norm{'s' if total != 1 else ''} into the preceding layer"
+        f"folded {total - affines - kept} of {total} batch norm{'s' if total != 1 else ''} into the preceding layer"
         + (f", {affines} replaced by ChannelAffine" if affines else "")
+        + (f", {kept} left as {'they are' if kept != 1 else 'it is'}" if kept else "")
         + f"; wrote {args.output}"
     )
     return 0
