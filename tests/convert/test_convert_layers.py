@@ -146,15 +146,38 @@ def test_torch_functional_calls_and_flatten_not_followed_by_linear():
     assert any(isinstance(layer, L.Permute) for layer in model.layers)  # the data were permuted
 
 
-@pytest.mark.parametrize(
-    "activation",
-    ["relu", "sigmoid", "tanh", "softmax", "gelu", "elu", "leaky_relu", "silu", "swish", "linear"],
-)
+KERAS_ACTIVATIONS = (
+    "relu sigmoid tanh softmax gelu elu leaky_relu silu swish linear "
+    "selu softplus softsign hard_sigmoid hard_silu mish hard_tanh log_sigmoid celu log_softmax"
+).split()
+
+
+@pytest.mark.parametrize("activation", KERAS_ACTIVATIONS)
 def test_keras_activations(activation):
     inputs = keras.Input((4, 4, 3))
     x = L.Conv2D(3, 1, activation=activation)(inputs)
     model = keras.Model(inputs, L.Dense(4)(L.Flatten()(L.Activation(activation)(x))))
     _check_keras(model, _x((2, 4, 4, 3)))
+
+
+def test_torch_activation_modules_and_functions():
+    modules = [nn.SELU(), nn.Softplus(), nn.Softsign(), nn.Hardsigmoid(), nn.Hardswish(), nn.Mish()]
+    modules += [nn.Hardtanh(), nn.LogSigmoid(), nn.CELU(), nn.LogSoftmax(dim=1)]
+    functions = [F.selu, F.softplus, F.softsign, F.hardsigmoid, F.hardswish, F.mish, F.hardtanh, F.logsigmoid]
+
+    class Functional(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fc, self.fn = nn.Linear(5, 4), fn
+
+        def forward(self, x):
+            return self.fn(self.fc(x))
+
+    for net in [nn.Sequential(nn.Linear(5, 4), m) for m in modules] + [Functional(fn) for fn in functions]:
+        _check_torch(net, (5,))
+    for module in (nn.Softplus(beta=2), nn.CELU(alpha=0.5), nn.Hardtanh(0, 6)):  # other constants than Keras'
+        with pytest.raises(UnsupportedLayerError, match=type(module).__name__):
+            torch_to_keras(nn.Sequential(nn.Linear(5, 4), module), (5,))
 
 
 def test_keras_activation_layers_dropout_concat_and_flatten_to_output():
@@ -271,7 +294,7 @@ def _keras_model(layer, shape):
             "channels_first",
         ),
         (lambda: _keras_model(L.BatchNormalization(axis=1, name="bn_h"), (5, 5, 2)), "axis=1"),
-        (lambda: _keras_model(L.Dense(3, activation="hard_sigmoid", name="hs"), (4,)), "hard_sigmoid"),
+        (lambda: _keras_model(L.Dense(3, activation="exponential", name="hs"), (4,)), "exponential"),
     ],
 )
 def test_keras_unsupported_errors(build, match):

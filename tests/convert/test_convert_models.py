@@ -202,3 +202,19 @@ def test_channels_last_input_shape_is_read_as_such_with_a_warning():
     np.testing.assert_array_equal(_np(channels_last(x)), _np(channels_first(x)))
     with pytest.raises(ValueError, match="does not run on input_shape"):
         torch_to_keras(module, (5, 8, 8))
+
+
+def test_keras_to_torch_returns_a_module_that_infers_like_the_keras_model():
+    """A Keras model infers unless called with training=True: the converted module starts in
+    eval(), so calling it right away gives Keras' inference outputs (not batch statistics)."""
+    import bnkit
+
+    model = keras_resnet()
+    randomize_bn_state(model)
+    torch_model = keras_to_torch(model)
+    assert not any(m.training for m in torch_model.modules())
+    x = np.random.default_rng(3).standard_normal((4, 8, 8, 3)).astype("float32")
+    with torch.no_grad():
+        got = torch_model(_nchw(x))
+    np.testing.assert_allclose(_np(got), _np(model(x)), rtol=TOL, atol=TOL)
+    assert bnkit.compare(model, torch_model, x).causes == []

@@ -32,7 +32,8 @@ def torch_to_keras(module, input_shape, *, semantics: str = "source"):
 
 keras_to_torch.__doc__ = """Convert a Keras 3 functional or Sequential model to a ``torch.fx.GraphModule``.
 
-The module takes and returns PyTorch's layout (``N, C, *spatial``). ``semantics="source"``
+The module takes and returns PyTorch's layout (``N, C, *spatial``) and is returned in ``eval()``
+mode (a Keras model infers unless called with ``training=True``). ``semantics="source"``
 (default) keeps Keras' batch-norm training semantics (``bnkit.torch.BatchNorm*d(convention="keras")``);
 ``"target"`` gives ``torch.nn.BatchNorm*d`` with ``momentum = 1 - keras_momentum`` and the same eps.
 Raises :class:`UnsupportedLayerError` (a ``ValueError``) naming the first layer it cannot convert.

@@ -59,6 +59,15 @@ _ACTIVATIONS = {
     "leaky_relu": lambda: nn.LeakyReLU(0.2),  # keras.activations.leaky_relu: negative_slope=0.2
     "silu": nn.SiLU,
     "relu6": nn.ReLU6,
+    "selu": nn.SELU,  # the same alpha and scale constants
+    "softplus": nn.Softplus,  # beta=1
+    "softsign": nn.Softsign,
+    "hard_sigmoid": nn.Hardsigmoid,  # relu6(x + 3) / 6 in both
+    "hard_silu": nn.Hardswish,  # x * hard_sigmoid(x); Keras' hard_swish is the same function
+    "mish": nn.Mish,
+    "hard_tanh": nn.Hardtanh,  # clip to [-1, 1]
+    "log_sigmoid": nn.LogSigmoid,
+    "celu": nn.CELU,  # alpha=1.0 in both
 }
 
 _PASS_THROUGH = (L.Dropout, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Softmax, L.Identity)
@@ -132,10 +141,9 @@ class _KerasToTorch:
             outputs.append(value.node)
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
-        for module in gm.modules():  # frozen Keras BN: see _batchnorm
-            if getattr(module, "_bnkit_frozen", False):
-                module.eval()
-        return gm
+        # A Keras model called without training= runs in inference: so does the converted one
+        # until model.train(), rather than normalising with batch statistics from the first call.
+        return gm.eval()
 
     # ---- layers -----------------------------------------------------------------------
     def _convert(self, node) -> None:
@@ -203,6 +211,8 @@ class _KerasToTorch:
             return None
         if name == "softmax":
             return nn.Softmax(dim=keras_axis_to_torch(-1, rank))
+        if name == "log_softmax":
+            return nn.LogSoftmax(dim=keras_axis_to_torch(-1, rank))
         if isinstance(name, str) and name in _ACTIVATIONS:
             return _ACTIVATIONS[name]()
         raise UnsupportedLayerError(layer.name, type(layer).__name__, f"activation {name!r} is not supported")
@@ -315,7 +325,6 @@ class _KerasToTorch:
         if not layer.trainable:
             # Keras runs a frozen BN in inference mode; PyTorch decides by module mode.
             bn.requires_grad_(False)
-            bn._bnkit_frozen = True
             warnings.warn(
                 f"{layer.name}: a frozen Keras BatchNormalization (trainable=False) runs in inference mode; "
                 "the converted BatchNorm is put in eval() with requires_grad=False, but model.train() "
@@ -468,7 +477,8 @@ def keras_to_torch(keras_model, *, semantics: str = "source") -> fx.GraphModule:
     """Convert a Keras 3 functional or Sequential model to an equivalent PyTorch module.
 
     The result is a ``torch.fx.GraphModule`` taking and returning PyTorch's layout
-    (``N, C, *spatial``) and holding one submodule per Keras layer, named after it.
+    (``N, C, *spatial``) and holding one submodule per Keras layer, named after it. It is
+    returned in ``eval()`` mode, as a Keras model infers unless called with ``training=True``.
     ``semantics="source"`` keeps Keras' training semantics in every BatchNormalization
     (:class:`bnkit.torch.BatchNorm2d` with ``convention="keras"``); ``"target"`` gives
     ``torch.nn.BatchNorm*d`` with the momentum translated (``1 - m``) and the same eps.

@@ -42,6 +42,16 @@ _LEAVES = (
     nn.LeakyReLU,
     nn.SiLU,
     nn.Softmax,
+    nn.LogSoftmax,
+    nn.SELU,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.LogSigmoid,
+    nn.CELU,
     nn.Identity,
     nn.Dropout,
     nn.Flatten,
@@ -69,6 +79,15 @@ _PASS_MODULES = (
     nn.ELU,
     nn.LeakyReLU,
     nn.SiLU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.LogSigmoid,
+    nn.CELU,
     nn.Identity,
     nn.Dropout,
 )
@@ -83,6 +102,15 @@ _PASS_FUNCTIONS = {
     F.silu,
     F.dropout,
     F.elu,
+    F.selu,
+    F.softplus,
+    F.softsign,
+    F.hardsigmoid,
+    F.hardswish,
+    F.mish,
+    F.hardtanh,
+    F.logsigmoid,
+    F.celu,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh"}
 _PAD_FUNCTIONS = (F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
@@ -273,10 +301,41 @@ class _TorchToKeras:
         raise self._unsupported(node, "this module type is not supported by bnkit.convert")
 
     def _activation_from_module(self, node, m, rank: int):
-        simple = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu"}
+        simple = {
+            nn.ReLU: "relu",
+            nn.Sigmoid: "sigmoid",
+            nn.Tanh: "tanh",
+            nn.SiLU: "silu",
+            nn.SELU: "selu",
+            nn.Softsign: "softsign",
+            nn.Hardsigmoid: "hard_sigmoid",
+            nn.Hardswish: "hard_silu",
+            nn.Mish: "mish",
+            nn.LogSigmoid: "log_sigmoid",
+        }
         for cls, act in simple.items():
             if type(m) is cls:
                 return lambda name, act=act: L.Activation(act, name=name)
+        if type(m) is nn.Softplus:
+            if m.beta != 1 or m.threshold < 20:  # above 20, softplus(x) and x agree in float32
+                raise self._unsupported(
+                    node, f"Softplus(beta={m.beta}, threshold={m.threshold}); Keras' softplus has beta=1"
+                )
+            return lambda name: L.Activation("softplus", name=name)
+        if type(m) is nn.Hardtanh:
+            if (m.min_val, m.max_val) != (-1.0, 1.0):
+                raise self._unsupported(node, f"Hardtanh({m.min_val}, {m.max_val}); Keras' hard_tanh clips to [-1, 1]")
+            return lambda name: L.Activation("hard_tanh", name=name)
+        if type(m) is nn.CELU:
+            if m.alpha != 1.0:
+                raise self._unsupported(node, f"CELU(alpha={m.alpha}); Keras' 'celu' activation has alpha=1")
+            return lambda name: L.Activation("celu", name=name)
+        if type(m) is nn.LogSoftmax:
+            if m.dim is None:
+                raise self._unsupported(node, "LogSoftmax(dim=None) has an implicit dimension; give dim")
+            if torch_axis_to_keras(m.dim, rank) != rank - 1:
+                raise self._unsupported(node, f"LogSoftmax(dim={m.dim}); Keras' log_softmax is over the channels")
+            return lambda name: L.Activation("log_softmax", name=name)
         if type(m) is nn.ReLU6:
             return lambda name: L.ReLU(max_value=6.0, name=name)
         if type(m) is nn.GELU:
@@ -361,6 +420,22 @@ class _TorchToKeras:
             return L.Activation("tanh", name=name)
         if fn is F.silu:
             return L.Activation("silu", name=name)
+        plain = {
+            F.selu: "selu",
+            F.softsign: "softsign",
+            F.hardsigmoid: "hard_sigmoid",
+            F.hardswish: "hard_silu",
+            F.mish: "mish",
+            F.logsigmoid: "log_sigmoid",
+        }
+        if fn in plain:
+            return L.Activation(plain[fn], name=name)
+        if fn is F.softplus and arg(1, "beta", 1) == 1:
+            return L.Activation("softplus", name=name)
+        if fn is F.hardtanh and (arg(1, "min_val", -1.0), arg(2, "max_val", 1.0)) == (-1.0, 1.0):
+            return L.Activation("hard_tanh", name=name)
+        if fn is F.celu and arg(1, "alpha", 1.0) == 1.0:
+            return L.Activation("celu", name=name)
         if fn is F.gelu:
             if arg(1, "approximate", "none") != "none":
                 raise self._unsupported(node, "only exact gelu (approximate='none') converts as a function")
