@@ -242,7 +242,10 @@ def write_html(report, path, *, force: bool = False) -> str:
         raise FileNotFoundError(f"cannot write {target}: the folder {folder} does not exist")
     text = html_page(report)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private (0600); a report is a normal file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
