@@ -233,6 +233,15 @@ def test_missing_running_stats():
     assert codes(report) == ["missing-running-stats"]
 
 
+def test_missing_running_stats_in_a_training_step():
+    """The step's outputs agree (both use batch statistics), but only Keras updates running statistics."""
+    kmodel = keras_net()
+    bn = bnkit.torch.BatchNorm2d(C, momentum=0.15, eps=1e-3, track_running_stats=False, convention="keras")
+    report = compare(torch_port(kmodel, bn), kmodel, np.moveaxis(nhwc_batch(), -1, 1), training=True)
+    assert not report.agree and codes(report) == ["missing-running-stats"]
+    assert report.first_divergence.kind == "bn" and not report.first_divergence.diverges
+
+
 @pytest.mark.parametrize("keras_first", [True, False])
 def test_layout_flatten_weights_not_permuted(keras_first):
     kmodel = keras_net()
@@ -496,3 +505,20 @@ def test_causes_read_as_their_codes():
     assert causes == ["eps", "training-mode"] and set(causes) == {"eps", "training-mode"}
     assert sorted(causes, reverse=True) == ["training-mode", "eps"]
     assert str(causes[0]) == "eps" and causes[0] != Cause("eps", "another explanation")
+
+
+def test_rich_table_fits_80_columns():
+    """Piped output and CI logs are 80 columns wide: layer names stay readable, no column is cut."""
+    import io
+
+    from rich.console import Console
+
+    kmodel = keras_net()
+    bn = bnkit.torch.BatchNorm2d(C, momentum=0.15, eps=1e-3, track_running_stats=False, convention="keras")
+    report = compare(kmodel, torch_port(kmodel, bn), nhwc_batch(), training=True)
+    out = io.StringIO()
+    report.render(Console(file=out, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert any("✗ first" in line and "missing" in line for line in lines)  # the stats column says why
+    assert any(line.startswith("│ 0 │ conv / ") for line in lines)

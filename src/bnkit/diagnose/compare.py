@@ -897,7 +897,12 @@ def _model_name(model, framework: str) -> str:
 
 def _compare_running_stats(row: LayerDiff, a: BatchNormState, b: BatchNormState, atol, rtol, training):
     """After a training step, compare the updated running statistics of a BN pair."""
-    if not training or not (a.tracks_running_stats and b.tracks_running_stats):
+    if not training:
+        return
+    if a.tracks_running_stats != b.tracks_running_stats:  # one side keeps none: they cannot agree
+        row.running_stats_diverge = True
+        return
+    if not a.tracks_running_stats:
         return
     if a.running_mean_after is None or b.running_mean_after is None:
         return
@@ -1019,6 +1024,18 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
                     name,
                     "observed: the two layers ran in different modes in this comparison",
                 )
+        if ctx.training and a.tracks_running_stats != b.tracks_running_stats:
+            missing, keeper = (a, b) if not a.tracks_running_stats else (b, a)
+            missing_label, keeper_label = ("A", "B") if missing is a else ("B", "A")
+            add(
+                "missing-running-stats",
+                f"{name}: the PyTorch batch norm of {_side(missing, missing_label)} was built with "
+                "track_running_stats=False: this training step agrees, but it keeps no running statistics, "
+                f"so in eval() it still normalises with batch statistics while {_side(keeper, keeper_label)} "
+                "uses the running statistics it updates. Build it with track_running_stats=True.",
+                name,
+                "observed: running_mean is None on one side only",
+            )
         if output_differs and not math.isclose(a.eps, b.eps, rel_tol=1e-6, abs_tol=0.0):
             add(
                 "eps",
