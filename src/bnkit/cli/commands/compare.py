@@ -10,6 +10,7 @@ import sys
 
 from bnkit.cli import CLIError
 from bnkit.cli.options import parse_shape
+from bnkit.cli.progress import Steps
 
 NAME = "compare"
 HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and name why they disagree."
@@ -73,20 +74,20 @@ def run(args) -> int:
             check_writable(args.report, args.force)
         except ModelFileError as e:
             raise CLIError(str(e)) from None
-    err = Console(stderr=True)
-    with err.status("loading the models…", spinner="dots"):
+    with Steps(2, enabled=not args.json) as steps:
+        steps.step("loading the models")
         try:
             model_a = load_model(args.model_a, args.weights_a)
             model_b = load_model(args.model_b, args.weights_b)
         except ModelFileError as e:
             raise CLIError(str(e)) from None
-    framework_a, framework_b = framework_of(model_a), framework_of(model_b)
-    shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
-    x = np.random.default_rng(args.seed).normal(0.0, 1.0, (args.batch_size, *shape)).astype(np.float32)
+        framework_a, framework_b = framework_of(model_a), framework_of(model_b)
+        shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
+        x = np.random.default_rng(args.seed).normal(0.0, 1.0, (args.batch_size, *shape)).astype(np.float32)
 
-    from bnkit.diagnose.compare import compare
+        from bnkit.diagnose.compare import compare
 
-    with err.status("running both models layer by layer…", spinner="dots"):
+        steps.step("running both models layer by layer")
         try:
             report = compare(model_a, model_b, x, training=args.training, atol=args.atol, rtol=args.rtol)
         except (ValueError, TypeError, RuntimeError) as e:
