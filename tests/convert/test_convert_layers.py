@@ -128,6 +128,37 @@ def test_torch_pooling_and_global_pooling():
     _check_torch(module, (3, 8, 8))
 
 
+def test_max_pooling_of_relu_outputs_pads_with_zeros_where_keras_same_cannot():
+    """ResNet's stem MaxPool2d(3, 2, 1) on an even size pads 1 on both sides, Keras' 'same' (0, 1):
+    after a ReLU, zeros never win the max, so explicit zero padding and 'valid' pooling are exact."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    model = _check_torch(stem, (3, 16, 16))
+    assert any(isinstance(layer, L.ZeroPadding2D) for layer in model.layers)
+    with pytest.raises(UnsupportedLayerError, match="MaxPool2d"):  # a negative input would lose to a zero
+        torch_to_keras(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1)), (3, 16, 16))
+    inputs = keras.Input((9, 9, 3))  # Keras 'same' pads (0, 1) here; PyTorch pooling pads symmetrically
+    x = L.MaxPooling2D(2, padding="same")(L.Conv2D(4, 3, padding="same", activation="relu")(inputs))
+    _check_keras(keras.Model(inputs, x), _x((2, 9, 9, 3)))
+
+
+class _LeNet(nn.Module):
+    """PyTorch's tutorial network: pooling written as F.max_pool2d calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv1(x))), (2, 2))
+        x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_pooling_functions():
+    _check_torch(_LeNet(), (1, 32, 32))
+
+
 class _Functional(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -70,6 +70,9 @@ _ACTIVATIONS = {
     "celu": nn.CELU,  # alpha=1.0 in both
 }
 
+# activations whose outputs are >= 0: zero padding cannot change a max pooling of them
+_NON_NEGATIVE_ACTIVATIONS = {"relu", "relu6", "sigmoid", "softmax", "hard_sigmoid", "softplus"}
+
 _PASS_THROUGH = (L.Dropout, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Softmax, L.Identity)
 
 
@@ -418,18 +421,26 @@ class _KerasToTorch:
         in_shape = node.input_tensors[0].shape
         ks, strides = tuple(layer.pool_size), tuple(layer.strides)
         padding = [0] * spatial_rank
+        is_max = isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D))
+        source = x.node
         if layer.padding == "same":
-            for i in range(spatial_rank):
-                pad = same_padding(in_shape[1 + i], ks[i], strides[i], 1)
+            pads = [same_padding(in_shape[1 + i], ks[i], strides[i], 1) for i in range(spatial_rank)]
+            if is_max and None not in pads and any(b != a for b, a in pads) and self._non_negative(node):
+                # zeros never win a max over values >= 0 (after a ReLU): pad explicitly, pool 'valid'
+                flat = tuple(p for b, a in reversed(pads) for p in (b, a))
+                pad_cls = nn.ZeroPad1d if spatial_rank == 1 else nn.ZeroPad2d
+                source = self._module(f"{layer.name}_pad", pad_cls(flat), source)
+                pads = [(0, 0)] * spatial_rank
+            for i, pad in enumerate(pads):
                 if pad is None or pad[0] != pad[1] or pad[0] > ks[i] // 2:
                     raise UnsupportedLayerError(
                         layer.name,
                         kind,
                         f"padding='same' pads axis {i + 1} by {pad} (before, after); PyTorch pooling pads "
-                        "symmetrically: use padding='valid' or an input size that pads evenly",
+                        "symmetrically: use padding='valid' or an input size that pads evenly"
+                        + (" (or max-pool the output of a ReLU)" if is_max else ""),
                     )
                 padding[i] = pad[0]
-        is_max = isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D))
         cls = {
             (True, 1): nn.MaxPool1d,
             (True, 2): nn.MaxPool2d,
@@ -438,7 +449,18 @@ class _KerasToTorch:
         }[(is_max, spatial_rank)]
         kwargs = {} if is_max else {"count_include_pad": False}  # Keras averages over real values only
         pool = cls(ks, stride=strides, padding=tuple(padding), **kwargs)
-        return _Value(self._module(layer.name, pool, x.node), x.rank)
+        return _Value(self._module(layer.name, pool, source), x.rank)
+
+    def _non_negative(self, node) -> bool:
+        """True when the layer's input is the output of an activation whose values are >= 0."""
+        producer = node.input_tensors[0]._keras_history.operation
+        if isinstance(producer, L.ReLU):
+            return float(producer.negative_slope) == 0.0 and float(producer.threshold) >= 0.0
+        if isinstance(producer, (L.InputLayer, L.Softmax)):
+            return isinstance(producer, L.Softmax)
+        activation = getattr(producer, "activation", None)
+        name = keras.activations.serialize(activation) if activation is not None else None
+        return name in _NON_NEGATIVE_ACTIVATIONS
 
     def _global_pool(self, layer, node, inputs) -> _Value:
         self._channels_last(layer)

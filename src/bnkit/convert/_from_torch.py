@@ -113,6 +113,17 @@ _PASS_FUNCTIONS = {
     F.celu,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh"}
+# Outputs >= 0: zero padding cannot change a max pooling of them.
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus)
+_NON_NEGATIVE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.softplus}
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_POOL_FUNCTIONS = {
+    F.max_pool1d: (nn.MaxPool1d, _MAX_POOL_ARGS),
+    F.max_pool2d: (nn.MaxPool2d, _MAX_POOL_ARGS),
+    F.avg_pool1d: (nn.AvgPool1d, _AVG_POOL_ARGS),
+    F.avg_pool2d: (nn.AvgPool2d, (*_AVG_POOL_ARGS, "divisor_override")),
+}
 _PAD_FUNCTIONS = (F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 
 
@@ -394,6 +405,11 @@ class _TorchToKeras:
                 raise self._unsupported(node, f"a reduction over dims {dims}; only the spatial dims convert")
             is_max = fn in (torch.amax, torch.ops.aten.amax.default)
             return self._global_pool(node, x, name, is_max, keepdims=bool(arg(2, "keepdim", False)))
+        if fn in _POOL_FUNCTIONS:  # F.max_pool2d(x, 2) as the module it stands for
+            names = _POOL_FUNCTIONS[fn][1]
+            given = {key: arg(i + 1, key) for i, key in enumerate(names) if arg(i + 1, key) is not None}
+            module = _POOL_FUNCTIONS[fn][0](**given)
+            return self._pool(node, module, self._value(arg(0, "input"), node), name)
         if fn in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
             x = self._value(arg(0, "input"), node)
             if set(_pair(arg(1, "output_size"), x.rank - 2)) != {1}:
@@ -616,17 +632,29 @@ class _TorchToKeras:
         source = x
         if any(pads):
             keras_same = [same_padding(x.shape[1 + i], ks[i], strides[i], 1) for i in range(n)]
-            if not is_max and m.count_include_pad:
+            counts_zeros = not is_max and m.count_include_pad  # Keras' 'same' averages real values only
+            if not counts_zeros and all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
+                padding = "same"
+            elif counts_zeros or (is_max and self._non_negative(node.args[0])):
+                # counted zeros (average), or zeros that never win a max over values >= 0 (after a ReLU)
                 flat = tuple(p for q in reversed(pads) for p in (q, q))
                 source = self._zero_padding(None, x, self._name(f"{name}_pad"), flat)
-            elif all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
-                padding = "same"
             else:
                 raise self._unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
         cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
             (is_max, n), L.AveragePooling2D
         )
         return self._apply(node, cls(ks, strides=strides, padding=padding, name=name), source)
+
+    def _non_negative(self, arg) -> bool:
+        """True when ``arg`` is the output of an activation whose values are >= 0 (ReLU, sigmoid, ...)."""
+        if not isinstance(arg, fx.Node):
+            return False
+        if arg.op == "call_module":
+            return isinstance(self.gm.get_submodule(arg.target), _NON_NEGATIVE_MODULES)
+        if arg.op == "call_function":
+            return arg.target in _NON_NEGATIVE_FUNCTIONS
+        return arg.op == "call_method" and arg.target in ("relu", "relu_", "sigmoid", "sigmoid_", "softmax")
 
     def _global_pool(self, node, x: _Value, name: str, is_max: bool, keepdims: bool) -> _Value:
         n = x.rank - 2
