@@ -257,6 +257,40 @@ def test_layout_flatten_weights_not_permuted(keras_first):
     assert flatten_row.kind == "flatten" and not flatten_row.diverges
 
 
+class _ChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def _flatten_channels_last(tmodel):
+    """The port written the other way: permute the data to NHWC before Flatten, as Keras flattens."""
+    layers = list(tmodel)
+    return nn.Sequential(*layers[:3], _ChannelsLast(), *layers[3:]).eval()
+
+
+@pytest.mark.parametrize("keras_first", [True, False])
+def test_port_that_flattens_channels_last_agrees_and_permuted_weights_there_are_layout(keras_first):
+    kmodel = keras_net()
+    x = nhwc_batch()
+    for permute_flatten, expected in ((False, []), (True, ["layout"])):
+        tmodel = _flatten_channels_last(torch_port(kmodel, faithful_bn(), permute_flatten=permute_flatten))
+        if keras_first:
+            report = compare(kmodel, tmodel, x)
+        else:
+            report = compare(tmodel, kmodel, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        assert codes(report) == expected
+        assert report.agree is (expected == [])
+
+
+def test_layout_conv_kernel_with_spatial_axes_swapped():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn())
+    with torch.no_grad():  # transpose(3, 2, 1, 0) instead of (3, 2, 0, 1): kh and kw swapped
+        tmodel[0].weight.copy_(torch.from_numpy(weights_of(kmodel.get_layer("conv"))[0].transpose(3, 2, 1, 0).copy()))
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["layout"] and report.first_divergence.kind == "conv"
+
+
 def test_weights_differ():
     kmodel = keras_net()
     tmodel = torch_port(kmodel, faithful_bn())
