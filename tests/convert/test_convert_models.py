@@ -218,3 +218,19 @@ def test_keras_to_torch_returns_a_module_that_infers_like_the_keras_model():
         got = torch_model(_nchw(x))
     np.testing.assert_allclose(_np(got), _np(model(x)), rtol=TOL, atol=TOL)
     assert bnkit.compare(model, torch_model, x).causes == []
+
+
+def test_semantics_chosen_per_layer():
+    """A dict picks each batch norm's semantics by the source layer's name; the rest keep 'source'."""
+    torch_model = keras_to_torch(keras_resnet(), semantics={"block_bn1": "target"})
+    assert type(torch_model.block_bn1) is nn.BatchNorm2d
+    assert torch_model.block_bn1.momentum == pytest.approx(0.01)  # Keras' default 0.99, translated
+    assert isinstance(torch_model.stem_bn, bnkit_torch.BatchNorm2d) and torch_model.stem_bn.convention.name == "keras"
+    keras_model = torch_to_keras(torch_resnet(), (3, 8, 8), semantics={"block.bn1": "target"})
+    assert type(keras_model.get_layer("block_bn1")) is keras.layers.BatchNormalization
+    assert keras_model.get_layer("block_bn1").momentum == pytest.approx(0.9)
+    assert isinstance(keras_model.get_layer("stem_bn"), BatchNormalization)
+    with pytest.raises(ValueError, match="'blok_bn1'.*'block_bn1'"):  # a typo names the real layers
+        keras_to_torch(keras_resnet(), semantics={"blok_bn1": "target"})
+    with pytest.raises(ValueError, match="'source' or 'target'"):
+        torch_to_keras(torch_resnet(), (3, 8, 8), semantics={"block.bn1": "native"})

@@ -14,8 +14,8 @@ from torch import fx, nn
 
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
 from bnkit.convert._common import (
+    SemanticsChoice,
     UnsupportedLayerError,
-    check_semantics,
     keras_axis_to_torch,
     keras_to_torch_flat_order,
     same_padding,
@@ -99,7 +99,7 @@ class _KerasToTorch:
     def __init__(self, model, semantics: str) -> None:
         self.name = model.name
         self.model = _functional(model)
-        self.semantics = check_semantics(semantics)
+        self.semantics = SemanticsChoice(semantics)
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[int, _Value] = {}
@@ -143,6 +143,7 @@ class _KerasToTorch:
             value = self.env[id(tensor)]
             outputs.append(value.node)
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self.semantics.check_all_found()
         gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
         # A Keras model called without training= runs in inference: so does the converted one
         # until model.train(), rather than normalising with batch statistics from the first call.
@@ -303,7 +304,7 @@ class _KerasToTorch:
         affine = layer.scale or layer.center
         bias = layer.center or not layer.scale
         kwargs = dict(eps=layer.epsilon, affine=affine, bias=bias)
-        if self.semantics == "target" or conv == TORCH:
+        if self.semantics.for_layer(layer.name) == "target" or conv == TORCH:
             try:
                 momentum = translate_momentum(layer.momentum, conv, TORCH)
             except ValueError as e:
@@ -495,7 +496,7 @@ class _KerasToTorch:
         return _Value(out, rank)
 
 
-def keras_to_torch(keras_model, *, semantics: str = "source") -> fx.GraphModule:
+def keras_to_torch(keras_model, *, semantics="source") -> fx.GraphModule:
     """Convert a Keras 3 functional or Sequential model to an equivalent PyTorch module.
 
     The result is a ``torch.fx.GraphModule`` taking and returning PyTorch's layout

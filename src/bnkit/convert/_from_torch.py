@@ -17,8 +17,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
 from bnkit.convert._common import (
+    SemanticsChoice,
     UnsupportedLayerError,
-    check_semantics,
     same_padding,
     torch_axis_to_keras,
     torch_to_keras_flat_order,
@@ -162,7 +162,7 @@ def _pair(v, n: int) -> tuple[int, ...]:
 
 class _TorchToKeras:
     def __init__(self, module: nn.Module, input_shapes, semantics: str) -> None:
-        self.semantics = check_semantics(semantics)
+        self.semantics = SemanticsChoice(semantics)
         self.module = copy.deepcopy(module).eval()  # tracing must not touch the running statistics
         if isinstance(self.module, _LEAVES):  # fx traces into the root: give it a parent
             self.module = nn.Sequential(self.module)
@@ -223,6 +223,7 @@ class _TorchToKeras:
                     outputs.append(value.tensor)
             else:
                 self.env[node] = self._convert(node)
+        self.semantics.check_all_found()
         name = re.sub(r"\W", "_", type(self.module).__name__)
         return keras.Model(
             inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(outputs) == 1 else outputs, name=name
@@ -554,7 +555,7 @@ class _TorchToKeras:
         )
         center = m.bias is not None
         kwargs = dict(axis=-1, epsilon=m.eps, center=center, scale=scale, name=name)
-        if self.semantics == "target" or conv == KERAS:
+        if self.semantics.for_layer(str(node.target)) == "target" or conv == KERAS:
             try:
                 momentum = translate_momentum(m.momentum, conv, KERAS)
             except ValueError as e:
@@ -684,7 +685,7 @@ class _TorchToKeras:
         return _Value(layer(x.tensor), shape)
 
 
-def torch_to_keras(module: nn.Module, input_shape, *, semantics: str = "source"):
+def torch_to_keras(module: nn.Module, input_shape, *, semantics="source"):
     """Convert a PyTorch module to an equivalent Keras 3 functional model.
 
     ``input_shape`` is the input's shape **in PyTorch's layout without the batch dimension**
