@@ -234,3 +234,27 @@ def test_semantics_chosen_per_layer():
         keras_to_torch(keras_resnet(), semantics={"blok_bn1": "target"})
     with pytest.raises(ValueError, match="'source' or 'target'"):
         torch_to_keras(torch_resnet(), (3, 8, 8), semantics={"block.bn1": "native"})
+
+
+def test_nested_keras_models_are_converted_in_line():
+    """A functional block and a Sequential used as layers of a functional model (a common way to
+    write residual blocks); a nested model called twice shares weights and is refused."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    block_in = keras.Input((6, 6, 3))
+    y = L.ReLU()(L.BatchNormalization(momentum=0.8, name="block_bn")(L.Conv2D(3, 3, padding="same")(block_in)))
+    block = keras.Model(block_in, L.Add()([y, block_in]), name="block")
+    head = keras.Sequential(
+        [keras.Input((108,)), L.Dense(4, name="fc"), L.BatchNormalization(name="head_bn")], name="head"
+    )
+    inputs = keras.Input((6, 6, 3))
+    model = keras.Model(inputs, head(L.Flatten()(block(inputs))))
+    randomize_bn_state(model)
+    torch_model = keras_to_torch(model)
+    assert isinstance(torch_model.block_bn, bnkit_torch.BatchNorm2d) and torch_model.block_bn.momentum == 0.8
+    x = np.random.default_rng(1).standard_normal((4, 6, 6, 3)).astype("float32")
+    with torch.no_grad():
+        np.testing.assert_allclose(_np(torch_model(_nchw(x))), _np(model(x)), rtol=TOL, atol=TOL)
+    shared = keras.Model(inputs, L.Add()([block(inputs), block(inputs)]))
+    with pytest.raises(ValueError, match="'block'.*more than once"):
+        keras_to_torch(shared)

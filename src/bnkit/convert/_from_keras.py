@@ -108,9 +108,10 @@ class _KerasToTorch:
         self.output_ids = {id(t) for t in self.model.outputs}
 
     # ---- graph bookkeeping ------------------------------------------------------------
-    def _nodes(self):
-        for depth in sorted(self.model._nodes_by_depth, reverse=True):
-            yield from self.model._nodes_by_depth[depth]
+    def _nodes(self, model=None):
+        model = self.model if model is None else model
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            yield from model._nodes_by_depth[depth]
 
     def _name(self, name: str) -> str:
         base = re.sub(r"\W", "_", name) or "layer"
@@ -168,6 +169,8 @@ class _KerasToTorch:
         self.env[id(node.outputs[0])] = out
 
     def _handler(self, layer):
+        if isinstance(layer, keras.Model):
+            return self._nested
         table = [
             (L.InputLayer, lambda layer, node, inputs: inputs[0]),
             (L.Identity, lambda layer, node, inputs: inputs[0]),
@@ -193,6 +196,25 @@ class _KerasToTorch:
             if isinstance(layer, types):
                 return handler
         return None
+
+    def _nested(self, layer, node, inputs) -> _Value:
+        """A functional or Sequential model used as a layer: its layers are converted in line."""
+        inner = _functional(layer)
+        if sum(1 for n in self._nodes() if n.operation is layer) != 1:
+            raise UnsupportedLayerError(
+                layer.name, type(layer).__name__, "a nested model called more than once (shared weights)"
+            )
+        if len(inner.inputs) != len(inputs):
+            raise UnsupportedLayerError(layer.name, type(layer).__name__, "its inputs do not match its call")
+        for tensor, value in zip(inner.inputs, inputs, strict=True):
+            self.env[id(tensor)] = value
+        for inner_node in self._nodes(inner):
+            for t in inner_node.input_tensors:
+                self.consumers.setdefault(id(t), []).append(inner_node)
+        for inner_node in self._nodes(inner):
+            if not inner_node.is_input:
+                self._convert(inner_node)
+        return self.env[id(inner.outputs[0])]
 
     def _channels_last(self, layer) -> None:
         fmt = getattr(layer, "data_format", "channels_last")
