@@ -285,11 +285,22 @@ class _Multiply(nn.Module):
         return x * 2
 
 
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.gain
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
         (lambda: torch_to_keras(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), (4,)), r"'1' \(LSTM\)"),
         (lambda: torch_to_keras(_Multiply(), (4,)), "mul"),
+        (lambda: torch_to_keras(nn.Sequential(nn.Linear(4, 4), _Scale()), (4,)), r"'1' \(_Scale\)"),
+        (lambda: torch_to_keras(nn.Sequential(nn.GroupNorm(2, 4)), (4, 3)), r"'0' \(GroupNorm\)"),
         (
             lambda: torch_to_keras(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)), (4,)),
             "track_running_stats=False",

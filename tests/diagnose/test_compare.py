@@ -431,6 +431,18 @@ def test_cli_disagreeing_files_exit_1_and_name_the_cause(run_cli, tmp_path):
     assert "The models disagree" in proc.stdout and "eps" in proc.stdout and "✗ first" in proc.stdout
 
 
+def test_cli_reads_the_input_shape_of_pt2_programs(run_cli, tmp_path):
+    """Two PyTorch models and no --input-shape: the .pt2 program recorded its example input."""
+    from bnkit.io import save_model
+
+    tmodel = torch_port(keras_net(), faithful_bn())
+    save_model(tmodel, tmp_path / "a.pt2", input_shape=(C_IN, H, W))
+    proc = run_cli("compare", "a.pt2", "a.pt2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["agree"] and report["input_shape"] == [4, C_IN, H, W]
+
+
 def test_cli_errors_exit_2_with_one_line(run_cli, tmp_path):
     proc = run_cli("compare", "missing.keras", "other.pt2")
     assert proc.returncode == 2

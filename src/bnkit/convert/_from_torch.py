@@ -276,6 +276,10 @@ class _TorchToKeras:
             return self._function(node)
         if node.op == "call_method":
             return self._method(node)
+        owner = str(node.target).rpartition(".")[0]
+        if owner:  # a parameter read inside a module bnkit does not know: name that module
+            kind = type(self.module.get_submodule(owner)).__name__
+            raise UnsupportedLayerError(owner, kind, "this module type is not supported by bnkit.convert")
         raise self._unsupported(node, "module attributes used as tensors (get_attr) are not supported")
 
     def _module(self, node, m: nn.Module):

@@ -46,16 +46,21 @@ def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> 
     if args.input_shape:
         return args.input_shape
     for model, framework in ((model_a, framework_a), (model_b, framework_b)):
-        if framework != "keras":
+        if framework == "keras":
+            shape = getattr(model, "input_shape", None)
+            if isinstance(shape, list):
+                shape = shape[0] if len(shape) == 1 else None
+            shape = tuple(shape[1:]) if shape and all(isinstance(d, int) for d in shape[1:]) else None
+        else:  # a .pt2 program records its example input's shape
+            from bnkit.summarize._torch import _recorded_shapes
+
+            shapes = _recorded_shapes(model)
+            shape = shapes[0] if shapes and len(shapes) == 1 else None
+        if shape is None:
             continue
-        shape = getattr(model, "input_shape", None)
-        if isinstance(shape, list):
-            shape = shape[0] if len(shape) == 1 else None
-        if shape and all(isinstance(d, int) for d in shape[1:]):
-            shape = tuple(shape[1:])
-            if framework != framework_a and len(shape) in (2, 3, 4):  # Keras (H, W, C) -> (C, H, W)
-                shape = (shape[-1], *shape[:-1])
-            return shape
+        if framework != framework_a and len(shape) in (2, 3, 4):  # to A's layout: channels last or first
+            shape = (shape[-1], *shape[:-1]) if framework == "keras" else (*shape[1:], shape[0])
+        return tuple(shape)
     raise CLIError("cannot tell the input shape of a PyTorch model: give --input-shape in A's layout, e.g. 1,64,64")
 
 
