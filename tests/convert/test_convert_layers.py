@@ -117,6 +117,27 @@ def test_keras_pooling(cls, padding):
     _check_keras(model, _x((2, *shape)))
 
 
+@pytest.mark.parametrize(
+    ("cls", "pool", "stride", "shape"),
+    [
+        (L.MaxPooling2D, 2, 2, (7, 7, 3)),  # Keras pads one after: PyTorch ceil_mode lets the window overhang
+        (L.MaxPooling1D, 3, 2, (8, 3)),
+        (L.AveragePooling2D, 2, 2, (9, 9, 3)),  # a 2-wide overhanging window averages one real value
+    ],
+)
+def test_keras_same_pooling_padded_after_becomes_ceil_mode(cls, pool, stride, shape):
+    inputs = keras.Input(shape)
+    torch_model = _check_keras(keras.Model(inputs, cls(pool, strides=stride, padding="same")(inputs)), _x((2, *shape)))
+    assert next(m for m in torch_model.modules() if "Pool" in type(m).__name__).ceil_mode
+    _check_torch(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), (3, 9, 9))
+    # 3-wide: Keras' torch backend averages a replicated edge value, TensorFlow the real values only
+    inputs = keras.Input((8, 3))
+    with pytest.raises(UnsupportedLayerError, match="average_pool"):
+        keras_to_torch(
+            keras.Model(inputs, L.AveragePooling1D(3, strides=2, padding="same", name="average_pool")(inputs))
+        )
+
+
 def test_torch_pooling_and_global_pooling():
     module = nn.Sequential(
         nn.MaxPool2d(3, stride=1, padding=1),
@@ -310,7 +331,7 @@ class _Scale(nn.Module):
             "momentum=None",
         ),
         (lambda: torch_to_keras(nn.Conv2d(3, 3, 3, stride=2, dilation=2), (3, 9, 9)), "dilation"),
-        (lambda: torch_to_keras(nn.MaxPool2d(2, ceil_mode=True), (3, 9, 9)), "ceil_mode"),
+        (lambda: torch_to_keras(nn.MaxPool2d(3, 2, ceil_mode=True), (3, 9, 9)), "ceil_mode"),
     ],
 )
 def test_torch_unsupported_errors(build, match):
@@ -329,7 +350,7 @@ def _keras_model(layer, shape):
     [
         (lambda: _keras_model(L.LSTM(3, name="rnn"), (5, 2)), r"'rnn' \(LSTM\)"),
         (lambda: _keras_model(L.DepthwiseConv2D(3, name="dw"), (5, 5, 2)), r"'dw' \(DepthwiseConv2D\)"),
-        (lambda: _keras_model(L.MaxPooling2D(2, strides=2, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
+        (lambda: _keras_model(L.MaxPooling2D(2, strides=1, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
         (lambda: _keras_model(L.Dense(3, name="d3"), (5, 2)), "rank-3"),
         (
             lambda: _keras_model(L.Conv2D(2, 3, data_format="channels_first", name="cf"), (2, 5, 5)),

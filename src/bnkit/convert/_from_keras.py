@@ -446,9 +446,23 @@ class _KerasToTorch:
         padding = [0] * spatial_rank
         is_max = isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D))
         source = x.node
+        ceil_mode = False
         if layer.padding == "same":
             pads = [same_padding(in_shape[1 + i], ks[i], strides[i], 1) for i in range(spatial_rank)]
-            if is_max and None not in pads and any(b != a for b, a in pads) and self._non_negative(node):
+            known = None not in pads
+            overhang = [
+                (b, a) == (0, 1) and s > 1 and (is_max or k == 2)
+                for (b, a), s, k in zip(pads, strides, ks, strict=True)
+            ]
+            if known and all(b == a or o for (b, a), o in zip(pads, overhang, strict=True)):
+                # max pooling padded one element after, with a stride: PyTorch's ceil_mode pools the
+                # same windows (from 0, every stride) and lets the last one overhang, ignoring what lies
+                # outside. Averages: Keras' torch backend pads by replicating the edge value, its
+                # TensorFlow backend averages the real values only; both give the edge value itself
+                # for a 2-wide window, the only case where one PyTorch layer matches both.
+                ceil_mode = any(b != a for b, a in pads)
+                pads = [(b, b) for b, _ in pads]
+            elif is_max and known and any(b != a for b, a in pads) and self._non_negative(node):
                 # zeros never win a max over values >= 0 (after a ReLU): pad explicitly, pool 'valid'
                 flat = tuple(p for b, a in reversed(pads) for p in (b, a))
                 pad_cls = nn.ZeroPad1d if spatial_rank == 1 else nn.ZeroPad2d
@@ -471,7 +485,7 @@ class _KerasToTorch:
             (False, 2): nn.AvgPool2d,
         }[(is_max, spatial_rank)]
         kwargs = {} if is_max else {"count_include_pad": False}  # Keras averages over real values only
-        pool = cls(ks, stride=strides, padding=tuple(padding), **kwargs)
+        pool = cls(ks, stride=strides, padding=tuple(padding), ceil_mode=ceil_mode, **kwargs)
         return _Value(self._module(layer.name, pool, source), x.rank)
 
     def _non_negative(self, node) -> bool:

@@ -629,10 +629,15 @@ class _TorchToKeras:
         strides = _pair(m.stride if m.stride is not None else m.kernel_size, n)
         pads = _pair(m.padding, n)
         is_max = isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))
-        if m.ceil_mode or (is_max and (set(_pair(m.dilation, n)) != {1} or m.return_indices)):
-            raise self._unsupported(node, "ceil_mode, dilation and return_indices have no Keras equivalent")
+        if is_max and (set(_pair(m.dilation, n)) != {1} or m.return_indices):
+            raise self._unsupported(node, "dilation and return_indices have no Keras equivalent")
         if not is_max and getattr(m, "divisor_override", None) is not None:
             raise self._unsupported(node, "divisor_override has no Keras equivalent")
+        cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
+            (is_max, n), L.AveragePooling2D
+        )
+        if m.ceil_mode:
+            return self._apply(node, cls(ks, strides=strides, padding=self._ceil_mode_same(node, m, x), name=name), x)
         padding = "valid"
         source = x
         if any(pads):
@@ -646,10 +651,26 @@ class _TorchToKeras:
                 source = self._zero_padding(None, x, self._name(f"{name}_pad"), flat)
             else:
                 raise self._unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
-        cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
-            (is_max, n), L.AveragePooling2D
-        )
         return self._apply(node, cls(ks, strides=strides, padding=padding, name=name), source)
+
+    def _ceil_mode_same(self, node, m, x: _Value) -> str:
+        """``"same"`` when a ``ceil_mode=True`` pooling pools Keras' 'same' windows: on every axis
+        the padding is Keras' (symmetric), or (max pooling) none where Keras pads one element
+        after (the last window overhangs), and the output has Keras' size ``ceil(n / stride)``."""
+        n = x.rank - 2
+        ks, pads = _pair(m.kernel_size, n), _pair(m.padding, n)
+        strides = _pair(m.stride if m.stride is not None else m.kernel_size, n)
+        out = self._out_shape(node)[1:]
+        for i in range(n):
+            size = x.shape[1 + i]
+            before, after = same_padding(size, ks[i], strides[i], 1)
+            is_max = isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))  # see _from_keras._pool: averages differ
+            overhang = (is_max or ks[i] == 2) and pads[i] == 0 and (before, after) == (0, 1)
+            fits = (before, after) == (pads[i], pads[i]) or overhang
+            counts_zeros = pads[i] and not is_max and m.count_include_pad
+            if not fits or counts_zeros or out[i] != math.ceil(size / strides[i]):
+                raise self._unsupported(node, "ceil_mode=True pools windows that Keras' 'same' padding does not")
+        return "same"
 
     def _non_negative(self, arg) -> bool:
         """True when ``arg`` is the output of an activation whose values are >= 0 (ReLU, sigmoid, ...)."""
