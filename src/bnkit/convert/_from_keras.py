@@ -449,10 +449,10 @@ class _KerasToTorch:
         ceil_mode = False
         if layer.padding == "same":
             pads = [same_padding(in_shape[1 + i], ks[i], strides[i], 1) for i in range(spatial_rank)]
-            known = None not in pads
+            known = None not in pads  # None: a strided axis of unknown size
             overhang = [
-                (b, a) == (0, 1) and s > 1 and (is_max or k == 2)
-                for (b, a), s, k in zip(pads, strides, ks, strict=True)
+                known and (b, a) == (0, 1) and s > 1 and (is_max or k == 2)
+                for (b, a), s, k in zip(pads if known else [(0, 0)] * spatial_rank, strides, ks, strict=True)
             ]
             if known and all(b == a or o for (b, a), o in zip(pads, overhang, strict=True)):
                 # max pooling padded one element after, with a stride: PyTorch's ceil_mode pools the
@@ -469,7 +469,11 @@ class _KerasToTorch:
                 source = self._module(f"{layer.name}_pad", pad_cls(flat), source)
                 pads = [(0, 0)] * spatial_rank
             for i, pad in enumerate(pads):
-                if pad is None or pad[0] != pad[1] or pad[0] > ks[i] // 2:
+                if pad is None:
+                    raise UnsupportedLayerError(
+                        layer.name, kind, f"padding='same' with strides on axis {i + 1}, whose size is not known"
+                    )
+                if pad[0] != pad[1] or pad[0] > ks[i] // 2:
                     raise UnsupportedLayerError(
                         layer.name,
                         kind,
