@@ -296,8 +296,10 @@ def test_frozen_keras_batchnorm_is_converted_in_eval():
     bn = L.BatchNormalization(name="bn")
     model = keras.Model(inputs, bn(inputs))
     bn.trainable = False
-    with pytest.warns(UserWarning, match="frozen"):
+    with pytest.warns(UserWarning, match="frozen") as record:
         torch_model = keras_to_torch(model)
+    (frozen,) = [w for w in record if "frozen" in str(w.message)]
+    assert frozen.filename == __file__  # the warning points at the user's call, not bnkit's code
     assert not torch_model.bn.training and not torch_model.bn.weight.requires_grad
 
 

@@ -7,6 +7,8 @@ Layouts: Keras tensors are channels-last (``N, *spatial, C``), PyTorch tensors c
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +21,7 @@ __all__ = [
     "keras_axis_to_torch",
     "torch_axis_to_keras",
     "same_padding",
+    "warn_at_caller",
     "keras_to_torch_flat_order",
     "torch_to_keras_flat_order",
 ]
@@ -124,3 +127,11 @@ def torch_to_keras_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) 
     out = kernel.shape[-1]
     k = kernel.reshape(c, *spatial, out)
     return np.moveaxis(k, 0, -2).reshape(-1, out)
+
+
+def warn_at_caller(message: str) -> None:
+    """A ``UserWarning`` that points at the first frame outside bnkit.convert: the user's call."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called this function
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("bnkit.convert"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

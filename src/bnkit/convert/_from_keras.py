@@ -5,7 +5,6 @@ from __future__ import annotations
 import keyword
 import operator
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ from bnkit.convert._common import (
     keras_axis_to_torch,
     keras_to_torch_flat_order,
     same_padding,
+    warn_at_caller,
 )
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
@@ -351,12 +351,10 @@ class _KerasToTorch:
         if not layer.trainable:
             # Keras runs a frozen BN in inference mode; PyTorch decides by module mode.
             bn.requires_grad_(False)
-            warnings.warn(
+            warn_at_caller(
                 f"{layer.name}: a frozen Keras BatchNormalization (trainable=False) runs in inference mode; "
                 "the converted BatchNorm is put in eval() with requires_grad=False, but model.train() "
-                "switches it back to batch statistics: call .eval() on it after model.train()",
-                UserWarning,
-                stacklevel=4,
+                "switches it back to batch statistics: call .eval() on it after model.train()"
             )
         return _Value(self._module(layer.name, bn, x.node), x.rank)
 

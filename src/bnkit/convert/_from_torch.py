@@ -6,7 +6,6 @@ import copy
 import math
 import operator
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ from bnkit.convert._common import (
     same_padding,
     torch_axis_to_keras,
     torch_to_keras_flat_order,
+    warn_at_caller,
 )
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
@@ -190,11 +190,9 @@ class _TorchToKeras:
                     ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in moved))
             except Exception:
                 raise failure from first_error
-            warnings.warn(
+            warn_at_caller(
                 f"input_shape {self.input_shapes} does not fit the module in PyTorch's layout (C, H, W); "
-                f"read it as channels-last, i.e. {moved}",
-                UserWarning,
-                stacklevel=4,
+                f"read it as channels-last, i.e. {moved}"
             )
             return moved
 

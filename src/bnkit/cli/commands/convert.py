@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 from bnkit.cli import CLIError
 from bnkit.cli.options import parse_shape
@@ -173,10 +174,12 @@ def run(args) -> int:
 
         steps.step(f"converting to {'PyTorch' if target_framework == 'torch' else 'Keras'}")
         try:
-            if source_framework == "keras":
-                converted = keras_to_torch(model, semantics=args.semantics)
-            else:
-                converted = torch_to_keras(model, torch_shape, semantics=args.semantics)
+            with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
+                warnings.simplefilter("always", UserWarning)
+                if source_framework == "keras":
+                    converted = keras_to_torch(model, semantics=args.semantics)
+                else:
+                    converted = torch_to_keras(model, torch_shape, semantics=args.semantics)
         except UnsupportedLayerError as e:
             raise CLIError(str(e)) from None
         steps.step("verifying on a random batch")
@@ -196,6 +199,11 @@ def run(args) -> int:
         except ModelFileError as e:
             raise CLIError(str(e)) from None
 
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            print(f"bnkit convert: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     converted_bns = {_key(row["name"]): row for row in _batch_norms(converted, target_framework)}
     pairs = [(row, converted_bns.get(_key(row["name"]))) for row in _batch_norms(model, source_framework)]
     report = {
