@@ -84,8 +84,9 @@ def test_pickled_module_is_refused_by_weights_only(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("truncated.pt2", b"PK\x03\x04garbage", "not a readable torch.export program"),
-        ("bad.keras", b"not a zip", "not a readable Keras model"),
+        ("truncated.pt2", b"PK\x03\x04garbage", "not a torch.export program .not a zip archive"),
+        ("bad.keras", b"not a zip", "not a Keras .keras archive .not a zip file"),
+        ("bad.h5", b"not hdf5", "not a legacy Keras .h5 model .not an HDF5 file"),
         ("model.onnx", b"whatever", "unknown model format"),
     ],
 )
@@ -97,7 +98,22 @@ def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_zip_that_holds_no_exported_program(tmp_path, capfd):
+    path = tmp_path / "weights.pt2"
+    torch.save(Residual().state_dict(), path)  # a zip archive too, but no torch.export program
+    with pytest.raises(ModelFileError, match="holds no exported program") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+    assert capfd.readouterr().err == ""  # torch.export's logged traceback is silenced
+
+
+def _raising_factory():
+    raise RuntimeError("no GPU here")
+
+
 def test_missing_file_and_bad_factory(tmp_path):
+    with pytest.raises(ModelFileError, match="factory raised RuntimeError: no GPU here"):
+        load_model(f"{__name__}:_raising_factory")
     with pytest.raises(ModelFileError, match="no such file"):
         load_model(tmp_path / "absent.keras")
     with pytest.raises(ModelFileError, match="cannot import"):

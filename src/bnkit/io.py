@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 __all__ = ["ModelFileError", "load_model", "save_model", "framework_of", "atomic_path", "check_writable"]
@@ -85,6 +87,16 @@ def _load_keras(path: Path):
     from bnkit.keras import keras
 
     _register_bnkit_keras_layers()
+    # Keras answers "File not found" for a .keras file that is not a zip archive: say what is wrong
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a Keras .keras archive (not a zip file: truncated, or another format?)")
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        import h5py
+
+        if not h5py.is_hdf5(path):
+            raise ModelFileError(
+                f"{path}: not a legacy Keras .h5 model (not an HDF5 file: truncated, or another format?)"
+            )
     try:
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
@@ -107,7 +119,10 @@ def _load_factory(spec: str):
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelFileError(f"{spec}: {module_name!r} has no callable {attr!r}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:  # the user's code: one line, not a traceback
+        raise ModelFileError(f"{spec}: the factory raised {type(e).__name__}: {_one_line(e)}") from e
     try:
         framework_of(model)
     except TypeError as e:
@@ -153,13 +168,24 @@ def _load_weights(model, path: Path) -> None:
 def _load_torch_export(path: Path):
     import torch
 
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a torch.export program (not a zip archive: truncated, or another format?)")
     extra = {_BNKIT_META: ""}
+    # torch.export logs a traceback (a warning) before raising on a damaged archive: the one-line error says it
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():  # torch.export's pytree pickling warns about itself
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
             program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
-        raise ModelFileError(f"{path}: not a readable torch.export program ({_one_line(e)})") from e
+        detail = _one_line(e)
+        if "warnings above" in detail:  # the warnings are the ones silenced above
+            detail = "the archive holds no exported program: a torch.save() file, or another zip?"
+        raise ModelFileError(f"{path}: not a readable torch.export program ({detail})") from e
+    finally:
+        export_log.setLevel(level)
     meta = json.loads(extra[_BNKIT_META]) if extra[_BNKIT_META] else {}
     from bnkit.torch.rebuild import rebuild_exported
 

@@ -80,3 +80,15 @@ def test_unsupported_layer_and_bad_output_suffix(run_cli, tmp_path):
     assert not (tmp_path / "rnn.pt2").exists()
     proc = run_cli("convert", "rnn.keras", "rnn.onnx")
     assert proc.returncode == 2 and "unknown output format '.onnx'" in proc.stderr
+
+
+def test_conversion_warnings_are_one_line_each(run_cli, tmp_path):
+    inputs = keras.Input((4,))
+    bn = L.BatchNormalization(name="frozen_bn")
+    model = keras.Model(inputs, L.Dense(2)(bn(inputs)))
+    bn.trainable = False
+    model.save(tmp_path / "frozen.keras")
+    proc = run_cli("convert", "frozen.keras", "frozen.pt", "--json", check=True)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnkit convert: warning: frozen_bn: a frozen Keras")
+    assert json.loads(proc.stdout)["to"] == "torch"

@@ -104,7 +104,7 @@ def randomize_bn_state(model) -> None:
     import numpy as np
 
     rng = np.random.default_rng(1)
-    for layer in model.layers:
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # nested models' layers too
         if isinstance(layer, L.BatchNormalization):
             for w in layer.weights:
                 if w.name == "moving_variance":

@@ -117,6 +117,27 @@ def test_keras_pooling(cls, padding):
     _check_keras(model, _x((2, *shape)))
 
 
+@pytest.mark.parametrize(
+    ("cls", "pool", "stride", "shape"),
+    [
+        (L.MaxPooling2D, 2, 2, (7, 7, 3)),  # Keras pads one after: PyTorch ceil_mode lets the window overhang
+        (L.MaxPooling1D, 3, 2, (8, 3)),
+        (L.AveragePooling2D, 2, 2, (9, 9, 3)),  # a 2-wide overhanging window averages one real value
+    ],
+)
+def test_keras_same_pooling_padded_after_becomes_ceil_mode(cls, pool, stride, shape):
+    inputs = keras.Input(shape)
+    torch_model = _check_keras(keras.Model(inputs, cls(pool, strides=stride, padding="same")(inputs)), _x((2, *shape)))
+    assert next(m for m in torch_model.modules() if "Pool" in type(m).__name__).ceil_mode
+    _check_torch(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), (3, 9, 9))
+    # 3-wide: Keras' torch backend averages a replicated edge value, TensorFlow the real values only
+    inputs = keras.Input((8, 3))
+    with pytest.raises(UnsupportedLayerError, match="average_pool"):
+        keras_to_torch(
+            keras.Model(inputs, L.AveragePooling1D(3, strides=2, padding="same", name="average_pool")(inputs))
+        )
+
+
 def test_torch_pooling_and_global_pooling():
     module = nn.Sequential(
         nn.MaxPool2d(3, stride=1, padding=1),
@@ -126,6 +147,37 @@ def test_torch_pooling_and_global_pooling():
         nn.Flatten(),
     )
     _check_torch(module, (3, 8, 8))
+
+
+def test_max_pooling_of_relu_outputs_pads_with_zeros_where_keras_same_cannot():
+    """ResNet's stem MaxPool2d(3, 2, 1) on an even size pads 1 on both sides, Keras' 'same' (0, 1):
+    after a ReLU, zeros never win the max, so explicit zero padding and 'valid' pooling are exact."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    model = _check_torch(stem, (3, 16, 16))
+    assert any(isinstance(layer, L.ZeroPadding2D) for layer in model.layers)
+    with pytest.raises(UnsupportedLayerError, match="MaxPool2d"):  # a negative input would lose to a zero
+        torch_to_keras(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1)), (3, 16, 16))
+    inputs = keras.Input((9, 9, 3))  # Keras 'same' pads (0, 1) here; PyTorch pooling pads symmetrically
+    x = L.MaxPooling2D(2, padding="same")(L.Conv2D(4, 3, padding="same", activation="relu")(inputs))
+    _check_keras(keras.Model(inputs, x), _x((2, 9, 9, 3)))
+
+
+class _LeNet(nn.Module):
+    """PyTorch's tutorial network: pooling written as F.max_pool2d calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv1(x))), (2, 2))
+        x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_pooling_functions():
+    _check_torch(_LeNet(), (1, 32, 32))
 
 
 class _Functional(nn.Module):
@@ -146,15 +198,38 @@ def test_torch_functional_calls_and_flatten_not_followed_by_linear():
     assert any(isinstance(layer, L.Permute) for layer in model.layers)  # the data were permuted
 
 
-@pytest.mark.parametrize(
-    "activation",
-    ["relu", "sigmoid", "tanh", "softmax", "gelu", "elu", "leaky_relu", "silu", "swish", "linear"],
-)
+KERAS_ACTIVATIONS = (
+    "relu sigmoid tanh softmax gelu elu leaky_relu silu swish linear "
+    "selu softplus softsign hard_sigmoid hard_silu mish hard_tanh log_sigmoid celu log_softmax"
+).split()
+
+
+@pytest.mark.parametrize("activation", KERAS_ACTIVATIONS)
 def test_keras_activations(activation):
     inputs = keras.Input((4, 4, 3))
     x = L.Conv2D(3, 1, activation=activation)(inputs)
     model = keras.Model(inputs, L.Dense(4)(L.Flatten()(L.Activation(activation)(x))))
     _check_keras(model, _x((2, 4, 4, 3)))
+
+
+def test_torch_activation_modules_and_functions():
+    modules = [nn.SELU(), nn.Softplus(), nn.Softsign(), nn.Hardsigmoid(), nn.Hardswish(), nn.Mish()]
+    modules += [nn.Hardtanh(), nn.LogSigmoid(), nn.CELU(), nn.LogSoftmax(dim=1)]
+    functions = [F.selu, F.softplus, F.softsign, F.hardsigmoid, F.hardswish, F.mish, F.hardtanh, F.logsigmoid]
+
+    class Functional(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fc, self.fn = nn.Linear(5, 4), fn
+
+        def forward(self, x):
+            return self.fn(self.fc(x))
+
+    for net in [nn.Sequential(nn.Linear(5, 4), m) for m in modules] + [Functional(fn) for fn in functions]:
+        _check_torch(net, (5,))
+    for module in (nn.Softplus(beta=2), nn.CELU(alpha=0.5), nn.Hardtanh(0, 6)):  # other constants than Keras'
+        with pytest.raises(UnsupportedLayerError, match=type(module).__name__):
+            torch_to_keras(nn.Sequential(nn.Linear(5, 4), module), (5,))
 
 
 def test_keras_activation_layers_dropout_concat_and_flatten_to_output():
@@ -221,8 +296,10 @@ def test_frozen_keras_batchnorm_is_converted_in_eval():
     bn = L.BatchNormalization(name="bn")
     model = keras.Model(inputs, bn(inputs))
     bn.trainable = False
-    with pytest.warns(UserWarning, match="frozen"):
+    with pytest.warns(UserWarning, match="frozen") as record:
         torch_model = keras_to_torch(model)
+    (frozen,) = [w for w in record if "frozen" in str(w.message)]
+    assert frozen.filename == __file__  # the warning points at the user's call, not bnkit's code
     assert not torch_model.bn.training and not torch_model.bn.weight.requires_grad
 
 
@@ -231,11 +308,22 @@ class _Multiply(nn.Module):
         return x * 2
 
 
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.gain
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
         (lambda: torch_to_keras(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), (4,)), r"'1' \(LSTM\)"),
         (lambda: torch_to_keras(_Multiply(), (4,)), "mul"),
+        (lambda: torch_to_keras(nn.Sequential(nn.Linear(4, 4), _Scale()), (4,)), r"'1' \(_Scale\)"),
+        (lambda: torch_to_keras(nn.Sequential(nn.GroupNorm(2, 4)), (4, 3)), r"'0' \(GroupNorm\)"),
         (
             lambda: torch_to_keras(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)), (4,)),
             "track_running_stats=False",
@@ -245,7 +333,7 @@ class _Multiply(nn.Module):
             "momentum=None",
         ),
         (lambda: torch_to_keras(nn.Conv2d(3, 3, 3, stride=2, dilation=2), (3, 9, 9)), "dilation"),
-        (lambda: torch_to_keras(nn.MaxPool2d(2, ceil_mode=True), (3, 9, 9)), "ceil_mode"),
+        (lambda: torch_to_keras(nn.MaxPool2d(3, 2, ceil_mode=True), (3, 9, 9)), "ceil_mode"),
     ],
 )
 def test_torch_unsupported_errors(build, match):
@@ -264,14 +352,14 @@ def _keras_model(layer, shape):
     [
         (lambda: _keras_model(L.LSTM(3, name="rnn"), (5, 2)), r"'rnn' \(LSTM\)"),
         (lambda: _keras_model(L.DepthwiseConv2D(3, name="dw"), (5, 5, 2)), r"'dw' \(DepthwiseConv2D\)"),
-        (lambda: _keras_model(L.MaxPooling2D(2, strides=2, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
+        (lambda: _keras_model(L.MaxPooling2D(2, strides=1, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
         (lambda: _keras_model(L.Dense(3, name="d3"), (5, 2)), "rank-3"),
         (
             lambda: _keras_model(L.Conv2D(2, 3, data_format="channels_first", name="cf"), (2, 5, 5)),
             "channels_first",
         ),
         (lambda: _keras_model(L.BatchNormalization(axis=1, name="bn_h"), (5, 5, 2)), "axis=1"),
-        (lambda: _keras_model(L.Dense(3, activation="hard_sigmoid", name="hs"), (4,)), "hard_sigmoid"),
+        (lambda: _keras_model(L.Dense(3, activation="exponential", name="hs"), (4,)), "exponential"),
     ],
 )
 def test_keras_unsupported_errors(build, match):

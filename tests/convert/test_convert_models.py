@@ -202,3 +202,59 @@ def test_channels_last_input_shape_is_read_as_such_with_a_warning():
     np.testing.assert_array_equal(_np(channels_last(x)), _np(channels_first(x)))
     with pytest.raises(ValueError, match="does not run on input_shape"):
         torch_to_keras(module, (5, 8, 8))
+
+
+def test_keras_to_torch_returns_a_module_that_infers_like_the_keras_model():
+    """A Keras model infers unless called with training=True: the converted module starts in
+    eval(), so calling it right away gives Keras' inference outputs (not batch statistics)."""
+    import bnkit
+
+    model = keras_resnet()
+    randomize_bn_state(model)
+    torch_model = keras_to_torch(model)
+    assert not any(m.training for m in torch_model.modules())
+    x = np.random.default_rng(3).standard_normal((4, 8, 8, 3)).astype("float32")
+    with torch.no_grad():
+        got = torch_model(_nchw(x))
+    np.testing.assert_allclose(_np(got), _np(model(x)), rtol=TOL, atol=TOL)
+    assert bnkit.compare(model, torch_model, x).causes == []
+
+
+def test_semantics_chosen_per_layer():
+    """A dict picks each batch norm's semantics by the source layer's name; the rest keep 'source'."""
+    torch_model = keras_to_torch(keras_resnet(), semantics={"block_bn1": "target"})
+    assert type(torch_model.block_bn1) is nn.BatchNorm2d
+    assert torch_model.block_bn1.momentum == pytest.approx(0.01)  # Keras' default 0.99, translated
+    assert isinstance(torch_model.stem_bn, bnkit_torch.BatchNorm2d) and torch_model.stem_bn.convention.name == "keras"
+    keras_model = torch_to_keras(torch_resnet(), (3, 8, 8), semantics={"block.bn1": "target"})
+    assert type(keras_model.get_layer("block_bn1")) is keras.layers.BatchNormalization
+    assert keras_model.get_layer("block_bn1").momentum == pytest.approx(0.9)
+    assert isinstance(keras_model.get_layer("stem_bn"), BatchNormalization)
+    with pytest.raises(ValueError, match="'blok_bn1'.*'block_bn1'"):  # a typo names the real layers
+        keras_to_torch(keras_resnet(), semantics={"blok_bn1": "target"})
+    with pytest.raises(ValueError, match="'source' or 'target'"):
+        torch_to_keras(torch_resnet(), (3, 8, 8), semantics={"block.bn1": "native"})
+
+
+def test_nested_keras_models_are_converted_in_line():
+    """A functional block and a Sequential used as layers of a functional model (a common way to
+    write residual blocks); a nested model called twice shares weights and is refused."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    block_in = keras.Input((6, 6, 3))
+    y = L.ReLU()(L.BatchNormalization(momentum=0.8, name="block_bn")(L.Conv2D(3, 3, padding="same")(block_in)))
+    block = keras.Model(block_in, L.Add()([y, block_in]), name="block")
+    head = keras.Sequential(
+        [keras.Input((108,)), L.Dense(4, name="fc"), L.BatchNormalization(name="head_bn")], name="head"
+    )
+    inputs = keras.Input((6, 6, 3))
+    model = keras.Model(inputs, head(L.Flatten()(block(inputs))))
+    randomize_bn_state(model)
+    torch_model = keras_to_torch(model)
+    assert isinstance(torch_model.block_bn, bnkit_torch.BatchNorm2d) and torch_model.block_bn.momentum == 0.8
+    x = np.random.default_rng(1).standard_normal((4, 6, 6, 3)).astype("float32")
+    with torch.no_grad():
+        np.testing.assert_allclose(_np(torch_model(_nchw(x))), _np(model(x)), rtol=TOL, atol=TOL)
+    shared = keras.Model(inputs, L.Add()([block(inputs), block(inputs)]))
+    with pytest.raises(ValueError, match="'block'.*more than once"):
+        keras_to_torch(shared)

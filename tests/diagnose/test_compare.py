@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -232,6 +233,15 @@ def test_missing_running_stats():
     assert codes(report) == ["missing-running-stats"]
 
 
+def test_missing_running_stats_in_a_training_step():
+    """The step's outputs agree (both use batch statistics), but only Keras updates running statistics."""
+    kmodel = keras_net()
+    bn = bnkit.torch.BatchNorm2d(C, momentum=0.15, eps=1e-3, track_running_stats=False, convention="keras")
+    report = compare(torch_port(kmodel, bn), kmodel, np.moveaxis(nhwc_batch(), -1, 1), training=True)
+    assert not report.agree and codes(report) == ["missing-running-stats"]
+    assert report.first_divergence.kind == "bn" and not report.first_divergence.diverges
+
+
 @pytest.mark.parametrize("keras_first", [True, False])
 def test_layout_flatten_weights_not_permuted(keras_first):
     kmodel = keras_net()
@@ -245,6 +255,40 @@ def test_layout_flatten_weights_not_permuted(keras_first):
     assert report.first_divergence.kind == "dense"
     flatten_row = report.rows[2]
     assert flatten_row.kind == "flatten" and not flatten_row.diverges
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def _flatten_channels_last(tmodel):
+    """The port written the other way: permute the data to NHWC before Flatten, as Keras flattens."""
+    layers = list(tmodel)
+    return nn.Sequential(*layers[:3], _ChannelsLast(), *layers[3:]).eval()
+
+
+@pytest.mark.parametrize("keras_first", [True, False])
+def test_port_that_flattens_channels_last_agrees_and_permuted_weights_there_are_layout(keras_first):
+    kmodel = keras_net()
+    x = nhwc_batch()
+    for permute_flatten, expected in ((False, []), (True, ["layout"])):
+        tmodel = _flatten_channels_last(torch_port(kmodel, faithful_bn(), permute_flatten=permute_flatten))
+        if keras_first:
+            report = compare(kmodel, tmodel, x)
+        else:
+            report = compare(tmodel, kmodel, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        assert codes(report) == expected
+        assert report.agree is (expected == [])
+
+
+def test_layout_conv_kernel_with_spatial_axes_swapped():
+    kmodel = keras_net()
+    tmodel = torch_port(kmodel, faithful_bn())
+    with torch.no_grad():  # transpose(3, 2, 1, 0) instead of (3, 2, 0, 1): kh and kw swapped
+        tmodel[0].weight.copy_(torch.from_numpy(weights_of(kmodel.get_layer("conv"))[0].transpose(3, 2, 1, 0).copy()))
+    report = compare(kmodel, tmodel, nhwc_batch())
+    assert codes(report) == ["layout"] and report.first_divergence.kind == "conv"
 
 
 def test_weights_differ():
@@ -330,6 +374,9 @@ def test_html_report_is_self_contained(tmp_path):
     report.to_html(path, force=True)
     assert "<svg" in path.read_text(encoding="utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's private 0600
 
 
 def test_public_api_is_lazy():
@@ -382,6 +429,18 @@ def test_cli_disagreeing_files_exit_1_and_name_the_cause(run_cli, tmp_path):
     proc = run_cli("compare", "a.keras", "b.keras", "--seed", "3")
     assert proc.returncode == 1, proc.stderr
     assert "The models disagree" in proc.stdout and "eps" in proc.stdout and "✗ first" in proc.stdout
+
+
+def test_cli_reads_the_input_shape_of_pt2_programs(run_cli, tmp_path):
+    """Two PyTorch models and no --input-shape: the .pt2 program recorded its example input."""
+    from bnkit.io import save_model
+
+    tmodel = torch_port(keras_net(), faithful_bn())
+    save_model(tmodel, tmp_path / "a.pt2", input_shape=(C_IN, H, W))
+    proc = run_cli("compare", "a.pt2", "a.pt2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["agree"] and report["input_shape"] == [4, C_IN, H, W]
 
 
 def test_cli_errors_exit_2_with_one_line(run_cli, tmp_path):
@@ -492,3 +551,35 @@ def test_causes_read_as_their_codes():
     assert causes == ["eps", "training-mode"] and set(causes) == {"eps", "training-mode"}
     assert sorted(causes, reverse=True) == ["training-mode", "eps"]
     assert str(causes[0]) == "eps" and causes[0] != Cause("eps", "another explanation")
+
+
+def test_rich_table_fits_80_columns():
+    """Piped output and CI logs are 80 columns wide: layer names stay readable, no column is cut."""
+    import io
+
+    from rich.console import Console
+
+    kmodel = keras_net()
+    bn = bnkit.torch.BatchNorm2d(C, momentum=0.15, eps=1e-3, track_running_stats=False, convention="keras")
+    report = compare(kmodel, torch_port(kmodel, bn), nhwc_batch(), training=True)
+    out = io.StringIO()
+    report.render(Console(file=out, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert any("✗ first" in line and "missing" in line for line in lines)  # the stats column says why
+    assert any(line.startswith("│ 0 │ conv / ") for line in lines)
+
+
+def test_rounding_of_a_wide_dense_is_not_blamed_on_its_weights():
+    """The seed's Dense sums 131,072 terms: in float32 the two frameworks' sums differ by ~4e-5 on the
+    same input. compare must not call that 'weights' (the weights are the same, converted)."""
+    from bnkit.convert import keras_to_torch
+    from bnkit.examples import keras_seed_model
+
+    kmodel = keras_seed_model()
+    tmodel = keras_to_torch(kmodel, semantics="target")  # PyTorch's own BatchNorm2d: same weights
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 1)).astype("float32")
+    report = compare(kmodel, tmodel, x, training=True)
+    assert "weights" not in codes(report)
+    if not report.agree:
+        assert codes(report) == ["unexplained"] and "rounding" in report.causes[0].explanation

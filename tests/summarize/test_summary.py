@@ -224,3 +224,13 @@ def test_keras_integer_counter_weights_are_counters_not_params():
     assert s.total == model.count_params() == 17 and s.non_trainable == 9
     assert (s.torch_params, s.torch_buffers, s.torch_counters) == (8, 8, 1)
     assert "8 + 8 + 1 = 17" in rendered(s)
+
+
+def test_printing_a_summary_shows_the_table_and_the_explanation():
+    """``print(bnkit.summary(model))`` shows the table, as torchinfo's summary does, not a dataclass repr."""
+    s = bnkit.summary(torch_seed_model(), (1, 64, 64))
+    text = str(s)
+    assert "BatchNorm2d" in text and "13,108,758" in text and "print 13,108,694" in text
+    assert "ModelSummary(" not in text
+    assert s.explanation in " ".join(text.split())  # the sentence, wrapped over lines
+    assert json.loads(json.dumps(s.to_dict()))["explanation"] == s.explanation

@@ -18,13 +18,13 @@ from bnkit.convert._common import UnsupportedLayerError
 __all__ = ["keras_to_torch", "torch_to_keras", "UnsupportedLayerError"]
 
 
-def keras_to_torch(keras_model, *, semantics: str = "source"):
+def keras_to_torch(keras_model, *, semantics="source"):
     from bnkit.convert._from_keras import keras_to_torch as convert
 
     return convert(keras_model, semantics=semantics)
 
 
-def torch_to_keras(module, input_shape, *, semantics: str = "source"):
+def torch_to_keras(module, input_shape, *, semantics="source"):
     from bnkit.convert._from_torch import torch_to_keras as convert
 
     return convert(module, input_shape, semantics=semantics)
@@ -32,9 +32,11 @@ def torch_to_keras(module, input_shape, *, semantics: str = "source"):
 
 keras_to_torch.__doc__ = """Convert a Keras 3 functional or Sequential model to a ``torch.fx.GraphModule``.
 
-The module takes and returns PyTorch's layout (``N, C, *spatial``). ``semantics="source"``
+The module takes and returns PyTorch's layout (``N, C, *spatial``) and is returned in ``eval()``
+mode (a Keras model infers unless called with ``training=True``). ``semantics="source"``
 (default) keeps Keras' batch-norm training semantics (``bnkit.torch.BatchNorm*d(convention="keras")``);
 ``"target"`` gives ``torch.nn.BatchNorm*d`` with ``momentum = 1 - keras_momentum`` and the same eps.
+Per layer: a dict of Keras layer name -> ``"source"``/``"target"`` (layers left out: ``"source"``).
 Raises :class:`UnsupportedLayerError` (a ``ValueError``) naming the first layer it cannot convert.
 """
 
@@ -44,6 +46,7 @@ torch_to_keras.__doc__ = """Convert a PyTorch module to a Keras 3 functional mod
 (or a list of them). The Keras model takes ``(N, H, W, C)``. ``semantics="source"`` (default) keeps
 PyTorch's batch-norm training semantics (``bnkit.keras.BatchNormalization(convention="torch")``);
 ``"target"`` gives ``keras.layers.BatchNormalization`` with ``momentum = 1 - torch_momentum``.
+Per layer: a dict of module path (``"block.bn1"``) -> ``"source"``/``"target"`` (left out: ``"source"``).
 The module is traced on a copy in ``eval()``: the original is not changed.
 Raises :class:`UnsupportedLayerError` (a ``ValueError``) naming the first layer it cannot convert.
 """

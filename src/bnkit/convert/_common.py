@@ -7,6 +7,9 @@ Layouts: Keras tensors are channels-last (``N, *spatial, C``), PyTorch tensors c
 from __future__ import annotations
 
 import math
+import sys
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -14,9 +17,11 @@ __all__ = [
     "UnsupportedLayerError",
     "SEMANTICS",
     "check_semantics",
+    "SemanticsChoice",
     "keras_axis_to_torch",
     "torch_axis_to_keras",
     "same_padding",
+    "warn_at_caller",
     "keras_to_torch_flat_order",
     "torch_to_keras_flat_order",
 ]
@@ -34,10 +39,45 @@ class UnsupportedLayerError(ValueError):
         self.reason = reason
 
 
-def check_semantics(semantics: str) -> str:
-    if semantics not in SEMANTICS:
-        raise ValueError(f"semantics must be 'source' or 'target', got {semantics!r}")
-    return semantics
+def check_semantics(semantics):
+    """``"source"``, ``"target"``, or a mapping from batch-norm layer name (the source model's:
+    Keras layer name, PyTorch module path such as ``"block.bn1"``) to one of them, chosen per
+    layer; layers left out keep ``"source"``."""
+    if isinstance(semantics, str):
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be 'source' or 'target', got {semantics!r}")
+        return semantics
+    if isinstance(semantics, Mapping):
+        bad = {name: value for name, value in semantics.items() if value not in SEMANTICS}
+        if bad:
+            raise ValueError(f"semantics per layer must be 'source' or 'target', got {bad!r}")
+        return dict(semantics)
+    raise TypeError(
+        f"semantics must be 'source', 'target' or a dict of layer name -> 'source'/'target', got {semantics!r}"
+    )
+
+
+class SemanticsChoice:
+    """The semantics of each batch norm, and a check that every named layer was found."""
+
+    def __init__(self, semantics) -> None:
+        self.semantics = check_semantics(semantics)
+        self.seen: list[str] = []
+
+    def for_layer(self, name: str) -> str:
+        self.seen.append(name)
+        if isinstance(self.semantics, str):
+            return self.semantics
+        return self.semantics.get(name, "source")
+
+    def check_all_found(self) -> None:
+        if isinstance(self.semantics, dict):
+            unknown = sorted(set(self.semantics) - set(self.seen))
+            if unknown:
+                raise ValueError(
+                    f"semantics names no batch norm layer {', '.join(map(repr, unknown))}; "
+                    f"the model's batch norms are: {', '.join(map(repr, self.seen)) or 'none'}"
+                )
 
 
 def keras_axis_to_torch(axis: int, rank: int) -> int:
@@ -87,3 +127,11 @@ def torch_to_keras_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) 
     out = kernel.shape[-1]
     k = kernel.reshape(c, *spatial, out)
     return np.moveaxis(k, 0, -2).reshape(-1, out)
+
+
+def warn_at_caller(message: str) -> None:
+    """A ``UserWarning`` that points at the first frame outside bnkit.convert: the user's call."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called this function
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("bnkit.convert"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import keyword
 import operator
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,11 +13,12 @@ from torch import fx, nn
 
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
 from bnkit.convert._common import (
+    SemanticsChoice,
     UnsupportedLayerError,
-    check_semantics,
     keras_axis_to_torch,
     keras_to_torch_flat_order,
     same_padding,
+    warn_at_caller,
 )
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
@@ -59,7 +59,19 @@ _ACTIVATIONS = {
     "leaky_relu": lambda: nn.LeakyReLU(0.2),  # keras.activations.leaky_relu: negative_slope=0.2
     "silu": nn.SiLU,
     "relu6": nn.ReLU6,
+    "selu": nn.SELU,  # the same alpha and scale constants
+    "softplus": nn.Softplus,  # beta=1
+    "softsign": nn.Softsign,
+    "hard_sigmoid": nn.Hardsigmoid,  # relu6(x + 3) / 6 in both
+    "hard_silu": nn.Hardswish,  # x * hard_sigmoid(x); Keras' hard_swish is the same function
+    "mish": nn.Mish,
+    "hard_tanh": nn.Hardtanh,  # clip to [-1, 1]
+    "log_sigmoid": nn.LogSigmoid,
+    "celu": nn.CELU,  # alpha=1.0 in both
 }
+
+# activations whose outputs are >= 0: zero padding cannot change a max pooling of them
+_NON_NEGATIVE_ACTIVATIONS = {"relu", "relu6", "sigmoid", "softmax", "hard_sigmoid", "softplus"}
 
 _PASS_THROUGH = (L.Dropout, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Softmax, L.Identity)
 
@@ -87,7 +99,7 @@ class _KerasToTorch:
     def __init__(self, model, semantics: str) -> None:
         self.name = model.name
         self.model = _functional(model)
-        self.semantics = check_semantics(semantics)
+        self.semantics = SemanticsChoice(semantics)
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[int, _Value] = {}
@@ -96,9 +108,10 @@ class _KerasToTorch:
         self.output_ids = {id(t) for t in self.model.outputs}
 
     # ---- graph bookkeeping ------------------------------------------------------------
-    def _nodes(self):
-        for depth in sorted(self.model._nodes_by_depth, reverse=True):
-            yield from self.model._nodes_by_depth[depth]
+    def _nodes(self, model=None):
+        model = self.model if model is None else model
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            yield from model._nodes_by_depth[depth]
 
     def _name(self, name: str) -> str:
         base = re.sub(r"\W", "_", name) or "layer"
@@ -131,11 +144,11 @@ class _KerasToTorch:
             value = self.env[id(tensor)]
             outputs.append(value.node)
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self.semantics.check_all_found()
         gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
-        for module in gm.modules():  # frozen Keras BN: see _batchnorm
-            if getattr(module, "_bnkit_frozen", False):
-                module.eval()
-        return gm
+        # A Keras model called without training= runs in inference: so does the converted one
+        # until model.train(), rather than normalising with batch statistics from the first call.
+        return gm.eval()
 
     # ---- layers -----------------------------------------------------------------------
     def _convert(self, node) -> None:
@@ -156,6 +169,8 @@ class _KerasToTorch:
         self.env[id(node.outputs[0])] = out
 
     def _handler(self, layer):
+        if isinstance(layer, keras.Model):
+            return self._nested
         table = [
             (L.InputLayer, lambda layer, node, inputs: inputs[0]),
             (L.Identity, lambda layer, node, inputs: inputs[0]),
@@ -182,6 +197,25 @@ class _KerasToTorch:
                 return handler
         return None
 
+    def _nested(self, layer, node, inputs) -> _Value:
+        """A functional or Sequential model used as a layer: its layers are converted in line."""
+        inner = _functional(layer)
+        if sum(1 for n in self._nodes() if n.operation is layer) != 1:
+            raise UnsupportedLayerError(
+                layer.name, type(layer).__name__, "a nested model called more than once (shared weights)"
+            )
+        if len(inner.inputs) != len(inputs):
+            raise UnsupportedLayerError(layer.name, type(layer).__name__, "its inputs do not match its call")
+        for tensor, value in zip(inner.inputs, inputs, strict=True):
+            self.env[id(tensor)] = value
+        for inner_node in self._nodes(inner):
+            for t in inner_node.input_tensors:
+                self.consumers.setdefault(id(t), []).append(inner_node)
+        for inner_node in self._nodes(inner):
+            if not inner_node.is_input:
+                self._convert(inner_node)
+        return self.env[id(inner.outputs[0])]
+
     def _channels_last(self, layer) -> None:
         fmt = getattr(layer, "data_format", "channels_last")
         if fmt != "channels_last":
@@ -203,6 +237,8 @@ class _KerasToTorch:
             return None
         if name == "softmax":
             return nn.Softmax(dim=keras_axis_to_torch(-1, rank))
+        if name == "log_softmax":
+            return nn.LogSoftmax(dim=keras_axis_to_torch(-1, rank))
         if isinstance(name, str) and name in _ACTIVATIONS:
             return _ACTIVATIONS[name]()
         raise UnsupportedLayerError(layer.name, type(layer).__name__, f"activation {name!r} is not supported")
@@ -290,7 +326,7 @@ class _KerasToTorch:
         affine = layer.scale or layer.center
         bias = layer.center or not layer.scale
         kwargs = dict(eps=layer.epsilon, affine=affine, bias=bias)
-        if self.semantics == "target" or conv == TORCH:
+        if self.semantics.for_layer(layer.name) == "target" or conv == TORCH:
             try:
                 momentum = translate_momentum(layer.momentum, conv, TORCH)
             except ValueError as e:
@@ -315,13 +351,10 @@ class _KerasToTorch:
         if not layer.trainable:
             # Keras runs a frozen BN in inference mode; PyTorch decides by module mode.
             bn.requires_grad_(False)
-            bn._bnkit_frozen = True
-            warnings.warn(
+            warn_at_caller(
                 f"{layer.name}: a frozen Keras BatchNormalization (trainable=False) runs in inference mode; "
                 "the converted BatchNorm is put in eval() with requires_grad=False, but model.train() "
-                "switches it back to batch statistics: call .eval() on it after model.train()",
-                UserWarning,
-                stacklevel=4,
+                "switches it back to batch statistics: call .eval() on it after model.train()"
             )
         return _Value(self._module(layer.name, bn, x.node), x.rank)
 
@@ -409,18 +442,44 @@ class _KerasToTorch:
         in_shape = node.input_tensors[0].shape
         ks, strides = tuple(layer.pool_size), tuple(layer.strides)
         padding = [0] * spatial_rank
+        is_max = isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D))
+        source = x.node
+        ceil_mode = False
         if layer.padding == "same":
-            for i in range(spatial_rank):
-                pad = same_padding(in_shape[1 + i], ks[i], strides[i], 1)
-                if pad is None or pad[0] != pad[1] or pad[0] > ks[i] // 2:
+            pads = [same_padding(in_shape[1 + i], ks[i], strides[i], 1) for i in range(spatial_rank)]
+            known = None not in pads  # None: a strided axis of unknown size
+            overhang = [
+                known and (b, a) == (0, 1) and s > 1 and (is_max or k == 2)
+                for (b, a), s, k in zip(pads if known else [(0, 0)] * spatial_rank, strides, ks, strict=True)
+            ]
+            if known and all(b == a or o for (b, a), o in zip(pads, overhang, strict=True)):
+                # max pooling padded one element after, with a stride: PyTorch's ceil_mode pools the
+                # same windows (from 0, every stride) and lets the last one overhang, ignoring what lies
+                # outside. Averages: Keras' torch backend pads by replicating the edge value, its
+                # TensorFlow backend averages the real values only; both give the edge value itself
+                # for a 2-wide window, the only case where one PyTorch layer matches both.
+                ceil_mode = any(b != a for b, a in pads)
+                pads = [(b, b) for b, _ in pads]
+            elif is_max and known and any(b != a for b, a in pads) and self._non_negative(node):
+                # zeros never win a max over values >= 0 (after a ReLU): pad explicitly, pool 'valid'
+                flat = tuple(p for b, a in reversed(pads) for p in (b, a))
+                pad_cls = nn.ZeroPad1d if spatial_rank == 1 else nn.ZeroPad2d
+                source = self._module(f"{layer.name}_pad", pad_cls(flat), source)
+                pads = [(0, 0)] * spatial_rank
+            for i, pad in enumerate(pads):
+                if pad is None:
+                    raise UnsupportedLayerError(
+                        layer.name, kind, f"padding='same' with strides on axis {i + 1}, whose size is not known"
+                    )
+                if pad[0] != pad[1] or pad[0] > ks[i] // 2:
                     raise UnsupportedLayerError(
                         layer.name,
                         kind,
                         f"padding='same' pads axis {i + 1} by {pad} (before, after); PyTorch pooling pads "
-                        "symmetrically: use padding='valid' or an input size that pads evenly",
+                        "symmetrically: use padding='valid' or an input size that pads evenly"
+                        + (" (or max-pool the output of a ReLU)" if is_max else ""),
                     )
                 padding[i] = pad[0]
-        is_max = isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D))
         cls = {
             (True, 1): nn.MaxPool1d,
             (True, 2): nn.MaxPool2d,
@@ -428,8 +487,19 @@ class _KerasToTorch:
             (False, 2): nn.AvgPool2d,
         }[(is_max, spatial_rank)]
         kwargs = {} if is_max else {"count_include_pad": False}  # Keras averages over real values only
-        pool = cls(ks, stride=strides, padding=tuple(padding), **kwargs)
-        return _Value(self._module(layer.name, pool, x.node), x.rank)
+        pool = cls(ks, stride=strides, padding=tuple(padding), ceil_mode=ceil_mode, **kwargs)
+        return _Value(self._module(layer.name, pool, source), x.rank)
+
+    def _non_negative(self, node) -> bool:
+        """True when the layer's input is the output of an activation whose values are >= 0."""
+        producer = node.input_tensors[0]._keras_history.operation
+        if isinstance(producer, L.ReLU):
+            return float(producer.negative_slope) == 0.0 and float(producer.threshold) >= 0.0
+        if isinstance(producer, (L.InputLayer, L.Softmax)):
+            return isinstance(producer, L.Softmax)
+        activation = getattr(producer, "activation", None)
+        name = keras.activations.serialize(activation) if activation is not None else None
+        return name in _NON_NEGATIVE_ACTIVATIONS
 
     def _global_pool(self, layer, node, inputs) -> _Value:
         self._channels_last(layer)
@@ -464,11 +534,12 @@ class _KerasToTorch:
         return _Value(out, rank)
 
 
-def keras_to_torch(keras_model, *, semantics: str = "source") -> fx.GraphModule:
+def keras_to_torch(keras_model, *, semantics="source") -> fx.GraphModule:
     """Convert a Keras 3 functional or Sequential model to an equivalent PyTorch module.
 
     The result is a ``torch.fx.GraphModule`` taking and returning PyTorch's layout
-    (``N, C, *spatial``) and holding one submodule per Keras layer, named after it.
+    (``N, C, *spatial``) and holding one submodule per Keras layer, named after it. It is
+    returned in ``eval()`` mode, as a Keras model infers unless called with ``training=True``.
     ``semantics="source"`` keeps Keras' training semantics in every BatchNormalization
     (:class:`bnkit.torch.BatchNorm2d` with ``convention="keras"``); ``"target"`` gives
     ``torch.nn.BatchNorm*d`` with the momentum translated (``1 - m``) and the same eps.

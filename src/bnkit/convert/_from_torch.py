@@ -6,7 +6,6 @@ import copy
 import math
 import operator
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +16,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
 from bnkit.convert._common import (
+    SemanticsChoice,
     UnsupportedLayerError,
-    check_semantics,
     same_padding,
     torch_axis_to_keras,
     torch_to_keras_flat_order,
+    warn_at_caller,
 )
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
@@ -42,6 +42,16 @@ _LEAVES = (
     nn.LeakyReLU,
     nn.SiLU,
     nn.Softmax,
+    nn.LogSoftmax,
+    nn.SELU,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.LogSigmoid,
+    nn.CELU,
     nn.Identity,
     nn.Dropout,
     nn.Flatten,
@@ -69,6 +79,15 @@ _PASS_MODULES = (
     nn.ELU,
     nn.LeakyReLU,
     nn.SiLU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.LogSigmoid,
+    nn.CELU,
     nn.Identity,
     nn.Dropout,
 )
@@ -83,8 +102,28 @@ _PASS_FUNCTIONS = {
     F.silu,
     F.dropout,
     F.elu,
+    F.selu,
+    F.softplus,
+    F.softsign,
+    F.hardsigmoid,
+    F.hardswish,
+    F.mish,
+    F.hardtanh,
+    F.logsigmoid,
+    F.celu,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh"}
+# Outputs >= 0: zero padding cannot change a max pooling of them.
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus)
+_NON_NEGATIVE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.softplus}
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_POOL_FUNCTIONS = {
+    F.max_pool1d: (nn.MaxPool1d, _MAX_POOL_ARGS),
+    F.max_pool2d: (nn.MaxPool2d, _MAX_POOL_ARGS),
+    F.avg_pool1d: (nn.AvgPool1d, _AVG_POOL_ARGS),
+    F.avg_pool2d: (nn.AvgPool2d, (*_AVG_POOL_ARGS, "divisor_override")),
+}
 _PAD_FUNCTIONS = (F.pad, torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 
 
@@ -123,7 +162,7 @@ def _pair(v, n: int) -> tuple[int, ...]:
 
 class _TorchToKeras:
     def __init__(self, module: nn.Module, input_shapes, semantics: str) -> None:
-        self.semantics = check_semantics(semantics)
+        self.semantics = SemanticsChoice(semantics)
         self.module = copy.deepcopy(module).eval()  # tracing must not touch the running statistics
         if isinstance(self.module, _LEAVES):  # fx traces into the root: give it a parent
             self.module = nn.Sequential(self.module)
@@ -151,11 +190,9 @@ class _TorchToKeras:
                     ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in moved))
             except Exception:
                 raise failure from first_error
-            warnings.warn(
+            warn_at_caller(
                 f"input_shape {self.input_shapes} does not fit the module in PyTorch's layout (C, H, W); "
-                f"read it as channels-last, i.e. {moved}",
-                UserWarning,
-                stacklevel=4,
+                f"read it as channels-last, i.e. {moved}"
             )
             return moved
 
@@ -184,6 +221,7 @@ class _TorchToKeras:
                     outputs.append(value.tensor)
             else:
                 self.env[node] = self._convert(node)
+        self.semantics.check_all_found()
         name = re.sub(r"\W", "_", type(self.module).__name__)
         return keras.Model(
             inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(outputs) == 1 else outputs, name=name
@@ -236,6 +274,10 @@ class _TorchToKeras:
             return self._function(node)
         if node.op == "call_method":
             return self._method(node)
+        owner = str(node.target).rpartition(".")[0]
+        if owner:  # a parameter read inside a module bnkit does not know: name that module
+            kind = type(self.module.get_submodule(owner)).__name__
+            raise UnsupportedLayerError(owner, kind, "this module type is not supported by bnkit.convert")
         raise self._unsupported(node, "module attributes used as tensors (get_attr) are not supported")
 
     def _module(self, node, m: nn.Module):
@@ -273,10 +315,41 @@ class _TorchToKeras:
         raise self._unsupported(node, "this module type is not supported by bnkit.convert")
 
     def _activation_from_module(self, node, m, rank: int):
-        simple = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu"}
+        simple = {
+            nn.ReLU: "relu",
+            nn.Sigmoid: "sigmoid",
+            nn.Tanh: "tanh",
+            nn.SiLU: "silu",
+            nn.SELU: "selu",
+            nn.Softsign: "softsign",
+            nn.Hardsigmoid: "hard_sigmoid",
+            nn.Hardswish: "hard_silu",
+            nn.Mish: "mish",
+            nn.LogSigmoid: "log_sigmoid",
+        }
         for cls, act in simple.items():
             if type(m) is cls:
                 return lambda name, act=act: L.Activation(act, name=name)
+        if type(m) is nn.Softplus:
+            if m.beta != 1 or m.threshold < 20:  # above 20, softplus(x) and x agree in float32
+                raise self._unsupported(
+                    node, f"Softplus(beta={m.beta}, threshold={m.threshold}); Keras' softplus has beta=1"
+                )
+            return lambda name: L.Activation("softplus", name=name)
+        if type(m) is nn.Hardtanh:
+            if (m.min_val, m.max_val) != (-1.0, 1.0):
+                raise self._unsupported(node, f"Hardtanh({m.min_val}, {m.max_val}); Keras' hard_tanh clips to [-1, 1]")
+            return lambda name: L.Activation("hard_tanh", name=name)
+        if type(m) is nn.CELU:
+            if m.alpha != 1.0:
+                raise self._unsupported(node, f"CELU(alpha={m.alpha}); Keras' 'celu' activation has alpha=1")
+            return lambda name: L.Activation("celu", name=name)
+        if type(m) is nn.LogSoftmax:
+            if m.dim is None:
+                raise self._unsupported(node, "LogSoftmax(dim=None) has an implicit dimension; give dim")
+            if torch_axis_to_keras(m.dim, rank) != rank - 1:
+                raise self._unsupported(node, f"LogSoftmax(dim={m.dim}); Keras' log_softmax is over the channels")
+            return lambda name: L.Activation("log_softmax", name=name)
         if type(m) is nn.ReLU6:
             return lambda name: L.ReLU(max_value=6.0, name=name)
         if type(m) is nn.GELU:
@@ -335,6 +408,11 @@ class _TorchToKeras:
                 raise self._unsupported(node, f"a reduction over dims {dims}; only the spatial dims convert")
             is_max = fn in (torch.amax, torch.ops.aten.amax.default)
             return self._global_pool(node, x, name, is_max, keepdims=bool(arg(2, "keepdim", False)))
+        if fn in _POOL_FUNCTIONS:  # F.max_pool2d(x, 2) as the module it stands for
+            names = _POOL_FUNCTIONS[fn][1]
+            given = {key: arg(i + 1, key) for i, key in enumerate(names) if arg(i + 1, key) is not None}
+            module = _POOL_FUNCTIONS[fn][0](**given)
+            return self._pool(node, module, self._value(arg(0, "input"), node), name)
         if fn in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
             x = self._value(arg(0, "input"), node)
             if set(_pair(arg(1, "output_size"), x.rank - 2)) != {1}:
@@ -361,6 +439,22 @@ class _TorchToKeras:
             return L.Activation("tanh", name=name)
         if fn is F.silu:
             return L.Activation("silu", name=name)
+        plain = {
+            F.selu: "selu",
+            F.softsign: "softsign",
+            F.hardsigmoid: "hard_sigmoid",
+            F.hardswish: "hard_silu",
+            F.mish: "mish",
+            F.logsigmoid: "log_sigmoid",
+        }
+        if fn in plain:
+            return L.Activation(plain[fn], name=name)
+        if fn is F.softplus and arg(1, "beta", 1) == 1:
+            return L.Activation("softplus", name=name)
+        if fn is F.hardtanh and (arg(1, "min_val", -1.0), arg(2, "max_val", 1.0)) == (-1.0, 1.0):
+            return L.Activation("hard_tanh", name=name)
+        if fn is F.celu and arg(1, "alpha", 1.0) == 1.0:
+            return L.Activation("celu", name=name)
         if fn is F.gelu:
             if arg(1, "approximate", "none") != "none":
                 raise self._unsupported(node, "only exact gelu (approximate='none') converts as a function")
@@ -463,7 +557,7 @@ class _TorchToKeras:
         )
         center = m.bias is not None
         kwargs = dict(axis=-1, epsilon=m.eps, center=center, scale=scale, name=name)
-        if self.semantics == "target" or conv == KERAS:
+        if self.semantics.for_layer(str(node.target)) == "target" or conv == KERAS:
             try:
                 momentum = translate_momentum(m.momentum, conv, KERAS)
             except ValueError as e:
@@ -533,25 +627,58 @@ class _TorchToKeras:
         strides = _pair(m.stride if m.stride is not None else m.kernel_size, n)
         pads = _pair(m.padding, n)
         is_max = isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))
-        if m.ceil_mode or (is_max and (set(_pair(m.dilation, n)) != {1} or m.return_indices)):
-            raise self._unsupported(node, "ceil_mode, dilation and return_indices have no Keras equivalent")
+        if is_max and (set(_pair(m.dilation, n)) != {1} or m.return_indices):
+            raise self._unsupported(node, "dilation and return_indices have no Keras equivalent")
         if not is_max and getattr(m, "divisor_override", None) is not None:
             raise self._unsupported(node, "divisor_override has no Keras equivalent")
+        cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
+            (is_max, n), L.AveragePooling2D
+        )
+        if m.ceil_mode:
+            return self._apply(node, cls(ks, strides=strides, padding=self._ceil_mode_same(node, m, x), name=name), x)
         padding = "valid"
         source = x
         if any(pads):
             keras_same = [same_padding(x.shape[1 + i], ks[i], strides[i], 1) for i in range(n)]
-            if not is_max and m.count_include_pad:
+            counts_zeros = not is_max and m.count_include_pad  # Keras' 'same' averages real values only
+            if not counts_zeros and all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
+                padding = "same"
+            elif counts_zeros or (is_max and self._non_negative(node.args[0])):
+                # counted zeros (average), or zeros that never win a max over values >= 0 (after a ReLU)
                 flat = tuple(p for q in reversed(pads) for p in (q, q))
                 source = self._zero_padding(None, x, self._name(f"{name}_pad"), flat)
-            elif all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
-                padding = "same"
             else:
                 raise self._unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
-        cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
-            (is_max, n), L.AveragePooling2D
-        )
         return self._apply(node, cls(ks, strides=strides, padding=padding, name=name), source)
+
+    def _ceil_mode_same(self, node, m, x: _Value) -> str:
+        """``"same"`` when a ``ceil_mode=True`` pooling pools Keras' 'same' windows: on every axis
+        the padding is Keras' (symmetric), or (max pooling) none where Keras pads one element
+        after (the last window overhangs), and the output has Keras' size ``ceil(n / stride)``."""
+        n = x.rank - 2
+        ks, pads = _pair(m.kernel_size, n), _pair(m.padding, n)
+        strides = _pair(m.stride if m.stride is not None else m.kernel_size, n)
+        out = self._out_shape(node)[1:]
+        for i in range(n):
+            size = x.shape[1 + i]
+            before, after = same_padding(size, ks[i], strides[i], 1)
+            is_max = isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))  # see _from_keras._pool: averages differ
+            overhang = (is_max or ks[i] == 2) and pads[i] == 0 and (before, after) == (0, 1)
+            fits = (before, after) == (pads[i], pads[i]) or overhang
+            counts_zeros = pads[i] and not is_max and m.count_include_pad
+            if not fits or counts_zeros or out[i] != math.ceil(size / strides[i]):
+                raise self._unsupported(node, "ceil_mode=True pools windows that Keras' 'same' padding does not")
+        return "same"
+
+    def _non_negative(self, arg) -> bool:
+        """True when ``arg`` is the output of an activation whose values are >= 0 (ReLU, sigmoid, ...)."""
+        if not isinstance(arg, fx.Node):
+            return False
+        if arg.op == "call_module":
+            return isinstance(self.gm.get_submodule(arg.target), _NON_NEGATIVE_MODULES)
+        if arg.op == "call_function":
+            return arg.target in _NON_NEGATIVE_FUNCTIONS
+        return arg.op == "call_method" and arg.target in ("relu", "relu_", "sigmoid", "sigmoid_", "softmax")
 
     def _global_pool(self, node, x: _Value, name: str, is_max: bool, keepdims: bool) -> _Value:
         n = x.rank - 2
@@ -581,7 +708,7 @@ class _TorchToKeras:
         return _Value(layer(x.tensor), shape)
 
 
-def torch_to_keras(module: nn.Module, input_shape, *, semantics: str = "source"):
+def torch_to_keras(module: nn.Module, input_shape, *, semantics="source"):
     """Convert a PyTorch module to an equivalent Keras 3 functional model.
 
     ``input_shape`` is the input's shape **in PyTorch's layout without the batch dimension**

@@ -48,7 +48,8 @@ CAUSES: dict[str, str] = {
     "running-variance-estimator": "one side folds the unbiased batch variance into the running variance, "
     "the other the biased one",
     "layout": "a Dense/Linear after Flatten expects the other framework's flatten order "
-    "(H·W·C vs C·H·W): its weights were not permuted",
+    "(H·W·C vs C·H·W): its weights were not permuted; or a convolution kernel ported NHWC/NCHW "
+    "with its spatial axes swapped",
     "weights": "a layer gives different outputs from matching inputs: its parameters differ",
     "unexplained": "the models disagree for a reason bnkit could not identify",
 }
@@ -348,6 +349,7 @@ class _Entry:
     callables: list = field(default_factory=list, repr=False)  # re-runs the entry on a new input
     pre_flatten_shape: tuple[int, ...] | None = None
     bn: BatchNormState | None = None
+    flat_order: str = "own"  # "hwc" when a flatten pair agrees in Keras' H·W·C order on both sides
 
     @property
     def token(self) -> tuple:
@@ -841,6 +843,14 @@ def compare(
     for i, (ia, ib) in enumerate(pairs):
         ea, eb = entries_a[ia], entries_b[ib]
         max_abs, max_rel, diverges = _diff(ea.canonical, eb.canonical, atol, rtol)
+        if diverges and ea.kind == "flatten" and framework_a != framework_b:
+            # a PyTorch port may permute to channels-last before flattening, as Keras does:
+            # then both flatten H·W·C, and its Linear takes Keras' order unchanged
+            raw = _diff(ea.raw, eb.raw, atol, rtol)
+            if not raw[2]:
+                max_abs, max_rel, diverges = raw
+                for e in (ea, eb):
+                    e.flat_order = "hwc"
         row = LayerDiff(
             i,
             ea.name,
@@ -897,7 +907,12 @@ def _model_name(model, framework: str) -> str:
 
 def _compare_running_stats(row: LayerDiff, a: BatchNormState, b: BatchNormState, atol, rtol, training):
     """After a training step, compare the updated running statistics of a BN pair."""
-    if not training or not (a.tracks_running_stats and b.tracks_running_stats):
+    if not training:
+        return
+    if a.tracks_running_stats != b.tracks_running_stats:  # one side keeps none: they cannot agree
+        row.running_stats_diverge = True
+        return
+    if not a.tracks_running_stats:
         return
     if a.running_mean_after is None or b.running_mean_after is None:
         return
@@ -1019,6 +1034,18 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
                     name,
                     "observed: the two layers ran in different modes in this comparison",
                 )
+        if ctx.training and a.tracks_running_stats != b.tracks_running_stats:
+            missing, keeper = (a, b) if not a.tracks_running_stats else (b, a)
+            missing_label, keeper_label = ("A", "B") if missing is a else ("B", "A")
+            add(
+                "missing-running-stats",
+                f"{name}: the PyTorch batch norm of {_side(missing, missing_label)} was built with "
+                "track_running_stats=False: this training step agrees, but it keeps no running statistics, "
+                f"so in eval() it still normalises with batch statistics while {_side(keeper, keeper_label)} "
+                "uses the running statistics it updates. Build it with track_running_stats=True.",
+                name,
+                "observed: running_mean is None on one side only",
+            )
         if output_differs and not math.isclose(a.eps, b.eps, rel_tol=1e-6, abs_tol=0.0):
             add(
                 "eps",
@@ -1114,11 +1141,11 @@ def _find_layout(report: CompareReport, ctx: _Context, add) -> None:
         flat_row, dense_row = report.rows[k], report.rows[k + 1]
         if flat_row.diverges or not dense_row.diverges:
             continue
-        # the flatten outputs agree in one order: does B's dense layer expect A's order, or back?
+        # the flatten outputs agree in one order: does a dense layer expect the other order?
         confirmed = False
         try:
-            alt_b = _rerun(db, ctx.framework_b, fa.raw)
-            alt_a = _rerun(da, ctx.framework_a, fb.raw)
+            alt_b = _rerun(db, ctx.framework_b, _other_flatten_order(fb, ctx.framework_b))
+            alt_a = _rerun(da, ctx.framework_a, _other_flatten_order(fa, ctx.framework_a))
             confirmed = (
                 not _diff(alt_b, da.raw, ctx.atol, ctx.rtol)[2] or not _diff(alt_a, db.raw, ctx.atol, ctx.rtol)[2]
             )
@@ -1139,6 +1166,19 @@ def _find_layout(report: CompareReport, ctx: _Context, add) -> None:
             )
 
 
+def _other_flatten_order(entry: _Entry, framework: str) -> np.ndarray:
+    """A flatten entry's output in the other flatten order (H·W·C ⇄ C·H·W), in its own framework."""
+    if framework == "keras":
+        return entry.canonical  # Keras flattens H·W·C; canonical is C·H·W
+    shape = entry.pre_flatten_shape
+    if shape is None or len(shape) < 3:
+        return entry.raw
+    full = entry.raw.reshape((entry.raw.shape[0], *shape[1:]))
+    # C·H·W flattened data -> H·W·C, or (a port that permuted to channels-last first) back
+    moved = np.moveaxis(full, 1, -1) if entry.flat_order == "own" else np.moveaxis(full, -1, 1)
+    return np.ascontiguousarray(moved).reshape(entry.raw.shape)
+
+
 def _find_weights(report: CompareReport, ctx: _Context, add, explained: set[str]) -> None:
     """The first divergence, when it is a convolution or dense layer whose inputs (the previous
     pair) agree and that no other cause explains."""
@@ -1148,6 +1188,30 @@ def _find_weights(report: CompareReport, ctx: _Context, add, explained: set[str]
         if row.name in explained:
             return
         if row.kind in ("conv", "dense") and (k == 0 or not report.rows[k - 1].differs):
+            if k > 0 and row.kind == "dense" and _same_output_on_the_same_input(ctx, k):
+                # its parameters agree: the inputs' differences, each within tolerance, add up in its sums
+                add(
+                    "unexplained",
+                    f"{row.name}: fed the same input, the {row.type_a} and the {row.type_b} give the same "
+                    "output up to float32 rounding of their long sums (summed in another order in each "
+                    "framework), so their parameters agree; with the small differences of the layers "
+                    "before it, that exceeds the tolerance. Compare with a larger atol/rtol.",
+                    row.name,
+                    "experiment: model B's layer fed model A's input reproduces model A's output within "
+                    "the rounding of a sum of that many terms",
+                )
+                return
+            if row.kind == "conv" and _kernel_axes_swapped(ctx, k):
+                add(
+                    "layout",
+                    f"{row.name}: the convolution kernel's spatial axes are swapped between the two models: "
+                    "Keras stores (kh, kw, in, out), PyTorch (out, in, kh, kw), so the port is "
+                    "kernel.transpose(3, 2, 0, 1); this one was transposed with (3, 2, 1, 0), which also "
+                    "swaps kh and kw.",
+                    row.name,
+                    "weights: the PyTorch kernel equals the Keras kernel transposed (3, 2, 1, 0)",
+                )
+                return
             add(
                 "weights",
                 f"{row.name}: this {row.type_a} / {row.type_b} gives different outputs although the layers "
@@ -1158,3 +1222,53 @@ def _find_weights(report: CompareReport, ctx: _Context, add, explained: set[str]
                 "observed: inputs agree, outputs differ",
             )
         return
+
+
+def _kernel_axes_swapped(ctx: _Context, k: int) -> bool:
+    """True when a Keras/PyTorch 2-D convolution pair's kernels are each other's transpose with
+    the spatial axes swapped (the NHWC/NCHW porting slip ``kernel.transpose(3, 2, 1, 0)``)."""
+    if {ctx.framework_a, ctx.framework_b} != {"keras", "torch"}:
+        return False
+    ia, ib = ctx.pairs[k]
+    layers = {ctx.framework_a: ctx.entries_a[ia].callables[0], ctx.framework_b: ctx.entries_b[ib].callables[0]}
+    kernel = getattr(layers["keras"], "kernel", None)
+    weight = getattr(layers["torch"], "weight", None)
+    if kernel is None or weight is None or len(kernel.shape) != 4:
+        return False
+    keras_kernel = _to_numpy(kernel)
+    torch_weight = _to_numpy(weight)
+    swapped = np.transpose(keras_kernel, (3, 2, 1, 0))
+    right = np.transpose(keras_kernel, (3, 2, 0, 1))
+    return (
+        swapped.shape == torch_weight.shape
+        and np.array_equal(swapped, torch_weight)
+        and not (right.shape == torch_weight.shape and np.array_equal(right, torch_weight))
+    )
+
+
+def _same_output_on_the_same_input(ctx: _Context, k: int) -> bool:
+    """Experiment: model B's dense layer of pair ``k``, fed model A's output of the entry just before
+    it (moved to B's layout and flatten order), reproduces model A's output of pair ``k`` within the
+    tolerance plus the float32 rounding of a sum of ``K`` terms (fan-in ``K``): about
+    ``sqrt(K) * eps`` of the outputs' scale, with a margin of 8. Different weights give differences
+    of the outputs' own size."""
+    (ia, ib), (pa, pb) = ctx.pairs[k], ctx.pairs[k - 1]
+    if pa != ia - 1 or pb != ib - 1:  # the previous pair does not directly feed this one
+        return False
+    prev, layer_a, layer_b = ctx.entries_a[pa], ctx.entries_a[ia], ctx.entries_b[ib]
+    if ctx.framework_a == ctx.framework_b or prev.flat_order == "hwc":
+        x = prev.raw
+    elif prev.kind == "flatten":
+        x = prev.canonical if ctx.framework_b == "torch" else _other_flatten_order(prev, "torch")
+    else:
+        x = _to_layout(prev.canonical, "torch", ctx.framework_b)
+    try:
+        out = _rerun(layer_b, ctx.framework_b, np.ascontiguousarray(x))
+    except Exception:  # noqa: BLE001 - an experiment that cannot run confirms nothing
+        return False
+    if ctx.framework_b == "keras":
+        out = _to_layout(out, "keras", "torch")
+    fan_in = x.shape[-1]
+    scale = float(np.max(np.abs(layer_a.canonical))) if layer_a.canonical.size else 0.0
+    rounding = 8 * math.sqrt(fan_in) * float(np.finfo(np.float32).eps) * scale
+    return not _diff(out, layer_a.canonical, ctx.atol + rounding, ctx.rtol)[2]

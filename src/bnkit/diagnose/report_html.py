@@ -242,7 +242,10 @@ def write_html(report, path, *, force: bool = False) -> str:
         raise FileNotFoundError(f"cannot write {target}: the folder {folder} does not exist")
     text = html_page(report)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private (0600); a report is a normal file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -259,6 +262,7 @@ def render_rich(report, console=None) -> None:
     """Print the per-layer table, the final outputs and the causes with ``rich``."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     table = Table(
@@ -266,17 +270,12 @@ def render_rich(report, console=None) -> None:
         f"{'one training step' if report.training else 'inference'}",
         title_justify="left",
     )
-    same_names = all(r.name_a == r.name_b for r in report.rows)
+    # one "layer (types)" column that folds, so that the table fits 80 columns (pipes, CI logs)
     table.add_column("#", justify="right", style="dim")
-    if same_names:
-        table.add_column("layer")
-    else:
-        table.add_column("layer A")
-        table.add_column("layer B")
-    table.add_column("type A / type B", overflow="fold")
-    table.add_column("shape", no_wrap=True)
-    table.add_column("max abs diff", justify="right", no_wrap=True)
-    table.add_column("max rel diff", justify="right", no_wrap=True)
+    table.add_column("layer A / B (types)", overflow="fold", min_width=16, ratio=1)
+    table.add_column("shape", overflow="fold")
+    table.add_column("abs diff", justify="right", no_wrap=True)
+    table.add_column("rel diff", justify="right", no_wrap=True)
     if report.training:
         table.add_column("stats diff", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
@@ -284,11 +283,12 @@ def render_rich(report, console=None) -> None:
     for r in report.rows:
         status = "[red]✗ first[/]" if r is first else ("[red]✗[/]" if r.differs else "[green]✓[/]")
         types = r.type_a if r.type_a == r.type_b else f"{r.type_a} / {r.type_b}"
-        cells = [str(r.index), r.name_a] if same_names else [str(r.index), r.name_a, r.name_b]
-        cells += [types, "×".join(map(str, r.shape)), _fmt(r.max_abs_diff), _fmt(r.max_rel_diff)]
+        label = Text(r.name)
+        label.append(f" ({types})", style="dim")
+        cells = [str(r.index), label, "×".join(map(str, r.shape)), _fmt(r.max_abs_diff), _fmt(r.max_rel_diff)]
         if report.training:
             stats = None if r.running_mean_abs_diff is None else max(r.running_mean_abs_diff, r.running_var_abs_diff)
-            cells.append("" if stats is None else _fmt(stats))
+            cells.append(("missing" if r.running_stats_diverge else "") if stats is None else _fmt(stats))
         cells.append(status)
         table.add_row(*cells, style="bold" if r.kind == "bn" else None)
     console.print(table)

@@ -126,6 +126,25 @@ class ModelSummary:
     def input_shape(self) -> Shape | None:
         return self.input_shapes[0] if self.input_shapes else None
 
+    @property
+    def explanation(self) -> str:
+        """Why PyTorch tools print a different count than Keras for this model, in one sentence."""
+        from bnkit.summarize.table import why_counts_differ
+
+        return why_counts_differ(self)
+
+    def __str__(self) -> str:
+        """The summary as plain text, so that ``print(bnkit.summary(model))`` shows the table (as torchinfo)."""
+        import io
+
+        from rich.console import Console
+
+        from bnkit.summarize.table import render
+
+        out = io.StringIO()
+        render(self, Console(file=out, width=100, color_system=None, highlight=False))
+        return out.getvalue().rstrip()
+
     def to_dict(self) -> dict:
         """Plain data for ``json.dumps``: rows, both accountings and memory in bytes and MB."""
         rows = []
@@ -160,6 +179,7 @@ class ModelSummary:
                 "counters": self.torch_counters,
             },
             "memory": memory,
+            "explanation": self.explanation,
             "rows": rows,
             "notes": list(self.notes),
         }

@@ -10,6 +10,7 @@ import sys
 
 from bnkit.cli import CLIError
 from bnkit.cli.options import parse_shape
+from bnkit.cli.progress import Steps
 
 NAME = "compare"
 HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and name why they disagree."
@@ -45,16 +46,21 @@ def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> 
     if args.input_shape:
         return args.input_shape
     for model, framework in ((model_a, framework_a), (model_b, framework_b)):
-        if framework != "keras":
+        if framework == "keras":
+            shape = getattr(model, "input_shape", None)
+            if isinstance(shape, list):
+                shape = shape[0] if len(shape) == 1 else None
+            shape = tuple(shape[1:]) if shape and all(isinstance(d, int) for d in shape[1:]) else None
+        else:  # a .pt2 program records its example input's shape
+            from bnkit.summarize._torch import _recorded_shapes
+
+            shapes = _recorded_shapes(model)
+            shape = shapes[0] if shapes and len(shapes) == 1 else None
+        if shape is None:
             continue
-        shape = getattr(model, "input_shape", None)
-        if isinstance(shape, list):
-            shape = shape[0] if len(shape) == 1 else None
-        if shape and all(isinstance(d, int) for d in shape[1:]):
-            shape = tuple(shape[1:])
-            if framework != framework_a and len(shape) in (2, 3, 4):  # Keras (H, W, C) -> (C, H, W)
-                shape = (shape[-1], *shape[:-1])
-            return shape
+        if framework != framework_a and len(shape) in (2, 3, 4):  # to A's layout: channels last or first
+            shape = (shape[-1], *shape[:-1]) if framework == "keras" else (*shape[1:], shape[0])
+        return tuple(shape)
     raise CLIError("cannot tell the input shape of a PyTorch model: give --input-shape in A's layout, e.g. 1,64,64")
 
 
@@ -73,20 +79,20 @@ def run(args) -> int:
             check_writable(args.report, args.force)
         except ModelFileError as e:
             raise CLIError(str(e)) from None
-    err = Console(stderr=True)
-    with err.status("loading the models…", spinner="dots"):
+    with Steps(2, enabled=not args.json) as steps:
+        steps.step("loading the models")
         try:
             model_a = load_model(args.model_a, args.weights_a)
             model_b = load_model(args.model_b, args.weights_b)
         except ModelFileError as e:
             raise CLIError(str(e)) from None
-    framework_a, framework_b = framework_of(model_a), framework_of(model_b)
-    shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
-    x = np.random.default_rng(args.seed).normal(0.0, 1.0, (args.batch_size, *shape)).astype(np.float32)
+        framework_a, framework_b = framework_of(model_a), framework_of(model_b)
+        shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
+        x = np.random.default_rng(args.seed).normal(0.0, 1.0, (args.batch_size, *shape)).astype(np.float32)
 
-    from bnkit.diagnose.compare import compare
+        from bnkit.diagnose.compare import compare
 
-    with err.status("running both models layer by layer…", spinner="dots"):
+        steps.step("running both models layer by layer")
         try:
             report = compare(model_a, model_b, x, training=args.training, atol=args.atol, rtol=args.rtol)
         except (ValueError, TypeError, RuntimeError) as e:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 from bnkit.cli import CLIError
 from bnkit.cli.options import parse_shape
+from bnkit.cli.progress import Steps
 
 NAME = "convert"
 HELP = "Convert a model between Keras and PyTorch (batch-norm semantics included) and verify it."
@@ -153,43 +155,55 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     target_framework = _direction(args.output)
     given_shape = args.input_shape
-    try:
-        check_writable(args.output, args.force)  # refuse before the slow part
-        model = load_model(args.input, args.weights)
-    except ModelFileError as e:
-        raise CLIError(str(e)) from None
-    source_framework = framework_of(model)
-    if source_framework == target_framework:
-        raise CLIError(
-            f"{args.input} is already a {'Keras' if source_framework == 'keras' else 'PyTorch'} model; "
-            f"{args.output} asks for the same framework"
-        )
-    torch_shape = _torch_input_shape(model, source_framework, given_shape)
+    with Steps(4, enabled=not args.json) as steps:
+        steps.step(f"loading {args.input}")
+        try:
+            check_writable(args.output, args.force)  # refuse before the slow part
+            model = load_model(args.input, args.weights)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from None
+        source_framework = framework_of(model)
+        if source_framework == target_framework:
+            raise CLIError(
+                f"{args.input} is already a {'Keras' if source_framework == 'keras' else 'PyTorch'} model; "
+                f"{args.output} asks for the same framework"
+            )
+        torch_shape = _torch_input_shape(model, source_framework, given_shape)
 
-    from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
+        from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
 
-    try:
-        if source_framework == "keras":
-            converted = keras_to_torch(model, semantics=args.semantics)
+        steps.step(f"converting to {'PyTorch' if target_framework == 'torch' else 'Keras'}")
+        try:
+            with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
+                warnings.simplefilter("always", UserWarning)
+                if source_framework == "keras":
+                    converted = keras_to_torch(model, semantics=args.semantics)
+                else:
+                    converted = torch_to_keras(model, torch_shape, semantics=args.semantics)
+        except UnsupportedLayerError as e:
+            raise CLIError(str(e)) from None
+        steps.step("verifying on a random batch")
+        try:
+            difference = _max_difference(model, converted, source_framework, torch_shape)
+        except Exception as e:  # a shape the model does not take, typically
+            raise CLIError(f"could not run the models on a batch of shape {(2, *torch_shape)}: {e}") from None
+        if not difference <= _PARITY_TOLERANCE:
+            raise CLIError(
+                f"the converted model disagrees with {args.input}: max |difference| {difference:.3g} > "
+                f"{_PARITY_TOLERANCE:g} on a random batch; nothing was written",
+                status=1,
+            )
+        steps.step(f"writing {args.output}")
+        try:
+            save_model(converted, args.output, force=args.force, input_shape=torch_shape)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from None
+
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            print(f"bnkit convert: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
         else:
-            converted = torch_to_keras(model, torch_shape, semantics=args.semantics)
-    except UnsupportedLayerError as e:
-        raise CLIError(str(e)) from None
-    try:
-        difference = _max_difference(model, converted, source_framework, torch_shape)
-    except Exception as e:  # a shape the model does not take, typically
-        raise CLIError(f"could not run the models on a batch of shape {(2, *torch_shape)}: {e}") from None
-    if not difference <= _PARITY_TOLERANCE:
-        raise CLIError(
-            f"the converted model disagrees with {args.input}: max |difference| {difference:.3g} > "
-            f"{_PARITY_TOLERANCE:g} on a random batch; nothing was written",
-            status=1,
-        )
-    try:
-        save_model(converted, args.output, force=args.force, input_shape=torch_shape)
-    except ModelFileError as e:
-        raise CLIError(str(e)) from None
-
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     converted_bns = {_key(row["name"]): row for row in _batch_norms(converted, target_framework)}
     pairs = [(row, converted_bns.get(_key(row["name"]))) for row in _batch_norms(model, source_framework)]
     report = {
