@@ -14,19 +14,12 @@ class Steps:
     """``with Steps(3, enabled=not args.json) as steps: steps.step("loading…"); ...``"""
 
     def __init__(self, total: int, *, enabled: bool = True, console=None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import SpinnerColumn, TextColumn
 
-        console = console or Console(stderr=True)
-        self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=not enabled or not console.is_terminal,
+        from bnkit.progress import progress_bar
+
+        self._progress = progress_bar(
+            SpinnerColumn(), TextColumn("{task.description}"), enabled=enabled, console=console
         )
         self._total = total
         self._done = 0

@@ -5,19 +5,11 @@ from __future__ import annotations
 
 def progress_bar(enabled: bool):
     """A transient ``rich`` progress bar on stderr, disabled off a terminal or when not ``enabled``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TextColumn
 
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("recalibrating batch norm"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not enabled or not console.is_terminal,
-    )
+    from bnkit.progress import progress_bar as bar
+
+    return bar(TextColumn("recalibrating batch norm"), enabled=enabled)
 
 
 def batch_total(batches, num_batches: int | None) -> int | None:
