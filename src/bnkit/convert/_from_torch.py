@@ -28,47 +28,6 @@ from bnkit.keras import keras
 
 L = keras.layers
 
-_LEAVES = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Linear,
-    nn.modules.batchnorm._BatchNorm,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.GELU,
-    nn.ELU,
-    nn.LeakyReLU,
-    nn.SiLU,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.SELU,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Mish,
-    nn.Hardtanh,
-    nn.LogSigmoid,
-    nn.CELU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-)
-
 # Element-wise on features: a pending Flatten order passes through them unchanged.
 _PASS_MODULES = (
     nn.ReLU,
@@ -91,6 +50,30 @@ _PASS_MODULES = (
     nn.Identity,
     nn.Dropout,
 )
+# Traced as call_module leaves: the element-wise layers above and every layer with its own translation.
+_LEAVES = (
+    *_PASS_MODULES,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Linear,
+    nn.modules.batchnorm._BatchNorm,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+)
+
 _PASS_FUNCTIONS = {
     F.relu,
     torch.relu,
