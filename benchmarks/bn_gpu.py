@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,11 +391,11 @@ def print_tables(rows: list[Row], env: dict) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    from bnkit.io import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path, force=True) as tmp:  # --force was checked before the run
+        tmp.write_text(text, encoding="utf-8")
 
 
 def main(argv=None) -> int:

@@ -209,7 +209,11 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool = False):
-    """Yield a temporary path beside ``path``; on success rename it into place."""
+    """Yield a temporary path beside ``path``; on success flush it to disk and rename it into place.
+
+    The writer creates the temporary file itself, so it gets the usual permissions (not
+    ``mkstemp``'s private 0600).
+    """
     path = check_writable(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -218,6 +222,8 @@ def atomic_path(path: str | os.PathLike, force: bool = False):
         yield Path(tmp)
         if path.exists() and not force:  # appeared meanwhile
             raise ModelFileError(f"{path}: already exists; pass --force to replace it")
+        with open(tmp, "rb") as written:  # a crash after the rename must not leave an empty file
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

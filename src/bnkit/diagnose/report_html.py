@@ -11,10 +11,10 @@ same folder, then ``os.replace``) and an existing file is replaced only with ``f
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from html import escape
 from pathlib import Path
+
+from bnkit.io import atomic_path
 
 __all__ = ["write_html", "html_page", "divergence_svg", "render_rich"]
 
@@ -241,20 +241,8 @@ def write_html(report, path, *, force: bool = False) -> str:
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {target}: the folder {folder} does not exist")
     text = html_page(report)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private (0600); a report is a normal file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(target, force=True) as tmp:  # existence was checked above, in this module's words
+        tmp.write_text(text, encoding="utf-8")
     return str(target)
 
 
