@@ -24,11 +24,12 @@ import importlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+
+from bnkit.frameworks import framework_of
 
 __all__ = ["ModelFileError", "load_model", "save_model", "framework_of", "atomic_path", "check_writable"]
 
@@ -37,18 +38,6 @@ _BNKIT_META = "bnkit.json"
 
 class ModelFileError(ValueError):
     """A model file or spec that cannot be read or written; the message is one line."""
-
-
-def framework_of(model) -> str:
-    """``"torch"`` or ``"keras"`` for a model object, without importing either framework."""
-    # Keras first: on its torch backend every Keras layer is also a torch.nn.Module
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.Model | keras.layers.Layer):
-        return "keras"
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return "torch"
-    raise TypeError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
 
 
 # ---------------------------------------------------------------------------- reading

@@ -26,13 +26,13 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bnkit.conventions import KERAS, TORCH, Convention, get_convention
+from bnkit.frameworks import is_keras_model, is_torch_module
 
 __all__ = ["compare", "CompareReport", "LayerDiff", "Cause", "BatchNormPair", "CAUSES"]
 
@@ -293,7 +293,7 @@ def _json_float(x: float | None):
 
 def _framework(model) -> str:
     # Keras first: on its torch backend a keras.Model is also a torch.nn.Module
-    if any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__):
+    if is_keras_model(model):
         from bnkit.keras import keras
 
         if isinstance(model, keras.Model):
@@ -302,8 +302,7 @@ def _framework(model) -> str:
             f"compare needs a keras.Model, got the Keras layer {type(model).__name__}; "
             "wrap it in keras.Sequential([...]) or a functional model"
         )
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
+    if is_torch_module(model):
         return "torch"
     raise TypeError(
         f"compare needs a torch.nn.Module or a keras.Model, got {type(model).__module__}.{type(model).__name__}"

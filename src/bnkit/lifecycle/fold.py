@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from bnkit.lifecycle._frameworks import framework_of
+from bnkit.frameworks import framework_of
 
 if "keras" in sys.modules:  # so that Keras files holding bnkit>ChannelAffine load (bnkit.io imports us)
     import bnkit.lifecycle.keras_layers  # noqa: F401

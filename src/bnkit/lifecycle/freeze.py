@@ -15,7 +15,7 @@ The two frameworks disagree on what a frozen batch norm does in training:
 from __future__ import annotations
 
 from bnkit.conventions import get_convention
-from bnkit.lifecycle._frameworks import framework_of
+from bnkit.frameworks import framework_of
 
 __all__ = ["freeze_bn"]
 

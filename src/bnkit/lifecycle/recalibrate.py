@@ -23,7 +23,7 @@ layers would take one pass per layer).
 
 from __future__ import annotations
 
-from bnkit.lifecycle._frameworks import framework_of
+from bnkit.frameworks import framework_of
 
 __all__ = ["recalibrate"]
 

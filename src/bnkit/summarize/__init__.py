@@ -7,14 +7,10 @@ totals; :func:`render` prints it with rich, in the style of Keras' ``summary()``
 
 from __future__ import annotations
 
+from bnkit.frameworks import is_keras_model
 from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary
 
 __all__ = ["summary", "render", "ModelSummary", "LayerRow", "MemoryEstimate", "is_keras_model"]
-
-
-def is_keras_model(model) -> bool:
-    """True for Keras layers and models (which, on the torch backend, are also ``nn.Module``s)."""
-    return any(cls.__module__.split(".")[0] == "keras" for cls in type(model).__mro__)
 
 
 def summary(model, input_shape=None, *, dtype=None) -> ModelSummary:

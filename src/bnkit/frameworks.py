@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import sys
 
+__all__ = ["is_keras_model", "is_torch_module", "framework_of"]
+
 
 def is_keras_model(model) -> bool:
+    """True for Keras layers and models (which, on the torch backend, are also ``nn.Module``s)."""
     keras = sys.modules.get("keras")
     # Keras 3 layers on the torch backend are torch.nn.Modules too: ask Keras first.
     return keras is not None and isinstance(model, keras.layers.Layer)
@@ -16,7 +19,8 @@ def is_torch_module(model) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
-def framework_of(model, what: str) -> str:
+def framework_of(model, what: str = "bnkit") -> str:
+    """``"keras"`` or ``"torch"``; a ``TypeError`` naming ``what`` refused it otherwise."""
     if is_keras_model(model):
         return "keras"
     if is_torch_module(model):
