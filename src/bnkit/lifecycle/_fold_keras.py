@@ -105,7 +105,7 @@ def fold_keras(model):
         )
     pairs = _foldable_pairs(model)
     folded_producers = {id(producer): bn for bn_id, producer in pairs.items()
-                        for bn in _batchnorms(model) if id(bn) == bn_id}
+                        for bn in batchnorms(model) if id(bn) == bn_id}
 
     def clone(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -140,6 +140,7 @@ def fold_keras(model):
     return keras.models.clone_model(model, clone_function=clone, call_function=call, recursive=True)
 
 
-def _batchnorms(model):
+def batchnorms(model):
+    """Every Keras batch norm of ``model``, nested models included."""
     return [m for m in model._flatten_layers(include_self=False, recursive=True)
             if isinstance(m, keras.layers.BatchNormalization)]

@@ -33,13 +33,12 @@ def _recorded_input_shape(model):
 
 def _count_batchnorms(model, framework: str) -> int:
     if framework == "keras":
-        from bnkit.keras import keras
+        from bnkit.lifecycle._fold_keras import batchnorms as keras_batchnorms
 
-        layers = model._flatten_layers(include_self=False, recursive=True)
-        return sum(isinstance(m, keras.layers.BatchNormalization) for m in layers)
-    from torch import nn
+        return len(keras_batchnorms(model))
+    from bnkit.lifecycle._torch_bn import batchnorms
 
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return len(batchnorms(model))
 
 
 def _count_affines(model, framework: str) -> int:
