@@ -14,6 +14,39 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 # before anything does, so the kernel tests run under the interpreter on this CPU-only machine.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+_torchvision_schemas = None  # the Library that defines them must stay alive
+
+
+def import_torchvision():
+    """``torchvision`` (0.28.0, pinned in the test extra), importable on the CPU build of torch.
+
+    The registry's wheel links its C extension against CUDA, which torch 2.13.0+cpu lacks, so
+    ``import torchvision`` fails registering the fake kernel of ``torchvision::nms`` ("operator
+    torchvision::nms does not exist"). Defining the schemas of ``torchvision::nms`` and
+    ``torchvision::qnms`` first lets the import through; the classification models are pure
+    Python and work (the detection ops nms, roi_align, ... do not, and no test uses them).
+    """
+    global _torchvision_schemas
+    import torch
+
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - present when the extension loaded on its own
+    except (AttributeError, RuntimeError):
+        if _torchvision_schemas is None:
+            _torchvision_schemas = torch.library.Library("torchvision", "DEF")
+            _torchvision_schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _torchvision_schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision
+
+    return torchvision
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """The ``torchvision`` package (see :func:`import_torchvision`)."""
+    return import_torchvision()
+
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
