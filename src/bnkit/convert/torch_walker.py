@@ -9,6 +9,7 @@ has a converter), records shapes, visits the nodes in order, looks each one's co
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import re
 import sys
@@ -55,7 +56,7 @@ class _Tracer(fx.Tracer):
 _OPERATOR_SYMBOLS = {
     "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
     "matmul": "@", "neg": "unary -", "iadd": "+=", "isub": "-=", "imul": "*=", "itruediv": "/=",
-    "and_": "&", "or_": "|", "getitem": "[] indexing",
+    "and_": "&", "or_": "|",
 }  # fmt: skip
 
 
@@ -69,6 +70,8 @@ def describe_operation(node: fx.Node) -> str:
     if target is getattr and len(node.args) > 1:
         return f"reading .{node.args[1]}"
     name = getattr(target, "__name__", str(target))
+    if target is operator.getitem:
+        return "indexing x[...]"
     if getattr(target, "__module__", None) in ("_operator", "operator"):
         symbol = _OPERATOR_SYMBOLS.get(name)
         return f"the {symbol} operator (operator.{name})" if symbol else f"operator.{name}"
