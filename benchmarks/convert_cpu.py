@@ -5,26 +5,30 @@
 The networks are tests/convert/real_networks.py's (every network issue 8 names: keras.applications
 and torchvision, random weights, 96x96 inputs). Each is converted from its own framework to the
 other ("there"), and the result converted back ("back"); a network bnkit refuses is listed with
-the reason. Time: median of ``--repeats`` conversions (the model is built once, outside the
-timing; a tiny model is converted first so that lazy imports are not charged to the first
-network). Memory, in one more conversion: the growth of the process's peak resident set
-(Linux: VmHWM, reset through /proc/self/clear_refs), which counts PyTorch's tensors and Keras'
-variables, and the peak of Python allocations (tracemalloc, which slows that run down). Error:
-max |converted - source| / max |source| of the inference outputs on a batch of 2. Goal: every
-network converts in under 5 s on a 2-core machine.
+the reason. Each network and leg runs in a fresh Python process, so that one network's freed
+memory does not hide the next one's and import costs are paid before the clock starts (a tiny
+model is converted first). Memory, in the first conversion: the growth of the process's peak
+resident set over the resident set after building the model (Linux VmHWM, reset through
+/proc/self/clear_refs; it counts PyTorch's tensors and Keras' variables) and the peak of Python
+allocations (tracemalloc: Python objects and NumPy arrays). Time: the median of ``--repeats``
+further conversions. Error: max |converted - source| / max |source| of the inference outputs on
+a batch of 2. Goal: every network converts in under 5 s on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -113,34 +117,53 @@ def _leg(network: str, source, torch_shape, x, expected, leg: str, repeats: int)
 
     row = Row(network, direction, leg)
     try:
-        times, converted = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            converted = convert()
-            times.append(time.perf_counter() - start)
+        row.peak_rss_mib, row.python_peak_mib = _memory(convert)
     except UnsupportedLayerError as e:
         row.refused = str(e)
         return row, None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        converted = convert()
+        times.append(time.perf_counter() - start)
     row.seconds = statistics.median(times)
-    row.peak_rss_mib, row.python_peak_mib = _memory(convert)
     row.error = relative_error(_outputs(converted, x), expected)
     return row, converted
 
 
-def run(networks: list[Network], repeats: int = 3) -> list[Row]:
-    """Convert each network there and back; one :class:`Row` per conversion (or refusal)."""
+def measure(net: Network, leg: str, repeats: int) -> Row:
+    """One leg of one network in this process: "there", or "back" (after an untimed "there")."""
+    source = net.build()
+    x = net.example_input(2)
+    torch_shape = net.input_shape if net.framework == "torch" else (net.input_shape[-1], *net.input_shape[:-1])
+    x = x if net.framework == "torch" else x.transpose(0, 3, 1, 2).copy()  # PyTorch's layout
+    expected = _outputs(source, x)
+    if leg == "back":
+        source = keras_to_torch(source) if _is_keras(source) else torch_to_keras(source, torch_shape)
+        gc.collect()
+    return _leg(net.name, source, torch_shape, x, expected, leg, repeats)[0]
+
+
+def run(networks: list[Network], repeats: int = 3, isolate: bool = True, threads: int | None = None) -> list[Row]:
+    """Convert each network there and back; one :class:`Row` per conversion (or refusal). With
+    ``isolate``, each network and leg runs in a fresh process (networks of :data:`NETWORKS` only)."""
     rows = []
     for net in networks:
-        source = net.build()
-        x = net.example_input(2)
-        torch_shape = net.input_shape if net.framework == "torch" else (net.input_shape[-1], *net.input_shape[:-1])
-        x = x if net.framework == "torch" else x.transpose(0, 3, 1, 2).copy()  # PyTorch's layout
-        expected = _outputs(source, x)
-        row, converted = _leg(net.name, source, torch_shape, x, expected, "there", repeats)
-        rows.append(row)
-        if converted is not None:
-            rows.append(_leg(net.name, converted, torch_shape, x, expected, "back", repeats)[0])
+        for leg in ("there", "back"):
+            row = _in_child(net.name, leg, repeats, threads) if isolate else measure(net, leg, repeats)
+            rows.append(row)
+            if row.refused:
+                break
     return rows
+
+
+def _in_child(name: str, leg: str, repeats: int, threads: int | None) -> Row:
+    command = [sys.executable, __file__, "--child", name, leg, "--repeats", str(repeats)]
+    command += ["--threads", str(threads)] if threads else []
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} ({leg}) failed:\n{proc.stderr[-3000:]}")
+    return Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def _warm_up() -> None:
@@ -175,19 +198,23 @@ def main(argv=None) -> int:
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated names (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--child", nargs=2, metavar=("NETWORK", "LEG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        _warm_up()
+        print(json.dumps(asdict(measure(NETWORKS[args.child[0]], args.child[1], args.repeats))))
+        return 0
     unknown = [n for n in args.networks.split(",") if n not in NETWORKS]
     if unknown:
         parser.error(f"unknown networks {unknown}; known: {', '.join(NETWORKS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print(
         f"convert_cpu: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} conversions"
     )
-    _warm_up()
-    print_table(run([NETWORKS[n] for n in args.networks.split(",")], args.repeats))
+    print_table(run([NETWORKS[n] for n in args.networks.split(",")], args.repeats, threads=args.threads))
     return 0
 
 
