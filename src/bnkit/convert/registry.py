@@ -22,9 +22,10 @@ The modules with a PyTorch converter are exactly the leaves the ``torch.fx`` tra
 
 Flags, read by the graph walkers:
 
-* ``elementwise``: the layer applies the same function at every position (activations, Dropout),
-  so it commutes with any reordering of the features: a Flatten whose order is fixed in the next
-  Dense's weights, and a tensor left permuted by a Permute, pass through it. Its converter must
+* ``elementwise``: a one-input layer that applies the same function at every position
+  (activations, Dropout), so it commutes with any reordering of the features: a Flatten whose
+  order is fixed in the next Dense's weights, and a tensor left permuted by a Permute, pass
+  through it. Its converter must
   carry the input's layout over (``x.like(...)``) and read axes through the value
   (``TorchValue.torch_dim``, ``KerasValue.keras_axis``).
 * ``permuted_input``: the converter handles an input left in the other framework's layout by a
