@@ -144,17 +144,15 @@ def measure(net: Network, leg: str, repeats: int) -> Row:
     return _leg(net.name, source, torch_shape, x, expected, leg, repeats)[0]
 
 
-def run(networks: list[Network], repeats: int = 3, isolate: bool = True, threads: int | None = None) -> list[Row]:
-    """Convert each network there and back; one :class:`Row` per conversion (or refusal). With
-    ``isolate``, each network and leg runs in a fresh process (networks of :data:`NETWORKS` only)."""
-    rows = []
+def run(networks: list[Network], repeats: int = 3, isolate: bool = True, threads: int | None = None):
+    """Convert each network there and back, yielding one :class:`Row` per conversion (or refusal).
+    With ``isolate``, each network and leg runs in a fresh process (networks of :data:`NETWORKS` only)."""
     for net in networks:
         for leg in ("there", "back"):
             row = _in_child(net.name, leg, repeats, threads) if isolate else measure(net, leg, repeats)
-            rows.append(row)
+            yield row
             if row.refused:
                 break
-    return rows
 
 
 def _in_child(name: str, leg: str, repeats: int, threads: int | None) -> Row:
@@ -172,25 +170,33 @@ def _warm_up() -> None:
     keras_to_torch(torch_to_keras(torch_seed_model(), (1, 64, 64)))
 
 
-def print_table(rows: list[Row]) -> None:
-    print(
-        f"{'network':<20} {'direction':<15} {'leg':<6} {'time (s)':>9} {'peak RSS (MiB)':>15} "
-        f"{'Python peak (MiB)':>18} {'max rel. error':>15}"
-    )
-    for r in rows:
-        head = f"{r.network:<20} {r.direction:<15} {r.leg:<6}"
-        if r.refused:
-            print(f"{head} refused: {r.refused}")
-            continue
-        rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "n/a"
-        slow = "  (over the 5 s goal)" if r.seconds > GOAL_SECONDS else ""
-        print(
-            f"{head} {r.seconds:>9.2f} {rss:>15} {r.python_peak_mib:>18.0f} {format_error(r.error):>15}{slow}"
-        )
-    done = [r for r in rows if not r.refused and r.leg == "there"]
-    refused = [r for r in rows if r.refused]
-    print(f"converted {len(done)} of {len(done) + len(refused)} networks; refused: "
-          f"{', '.join(r.network for r in refused) or 'none'}")
+HEADER = (
+    f"{'network':<20} {'direction':<15} {'leg':<6} {'time (s)':>9} {'peak RSS (MiB)':>15} "
+    f"{'Python peak (MiB)':>18} {'max rel. error':>15}"
+)
+
+
+def format_row(r: Row) -> str:
+    head = f"{r.network:<20} {r.direction:<15} {r.leg:<6}"
+    if r.refused:
+        return f"{head} refused: {r.refused}"
+    rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "n/a"
+    slow = "  (over the 5 s goal)" if r.seconds > GOAL_SECONDS else ""
+    return f"{head} {r.seconds:>9.2f} {rss:>15} {r.python_peak_mib:>18.0f} {format_error(r.error):>15}{slow}"
+
+
+def print_table(rows) -> list[Row]:
+    """Print the rows as they come (a header first, a summary last); returns them."""
+    print(HEADER, flush=True)
+    done = []
+    for row in rows:
+        print(format_row(row), flush=True)
+        done.append(row)
+    converted = [r.network for r in done if not r.refused and r.leg == "there"]
+    refused = [r.network for r in done if r.refused]
+    total = len(converted) + len(refused)
+    print(f"converted {len(converted)} of {total} networks; refused: {', '.join(refused) or 'none'}")
+    return done
 
 
 def main(argv=None) -> int:
@@ -212,7 +218,8 @@ def main(argv=None) -> int:
     print(
         f"convert_cpu: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} conversions"
+        f"median of {args.repeats} conversions",
+        flush=True,
     )
     print_table(run([NETWORKS[n] for n in args.networks.split(",")], args.repeats, threads=args.threads))
     return 0

@@ -30,7 +30,7 @@ def test_rows_for_a_converted_and_a_refused_network(capsys):
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")).eval()
 
     networks = [Network("small", "torch", small, (3, 6, 6)), Network("reflect", "torch", refused, (3, 6, 6))]
-    rows = bench.run(networks, 1, isolate=False)
+    rows = list(bench.run(networks, 1, isolate=False))
     there, back, reflect = rows
     assert (there.direction, there.leg) == ("torch_to_keras", "there")
     assert (back.direction, back.leg) == ("keras_to_torch", "back")
