@@ -79,10 +79,11 @@ class Convention:
         ``num_batches_tracked`` counts the batches so far, this one included; it matters
         only for the cumulative average (``momentum=None``), whose new weight is ``1 / count``.
         Each framework's own expression is kept (``1 - m`` is computed, ``m`` is not), so
-        the update rounds as the framework's does.
+        the update rounds as the framework's does. Like the frameworks, no range is enforced
+        (a momentum outside [0, 1] extrapolates; ``bnkit lint`` flags it).
         """
-        self.check_momentum(momentum)
         if momentum is None:
+            self.check_momentum(None)  # refused where None is not a cumulative average
             new = 1.0 / max(int(num_batches_tracked), 1)
             return 1.0 - new, new
         m = float(momentum)
