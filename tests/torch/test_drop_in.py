@@ -301,3 +301,35 @@ def test_lazy_layers_as_torch_nns(name):
     keras_lazy = getattr(bt, name)(convention="keras")
     keras_lazy(x)
     assert keras_lazy.convention.name == "keras" and keras_lazy.num_features == 3 and keras_lazy.eps == 1e-3
+
+
+def test_the_triton_path_sees_only_inputs_torch_nn_takes(monkeypatch):
+    """The Triton kernels (CUDA) check nothing: an input torch.nn would refuse takes PyTorch's path,
+    which refuses it as torch.nn does. Simulated here on CPU by forcing the dispatch."""
+    from bnkit import kernels
+
+    taken = []
+    monkeypatch.setattr(kernels, "use_triton", lambda x, *args, **kwargs: True)
+    monkeypatch.setattr(kernels, "batch_norm", lambda module, x, **kwargs: taken.append(tuple(x.shape)) or x)
+    x = _x(2, 3, 4, 4)
+    bt.BatchNorm2d(3)(x)
+    bt.BatchNormAct2d(3)(x)
+    assert taken == [(2, 3, 4, 4), (2, 3, 4, 4)]
+    taken.clear()
+    refused = [
+        (bt.BatchNorm2d(3), _x(2, 4, 4, 4), RuntimeError),
+        (bt.BatchNorm2d(3, eps=0.0), x, ValueError),
+        (bt.BatchNorm2d(3, eps="1e-5"), x, TypeError),
+        (bt.BatchNorm2d(3, momentum="0.1"), x, TypeError),
+        (bt.BatchNorm2d(3), _x(1, 3, 1, 1), ValueError),
+        (bt.BatchNorm2d(3, dtype=torch.float16), x, RuntimeError),
+        (bt.BatchNormAct2d(3), _x(2, 4, 4, 4), RuntimeError),
+        (bt.SyncBatchNorm(3), _x(1, 3), ValueError),
+    ]
+    for layer, bad, error in refused:
+        with pytest.raises(error):
+            layer(bad)
+    assert taken == []
+    # valid but not for the kernels' parameters: a 0-d tensor momentum runs on PyTorch's path, as torch.nn
+    y = bt.BatchNorm2d(3, momentum=torch.tensor(0.5))(x)
+    assert taken == [] and torch.equal(y, nn.BatchNorm2d(3, momentum=torch.tensor(0.5))(x))

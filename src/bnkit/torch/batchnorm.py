@@ -177,7 +177,7 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         return f"{type(self).__name__}({self.num_features}, convention={self.convention.name!r})"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._fast_path_takes(input) and kernels.use_triton(input):  # CUDA: bnkit.kernels
+        if kernels.use_triton(input) and self._fast_path_takes(input):  # CUDA: bnkit.kernels
             return kernels.batch_norm(self, input)
         try:
             if self._native_update:
@@ -190,10 +190,9 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
                 raise
             raise clearer from None
 
-    def _fast_path_takes(self, input) -> bool:
-        """True for a CUDA input without any of the problems PyTorch reports (the Triton kernels check none)."""
-        if not isinstance(input, torch.Tensor) or not input.is_cuda:
-            return False
+    def _fast_path_takes(self, input: torch.Tensor) -> bool:
+        """True for an input without any of the problems PyTorch reports: the Triton kernels check none,
+        so any other input takes PyTorch's path, which raises what torch.nn raises, when it raises it."""
         shape = input.shape
         if self._ranks is None:
             if len(shape) < 2:
