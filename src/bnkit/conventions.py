@@ -136,13 +136,18 @@ def translate_momentum(
     """The momentum that gives the same running-statistics weights in ``target``.
 
     Keras ``momentum=0.99`` is PyTorch ``momentum=0.01`` and back. ``None`` (PyTorch's
-    cumulative average) has no equivalent in a convention without it: ``ValueError``.
+    cumulative average) has no equivalent in a convention without it: ``ValueError``. A momentum
+    outside [0, 1] translates too (both frameworks accept one; ``bnkit lint`` flags it), and so
+    does a 0-d tensor, as ``torch.nn`` takes it.
     """
     src, dst = get_convention(source), get_convention(target)
-    src.check_momentum(momentum)
     if momentum is None:
+        src.check_momentum(None)
         dst.check_momentum(None)
         return None
+    if isinstance(momentum, (bool, str, bytes)) or not hasattr(momentum, "__float__"):
+        raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__} {momentum!r}")
+    momentum = float(momentum)
     if src.momentum_weighs == dst.momentum_weighs:
         return float(momentum)
     # 1 - m is exact only where m is; round-trip the complement through a string-free
