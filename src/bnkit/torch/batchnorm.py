@@ -31,7 +31,8 @@ become NaN/Inf (and stay so; reset them with ``reset_running_stats()``). Other c
 untouched. In ``eval()`` with finite running statistics a NaN/Inf only affects its own output
 element. Nothing is checked or replaced: a NaN check would cost a pass over the input.
 An empty batch (N = 0) is counted in ``num_batches_tracked`` and leaves the running
-statistics as they are, as in ``torch.nn``.
+statistics as they are, as in ``torch.nn``, in both conventions (Keras' own layer turns its moving
+statistics to NaN there, a mean over no values: deliberately not copied).
 
 Arguments and errors. In the torch convention a layer takes every argument ``torch.nn`` takes and
 fails where, when and with the exception type ``torch.nn`` fails: ``eps=0`` builds and runs in
