@@ -19,13 +19,13 @@ __all__ = ["keras_to_torch", "torch_to_keras", "UnsupportedLayerError"]
 
 
 def keras_to_torch(keras_model, *, semantics="source"):
-    from bnkit.convert._from_keras import keras_to_torch as convert
+    from bnkit.convert.keras_walker import keras_to_torch as convert
 
     return convert(keras_model, semantics=semantics)
 
 
 def torch_to_keras(module, input_shape, *, semantics="source"):
-    from bnkit.convert._from_torch import torch_to_keras as convert
+    from bnkit.convert.torch_walker import torch_to_keras as convert
 
     return convert(module, input_shape, semantics=semantics)
 
