@@ -22,7 +22,7 @@ from torch import fx
 
 from bnkit.convert._common import keras_axis_to_torch, torch_axis_to_keras
 
-__all__ = ["TorchValue", "KerasValue", "keras_array", "torch_array"]
+__all__ = ["TorchValue", "KerasValue", "keras_array", "torch_array", "call_with_weights"]
 
 
 @dataclass
@@ -87,3 +87,55 @@ def keras_array(variable) -> np.ndarray:
 def torch_array(tensor: torch.Tensor) -> np.ndarray:
     """A PyTorch parameter or buffer as a float32 NumPy array."""
     return tensor.detach().cpu().to(torch.float32).numpy()
+
+
+class _WeightsFrom:
+    """While a Keras layer builds, the weights it creates hold the given arrays, in creation order,
+    instead of being initialised at random and then overwritten: each a fresh copy (never the
+    PyTorch module's memory). ``exact`` stays true while every weight created took the next array."""
+
+    def __init__(self, layer, weights) -> None:
+        self.layer, self.pending, self.created, self.exact = layer, list(weights), [], True
+
+    def __enter__(self) -> _WeightsFrom:
+        add_weight = self.layer.add_weight
+
+        def add_weight_from_array(*args, **kwargs):
+            if args:  # Keras 2's positional (shape, initializer, dtype)
+                kwargs.update(zip(("shape", "initializer", "dtype"), args, strict=False))
+            shape = tuple(kwargs.get("shape") or ())
+            self.exact = self.exact and bool(self.pending) and np.shape(self.pending[0]) == shape
+            if self.exact:
+                value = np.array(self.pending.pop(0), order="C", copy=True)
+                kwargs["initializer"] = lambda shape, dtype=None: value
+            variable = add_weight(**kwargs)
+            self.created.append(variable)
+            return variable
+
+        object.__setattr__(self.layer, "add_weight", add_weight_from_array)  # past Keras' attribute tracking
+        return self
+
+    def __exit__(self, *exc) -> None:
+        object.__delattr__(self.layer, "add_weight")
+
+    def complete(self) -> bool:
+        """Whether the layer's weights, in ``layer.weights`` order, are exactly the given arrays."""
+        ids = [id(v) for v in self.layer.weights]
+        return self.exact and not self.pending and ids == [id(v) for v in self.created]
+
+
+def call_with_weights(layer, inputs, weights=None):
+    """Call a new Keras ``layer`` on symbolic ``inputs``; its weights hold ``weights`` (NumPy arrays
+    in ``layer.weights`` order, as ``set_weights`` takes them). Creating them with those values is
+    what makes converting a large network fast: no random initialisation, one copy per weight.
+    Where the layer creates its weights in another order or shape, ``set_weights`` sets them."""
+    if weights is None or layer.built:
+        out = layer(inputs)
+        if weights is not None:
+            layer.set_weights(weights)
+        return out
+    with _WeightsFrom(layer, weights) as preset:
+        out = layer(inputs)
+    if not preset.complete():
+        layer.set_weights(weights)
+    return out
