@@ -11,7 +11,7 @@ import torch
 from layer_checks import check_torch, to_numpy
 from torch import fx, nn
 
-from bnkit.convert import torch_to_keras
+from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.convert.torch_walker import _record_shapes
 from bnkit.convert.values import call_with_weights
 from bnkit.keras import keras
@@ -95,3 +95,19 @@ def test_weights_created_in_another_order_than_listed_are_still_set_exactly():
     call_with_weights(conv, keras.Input((4, 4, 3)), [kernel, bias])
     kernel[...] = 7.0
     np.testing.assert_array_equal(to_numpy(conv.kernel), np.ones((1, 1, 3, 2)))
+
+
+def test_keras_to_torch_modules_hold_copies_of_the_keras_weights():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="dense")(L.Flatten()(x)))
+    torch_model = keras_to_torch(model)
+    conv, dense = torch_model.conv, torch_model.dense
+    kernel = to_numpy(model.get_layer("conv").kernel)
+    np.testing.assert_array_equal(conv.weight.detach().numpy(), kernel.transpose(3, 2, 0, 1))
+    assert conv.weight.is_contiguous() and conv.weight.requires_grad and dense.weight.is_contiguous()
+    model.get_layer("conv").kernel.assign(np.zeros_like(kernel))
+    model.get_layer("dense").bias.assign(np.full(2, 5.0, "float32"))
+    np.testing.assert_array_equal(conv.weight.detach().numpy(), kernel.transpose(3, 2, 0, 1))
+    assert not torch.any(dense.bias == 5.0)

@@ -22,7 +22,7 @@ from torch import fx
 
 from bnkit.convert._common import keras_axis_to_torch, torch_axis_to_keras
 
-__all__ = ["TorchValue", "KerasValue", "keras_array", "torch_array", "call_with_weights"]
+__all__ = ["TorchValue", "KerasValue", "keras_array", "torch_array", "call_with_weights", "torch_module_holding"]
 
 
 @dataclass
@@ -82,6 +82,23 @@ def keras_array(variable) -> np.ndarray:
     from bnkit.keras import keras
 
     return np.array(keras.ops.convert_to_numpy(variable.value))
+
+
+def torch_module_holding(factory, arrays: dict[str, np.ndarray]):
+    """The module ``factory()`` builds, its state (every parameter and buffer ``state_dict`` lists,
+    by name) holding ``arrays``: built on the meta device, so that nothing is initialised at random
+    only to be overwritten, then given the arrays in place of its tensors, without a copy where an
+    array is C-contiguous and of the tensor's dtype. The arrays must be the caller's own
+    (``keras_array`` returns a copy)."""
+    with torch.device("meta"):
+        module = factory()
+    dtypes = {name: t.dtype for name, t in module.state_dict(keep_vars=True).items()}
+    state = {name: torch.from_numpy(np.ascontiguousarray(a)).to(dtypes.get(name)) for name, a in arrays.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(module).__name__} was given no values for {left}")
+    return module
 
 
 def torch_array(tensor: torch.Tensor) -> np.ndarray:

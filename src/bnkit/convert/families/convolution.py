@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from torch import nn
 
 from bnkit.convert._common import same_padding
 from bnkit.convert.families.activation import has_non_negative_activation, with_activation
 from bnkit.convert.families.padding import zero_pad_torch, zero_padding_keras
 from bnkit.convert.registry import from_keras, from_torch
-from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
+from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array, torch_module_holding
 from bnkit.keras import keras
 
 if TYPE_CHECKING:
@@ -52,21 +51,21 @@ def conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     symmetric = all(before == after for before, after in pads)
     odd_stride_one = all(s == 1 for s in strides) and layer.padding == "same" and not symmetric
     padding = "same" if odd_stride_one else tuple(before for before, _ in pads) if symmetric else 0
-    conv = (nn.Conv1d if spatial_rank == 1 else nn.Conv2d)(
-        kernel.shape[-2] * layer.groups,
-        layer.filters,
-        tuple(ks),
-        stride=tuple(strides),
-        padding=padding,
-        dilation=tuple(dilations),
-        groups=layer.groups,
-        bias=layer.use_bias,
+    order = (spatial_rank + 1, spatial_rank, *range(spatial_rank))  # (*k, in, out) -> (out, in, *k)
+    arrays = {"weight": np.transpose(kernel, order)} | ({"bias": keras_array(layer.bias)} if layer.use_bias else {})
+    conv = torch_module_holding(
+        lambda: (nn.Conv1d if spatial_rank == 1 else nn.Conv2d)(
+            kernel.shape[-2] * layer.groups,
+            layer.filters,
+            tuple(ks),
+            stride=tuple(strides),
+            padding=padding,
+            dilation=tuple(dilations),
+            groups=layer.groups,
+            bias=layer.use_bias,
+        ),
+        arrays,
     )
-    with torch.no_grad():
-        order = (spatial_rank + 1, spatial_rank, *range(spatial_rank))  # (*k, in, out) -> (out, in, *k)
-        conv.weight.copy_(torch.from_numpy(np.transpose(kernel, order)))
-        if layer.use_bias:
-            conv.bias.copy_(torch.from_numpy(keras_array(layer.bias)))
     source = x.node
     if padding == 0 and any(before or after for before, after in pads):
         # Keras pads the odd element after (right/bottom); PyTorch's padding is symmetric.
