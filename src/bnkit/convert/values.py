@@ -93,12 +93,24 @@ def torch_module_holding(factory, arrays: dict[str, np.ndarray]):
     with torch.device("meta"):
         module = factory()
     dtypes = {name: t.dtype for name, t in module.state_dict(keep_vars=True).items()}
-    state = {name: torch.from_numpy(np.ascontiguousarray(a)).to(dtypes.get(name)) for name, a in arrays.items()}
+    state = {name: _tensor(a, copy=False).to(dtypes.get(name)) for name, a in arrays.items()}
     module.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{type(module).__name__} was given no values for {left}")
     return module
+
+
+def _tensor(array: np.ndarray, copy: bool) -> torch.Tensor:
+    """``array`` as a C-contiguous tensor: its memory where it is C-contiguous and ``copy`` is false,
+    else a copy (PyTorch's, which transposes a large matrix several times faster than NumPy's)."""
+    try:
+        tensor = torch.from_numpy(array)
+    except (TypeError, ValueError):  # negative strides, or not an ndarray
+        return torch.from_numpy(np.array(array, order="C"))
+    if not tensor.is_contiguous():
+        return tensor.contiguous()
+    return tensor.clone() if copy else tensor
 
 
 def torch_array(tensor: torch.Tensor) -> np.ndarray:
@@ -122,8 +134,8 @@ class _WeightsFrom:
                 kwargs.update(zip(("shape", "initializer", "dtype"), args, strict=False))
             shape = tuple(kwargs.get("shape") or ())
             self.exact = self.exact and bool(self.pending) and np.shape(self.pending[0]) == shape
-            if self.exact:
-                value = np.array(self.pending.pop(0), order="C", copy=True)
+            if self.exact:  # a tensor, which Keras takes as it is (it copies a NumPy array)
+                value = _tensor(np.asarray(self.pending.pop(0)), copy=True)
                 kwargs["initializer"] = lambda shape, dtype=None: value
             variable = add_weight(**kwargs)
             self.created.append(variable)
