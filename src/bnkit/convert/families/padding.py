@@ -65,7 +65,7 @@ def cropping_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     b.check_channels_last(layer)
     (x,) = inputs
     crops = _pairs(layer, "cropping", x.rank - 2)
-    out = b.graph.call_function(F.pad, (x.node, tuple(-c for c in _torch_order(crops))))
+    out = b.graph.call_function(F.pad, (x.node, tuple(-c for c in _torch_order(crops))), name=layer.name)
     return TorchValue(out, x.rank)
 
 
