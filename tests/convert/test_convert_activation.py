@@ -43,6 +43,6 @@ def test_torch_activation_modules_and_functions():
 
     for net in [nn.Sequential(nn.Linear(5, 4), m) for m in modules] + [Functional(fn) for fn in functions]:
         check_torch(net, (5,))
-    for module in (nn.Softplus(beta=2), nn.CELU(alpha=0.5), nn.Hardtanh(0, 6)):  # other constants than Keras'
+    for module in (nn.Softplus(beta=2), nn.CELU(alpha=0.5), nn.Hardtanh(0, 5)):  # other constants than Keras'
         with pytest.raises(UnsupportedLayerError, match=type(module).__name__):
             torch_to_keras(nn.Sequential(nn.Linear(5, 4), module), (5,))

@@ -64,7 +64,7 @@ def _keras_model(layer, shape):
         (lambda: _keras_model(L.LSTM(3, name="rnn"), (5, 2)), r"'rnn' \(LSTM\)"),
         (lambda: _keras_model(L.DepthwiseConv2D(3, name="dw"), (5, 5, 2)), r"'dw' \(DepthwiseConv2D\)"),
         (lambda: _keras_model(L.MaxPooling2D(2, strides=1, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
-        (lambda: _keras_model(L.Dense(3, name="d3"), (5, 2)), "rank-3"),
+        (lambda: _keras_model(L.LayerNormalization(axis=1, name="ln"), (5, 2)), r"'ln'.*only the last axes"),
         (
             lambda: _keras_model(L.Conv2D(2, 3, data_format="channels_first", name="cf"), (2, 5, 5)),
             "channels_first",

@@ -331,7 +331,9 @@ class TorchToKeras:
     def _check_in_place(self, node: fx.Node, mutated: fx.Node) -> None:
         """Refuse an in-place op on a view whose base (or another view of it) is read afterwards:
         the converted graph would read the base unchanged."""
-        order = {n: i for i, n in enumerate(node.graph.nodes)}
+        if getattr(self, "_order", None) is None:
+            self._order = {n: i for i, n in enumerate(node.graph.nodes)}
+        order = self._order
         aliases, todo = {mutated}, [mutated]
         while todo:
             current = todo.pop()

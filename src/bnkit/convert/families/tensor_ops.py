@@ -167,7 +167,6 @@ def _sizes(b: TorchToKeras, node) -> list:
 def view_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     sizes = _sizes(b, node)
-    out = b.out_shape(node)
     batch = sizes[0] if sizes else None
     keeps_batch = batch is BATCH or (batch == -1 and all(isinstance(s, int) and s >= 0 for s in sizes[1:]))
     if not keeps_batch or any(s is BATCH for s in sizes[1:]):
