@@ -296,9 +296,9 @@ class TorchToKeras:
             raise self.unsupported(node, f"this {kind} is not supported by bnkit.convert")
         result = converter.convert(self, node, self._target(node))
         mutated = self._mutated_input(node)
-        if mutated is not None:
-            self._check_in_place(node, mutated)
-            self.env[mutated] = result  # what follows reads the tensor as the in-place op left it
+        if mutated is not None:  # what follows reads the tensor as the in-place op left it
+            for same in self._same_tensor(node, mutated):
+                self.env[same] = result
         return result
 
     def _constant(self, node: fx.Node) -> Constant:
@@ -328,27 +328,33 @@ class TorchToKeras:
         first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         return first if in_place and isinstance(first, fx.Node) else None
 
-    def _check_in_place(self, node: fx.Node, mutated: fx.Node) -> None:
-        """Refuse an in-place op on a view whose base (or another view of it) is read afterwards:
-        the converted graph would read the base unchanged."""
+    def _same_tensor(self, node: fx.Node, mutated: fx.Node) -> set[fx.Node]:
+        """The nodes that are the tensor ``node`` overwrites in place (``mutated``, and the outputs of
+        other in-place ops on it), to be read as its result from now on. A view of it read
+        afterwards (a chunk, a reshape) is refused: the converted graph would read it unchanged."""
         if getattr(self, "_order", None) is None:
             self._order = {n: i for i, n in enumerate(node.graph.nodes)}
-        order = self._order
-        aliases, todo = {mutated}, [mutated]
+        same, views, todo = {mutated}, set(), [(mutated, False)]
         while todo:
-            current = todo.pop()
-            linked = [u for u in current.users if _is_view(u)]
+            current, is_view = todo.pop()
+            linked = [(u, True) for u in current.users if _is_view(u)]
+            linked += [(u, False) for u in current.users if u is not node and self._mutated_input(u) is current]
             if _is_view(current):
-                linked += [a for a in current.all_input_nodes[:1]]
-            for other in linked:
-                if other not in aliases:
-                    aliases.add(other)
-                    todo.append(other)
-        for alias in aliases - {mutated}:
-            if any(order[user] > order[node] for user in alias.users):
+                linked.append((current.all_input_nodes[0], True))
+            if self._mutated_input(current) is not None:
+                linked.append((self._mutated_input(current), False))
+            for other, through_view in linked:
+                other_is_view = is_view or through_view
+                if other is node or other in same or other in views:
+                    continue
+                (views if other_is_view else same).add(other)
+                todo.append((other, other_is_view))
+        for view in views:
+            if any(self._order[user] > self._order[node] for user in view.users):
                 raise self.unsupported(
-                    node, f"it overwrites a view of {alias.name!r}, which is read afterwards (write it out of place)"
+                    node, f"it overwrites a view of {view.name!r}, which is read afterwards (write it out of place)"
                 )
+        return same
 
 
 _VIEW_METHODS = {

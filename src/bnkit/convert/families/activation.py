@@ -226,15 +226,28 @@ def hardtanh_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     return x.like(L.Activation("hard_tanh", name=b.name(node))(x.tensor))
 
 
-@from_torch(torch.clamp, torch.clamp_min, methods=("clamp", "clamp_", "clamp_min", "clamp_min_"), elementwise=True)
+@from_torch(
+    torch.clamp, torch.clamp_min, torch.clamp_max,
+    methods=("clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"),
+    elementwise=True,
+)  # fmt: skip
 def clamp_to_keras(b: TorchToKeras, node, target) -> KerasValue:
-    """``x.clamp(min=0)`` is a ReLU, ``x.clamp(0, 6)`` a ReLU6; other bounds are refused."""
+    """``x.clamp(min=0)`` is a ReLU, ``x.clamp(0, 6)`` a ReLU6; other numbers Keras' ``maximum``/``minimum``."""
     x = b.input(node)
-    low = b.arg(node, 1, "min")
-    high = None if "clamp_min" in getattr(target, "__name__", target) else b.arg(node, 2, "max")
-    if (low, high) not in ((0, None), (0, 6)):
-        raise b.unsupported(node, f"clamp(min={low}, max={high}); only clamp(min=0) and clamp(0, 6) convert")
-    return x.like(L.ReLU(max_value=None if high is None else 6.0, name=b.name(node))(x.tensor))
+    name = getattr(target, "__name__", target)
+    low = None if "clamp_max" in name else b.arg(node, 1, "min")
+    high = None if "clamp_min" in name else b.arg(node, 1 if "clamp_max" in name else 2, "max")
+    if any(isinstance(v, torch.fx.Node) for v in (low, high)):
+        raise b.unsupported(node, "clamp to tensor bounds (only numbers convert)")
+    if (low, high) in ((0, None), (0, 6)):
+        return x.like(L.ReLU(max_value=None if high is None else 6.0, name=b.name(node))(x.tensor))
+    ops = keras.src.ops.numpy
+    tensor = x.tensor
+    if low is not None:
+        tensor = ops.Maximum(name=b.name(node) if high is None else b.unique_name(f"{b.name(node)}_min"))(tensor, low)
+    if high is not None:
+        tensor = ops.Minimum(name=b.name(node))(tensor, high)
+    return x.like(tensor)
 
 
 @from_torch(nn.CELU, F.celu, F.celu_, torch.celu_, elementwise=True)

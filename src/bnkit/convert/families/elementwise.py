@@ -118,7 +118,13 @@ def torch_operation(b: KerasToTorch, layer, operation: str, operands: list) -> T
     fn = _OPERATIONS[operation][0]
     out = args[0]
     for arg in args[1:]:
-        out = b.graph.call_function(fn, (out, arg))
+        if fn in (torch.maximum, torch.minimum) and not all(isinstance(a, torch.fx.Node) for a in (out, arg)):
+            # torch.maximum takes tensors only: with a number, it is a clamp (NaN propagates in both)
+            tensor, number = (out, arg) if isinstance(out, torch.fx.Node) else (arg, out)
+            bound = {"min": number} if fn is torch.maximum else {"max": number}
+            out = b.graph.call_function(torch.clamp, (tensor,), bound)
+        else:
+            out = b.graph.call_function(fn, (out, arg))
     return like.like(out)
 
 

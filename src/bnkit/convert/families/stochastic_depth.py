@@ -1,5 +1,6 @@
-"""Stochastic depth, both ways: keras.applications ConvNeXt's ``StochasticDepth`` and bnkit's Keras
-``StochasticDepth`` ⇄ ``torchvision.ops.StochasticDepth`` and bnkit's PyTorch ``StochasticDepth``.
+"""Stochastic depth, both ways: keras.applications ConvNeXt's ``StochasticDepth``, bnkit's Keras
+``StochasticDepth`` and a Keras ``Dropout`` whose ``noise_shape`` is ``(None, 1, ..., 1)`` (one draw
+per sample: EfficientNet's) ⇄ ``torchvision.ops.StochasticDepth`` and bnkit's PyTorch ``StochasticDepth``.
 
 Identity in inference. In training each sample (``"row"``; keras.applications drops per sample
 too) or the whole batch (``"batch"``) is zeroed with probability ``p`` and what is kept is divided
@@ -29,6 +30,11 @@ def stochastic_depth_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValu
     else:  # keras.applications: x / keep * floor(keep + U) per sample
         module = TorchStochasticDepth(float(layer.drop_path_rate), "row")
     return x.like(b.add_module(layer.name, module, x.node))
+
+
+def per_sample_dropout_to_torch(b: KerasToTorch, layer, x: TorchValue) -> TorchValue:
+    """A Keras ``Dropout`` with ``noise_shape=(None, 1, ..., 1)``: stochastic depth by sample."""
+    return x.like(b.add_module(layer.name, TorchStochasticDepth(float(layer.rate), "row"), x.node))
 
 
 @from_torch(TorchStochasticDepth, "torchvision.ops.stochastic_depth.StochasticDepth", elementwise=True)

@@ -46,7 +46,7 @@ def identity_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     return inputs[0]
 
 
-@from_torch(nn.Identity, methods=("contiguous",), elementwise=True)
+@from_torch(nn.Identity, torch.clone, methods=("contiguous", "clone"), elementwise=True)
 def identity_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     return b.input(node)
 
@@ -105,9 +105,9 @@ def reshape_layer_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 # ---- reshapes: PyTorch -> Keras -------------------------------------------------------------
 
 
-def reshape_keras(b: TorchToKeras, node, x: KerasValue, out_shape: tuple[int, ...]) -> KerasValue:
+def reshape_keras(b: TorchToKeras, node, x: KerasValue, out_shape: tuple[int, ...], name=None) -> KerasValue:
     """The Keras layers doing what a PyTorch reshape of ``x`` to ``out_shape`` (no batch) does."""
-    name = b.name(node)
+    name = name or b.name(node)
     try:
         plan = plan_reshape((None, *x.shape), (None, *out_shape), x.layout, mapped_layout(len(out_shape) + 1))
     except ReshapeError as e:
@@ -134,6 +134,8 @@ def flatten_keras(b: TorchToKeras, node, x: KerasValue) -> KerasValue:
 
 def _reshape_or_flatten(b: TorchToKeras, node, x: KerasValue) -> KerasValue:
     out = b.out_shape(node)
+    if math.prod(out) != math.prod(x.shape):
+        raise b.unsupported(node, f"a reshape from {x.shape} to {out} (without the batch) moves values across the batch")
     if len(out) == 1 and x.rank > 2:
         return flatten_keras(b, node, x)
     return reshape_keras(b, node, x, out)
@@ -336,11 +338,12 @@ def slice_keras(b: TorchToKeras, node, x: KerasValue, dim: int, start: int, stop
 
 
 def piece(b: TorchToKeras, pieces: Pieces, index: int, node) -> KerasValue:
-    """Piece ``index`` of a chunk/split, made on first use and named after the node that uses it."""
+    """Piece ``index`` of a chunk/split, made on first use (a ``Slice`` named ``<split>_<index>``)."""
     index = range(len(pieces.bounds))[index]
     if index not in pieces.made:
         start, stop = pieces.bounds[index]
-        pieces.made[index] = slice_keras(b, node, pieces.value, pieces.dim, start, stop, b.name(node))
+        name = b.unique_name(f"{b.name(pieces.node)}_{index}")
+        pieces.made[index] = slice_keras(b, node, pieces.value, pieces.dim, start, stop, name)
     return pieces.made[index]
 
 
@@ -373,17 +376,29 @@ def getitem_to_keras(b: TorchToKeras, node, fn):
 
 
 def _slice_tensor(b: TorchToKeras, node, x: KerasValue, index) -> KerasValue:
+    """``x[:, a:b, i]``: a ``Slice`` per narrowed dim, and a reshape dropping the integer-indexed ones."""
     index = index if isinstance(index, tuple) else (index,)
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (x.rank - len(index) + 1) + index[at + 1 :]
-    if len(index) > x.rank or not all(isinstance(i, slice) for i in index):
-        raise b.unsupported(node, f"indexing with {index!r}; only slices with step 1 (x[:, a:b]) convert")
+    simple = all(isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool)) for i in index)
+    if len(index) > x.rank or not simple:
+        raise b.unsupported(node, f"indexing with {index!r}; only integers and slices with step 1 (x[:, a:b]) convert")
     if index and index[0] != slice(None):
         raise b.unsupported(node, "indexing the batch dimension")
+    name = b.name(node)
     for dim, s in enumerate(index[1:], start=1):
-        start, stop, step = s.indices(x.shape[dim - 1])
+        size = x.shape[dim - 1]
+        if isinstance(s, int):
+            if not -size <= s < size:
+                raise b.unsupported(node, f"index {s} is out of range for size {size}")
+            s = slice(s % size, s % size + 1)
+        start, stop, step = s.indices(size)
         if step != 1 or stop <= start:
             raise b.unsupported(node, f"the slice {s!r}; only non-empty slices with step 1 convert")
-        x = slice_keras(b, node, x, dim, start, stop, b.unique_name(b.name(node)))
+        if (start, stop) != (0, size):
+            x = slice_keras(b, node, x, dim, start, stop, name)
+            name = b.unique_name(b.name(node))
+    if any(isinstance(i, int) for i in index):
+        x = reshape_keras(b, node, x, b.out_shape(node), name)
     return x
