@@ -76,7 +76,7 @@ def keras_layer_norm(b: TorchToKeras, node, x: KerasValue, dims: list[int], weig
     if 0 in dims:
         raise b.unsupported(node, "normalizing over the batch dimension")
     if {x.keras_axis(d) for d in dims} != set(range(r - len(dims), r)):
-        x = b.to_layout(x, identity(r))  # the normalized dims last in Keras, in PyTorch's order
+        x = b.to_layout(x, identity(r), b.name(node))  # the normalized dims last in Keras, in PyTorch order
     axes = sorted(x.keras_axis(d) for d in dims)
     order = [dims.index(x.layout[a]) for a in axes]  # PyTorch's order -> Keras' sorted axes
     frozen_ones = weight is not None and bias is not None and getattr(weight, "frozen_ones", False)

@@ -6,8 +6,7 @@ keras.applications convert): ``Rescaling`` and ``Normalization``.
 * ``Normalization`` computes ``(x - mean) / max(sqrt(variance), epsilon)`` (``invert=True``:
   ``mean + x * max(sqrt(variance), epsilon)``), with ``epsilon = keras.backend.epsilon()`` (1e-7
   unless changed) read when it is called: the converted model keeps the value it had when
-  converted. ``mean`` and the divisor (computed here in float32, as Keras computes it) become
-  buffers.
+  converted. ``mean`` and the divisor (computed once here, with Keras' own ops) become buffers.
 
 Each operation is the one Keras does, in the same order, so the results agree to the bit. The
 other way these are PyTorch arithmetic and convert as such (:mod:`.elementwise`).
@@ -57,8 +56,11 @@ def normalization_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     if getattr(layer, "mean", None) is None:
         raise b.unsupported(layer, "it has no mean and variance yet (adapt it or give them)")
     mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), dtype="float32")
-    variance = np.asarray(keras.ops.convert_to_numpy(layer.variance), dtype="float32")
-    std = np.maximum(np.sqrt(variance), np.float32(keras.backend.epsilon()))
+    # the divisor as Keras computes it, with its backend's sqrt (PyTorch's CPU sqrt is not always
+    # correctly rounded: NumPy's would differ from Keras-on-torch in the last bit)
+    ops = keras.ops
+    std = ops.maximum(ops.sqrt(ops.cast(layer.variance, "float32")), keras.backend.epsilon())
+    std = np.asarray(ops.convert_to_numpy(std), dtype="float32")
     mean, std = Constant(mean, False, "mean"), Constant(std, False, "std")
     if layer.invert:
         return torch_operation(b, layer, "add", [mean, torch_operation(b, layer, "multiply", [x, std])])
