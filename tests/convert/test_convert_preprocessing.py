@@ -46,13 +46,16 @@ def test_rescaling_both_ways(kwargs):
     _exact(L.Rescaling(**kwargs), _pixels((2, 5, 7, 3)))
 
 
+_VARIANCES = np.linspace(1, 9, 21).reshape(7, 3)
+
+
 @pytest.mark.parametrize("invert", [False, True])
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"mean": [0.485 * 255, 0.456 * 255, 0.406 * 255], "variance": [(0.229 * 255) ** 2, 58.0**2, 0.0]},
         {"axis": None, "mean": 120.0, "variance": 3600.0},
-        {"axis": (2, 3), "mean": np.linspace(0, 200, 21).reshape(7, 3), "variance": np.linspace(1, 9, 21).reshape(7, 3)},
+        {"axis": (2, 3), "mean": np.linspace(0, 200, 21).reshape(7, 3), "variance": _VARIANCES},  # per (W, C)
     ],
 )
 def test_normalization_with_given_statistics_both_ways(kwargs, invert):

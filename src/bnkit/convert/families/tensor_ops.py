@@ -135,7 +135,7 @@ def flatten_keras(b: TorchToKeras, node, x: KerasValue) -> KerasValue:
 def _reshape_or_flatten(b: TorchToKeras, node, x: KerasValue) -> KerasValue:
     out = b.out_shape(node)
     if math.prod(out) != math.prod(x.shape):
-        raise b.unsupported(node, f"a reshape from {x.shape} to {out} (without the batch) moves values across the batch")
+        raise b.unsupported(node, f"a reshape from {x.shape} to {out} (no batch) moves values across the batch")
     if len(out) == 1 and x.rank > 2:
         return flatten_keras(b, node, x)
     return reshape_keras(b, node, x, out)
