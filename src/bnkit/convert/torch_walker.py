@@ -9,6 +9,7 @@ has a converter), records shapes, visits the nodes in order, looks each one's co
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 import os
@@ -376,13 +377,18 @@ def _inplace_argument(node: fx.Node):
     """The ``inplace`` argument of a function call (keyword or positional), if it has one."""
     if "inplace" in node.kwargs:
         return node.kwargs["inplace"]
+    position = _inplace_position(node.target)
+    return node.args[position] if position is not None and position < len(node.args) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(fn) -> int | None:
+    """Where ``fn`` takes ``inplace`` positionally (``F.relu(x, True)``), if it does."""
     try:
-        parameters = list(inspect.signature(node.target).parameters)
+        parameters = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):  # builtins without a signature
         return None
-    if "inplace" in parameters and parameters.index("inplace") < len(node.args):
-        return node.args[parameters.index("inplace")]
-    return None
+    return parameters.index("inplace") if "inplace" in parameters else None
 
 def torch_to_keras(module: nn.Module, input_shape, *, semantics="source"):
     """Convert a PyTorch module to an equivalent Keras 3 functional model.

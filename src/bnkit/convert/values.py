@@ -123,7 +123,7 @@ class Constant:
     name: str = "constant"
 
 
-@dataclass
+@dataclass(repr=False)
 class Pieces:
     """The pieces of a ``chunk``/``split`` of ``value`` along PyTorch dim ``dim``: ``bounds`` are
     ``(start, stop)``; each piece is made when indexed (and only then)."""
@@ -133,6 +133,9 @@ class Pieces:
     bounds: list[tuple[int, int]]
     node: fx.Node
     made: dict[int, KerasValue] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"the {len(self.bounds)} pieces of a split (use them by index)"
 
 
 def keras_array(variable) -> np.ndarray:
