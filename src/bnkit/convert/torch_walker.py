@@ -381,7 +381,7 @@ def _inplace_argument(node: fx.Node):
     return node.args[position] if position is not None and position < len(node.args) else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inplace_position(fn) -> int | None:
     """Where ``fn`` takes ``inplace`` positionally (``F.relu(x, True)``), if it does."""
     try:
