@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import logging
 import os
 import tempfile
 import warnings
@@ -155,30 +154,30 @@ def _load_weights(model, path: Path) -> None:
 
 
 def _load_torch_export(path: Path):
-    import torch
+    """A ``.pt2`` program, read without unpickling or evaluating anything in it (see pt2_archive)."""
+    from bnkit.torch.pt2_archive import ArchiveError, UnsafeArchiveError, read_exported_program
 
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a torch.export program (not a zip archive: truncated, or another format?)")
-    extra = {_BNKIT_META: ""}
-    # torch.export logs a traceback (a warning) before raising on a damaged archive: the one-line error says it
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():  # torch.export's pytree pickling warns about itself
+        with warnings.catch_warnings():  # torch.export's pytree code warns about itself
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            program = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:
-        detail = _one_line(e)
-        if "warnings above" in detail:  # the warnings are the ones silenced above
-            detail = "the archive holds no exported program: a torch.save() file, or another zip?"
-        raise ModelFileError(f"{path}: not a readable torch.export program ({detail})") from e
-    finally:
-        export_log.setLevel(level)
-    meta = json.loads(extra[_BNKIT_META]) if extra[_BNKIT_META] else {}
+            program, extra = read_exported_program(path)
+    except UnsafeArchiveError as e:
+        raise ModelFileError(f"{path}: refused, bnkit runs nothing from a model file: {e}") from e
+    except ArchiveError as e:
+        raise ModelFileError(f"{path}: not a readable torch.export program ({e})") from e
+    try:
+        meta = json.loads(extra.get(_BNKIT_META) or "{}")
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: its {_BNKIT_META} is not valid JSON ({e})") from e
     from bnkit.torch.rebuild import rebuild_exported
 
-    return rebuild_exported(program, meta.get("layers", {}))
+    layers = meta.get("layers", {}) if isinstance(meta, dict) else {}
+    try:
+        return rebuild_exported(program, layers if isinstance(layers, dict) else {})
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # a damaged bnkit.json or graph
+        raise ModelFileError(f"{path}: its layers cannot be rebuilt ({type(e).__name__}: {_one_line(e)})") from e
 
 
 # ---------------------------------------------------------------------------- writing
