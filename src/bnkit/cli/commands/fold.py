@@ -64,6 +64,10 @@ def run(args) -> int:
     except ModelFileError as e:
         raise CLIError(str(e)) from e
     framework = framework_of(model)
+    if shape is not None and framework == "torch":  # a .pt2 output is exported on a batch of 2
+        from bnkit.inputs import check_model_input
+
+        check_model_input(model, shape, 2, what="exporting the folded model")
     if shape is None and Path(args.output).suffix.lower() == ".pt2":
         shape = _recorded_input_shape(model)
     total = _count_batchnorms(model, framework)
