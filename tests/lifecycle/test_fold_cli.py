@@ -55,5 +55,5 @@ def test_bad_input_shape_is_one_line_error(run_cli):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "bnkit fold: error: argument --input-shape: must be positive integers separated by commas, "
-        "like 64,64,1; got '3,x' (see bnkit fold --help)"
+        "like 64,64,1, without the batch dimension; got '3,x' (see bnkit fold --help)"
     )
