@@ -221,9 +221,13 @@ def test_a_folder_the_user_cannot_write_is_refused_before_any_work(shared_dir):
         "    open('marker', 'w').write('loaded')\n"
         "    return bnkit.examples.torch_seed_model()\n"
     )
+    unreadable = work / "secret.keras"
+    unreadable.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: readable, it would load as far as Keras
+    unreadable.chmod(0o000)
     env = _env()
     env["HOME"] = str(work)
     cases = {
+        "unreadable": ("summary", unreadable),
         "convert": ("convert", "mymodels_ro:seed", readonly / "seed.keras", "--input-shape", "1,64,64"),
         "fold": ("fold", "mymodels_ro:seed", readonly / "folded.pt2", "--input-shape", "1,64,64"),
         "compare": ("compare", "mymodels_ro:seed", "mymodels_ro:seed", "--input-shape", "1,64,64", "--report",
@@ -236,7 +240,9 @@ def test_a_folder_the_user_cannot_write_is_refused_before_any_work(shared_dir):
             [*prefix, _console_script(), *map(str, args)],
             capture_output=True, text=True, env=env, cwd=work, preexec_fn=preexec, timeout=300,
         )  # fmt: skip
-        expected = "cannot make this folder" if name == "walkthrough-new" else "cannot write in this folder"
+        expected = {"walkthrough-new": "cannot make this folder", "unreadable": "cannot read the file"}.get(
+            name, "cannot write in this folder"
+        )
         _one_line_error(proc, args[0], expected, "Permission denied")
         assert not (work / "marker").exists(), f"{name}: the model was loaded before the folder was checked"
     assert list(readonly.iterdir()) == []
