@@ -22,7 +22,8 @@ forward pass:
 ``momentum`` is stored and read in the layer's convention. Both conventions run PyTorch's
 fused native kernel; the Keras convention asks it for the batch statistics (through scratch
 buffers and momentum 1) and applies its own per-channel running update. On CUDA tensors both
-run bnkit's fused Triton kernels instead (:mod:`bnkit.kernels`; ``BNKIT_TRITON=0`` turns them off).
+run bnkit's fused Triton kernels instead where the device's measured table says they win
+(:mod:`bnkit.kernels`; ``BNKIT_TRITON=1`` forces them, ``BNKIT_TRITON=0`` turns them off).
 
 NaN and Inf propagate exactly as in ``torch.nn`` (and, for the Keras convention, to the same
 places as in Keras): in training a NaN or Inf anywhere in a channel makes that channel's batch
@@ -137,7 +138,7 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         return f"{type(self).__name__}({self.num_features}, convention={self.convention.name!r})"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(input):  # CUDA: the fused Triton kernels (bnkit.kernels)
+        if kernels.use_triton(input, kernels.mode_of(self)):  # CUDA, where measured to win (bnkit.kernels)
             return kernels.batch_norm(self, input)
         if self._native_update:
             return super().forward(input)  # torch.nn's forward calls _check_input_dim first
