@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from _cli_batch import run_cli_batch
 from conftest import SRC, _console_script
 
 SEED = "bnkit.examples:torch_seed_model"
@@ -36,42 +37,37 @@ def test_an_input_shape_the_model_does_not_take_is_named_before_tracing(run_cli,
     proc = run_cli("convert", SEED, "o.keras", "--input-shape", "3,64,64")
     _one_line_error(proc, "convert", "does not take input of shape (3, 64, 64)", "layer '0' (Conv2d)", "1 channels")
     assert not (tmp_path / "o.keras").exists()
-    proc = run_cli("summary", SEED, "--input-shape", "1,32,32")
-    _one_line_error(proc, "summary", "layer '4' (Linear)")
 
 
-@pytest.mark.parametrize("form", [("--seed=-5",), ("--seed", "-5")])
-def test_negative_seeds_are_refused(run_cli, form):
-    proc = run_cli("compare", SEED, SEED, "--input-shape", "1,64,64", *form)
-    _one_line_error(proc, "compare", "argument --seed: must be a non-negative integer, got '-5'")
-
-
-@pytest.mark.parametrize("form", [("--input-shape=-1,3",), ("--input-shape", "-1,3")])
-def test_a_negative_dimension_reaches_the_shape_check(run_cli, form):
-    proc = run_cli("summary", SEED, *form)
-    _one_line_error(proc, "summary", "got '-1,3' (-1 is not a size: leave the batch dimension out")
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("summary", SEED, "--input-shape", "100000,100000,1"),
-        ("compare", SEED, SEED, "--input-shape", "100000,100000,1"),
-        ("explain", "--channels", "100000", "--batch", "64", "--size", "64"),
-    ],
-    ids=["summary", "compare", "explain"],
-)
-def test_an_input_that_cannot_fit_in_memory_is_refused_before_allocating(run_cli, args):
-    proc = run_cli(*args)
-    line = _one_line_error(proc, args[0], "needs about", "of memory, more than the", "available here")
-    assert " GB " in line or " TB " in line
-
-
-def test_walkthrough_out_must_be_a_folder(run_cli, tmp_path):
+def test_bad_values_and_files_are_one_line_each(tmp_path):
+    """Each case through bnkit.cli.main, all in one subprocess (see _cli_batch)."""
     existing = tmp_path / "notes.txt"
     existing.write_text("keep me")
-    proc = run_cli("walkthrough", "--out", existing)
-    _one_line_error(proc, "walkthrough", "is a file, not a folder")
+    folder = tmp_path / "model.keras"
+    folder.mkdir()
+    empty = tmp_path / "empty.pt2"
+    empty.write_bytes(b"")
+    memory = ("needs about", "of memory, more than the", "available here")
+    negative = "got '-1,3' (-1 is not a size: leave the batch dimension out"
+    shape = ("--input-shape", "1,64,64")
+    cases = [
+        (("summary", SEED, "--input-shape", "1,32,32"), ("does not take input of shape (1, 32, 32)", "'4' (Linear)")),
+        (("compare", SEED, SEED, *shape, "--seed=-5"), ("argument --seed: must be a non-negative",)),
+        (("compare", SEED, SEED, *shape, "--seed", "-5"), ("got '-5'",)),
+        (("compare", SEED, SEED, *shape, "--atol", "-1e-3"), ("argument --atol: must be a finite",)),
+        (("summary", SEED, "--input-shape=-1,3"), (negative,)),
+        (("summary", SEED, "--input-shape", "-1,3"), (negative,)),
+        (("summary", SEED, "--input-shape", "100000,100000,1"), memory),
+        (("compare", SEED, SEED, "--input-shape", "100000,100000,1"), memory),
+        (("explain", "--channels", "100000", "--batch", "64", "--size", "64"), memory),
+        (("walkthrough", "--out", existing), ("is a file, not a folder",)),
+        (("summary", folder), ("is a folder, not a model file",)),
+        (("lint", empty), ("the file is empty (0 bytes",)),
+        (("convert", SEED, tmp_path, *shape), ("unknown output format",)),
+        (("fold", SEED, tmp_path / "absent" / "f.pt"), ("no such folder",)),
+    ]  # fmt: skip
+    for (args, fragments), proc in zip(cases, run_cli_batch([args for args, _ in cases], tmp_path), strict=True):
+        _one_line_error(proc, args[0], *fragments)
     assert existing.read_text() == "keep me"
 
 
@@ -87,16 +83,6 @@ def test_a_factory_from_the_current_folder_imports_as_with_python_m(run_cli, tmp
     assert '"BatchNorm1d"' in proc.stdout
     _one_line_error(run_cli("summary", "mymodels:not_a_model", cwd=tmp_path), "summary", "returned int, not a model")
     _one_line_error(run_cli("summary", "broken:net", cwd=tmp_path), "summary", "importing 'broken' raised RuntimeError")
-
-
-def test_files_that_are_not_models(run_cli, tmp_path):
-    folder = tmp_path / "model.keras"
-    folder.mkdir()
-    empty = tmp_path / "empty.pt2"
-    empty.write_bytes(b"")
-    _one_line_error(run_cli("summary", folder), "summary", "is a folder, not a model file")
-    _one_line_error(run_cli("lint", empty), "lint", "the file is empty (0 bytes")
-    _one_line_error(run_cli("convert", SEED, tmp_path, "--input-shape", "1,64,64"), "convert", "unknown output format")
 
 
 # ----------------------------------------------------------------------------- closed pipes

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from _cli_batch import run_cli_batch
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -19,13 +21,13 @@ def _blocks(language: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_whole_models_examples_run_as_written(run_cli, tmp_path):
+def test_whole_models_examples_run_as_written(tmp_path):
     (commands,) = _blocks("bash")
     lines = [shlex.split(line, comments=True) for line in commands.splitlines() if line.strip()]
     assert lines[0][:2] == ["bnkit", "walkthrough"], "the examples start from the walkthrough's files"
-    for words in lines:
-        assert words[0] == "bnkit"
-        proc = run_cli(*words[1:])
+    assert all(words[0] == "bnkit" for words in lines)
+    # in order, in one subprocess (each through bnkit.cli.main): the imports are most of their time
+    for words, proc in zip(lines, run_cli_batch([words[1:] for words in lines], tmp_path), strict=True):
         assert proc.returncode == 0, f"{' '.join(words)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr}"
     assert {"seed.keras", "seed.pt2", "converted.pt2", "report.html", "folded.pt2"} <= {
         p.name for p in tmp_path.iterdir()

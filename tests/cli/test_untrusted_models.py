@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from _cli_batch import run_cli_batch
 from _crafted_pt2 import INPUT_SHAPE, Payload, small_pt2, with_pickled_sample_inputs, with_pickled_weight
 
 
@@ -34,7 +35,6 @@ def _assert_refused(proc, command: str, marker, part: str) -> None:
     assert not marker.exists(), "the payload ran"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("craft", "part"),
     [
@@ -46,10 +46,12 @@ def _assert_refused(proc, command: str, marker, part: str) -> None:
 def test_every_command_refuses_a_crafted_pt2(run_cli, small, tmp_path, craft, part):
     marker = tmp_path / "marker"
     crafted = craft(small, tmp_path / "crafted.pt2", marker)
-    for name, args in _commands(crafted, small, tmp_path).items():
-        proc = run_cli(*args)
+    commands = _commands(crafted, small, tmp_path)
+    # the console script itself once, then every command through bnkit.cli.main in one subprocess
+    _assert_refused(run_cli("summary", crafted), "summary", marker, part)
+    for proc, args in zip(run_cli_batch(list(commands.values()), tmp_path), commands.values(), strict=True):
         _assert_refused(proc, args[0], marker, part)
-        assert not (tmp_path / "converted.keras").exists() and not (tmp_path / "folded.pt2").exists(), name
+    assert not (tmp_path / "converted.keras").exists() and not (tmp_path / "folded.pt2").exists()
 
 
 def test_a_keras_lambda_is_refused_by_safe_mode(run_cli, tmp_path):
