@@ -257,6 +257,7 @@ def test_keras_activation_layers_dropout_concat_and_flatten_to_output():
         {"scale": False},
         {"center": False, "scale": False},
         {"momentum": 0.5, "epsilon": 1e-2},
+        {"momentum": 1.25},  # Keras takes it (bnkit lint flags it)
     ],
 )
 @pytest.mark.parametrize("semantics", ["source", "target"])
@@ -277,6 +278,8 @@ def test_keras_batchnorm_settings(kwargs, semantics):
         nn.BatchNorm1d(4, affine=False),
         nn.BatchNorm1d(4, bias=False, eps=1e-2),
         nn.BatchNorm1d(4, momentum=None),
+        nn.BatchNorm1d(4, momentum=1.5),  # both frameworks take it (bnkit lint flags it)
+        nn.BatchNorm1d(4, momentum=torch.tensor(0.25)),
     ],
 )
 def test_torch_batchnorm1d_settings(module):
@@ -286,7 +289,8 @@ def test_torch_batchnorm1d_settings(module):
         module.num_batches_tracked.fill_(7)
     model = _check_torch(nn.Sequential(module, nn.Linear(4, 2)), (4,))
     (bn,) = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
-    assert isinstance(bn, BatchNormalization) and bn.momentum == module.momentum
+    assert isinstance(bn, BatchNormalization)
+    assert bn.momentum == (None if module.momentum is None else float(module.momentum))
     assert int(_np(bn.num_batches_tracked.value)) == 7
     assert (bn.scale, bn.center) == (module.affine, module.bias is not None)
 

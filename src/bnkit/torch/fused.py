@@ -69,7 +69,7 @@ class BatchNormAct2d(_FusedBatchNorm2d):
     """``relu(bn(x))`` over a 4D ``(N, C, H, W)`` input; ``act=None`` leaves out the ReLU."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(input, kernels.mode_of(self, fused=True)):
+        if kernels.use_triton(input, kernels.mode_of(self, fused=True)) and self._fast_path_takes(input):
             return kernels.batch_norm(self, input, activation=self.act)
         return self._activate(super().forward(input))
 
@@ -84,6 +84,7 @@ class BatchNormAddAct2d(_FusedBatchNorm2d):
                 f"{self._name()}: residual must have the input's shape {tuple(input.shape)}, got {got}"
             )
         same_kind = residual.dtype == input.dtype and residual.device == input.device
-        if same_kind and kernels.use_triton(input, kernels.mode_of(self, fused=True)):
+        fast = same_kind and kernels.use_triton(input, kernels.mode_of(self, fused=True))
+        if fast and self._fast_path_takes(input):
             return kernels.batch_norm(self, input, residual=residual, activation=self.act)
         return self._activate(super().forward(input) + residual)
