@@ -198,7 +198,7 @@ def test_sync_batchnorm_is_a_torch_sync_batchnorm_with_its_signature():
     assert [name for name, _ in ours[: len(theirs)]] == [name for name, _ in theirs]
     for (name, p), (_, q) in zip(theirs, ours, strict=False):
         assert p.kind == q.kind, name
-    assert [name for name, _ in ours[len(theirs):]] == ["convention"]
+    assert [name for name, _ in ours[len(theirs):]] == ["convention", "renorm", "renorm_clipping", "renorm_momentum"]
     assert repr(layer) == repr(nn.SyncBatchNorm(4, bias=False))
     # no process group: a plain batch norm, any rank from 2, as torch.nn.SyncBatchNorm
     x = torch.randn(3, 4, 2, 2, 2, 2, generator=torch.Generator().manual_seed(0))
