@@ -14,9 +14,18 @@ from collections.abc import Mapping
 
 from bnkit.conventions import KERAS, Convention, translate_momentum
 
-__all__ = ["CLIPPING_KEYS", "KERAS_RENORM_MOMENTUM", "check_clipping", "default_renorm_momentum", "read_momentum"]
+__all__ = [
+    "CLIPPING_KEYS",
+    "KERAS_RENORM_MOMENTUM",
+    "STATE_NAMES",
+    "check_clipping",
+    "default_renorm_momentum",
+    "read_momentum",
+]
 
 CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# bnkit.torch buffer -> Keras weight, for the state renorm adds (in Keras' weight order)
+STATE_NAMES = {"running_stddev": "moving_stddev", "renorm_mean": "renorm_mean", "renorm_stddev": "renorm_stddev"}
 KERAS_RENORM_MOMENTUM = 0.99  # keras.layers.BatchNormalization's default renorm_momentum
 
 

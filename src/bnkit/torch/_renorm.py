@@ -25,9 +25,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bnkit.renorm import check_clipping, default_renorm_momentum, read_momentum
+from bnkit.renorm import STATE_NAMES, check_clipping, default_renorm_momentum, read_momentum
 
-RENORM_BUFFERS = ("running_stddev", "renorm_mean", "renorm_stddev")
+RENORM_BUFFERS = tuple(STATE_NAMES)
 
 
 class _Default:
