@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 
+from bnkit.conventions import KERAS
 from bnkit.keras import keras
 from bnkit.lifecycle._progress import batch_total, progress_bar
 
@@ -92,6 +93,10 @@ def recalibrate_keras(model, batches, num_batches, *, progress):
         m = moments[id(layer)]
         if m.count == 0:
             continue
+        convention = getattr(layer, "convention", KERAS)  # bnkit's layer may follow PyTorch's
+        var = m.m2 / (m.count - 1 if convention.unbiased_running_var else m.count)  # Keras: biased
         layer.moving_mean.assign(m.mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign((m.m2 / m.count).astype(layer.moving_variance.dtype))  # Keras: biased
+        layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
+        if layer.renorm:  # the variance follows the moving stddev in training; renorm_* are left as they are
+            layer.moving_stddev.assign(np.sqrt(var + layer.epsilon).astype(layer.moving_stddev.dtype))
     return model

@@ -138,6 +138,10 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
             var = m.m2 / (n - 1 if unbiased else n)
             bn.running_mean.copy_(m.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(var.to(bn.running_var.dtype))
+            if getattr(bn, "renorm", False):
+                # the running variance follows the running stddev in training: keep the pair consistent;
+                # renorm_mean/renorm_stddev steer training's correction and are left as they are
+                bn.running_stddev.copy_(torch.sqrt(var + bn.eps).to(bn.running_stddev.dtype))
     return model
 
 
