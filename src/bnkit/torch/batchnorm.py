@@ -19,6 +19,12 @@ forward pass:
 * ``convention="keras"``: ``run = m * run + (1 - m) * batch`` with the *biased* batch variance;
   ``eps=1e-3``, ``momentum=0.99``.
 
+Batch renormalization (keyword-only ``renorm=True``, ``renorm_clipping``, ``renorm_momentum``; Keras 3's
+``BatchNormalization(renorm=True)`` in the Keras convention, the same algorithm with momenta read PyTorch's
+way in the torch one) corrects the training output by ``r`` and ``d`` and keeps three more buffers,
+``running_stddev``, ``renorm_mean``, ``renorm_stddev``; ``eval()`` is plain batch norm. Formulas in
+:mod:`bnkit.torch._renorm` and :mod:`bnkit.reference`.
+
 ``momentum`` is stored and read in the layer's convention. Both conventions run PyTorch's
 fused native kernel; the Keras convention asks it for the batch statistics (through scratch
 buffers and momentum 1) and applies its own per-channel running update. On CUDA tensors both
