@@ -150,3 +150,26 @@ def test_synchronized_keras_layers_on_two_ranks_equal_one_process(saved, world):
     for key, value in single["state"].items():
         for r in ranks:
             torch.testing.assert_close(r["state"][key], value, **TOL32)
+
+
+def test_legacy_h5_file_with_synchronized_loads_as_bnkit_layer(tmp_path):
+    """A legacy .h5 model (Keras 2 / TensorFlow format: class names only) with synchronized=True."""
+    import h5py
+
+    path = tmp_path / "synchronized.h5"
+    model = _keras_model()
+    model.save(path)
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "BatchNormalization":
+                layer["config"]["synchronized"] = True
+        f.attrs["model_config"] = json.dumps(config)
+    before = path.read_bytes()
+    loaded = load_model(path)
+    assert path.read_bytes() == before  # the user's file is left as it is
+    for name in ("bn", "bn2"):
+        layer = loaded.get_layer(name)
+        assert isinstance(layer, BatchNormalization) and layer.synchronized
+        for a, b in zip(model.get_layer(name).weights, layer.weights, strict=True):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
