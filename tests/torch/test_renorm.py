@@ -304,3 +304,24 @@ def test_recalibrate_sets_running_stddev_with_the_variance_and_keeps_renorm_stat
     torch.testing.assert_close(bn.running_stddev.double(), torch.sqrt(var + bn.eps), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(bn.renorm_mean, renorm[0], rtol=0, atol=0)
     torch.testing.assert_close(bn.renorm_stddev, renorm[1], rtol=0, atol=0)
+
+
+def test_a_clipping_schedule_is_an_assignment_between_steps():
+    """Keras applies the bounds given from the first step; the paper's schedule relaxes them: assign them."""
+    layer = _layer(bt.BatchNorm1d, 3, "keras", 0.9, 0.5, {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0})
+    state = ref.RenormState.initial(3)
+    g = torch.Generator().manual_seed(4)
+    for step, clipping in enumerate([{"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}, {"rmax": 1.5, "dmax": 0.5}, {}]):
+        layer.renorm_clipping = clipping
+        x = torch.randn(6, 3, generator=g, dtype=torch.float64) * 3 + step
+        y = layer(x)
+        y_ref, stats, r, _ = ref.forward_renorm_train(
+            x.numpy(), state.renorm_mean, state.renorm_stddev, _np(layer.weight), _np(layer.bias), layer.eps, 1,
+            clipping,
+        )
+        state = ref.update_renorm(state, stats, 0.9, 0.5, layer.eps, "keras")
+        torch.testing.assert_close(y.detach(), torch.from_numpy(y_ref), **TOL64)
+        if step == 0:
+            np.testing.assert_array_equal(r, 1.0)  # no room: plain batch norm
+    with pytest.raises(ValueError, match="rmax=0.5, rmin=1.0"):
+        layer.renorm_clipping = {"rmax": 0.5, "rmin": 1.0}

@@ -42,6 +42,17 @@ class RenormMixin:
     """The renorm state and arithmetic of :class:`bnkit.torch.batchnorm._ConventionBatchNorm`."""
 
     renorm: bool = False
+    _renorm_clipping: dict = {}  # noqa: RUF012 - replaced per instance, never mutated
+
+    @property
+    def renorm_clipping(self) -> dict:
+        """``{"rmax": ..., "rmin": ..., "dmax": ...}`` (each optional); read on every training step, so a
+        clipping schedule is an assignment between steps, checked as the constructor checks it."""
+        return self._renorm_clipping
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, clipping) -> None:
+        self._renorm_clipping = check_clipping(clipping, type(self).__name__)
 
     def _init_renorm(self, renorm, renorm_clipping, renorm_momentum, factory_kwargs, lazy: bool = False) -> None:
         layer = type(self).__name__
@@ -51,7 +62,7 @@ class RenormMixin:
         if isinstance(renorm_momentum, _Default):
             renorm_momentum = default_renorm_momentum(conv)
         self.renorm = renorm
-        self.renorm_clipping = check_clipping(renorm_clipping, layer)
+        self.renorm_clipping = renorm_clipping
         self.renorm_momentum = read_momentum(renorm_momentum, conv, layer)
         if not renorm:
             return
