@@ -119,7 +119,7 @@ def _load_keras(path: Path):
 
 def _register_bnkit_keras_layers() -> None:
     """Import bnkit's Keras layers so that files that use them deserialize."""
-    for name in ("bnkit.keras.batchnorm", "bnkit.lifecycle.keras_layers"):
+    for name in ("bnkit.keras.batchnorm", "bnkit.lifecycle.keras_layers", "bnkit.convert.keras_layers"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
 
