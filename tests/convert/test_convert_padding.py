@@ -1,5 +1,5 @@
 """Zero padding and cropping both ways: ZeroPadding1D/2D/3D ⇄ nn.ZeroPad*d / ConstantPad*d(0) /
-F.pad; Cropping1D/2D/3D ⇄ negative padding (F.pad, ZeroPad with negative values) and x.narrow();
+F.pad; Cropping1D/2D/3D ⇄ negative padding (F.pad, ZeroPad with negative values);
 a PyTorch padding that pads some sides and crops others; every form of the Keras arguments.
 """
 
@@ -51,7 +51,7 @@ def test_keras_padding_and_cropping(cls, argument, shape):
 
 
 class _Pads(nn.Module):
-    """Paddings as PyTorch code writes them: F.pad with fewer entries than dims, crops, narrow()."""
+    """Paddings as PyTorch code writes them: F.pad with fewer entries than dims, crops (and narrow())."""
 
     def forward(self, x):
         x = F.pad(x, (1, 2))  # the last dim only
@@ -69,7 +69,7 @@ class _Pads(nn.Module):
         (nn.ZeroPad2d((-1, 2, 0, -3)), (3, 7, 8), ["ZeroPadding2D", "Cropping2D"]),
         (nn.ZeroPad3d((1, -1, 0, 2, -1, 0)), (2, 4, 5, 6), ["ZeroPadding3D", "Cropping3D"]),
         (nn.ConstantPad3d((-1, -1, 0, 0, 0, 1), 0.0), (2, 4, 5, 6), ["ZeroPadding3D", "Cropping3D"]),
-        (_Pads(), (3, 9, 8), ["ZeroPadding2D", "Cropping2D", "Cropping2D"]),
+        (_Pads(), (3, 9, 8), ["ZeroPadding2D", "Cropping2D"]),
     ],
 )
 def test_torch_padding_and_cropping(module, shape, expected):
@@ -100,8 +100,6 @@ def test_padding_refusals_name_the_module():
         torch_to_keras(nn.Sequential(nn.ZeroPad2d(1), _PadChannels()), (3, 4, 4))
     with pytest.raises(UnsupportedLayerError, match=r"'0' \(ReflectionPad2d\)"):
         torch_to_keras(nn.Sequential(nn.ReflectionPad2d(1)), (3, 4, 4))
-    with pytest.raises(UnsupportedLayerError, match=r"narrow\(\) of dim 1"):
-        torch_to_keras(_NarrowChannels(), (3, 4, 4))
     inputs = keras.Input((4, 4, 3))
     layer = L.ZeroPadding2D(1, data_format="channels_first", name="pad_cf")
     with pytest.raises(UnsupportedLayerError, match=r"'pad_cf' \(ZeroPadding2D\): data_format"):
@@ -111,8 +109,3 @@ def test_padding_refusals_name_the_module():
 class _PadChannels(nn.Module):
     def forward(self, x):
         return F.pad(x, (0, 0, 0, 0, 1, 1))
-
-
-class _NarrowChannels(nn.Module):
-    def forward(self, x):
-        return x.narrow(1, 0, 2)

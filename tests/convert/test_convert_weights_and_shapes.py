@@ -1,5 +1,5 @@
 """What makes PyTorch -> Keras fast, checked for what it must not change: the module is traced on a
-structural copy sharing its tensors (the user's module keeps its mode and its memory), shapes are
+copy sharing its parameters (the user's module keeps its mode, its buffers and its memory), shapes are
 recorded on the meta device (on the CPU for an operation without a meta implementation), and Keras
 weights are created holding the PyTorch values (a copy), not initialised at random and overwritten.
 """
@@ -7,11 +7,12 @@ weights are created holding the PyTorch values (a copy), not initialised at rand
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from layer_checks import check_torch, to_numpy
 from torch import fx, nn
 
-from bnkit.convert import keras_to_torch, torch_to_keras
+from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
 from bnkit.convert.torch_walker import _record_shapes
 from bnkit.convert.values import call_with_weights
 from bnkit.keras import keras
@@ -56,7 +57,12 @@ def test_weights_and_batch_norm_statistics_arrive_exactly():
 
 
 class _DoubleOnCpuOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
     def forward(self, x):
+        self.calls.add_(1)  # written in place: the recording must not write the module's own buffer
         return torch.ops.bnkit_test.double_cpu_only(x)
 
 
@@ -69,6 +75,10 @@ def test_shapes_are_recorded_on_the_cpu_where_the_meta_device_cannot_run_an_oper
     _record_shapes(gm, [(3, 9, 9)])
     shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if "tensor_meta" in n.meta}
     assert shapes["_2"] == (2, 2, 7, 7)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), _DoubleOnCpuOnly())
+    with pytest.raises(UnsupportedLayerError, match="double_cpu_only"):  # no converter for it, but traced
+        torch_to_keras(module, (3, 9, 9))
+    assert module[1].calls.item() == 0  # traced and run on copies of the buffers
 
 
 class _TrainableLast(L.Layer):

@@ -47,6 +47,8 @@ CAUSES: dict[str, str] = {
     "weighs the new batch, Keras' weighs the old value)",
     "running-variance-estimator": "one side folds the unbiased batch variance into the running variance, "
     "the other the biased one",
+    "renorm": "batch renormalization differs: one side corrects its training output by r and d (renorm=True) "
+    "and the other does not, or their renorm_clipping or renorm_momentum differ",
     "layout": "a Dense/Linear after Flatten expects the other framework's flatten order "
     "(H·W·C vs C·H·W): its weights were not permuted; or a convolution kernel ported NHWC/NCHW "
     "with its spatial axes swapped",
@@ -82,6 +84,10 @@ class BatchNormState:
     running_var_before: np.ndarray | None = None
     running_mean_after: np.ndarray | None = None
     running_var_after: np.ndarray | None = None
+    renorm: bool = False  # batch renormalization (Keras renorm=True, bnkit's renorm layers)
+    renorm_clipping: dict = field(default_factory=dict)
+    renorm_new_weight: float | None = None  # weight of the batch statistic in the renorm update; None: cumulative
+    renorm_after: tuple[np.ndarray, np.ndarray] | None = None  # renorm mean and stddev after a training step
 
     def to_dict(self) -> dict:
         return {
@@ -95,6 +101,9 @@ class BatchNormState:
             "uses_batch_stats": self.uses_batch_stats,
             "in_training_mode": self.in_training_mode,
             "trainable": self.trainable,
+            "renorm": self.renorm,
+            "renorm_clipping": dict(self.renorm_clipping) if self.renorm else None,
+            "renorm_new_weight": self.renorm_new_weight if self.renorm else None,
         }
 
 
@@ -404,6 +413,7 @@ def _torch_bn_state(module) -> BatchNormState:
         trainable=bool(module.weight is None or module.weight.requires_grad),
         running_mean_before=module.running_mean.detach().cpu().numpy().copy() if tracks else None,
         running_var_before=module.running_var.detach().cpu().numpy().copy() if tracks else None,
+        **_renorm_state(module, conv),
     )
 
 
@@ -561,6 +571,8 @@ def _trace_torch(model, x: np.ndarray, training: bool):
             module = e.callables[0]
             e.bn.running_mean_after = module.running_mean.detach().cpu().numpy().copy()
             e.bn.running_var_after = module.running_var.detach().cpu().numpy().copy()
+            if e.bn.renorm:
+                e.bn.renorm_after = (_to_numpy(module.renorm_mean).copy(), _to_numpy(module.renorm_stddev).copy())
     if isinstance(out, (tuple, list)):
         out = out[0]
     return entries, _to_numpy(out), work
@@ -623,7 +635,20 @@ def _keras_bn_state(layer, training: bool) -> BatchNormState:
         trainable=bool(layer.trainable),
         running_mean_before=_to_numpy(layer.moving_mean).copy(),
         running_var_before=_to_numpy(layer.moving_variance).copy(),
+        **_renorm_state(layer, conv),
     )
+
+
+def _renorm_state(layer, conv: Convention) -> dict:
+    """Either framework's renorm settings, the momentum as the weight of the new batch statistic."""
+    if getattr(layer, "renorm", False) is not True:
+        return {}
+    momentum = layer.renorm_momentum
+    return {
+        "renorm": True,
+        "renorm_clipping": {k: v for k, v in (layer.renorm_clipping or {}).items() if v is not None},
+        "renorm_new_weight": None if momentum is None else conv.weights(float(momentum))[1],
+    }
 
 
 def _keras_canonical(out: np.ndarray, kind: str, pre_flatten_shape) -> np.ndarray:
@@ -705,6 +730,9 @@ def _trace_keras(model, x: np.ndarray, training: bool):
         for layer in bn_layers:
             states[id(layer)].running_mean_after = _to_numpy(layer.moving_mean).copy()
             states[id(layer)].running_var_after = _to_numpy(layer.moving_variance).copy()
+            if states[id(layer)].renorm:
+                states[id(layer)].renorm_after = (_to_numpy(layer.renorm_mean).copy(),
+                                                  _to_numpy(layer.renorm_stddev).copy())
     finally:
         if training:
             for v, value in zip(model.weights, saved, strict=True):
@@ -920,6 +948,9 @@ def _compare_running_stats(row: LayerDiff, a: BatchNormState, b: BatchNormState,
     row.running_mean_abs_diff = mean_abs
     row.running_var_abs_diff = var_abs
     row.running_stats_diverge = bool(mean_div or var_div)
+    if a.renorm_after is not None and b.renorm_after is not None:  # the statistics r and d are taken from
+        pairs = zip(a.renorm_after, b.renorm_after, strict=True)
+        row.running_stats_diverge |= any(_diff(x, y, atol, rtol)[2] for x, y in pairs)
     # One step moves the running statistics by only w (the new-batch weight, 0.01 for Keras'
     # default) times the difference, but they converge to what each side folds in: compare the
     # batch statistics folded in, (after - (1 - w) * before) / w, too.
@@ -1085,6 +1116,21 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
                     _estimator_evidence(row, a, b),
                 )
 
+        if ctx.training and a.uses_batch_stats and b.uses_batch_stats and row.differs:
+            difference = _renorm_difference(a, b)
+            if difference:
+                add(
+                    "renorm",
+                    f"{name}: {difference}. In training, batch renormalization multiplies the normalised batch "
+                    "by r = s_batch / s_renorm and adds d = (mean_batch - mean_renorm) / s_renorm (clipped by "
+                    "renorm_clipping), and keeps its running variance as the square of a moving standard "
+                    "deviation; in inference it is plain batch norm. Build both sides alike: Keras' renorm=True "
+                    "is bnkit.torch.BatchNorm2d(..., renorm=True, convention='keras') in PyTorch "
+                    "(bnkit.convert carries it over).",
+                    name,
+                    "config: the renorm settings differ and the layer's training output or statistics differ",
+                )
+
     _find_layout(report, ctx, add)
     explained = {name for cause in found.values() for name in cause.layers}
     _find_weights(report, ctx, add, explained)
@@ -1098,6 +1144,32 @@ def _find_causes(report: CompareReport, ctx: _Context) -> list[Cause]:
         )
     order = list(CAUSES)
     return sorted(found.values(), key=lambda c: order.index(c.code))
+
+
+def _renorm_difference(a: BatchNormState, b: BatchNormState) -> str:
+    """How the two sides' batch renormalization differs, in words; "" where it does not."""
+    if a.renorm != b.renorm:
+        on, off = ("A", "B") if a.renorm else ("B", "A")
+        return f"model {on} uses batch renormalization (renorm=True), model {off} does not"
+    if not a.renorm:
+        return ""
+    if a.renorm_clipping != b.renorm_clipping:
+        return f"renorm_clipping is {a.renorm_clipping} in model A and {b.renorm_clipping} in model B"
+    same = (a.renorm_new_weight is None and b.renorm_new_weight is None) or (
+        a.renorm_new_weight is not None
+        and b.renorm_new_weight is not None
+        and math.isclose(a.renorm_new_weight, b.renorm_new_weight, rel_tol=1e-6, abs_tol=1e-12)
+    )
+    if not same:
+        def weight(w):
+            return "a cumulative average" if w is None else f"weight {w:g} on the new batch"
+
+        return (
+            f"the renorm statistics move at different speeds: renorm_momentum gives {weight(a.renorm_new_weight)} "
+            f"in model A, {weight(b.renorm_new_weight)} in model B (Keras' renorm_momentum weighs the old value, "
+            "PyTorch-convention bnkit layers' the new one)"
+        )
+    return ""
 
 
 def _estimator_evidence(row: LayerDiff, a: BatchNormState, b: BatchNormState) -> str:

@@ -9,9 +9,10 @@ import numpy as np
 
 from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary, normalize_input_shape, numel
 
-# Weights that PyTorch keeps as buffers: the running statistics of batch normalization
-# (duck-typed, so that subclasses such as bnkit.keras.BatchNormalization count too).
-_STATISTICS = ("moving_mean", "moving_variance")
+# Weights that PyTorch keeps as buffers: the running statistics of batch normalization and,
+# with renorm=True, its renorm statistics (duck-typed, so that subclasses such as
+# bnkit.keras.BatchNormalization count too).
+_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def summarize_keras(model, input_shape=None) -> ModelSummary:
@@ -88,6 +89,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
         memory=memory,
         dtype=str(getattr(model, "dtype", None) or "float32"),
         notes=notes,
+        renorm_layers=sum(bool(getattr(layer, "renorm", False)) for _, _, layer in _walk(model, keras)),
     )
 
 

@@ -55,6 +55,7 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
         memory=memory,
         dtype=str(_input_dtype(model, dtype)).removeprefix("torch."),
         notes=notes,
+        renorm_layers=sum(getattr(m, "renorm", False) is True for m in model.modules()),
     )
 
 

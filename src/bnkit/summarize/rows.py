@@ -116,6 +116,7 @@ class ModelSummary:
     memory: MemoryEstimate | None
     dtype: str = "float32"
     notes: list[str] = field(default_factory=list)
+    renorm_layers: int = 0  # batch norms with batch renormalization (3·C more statistics each)
 
     @property
     def torch_frozen(self) -> int:
@@ -178,6 +179,7 @@ class ModelSummary:
                 "buffers": self.torch_buffers,
                 "counters": self.torch_counters,
             },
+            "renorm_layers": self.renorm_layers,
             "memory": memory,
             "explanation": self.explanation,
             "rows": rows,

@@ -31,7 +31,7 @@ def why_counts_differ(s: ModelSummary) -> str:
     counters = "integer counter (num_batches_tracked)" if s.torch_counters == 1 else "integer counters"
     text = (
         f"PyTorch tools (sum(p.numel() for p in model.parameters()), torchinfo) print {s.torch_params:,}: "
-        f"the {s.torch_buffers:,} running statistics (running_mean, running_var) are buffers there, "
+        f"the {s.torch_buffers:,} running statistics (running_mean, running_var{_renorm_names(s)}) are buffers there, "
         f"while Keras counts them as non-trainable weights"
     )
     if keras_counted_counters:
@@ -44,6 +44,12 @@ def why_counts_differ(s: ModelSummary) -> str:
         if s.torch_counters:
             text += f" The {s.torch_counters:,} {counters} count{'s' if s.torch_counters == 1 else ''} in neither."
     return text
+
+
+def _renorm_names(s: ModelSummary) -> str:
+    if not s.renorm_layers:
+        return ""
+    return ", and batch renormalization's running_stddev, renorm_mean, renorm_stddev"
 
 
 def layer_table(s: ModelSummary) -> Table:

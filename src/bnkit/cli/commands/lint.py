@@ -42,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive int, got {args.batch_size}")
     model = load_model(args.model, args.weights)
+    if args.input_shape:
+        from bnkit.io import framework_of
+
+        if framework_of(model) == "torch":  # lint runs it once on zeros to count values per channel
+            from bnkit.inputs import check_model_input
+
+            check_model_input(model, args.input_shape, 1, what="linting the model")
     try:
         findings = lint(
             model, for_inference=args.for_inference, batch_size=args.batch_size, input_shape=args.input_shape

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from bnkit.summarize import render, summary
 
     model = load_model(args.model, args.weights)
+    if args.input_shape and framework_of(model) == "torch":  # summary runs it once on zeros
+        from bnkit.inputs import check_model_input
+
+        check_model_input(model, args.input_shape, 1, what="summarising the model")
     try:
         result = summary(model, args.input_shape)
     except (ValueError, TypeError) as e:

@@ -1,8 +1,8 @@
 """Zero padding and cropping, both ways: ``ZeroPadding1D/2D/3D`` ⇄ ``nn.ZeroPad1d/2d/3d``,
 ``nn.ConstantPad1d/2d/3d(…, 0)``, ``F.pad(…, value=0)``; ``Cropping1D/2D/3D`` ⇄ negative padding
-(``F.pad(x, (-left, -right, -top, -bottom))``, the inverse of a zero padding, for any input size)
-and ``x.narrow(dim, start, length)`` on a spatial dim; and the explicit padding that convolutions
-and poolings put in front of themselves where one framework pads differently from the other
+(``F.pad(x, (-left, -right, -top, -bottom))``, the inverse of a zero padding, for any input size;
+``x.narrow()`` and slicing are :mod:`~bnkit.convert.families.tensor_ops`'); and the explicit padding
+that convolutions and poolings put in front of themselves where one framework pads differently from the other
 (Keras' ``same`` pads the odd element after; PyTorch's integer padding is symmetric).
 
 PyTorch lists paddings last axis first (``(left, right, top, bottom)``); Keras first axis first
@@ -113,19 +113,3 @@ def pad_function_to_keras(b: TorchToKeras, node, fn) -> KerasValue:
     if mode != "constant" or ((value or 0) != 0 and any(p > 0 for p in pad)):
         raise b.unsupported(node, f"padding mode {mode!r} with value {value!r}; only zeros convert")
     return zero_padding_keras(b, node, x, b.name(node), pad)
-
-
-@from_torch(torch.narrow, methods=("narrow",))
-def narrow_to_keras(b: TorchToKeras, node, target) -> KerasValue:
-    """``x.narrow(dim, start, length)`` on a spatial dim: a Keras ``Cropping``."""
-    x = b.input(node)
-    dim, start, length = (b.arg(node, i, key) for i, key in ((1, "dim"), (2, "start"), (3, "length")))
-    if not all(isinstance(v, int) for v in (dim, start, length)):
-        raise b.unsupported(node, "only narrow() with constant dim, start and length converts")
-    dim %= x.rank
-    if dim < 2 or x.channels_last:
-        raise b.unsupported(node, f"narrow() of dim {dim}; only a spatial dim converts (a Keras Cropping)")
-    size = x.shape[dim - 1]
-    start %= size
-    flat = [0, 0] * (x.rank - dim - 1) + [-start, -(size - start - length)]
-    return zero_padding_keras(b, node, x, b.name(node), tuple(flat))
