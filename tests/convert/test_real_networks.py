@@ -15,7 +15,7 @@ from torch import nn
 
 # Extension point: the networks of real_networks.NETWORKS that convert, by source framework. The
 # others are refused today (python benchmarks/convert_cpu.py says why); add each once it converts.
-KERAS_NETWORKS = ["ResNet50", "ConvNeXtTiny", "MobileNetV2", "Xception"]
+KERAS_NETWORKS = ["ResNet50", "ConvNeXtTiny", "MobileNetV2", "Xception", "EfficientNetB0", "MobileNetV3Small"]
 TORCH_NETWORKS = [
     "resnet18",
     "mobilenet_v2",
