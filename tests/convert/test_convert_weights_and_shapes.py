@@ -6,6 +6,8 @@ weights are created holding the PyTorch values (a copy), not initialised at rand
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,13 @@ def test_weights_created_in_another_order_than_listed_are_still_set_exactly():
     call_with_weights(conv, keras.Input((4, 4, 3)), [kernel, bias])
     kernel[...] = 7.0
     np.testing.assert_array_equal(to_numpy(conv.kernel), np.ones((1, 1, 3, 2)))
+    dense = L.Dense(2)  # a read-only array (a broadcast view) and a transposed one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call_with_weights(dense, keras.Input((3,)), [np.arange(6, dtype="float32").reshape(2, 3).T,
+                                                      np.broadcast_to(np.float32(0.5), (2,))])  # fmt: skip
+    np.testing.assert_array_equal(to_numpy(dense.kernel), [[0, 3], [1, 4], [2, 5]])
+    np.testing.assert_array_equal(to_numpy(dense.bias), [0.5, 0.5])
 
 
 def test_keras_to_torch_modules_hold_copies_of_the_keras_weights():

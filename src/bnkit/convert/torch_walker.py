@@ -390,6 +390,7 @@ def _inplace_position(fn) -> int | None:
         return None
     return parameters.index("inplace") if "inplace" in parameters else None
 
+
 def _parameters(module: nn.Module) -> list[torch.Tensor]:
     return [p for _, p in module.named_parameters(remove_duplicate=False)]
 

@@ -175,10 +175,9 @@ def torch_module_holding(factory, arrays: dict[str, np.ndarray]):
 def _tensor(array: np.ndarray, copy: bool) -> torch.Tensor:
     """``array`` as a C-contiguous tensor: its memory where it is C-contiguous and ``copy`` is false,
     else a copy (PyTorch's, which transposes a large matrix several times faster than NumPy's)."""
-    try:
-        tensor = torch.from_numpy(array)
-    except (TypeError, ValueError):  # negative strides, or not an ndarray
-        return torch.from_numpy(np.array(array, order="C"))
+    if not isinstance(array, np.ndarray) or not array.flags.writeable or any(s < 0 for s in array.strides):
+        return torch.from_numpy(np.array(array, order="C"))  # what torch.from_numpy does not take
+    tensor = torch.from_numpy(array)
     if not tensor.is_contiguous():
         return tensor.contiguous()
     return tensor.clone() if copy else tensor
