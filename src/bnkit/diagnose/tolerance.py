@@ -1,0 +1,190 @@
+"""How far two correct implementations of a layer may differ: tolerances that scale with magnitude
+and with the reductions behind each value.
+
+Two frameworks computing the same network in float32 sum in different orders, so their outputs
+differ by rounding: not a divergence. A fixed absolute tolerance cannot tell that apart from a
+real difference — activations of 10 after a 3×3×256 convolution differ by more than 1e-5 — and
+neither can a formula alone: how rounding errors grow depends on the network and the data
+(a batch norm that subtracts a mean close to the values magnifies them; a convolution over
+correlated inputs shrinks them relative to its output). So compare *measures* it.
+
+One extra run of one of the models (:func:`measure_rounding`) adds, at every traced layer's
+output, simulated rounding noise — normal, with standard deviation ``ε · sqrt(n) · (|y| + rms(y))``
+per value, ``ε`` the dtype's machine epsilon, ``n`` the terms the layer sums per output (the
+fan-in ``C_in·k_h·k_w`` of a convolution, a pooling window, the operands of a sum; 1 for an
+activation; none for flatten, padding and concatenation, which move values without computing);
+that is a few times what reordering a sum of ``n`` terms does. The largest change this noise
+makes to each layer's output, ``R``, is how far rounding alone can move it, propagated through
+the real network on the real input.
+
+A pair of outputs ``a, b`` diverges where ``|a − b| > atol + SAFETY · R + rtol · max(|a|, |b|)``.
+``R`` is at least the layer's own rounding (``ε · sqrt(n)`` times the magnitude of the terms it
+sums), so a value the noise happened to leave alone is not held to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnkit.diagnose.kinds import kind_of
+from bnkit.diagnose.trace import Entry, Trace
+
+__all__ = ["SAFETY", "Rounding", "local_terms", "own_rounding", "rounding_noise", "measure_rounding", "diff"]
+
+#: Multiple of the measured rounding a pair of outputs may differ by: the noise is one sample of
+#: what rounding may do, and the largest of many roughly normal deviations varies between samples.
+SAFETY = 2.0
+
+_EXACT = ("flatten", "pad", "concat")  # values are moved, not computed
+
+
+def _bn_gain(entry: Entry, framework: str) -> tuple[float, int]:
+    """(gain, reduction length) of a batch norm: inference uses the running variance, training the
+    batch's (measured from the input the layer received)."""
+    w = entry.weights
+    eps = float(w["eps"]) if "eps" in w else 0.0
+    gamma = np.abs(w["gamma"]).astype(np.float64) if "gamma" in w else 1.0
+    uses_batch = entry.bn.uses_batch_stats if entry.bn is not None else False
+    if uses_batch and entry.input_raw:
+        x = entry.input_raw[0].astype(np.float64)
+        axis = x.ndim - 1 if framework == "keras" else min(1, x.ndim - 1)
+        others = tuple(k for k in range(x.ndim) if k != axis)
+        var = np.var(x, axis=others) if others else np.zeros(x.shape)
+        n = int(np.prod([x.shape[k] for k in others])) if others else 1
+        return float(np.max(gamma / np.sqrt(var + eps))), n
+    if "var" in w:
+        return float(np.max(gamma / np.sqrt(w["var"].astype(np.float64) + eps))), 1
+    return 1.0, 1
+
+
+def local_terms(entry: Entry, framework: str, scale_in: float) -> tuple[float, int, float]:
+    """(gain on an error of the input, terms summed per output value, magnitude of those terms)."""
+    kind = kind_of(entry.kind)
+    scale_out = entry.scale
+    if entry.kind in ("conv", "dense") and "weight" in entry.weights:
+        gain, n = 1.0, 0
+        for key in ("depthwise", "weight"):
+            if key in entry.weights:
+                rows = entry.weights[key].reshape(entry.weights[key].shape[0], -1).astype(np.float64)
+                gain *= float(np.sqrt((rows**2).sum(axis=1)).max()) if rows.size else 1.0
+                n += rows.shape[1]
+        return gain, max(n, 1), max(scale_out, gain * scale_in)
+    if entry.kind == "bn":
+        gain, n = _bn_gain(entry, framework)
+        mean = float(np.abs(entry.weights["mean"]).max()) if entry.weights.get("mean") is not None else 0.0
+        return gain, n, max(scale_out, gain * max(scale_in, mean))
+    if kind.reduction == "window":
+        size_out = int(np.prod(entry.canonical.shape[1:])) or 1
+        size_in = int(np.prod(entry.input_shapes[0][1:])) if entry.input_shapes else size_out
+        return 1.0, max(size_in // size_out, 1), max(scale_out, scale_in)
+    if kind.reduction == "inputs":
+        return 1.0, max(len(entry.inputs), 1), max(scale_out, scale_in)
+    if entry.kind in _EXACT:
+        return 1.0, 0, 0.0
+    if entry.kind == "act":
+        return 1.0, 1, scale_out
+    # a kind without a rule: element-wise, as large as what it received or made
+    return 1.0, 1, max(scale_out, scale_in)
+
+
+def own_rounding(entry: Entry, framework: str, eps: float) -> float:
+    """``ε · sqrt(n) · m``: the rounding of the layer's own sums."""
+    _, n, terms = local_terms(entry, framework, max(entry.input_scales or [0.0]))
+    return eps * math.sqrt(n) * terms
+
+
+def rounding_noise(framework: str, eps: float, seed: int = 0):
+    """The ``perturb`` function of a tracer that adds simulated rounding noise (module docstring)."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(entry: Entry, kind: str, output: np.ndarray):
+        if kind in _EXACT or output.size == 0 or not np.issubdtype(output.dtype, np.floating):
+            return None
+        n = 1 if kind == "act" else local_terms(entry, framework, max(entry.input_scales or [0.0]))[1]
+        y = output.astype(np.float64)
+        finite = np.isfinite(y)
+        rms = float(np.sqrt(np.mean(np.square(y[finite])))) if finite.any() else 0.0
+        amplitude = eps * math.sqrt(max(n, 1)) * (np.abs(y) + rms)
+        return (y + amplitude * rng.standard_normal(y.shape)).astype(output.dtype)
+
+    return perturb
+
+
+@dataclass
+class Rounding:
+    """How far simulated rounding moved each traced layer's output, the final output and (after a
+    training step) each batch norm's running mean and variance."""
+
+    layers: list[float]
+    output: float
+    running_stats: list[tuple[float, float]]
+
+
+def measure_rounding(run, clean: Trace) -> Rounding | None:
+    """Run the model once more with :func:`rounding_noise` (``run(perturb) -> Trace``) and return
+    the largest change it made to every traced layer's output; None when the noisy run traced
+    other layers (a model whose graph depends on its values)."""
+    noisy = run(rounding_noise(clean.framework, clean.dtype_eps))
+    if len(noisy.entries) != len(clean.entries) or any(
+        a.kind != b.kind or a.canonical.shape != b.canonical.shape
+        for a, b in zip(noisy.entries, clean.entries, strict=True)
+    ):
+        return None
+    pairs = list(zip(clean.entries, noisy.entries, strict=True))
+    stats = []
+    for a, b in pairs:
+        if a.bn is None or b.bn is None or a.bn.running_mean_after is None or b.bn.running_mean_after is None:
+            stats.append((0.0, 0.0))
+        else:
+            stats.append(
+                (
+                    _largest_change(a.bn.running_mean_after, b.bn.running_mean_after),
+                    _largest_change(a.bn.running_var_after, b.bn.running_var_after),
+                )
+            )
+    return Rounding(
+        [_largest_change(a.canonical, b.canonical) for a, b in pairs],
+        _largest_change(clean.output, noisy.output),
+        stats,
+    )
+
+
+def _largest_change(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape or a.size == 0:
+        return 0.0
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    d = d[np.isfinite(d)]
+    return float(d.max()) if d.size else 0.0
+
+
+def diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float, float, float, bool]:
+    """(max abs diff, max rel diff, tolerance ratio, diverges) of two arrays.
+
+    The ratio is the largest ``|a - b| / (atol + rtol * max(|a|, |b|))``: over 1, they diverge.
+    NaN/Inf at the same place on both sides count as equal here (compare reports them apart);
+    arrays of different shapes that hold different numbers of values diverge (ratio ``inf``).
+    """
+    if a.shape != b.shape:
+        squeeze_a = tuple(s for s in a.shape if s != 1)
+        squeeze_b = tuple(s for s in b.shape if s != 1)
+        if squeeze_a != squeeze_b:
+            return math.inf, math.inf, math.inf, True
+        a, b = a.reshape(squeeze_a), b.reshape(squeeze_b)
+    if a.size == 0:
+        return 0.0, 0.0, 0.0, False
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    abs_diff = np.abs(a64 - b64)
+    scale = np.maximum(np.abs(a64), np.abs(b64))
+    finite = np.isfinite(a64) & np.isfinite(b64)
+    same_nonfinite = ~finite & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
+    abs_diff = np.where(same_nonfinite, 0.0, np.where(finite, abs_diff, np.inf))
+    scale = np.where(np.isfinite(scale), scale, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(scale > 0, abs_diff / np.where(scale > 0, scale, 1.0), 0.0)
+        ratio = np.where(abs_diff == 0, 0.0, abs_diff / (atol + rtol * scale))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    max_ratio = float(ratio.max())
+    return float(abs_diff.max()), float(rel.max()), max_ratio, max_ratio > 1.0
