@@ -567,7 +567,7 @@ def test_rich_table_fits_80_columns():
     lines = out.getvalue().splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 80
     assert any("✗ first" in line and "missing" in line for line in lines)  # the stats column says why
-    assert any(line.startswith("│ 0 │ conv / ") for line in lines)
+    assert any(line.split()[:3] == ["0", "conv", "/"] for line in lines)
 
 
 def test_rounding_of_a_wide_dense_is_not_blamed_on_its_weights():

@@ -48,16 +48,21 @@ def _bn_gain(entry: Entry, framework: str) -> tuple[float, int]:
     eps = float(w["eps"]) if "eps" in w else 0.0
     gamma = np.abs(w["gamma"]).astype(np.float64) if "gamma" in w else 1.0
     uses_batch = entry.bn.uses_batch_stats if entry.bn is not None else False
+    n = 1
     if uses_batch and entry.input_raw:
         x = entry.input_raw[0].astype(np.float64)
         axis = x.ndim - 1 if framework == "keras" else min(1, x.ndim - 1)
         others = tuple(k for k in range(x.ndim) if k != axis)
         var = np.var(x, axis=others) if others else np.zeros(x.shape)
         n = int(np.prod([x.shape[k] for k in others])) if others else 1
-        return float(np.max(gamma / np.sqrt(var + eps))), n
-    if "var" in w:
-        return float(np.max(gamma / np.sqrt(w["var"].astype(np.float64) + eps))), 1
-    return 1.0, 1
+    elif "var" in w:
+        var = w["var"].astype(np.float64)
+    else:
+        return 1.0, 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gains = gamma / np.sqrt(var + eps)
+    gains = gains[np.isfinite(gains)] if np.ndim(gains) else np.asarray([gains])
+    return (float(np.max(gains)) if gains.size else 1.0), n
 
 
 def local_terms(entry: Entry, framework: str, scale_in: float) -> tuple[float, int, float]:

@@ -35,9 +35,19 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="compare one training step (batch statistics, running-statistics updates) instead of inference",
     )
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="absolute tolerance (default 1e-5), on top of the float rounding measured for each layer",
+    )
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="show every paired layer (a large network shows the rows around each divergence by default)",
+    )
     parser.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report here")
     parser.add_argument("--force", action="store_true", help="replace an existing --report file")
 
@@ -101,7 +111,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        report.render(Console())
+        report.render(Console(), all_rows=args.all)
     if args.report:
         try:
             path = report.to_html(args.report, force=args.force)
