@@ -67,6 +67,13 @@ def _bn_gain(entry: Entry, framework: str) -> tuple[float, int]:
 
 def local_terms(entry: Entry, framework: str, scale_in: float) -> tuple[float, int, float]:
     """(gain on an error of the input, terms summed per output value, magnitude of those terms)."""
+    key = ("terms", framework, scale_in)
+    if key not in entry.cache:
+        entry.cache[key] = _local_terms(entry, framework, scale_in)
+    return entry.cache[key]
+
+
+def _local_terms(entry: Entry, framework: str, scale_in: float) -> tuple[float, int, float]:
     kind = kind_of(entry.kind)
     scale_out = entry.scale
     if entry.kind in ("conv", "dense") and "weight" in entry.weights:
@@ -109,11 +116,14 @@ def rounding_noise(framework: str, eps: float, seed: int = 0):
         if kind in _EXACT or output.size == 0 or not np.issubdtype(output.dtype, np.floating):
             return None
         n = 1 if kind == "act" else local_terms(entry, framework, max(entry.input_scales or [0.0]))[1]
-        y = output.astype(np.float64)
-        finite = np.isfinite(y)
-        rms = float(np.sqrt(np.mean(np.square(y[finite])))) if finite.any() else 0.0
-        amplitude = eps * math.sqrt(max(n, 1)) * (np.abs(y) + rms)
-        return (y + amplitude * rng.standard_normal(y.shape)).astype(output.dtype)
+        y = output.astype(np.float32, copy=False)
+        rms = float(np.sqrt(np.mean(np.square(y, dtype=np.float64))))
+        if not math.isfinite(rms):
+            finite = y[np.isfinite(y)]
+            rms = float(np.sqrt(np.mean(np.square(finite, dtype=np.float64)))) if finite.size else 0.0
+        noise = rng.standard_normal(y.shape, dtype=np.float32)
+        noise *= np.float32(eps * math.sqrt(max(n, 1))) * (np.abs(y) + np.float32(rms))
+        return (y + noise).astype(output.dtype, copy=False)
 
     return perturb
 

@@ -9,6 +9,7 @@ graphs can be aligned by structure (:mod:`bnkit.diagnose.align`), not by order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class Entry:
     bn: BatchNormState | None = None
     pre_flatten_shape: tuple[int, ...] | None = None  # the input's raw shape, for a flatten
     flat_order: str = "own"  # "hwc" when a flatten pair agrees in Keras' H·W·C order on both sides
+    cache: dict = field(default_factory=dict, repr=False)  # figures derived from the weights, computed once
 
     @property
     def producers(self) -> list[int]:
@@ -109,10 +111,10 @@ def magnitude(x: np.ndarray) -> float:
     """The largest finite ``|value|`` of ``x`` (0 for an empty or all-non-finite array)."""
     if x.size == 0:
         return 0.0
-    a = np.abs(x.astype(np.float64, copy=False))
-    finite = np.isfinite(a)
-    if not finite.all():
-        a = a[finite]
+    largest = float(np.max(np.abs(x)))
+    if math.isfinite(largest):
+        return largest
+    a = np.abs(x[np.isfinite(x)])
     return float(a.max()) if a.size else 0.0
 
 

@@ -17,10 +17,9 @@ tensor the provenance of the operation.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import importlib
-import warnings
 
 import numpy as np
 
@@ -363,16 +362,39 @@ def trace_torch(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
     rounding noise this way)."""
     import torch
     from torch import nn
+
+    with _restored(model, torch):
+        if training:
+            model.train()
+        for m in model.modules():  # random masks cannot agree across frameworks
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        return _run(model, x, perturb, torch)
+
+
+@contextlib.contextmanager
+def _restored(model, torch):
+    """Every module's mode and every buffer (running statistics, counters) as they were, afterwards:
+    the caller's model is run in place (a copy of a large model costs more than the run)."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(m, name, b.detach().clone()) for m in model.modules() for name, b in m.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, value in buffers:
+                current = getattr(m, name, None)
+                if isinstance(current, torch.Tensor) and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    setattr(m, name, value)
+        for m, training in modes:
+            m.training = training
+
+
+def _run(work, x: np.ndarray, perturb, torch) -> Trace:
     from torch.overrides import TorchFunctionMode
 
-    with warnings.catch_warnings():  # programs rebuilt from torch.export warn on deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
-        work = copy.deepcopy(model)
-    if training:
-        work.train()
-    for m in work.modules():  # random masks cannot agree across frameworks
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
     recorder = _Recorder(work, torch, perturb)
 
     class Mode(TorchFunctionMode):
