@@ -178,7 +178,7 @@ def _load_torch_export(path: Path):
     meta = json.loads(extra[_BNKIT_META]) if extra[_BNKIT_META] else {}
     from bnkit.torch.rebuild import rebuild_exported
 
-    return rebuild_exported(program, meta.get("layers", {}))
+    return rebuild_exported(program, meta.get("layers", {}), meta)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -253,7 +253,7 @@ def save_model(model, path: str | os.PathLike, *, force: bool = False, input_sha
             model.train(was_training)
         from bnkit.torch.rebuild import layer_metadata
 
-        meta = json.dumps({"layers": layer_metadata(model)})
+        meta = json.dumps({"layers": layer_metadata(model), "model": type(model).__name__})
         with atomic_path(path, force) as tmp:
             torch.export.save(program, str(tmp), extra_files={_BNKIT_META: meta})
         return path

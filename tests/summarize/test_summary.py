@@ -84,11 +84,13 @@ def test_torch_rows_have_the_shapes_the_layers_produce():
             x = layer(x)
             assert row.name == name and row.type == type(layer).__name__
             assert row.output_shape == tuple(x.shape)
-            activation_bytes += x.numel() * x.element_size()
-    # torchinfo's estimate: outputs counted twice (forward and backward), batch 1
+            if any(True for _ in layer.parameters()):
+                activation_bytes += x.numel() * x.element_size()
+    # torchinfo's estimate: the outputs of layers with parameters counted twice (forward and
+    # backward), batch 1; parameters only, the running statistics are buffers
     assert s.memory.activations == 2 * activation_bytes
     assert s.memory.input == math.prod(TORCH_SEED_SHAPE) * 4
-    assert s.memory.params == (13_108_694 + 64) * 4
+    assert s.memory.params == 13_108_694 * 4 and s.memory.buffers == 64 * 4
     assert s.memory.total == s.memory.input + s.memory.activations + s.memory.params
 
 

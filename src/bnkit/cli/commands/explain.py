@@ -75,18 +75,22 @@ def run(args) -> int:
 
         momentum = TORCH.momentum if args.momentum is None else args.momentum
         center = scale = not args.no_affine
+    from bnkit.cli.progress import Steps
+
     try:
-        result = explain(
-            source=args.source,
-            channels=args.channels,
-            momentum=momentum,
-            eps=args.eps,
-            center=center,
-            scale=scale,
-            track_running_stats=not args.no_track_running_stats,
-            input_shape=(args.batch, args.channels, args.size, args.size),
-            seed=args.seed,
-        )
+        with Steps(1, enabled=not args.json) as steps:
+            steps.step("running one training and one inference step in both frameworks")
+            result = explain(
+                source=args.source,
+                channels=args.channels,
+                momentum=momentum,
+                eps=args.eps,
+                center=center,
+                scale=scale,
+                track_running_stats=not args.no_track_running_stats,
+                input_shape=(args.batch, args.channels, args.size, args.size),
+                seed=args.seed,
+            )
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     if args.json:

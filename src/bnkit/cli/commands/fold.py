@@ -18,6 +18,7 @@ def add_arguments(parser) -> None:
         help="input shape without the batch axis, for a .pt2 output (read from a .pt2 input when omitted)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--json", action="store_true", help="print what was folded as JSON")
 
 
 def _recorded_input_shape(model):
@@ -54,29 +55,52 @@ def _count_affines(model, framework: str) -> int:
 def run(args) -> int:
     from pathlib import Path
 
+    from bnkit.cli.progress import Steps
     from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
     from bnkit.lifecycle.fold import fold_bn
 
     shape = args.input_shape
-    try:
-        check_writable(args.output, args.force)  # fail before the (slow) load and fold
-        model = load_model(args.input, weights=args.weights)
-    except ModelFileError as e:
-        raise CLIError(str(e)) from e
-    framework = framework_of(model)
-    if shape is None and Path(args.output).suffix.lower() == ".pt2":
-        shape = _recorded_input_shape(model)
-    total = _count_batchnorms(model, framework)
-    try:
-        folded = fold_bn(model)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
-    affines = _count_affines(folded, framework)
-    kept = _count_batchnorms(folded, framework)  # read as tensors by forward: left, with a warning
-    try:
-        save_model(folded, args.output, force=args.force, input_shape=shape)
-    except ModelFileError as e:
-        raise CLIError(str(e)) from e
+    with Steps(3, enabled=not args.json) as steps:
+        steps.step(f"loading {args.input}")
+        try:
+            check_writable(args.output, args.force)  # fail before the (slow) load and fold
+            model = load_model(args.input, weights=args.weights)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from e
+        framework = framework_of(model)
+        if shape is None and Path(args.output).suffix.lower() == ".pt2":
+            shape = _recorded_input_shape(model)
+        total = _count_batchnorms(model, framework)
+        steps.step("folding the batch norms")
+        try:
+            folded = fold_bn(model)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        affines = _count_affines(folded, framework)
+        kept = _count_batchnorms(folded, framework)  # read as tensors by forward: left, with a warning
+        steps.step(f"writing {args.output}")
+        try:
+            save_model(folded, args.output, force=args.force, input_shape=shape)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from e
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {
+                    "input": args.input,
+                    "output": args.output,
+                    "framework": framework,
+                    "batch_norms": total,
+                    "folded": total - affines - kept,
+                    "channel_affine": affines,
+                    "kept": kept,
+                },
+                indent=2,
+            )
+        )
+        return 0
     print(
         f"folded {total - affines - kept} of {total} batch norm{'s' if total != 1 else ''} into the preceding layer"
         + (f", {affines} replaced by ChannelAffine" if affines else "")

@@ -29,14 +29,18 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bnkit.cli import CLIError
+    from bnkit.cli.progress import Steps
     from bnkit.io import framework_of, load_model
     from bnkit.summarize import render, summary
 
-    model = load_model(args.model, args.weights)
-    try:
-        result = summary(model, args.input_shape)
-    except (ValueError, TypeError) as e:
-        raise CLIError(" ".join(str(e).split())) from e
+    with Steps(2, enabled=not args.json) as steps:
+        steps.step(f"loading {args.model}")
+        model = load_model(args.model, args.weights)
+        steps.step("counting parameters and measuring output shapes")
+        try:
+            result = summary(model, args.input_shape)
+        except (ValueError, TypeError) as e:
+            raise CLIError(" ".join(str(e).split())) from e
     if framework_of(model) == "torch" and ":" not in args.model:
         result = replace(result, name=Path(args.model).stem)  # an exported program has no class name of its own
     if args.json:
