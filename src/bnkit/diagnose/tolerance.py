@@ -122,8 +122,9 @@ def rounding_noise(framework: str, eps: float, seed: int = 0):
             finite = y[np.isfinite(y)]
             rms = float(np.sqrt(np.mean(np.square(finite, dtype=np.float64)))) if finite.size else 0.0
         noise = rng.standard_normal(y.shape, dtype=np.float32)
-        noise *= np.float32(eps * math.sqrt(max(n, 1))) * (np.abs(y) + np.float32(rms))
-        return (y + noise).astype(output.dtype, copy=False)
+        with np.errstate(all="ignore"):  # NaN/Inf stay what they are
+            noise *= np.float32(eps * math.sqrt(max(n, 1))) * (np.abs(y) + np.float32(rms))
+            return (y + noise).astype(output.dtype, copy=False)
 
     return perturb
 
@@ -170,7 +171,8 @@ def measure_rounding(run, clean: Trace) -> Rounding | None:
 def _largest_change(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape or a.size == 0:
         return 0.0
-    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    with np.errstate(all="ignore"):
+        d = np.abs(a.astype(np.float64) - b.astype(np.float64))
     d = d[np.isfinite(d)]
     return float(d.max()) if d.size else 0.0
 

@@ -174,6 +174,12 @@ class _Recorder:
         self.perturb = perturb
         self.names = {m: n for n, m in work.named_modules()}
         self.type_names = getattr(work, "_bnkit_layer_types", {}) or {}
+        # leaves of a .pt2 program left as sub-programs: their operators are the layer they came from
+        self.leaf_types = {
+            path: self.type_names[path]
+            for m, path in self.names.items()
+            if path in self.type_names and next(m.children(), None) is None and module_kind(m) is None
+        }
         self.entries: list[Entry] = []
         self.provenance: dict[int, tuple[int, ...]] = {}
         self.keep: list = []  # tensors stay alive, so their ids are not reused
@@ -324,7 +330,10 @@ class _Recorder:
             if _check(check, data, out):
                 op = _op_name(func)
                 where = self.stack[-1] if self.stack else ""
-                name = self.unique(f"{where}.{op}" if where else op)
+                if where in self.leaf_types:  # a .pt2 sub-program standing for one layer: named as it
+                    name, op = self.unique(where), self.leaf_types[where]
+                else:
+                    name = self.unique(f"{where}.{op}" if where else op)
                 weights = {}
                 if kind in ("conv", "dense") and len(args) > 1 and isinstance(args[1], torch.Tensor):
                     weights["weight"] = to_numpy(args[1])
