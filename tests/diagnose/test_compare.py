@@ -583,3 +583,19 @@ def test_rounding_of_a_wide_dense_is_not_blamed_on_its_weights():
     assert "weights" not in codes(report)
     if not report.agree:
         assert codes(report) == ["unexplained"] and "rounding" in report.causes[0].explanation
+
+
+def test_cli_all_shows_every_row_of_a_large_network(run_cli, tmp_path):
+    from bnkit.io import save_model
+
+    torch.manual_seed(0)
+    layers = []
+    for i in range(20):
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()]
+    save_model(nn.Sequential(*layers).eval(), tmp_path / "deep.pt2", input_shape=(3, 6, 6))
+    short = run_cli("compare", "deep.pt2", "deep.pt2")
+    full = run_cli("compare", "deep.pt2", "deep.pt2", "--all")
+    assert short.returncode == full.returncode == 0, short.stderr + full.stderr
+    assert "of 60 paired layers shown; --all" in short.stdout
+    assert all(f"\n {k:>2}  " in full.stdout or f"\n{k:>3}  " in full.stdout for k in (0, 30, 59))
+    assert "paired layers shown" not in full.stdout
