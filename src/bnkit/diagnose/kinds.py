@@ -89,7 +89,7 @@ TORCH_MODULES: tuple[tuple[str, str], ...] = (
 
 # Functions, Tensor methods ("Tensor.x") and aten operators ("aten.op.overload") -> (kind, check).
 # The check, when given, must hold for the call to count (see trace_torch._CHECKS):
-#   "operands": at least two tensor operands (x + y, not x + 1);
+#   "operands": at least two tensor operands (x + y, not x + 1; a concatenation of one tensor is a copy);
 #   "to_2d": the result is (N, features) from an input of rank 3 or more (a flattening view);
 #   "spatial": every axis after the channels is reduced (global pooling by mean/amax).
 _F = "torch.nn.functional."
@@ -120,7 +120,7 @@ TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
             "aten.add.Tensor", "aten.add_.Tensor",
         )
     ),
-    *((name, "concat", None) for name in ("torch.cat", "torch.concat", "torch.concatenate", "aten.cat.default")),
+    *((name, "concat", "operands") for name in ("torch.cat", "torch.concat", "torch.concatenate", "aten.cat.default")),
     *((name, "flatten", "to_2d") for name in ("torch.flatten", "Tensor.flatten", "aten.flatten.using_ints")),
     *(
         (name, "flatten", "to_2d")

@@ -9,7 +9,7 @@ neither can a formula alone: how rounding errors grow depends on the network and
 correlated inputs shrinks them relative to its output). So compare *measures* it.
 
 One extra run of one of the models (:func:`measure_rounding`) adds, at every traced layer's
-output, simulated rounding noise — normal, with standard deviation ``ε · sqrt(n) · (|y| + rms(y))``
+output, simulated rounding noise — uniform, with standard deviation ``ε · sqrt(n) · (|y| + rms(y))``
 per value, ``ε`` the dtype's machine epsilon, ``n`` the terms the layer sums per output (the
 fan-in ``C_in·k_h·k_w`` of a convolution, a pooling window, the operands of a sum; 1 for an
 activation; none for flatten, padding and concatenation, which move values without computing);
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnkit.diagnose.kinds import kind_of
-from bnkit.diagnose.trace import Entry, Trace
+from bnkit.diagnose.trace import Entry, Trace, as_tensor, to_numpy
 
 __all__ = ["SAFETY", "Rounding", "local_terms", "own_rounding", "rounding_noise", "measure_rounding", "diff"]
 
@@ -50,10 +50,10 @@ def _bn_gain(entry: Entry, framework: str) -> tuple[float, int]:
     uses_batch = entry.bn.uses_batch_stats if entry.bn is not None else False
     n = 1
     if uses_batch and entry.input_raw:
-        x = entry.input_raw[0].astype(np.float64)
+        x = _float(entry.input_raw[0])
         axis = x.ndim - 1 if framework == "keras" else min(1, x.ndim - 1)
         others = tuple(k for k in range(x.ndim) if k != axis)
-        var = np.var(x, axis=others) if others else np.zeros(x.shape)
+        var = x.var(dim=others, unbiased=False).double().numpy() if others else np.zeros(tuple(x.shape))
         n = int(np.prod([x.shape[k] for k in others])) if others else 1
     elif "var" in w:
         var = w["var"].astype(np.float64)
@@ -109,22 +109,32 @@ def own_rounding(entry: Entry, framework: str, eps: float) -> float:
 
 
 def rounding_noise(framework: str, eps: float, seed: int = 0):
-    """The ``perturb`` function of a tracer that adds simulated rounding noise (module docstring)."""
-    rng = np.random.default_rng(seed)
+    """The ``perturb`` function of a tracer that adds simulated rounding noise (module docstring).
 
-    def perturb(entry: Entry, kind: str, output: np.ndarray):
-        if kind in _EXACT or output.size == 0 or not np.issubdtype(output.dtype, np.floating):
+    It takes and returns the framework's tensors (torch tensors: PyTorch, and Keras on its torch
+    backend; NumPy arrays otherwise) and draws the noise from its own seeded generator."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def perturb(entry: Entry, kind: str, output):
+        if kind in _EXACT:
+            return None
+        tensor = output if isinstance(output, torch.Tensor) else torch.from_numpy(np.array(to_numpy(output)))
+        if tensor.numel() == 0 or not tensor.is_floating_point():
             return None
         n = 1 if kind == "act" else local_terms(entry, framework, max(entry.input_scales or [0.0]))[1]
-        y = output.astype(np.float32, copy=False)
-        rms = float(np.sqrt(np.mean(np.square(y, dtype=np.float64))))
-        if not math.isfinite(rms):
-            finite = y[np.isfinite(y)]
-            rms = float(np.sqrt(np.mean(np.square(finite, dtype=np.float64)))) if finite.size else 0.0
-        noise = rng.standard_normal(y.shape, dtype=np.float32)
-        with np.errstate(all="ignore"):  # NaN/Inf stay what they are
-            noise *= np.float32(eps * math.sqrt(max(n, 1))) * (np.abs(y) + np.float32(rms))
-            return (y + noise).astype(output.dtype, copy=False)
+        with torch.no_grad():
+            y = tensor.detach().float()
+            rms = float(y.square().mean().sqrt())
+            if not math.isfinite(rms):  # NaN/Inf stay what they are; the rest gets noise of its size
+                finite = y[y.isfinite()]
+                rms = float(finite.square().mean().sqrt()) if finite.numel() else 0.0
+            # uniform with standard deviation 1 (rounding errors are about uniform; cheaper than normal)
+            noise = torch.rand(y.shape, generator=generator).sub_(0.5).mul_(2 * math.sqrt(3.0))
+            noise.mul_(y.abs().add_(rms)).mul_(eps * math.sqrt(max(n, 1)))
+            noisy = noise.add_(y).to(tensor.dtype)
+        return noisy if isinstance(output, torch.Tensor) else noisy.numpy()
 
     return perturb
 
@@ -171,10 +181,20 @@ def measure_rounding(run, clean: Trace) -> Rounding | None:
 def _largest_change(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape or a.size == 0:
         return 0.0
-    with np.errstate(all="ignore"):
-        d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    d = d[np.isfinite(d)]
-    return float(d.max()) if d.size else 0.0
+    d = (_float(a) - _float(b)).abs()
+    largest = float(d.max())
+    if math.isfinite(largest):
+        return largest
+    d = d[d.isfinite()]
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _float(x: np.ndarray):
+    """``x`` as a torch tensor of float32 at least (a view where it already is)."""
+    import torch
+
+    t = as_tensor(np.asarray(x))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float, float, float, bool]:
@@ -183,6 +203,8 @@ def diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float,
     The ratio is the largest ``|a - b| / (atol + rtol * max(|a|, |b|))``: over 1, they diverge.
     NaN/Inf at the same place on both sides count as equal here (compare reports them apart);
     arrays of different shapes that hold different numbers of values diverge (ratio ``inf``).
+    Computed in float32 (float64 for float64 arrays): the difference of two nearby float32 values is
+    exact, and the ratio needs a few digits only.
     """
     if a.shape != b.shape:
         squeeze_a = tuple(s for s in a.shape if s != 1)
@@ -192,16 +214,26 @@ def diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float,
         a, b = a.reshape(squeeze_a), b.reshape(squeeze_b)
     if a.size == 0:
         return 0.0, 0.0, 0.0, False
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    abs_diff = np.abs(a64 - b64)
-    scale = np.maximum(np.abs(a64), np.abs(b64))
-    finite = np.isfinite(a64) & np.isfinite(b64)
-    same_nonfinite = ~finite & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
-    abs_diff = np.where(same_nonfinite, 0.0, np.where(finite, abs_diff, np.inf))
-    scale = np.where(np.isfinite(scale), scale, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(scale > 0, abs_diff / np.where(scale > 0, scale, 1.0), 0.0)
-        ratio = np.where(abs_diff == 0, 0.0, abs_diff / (atol + rtol * scale))
-    ratio = np.where(np.isnan(ratio), np.inf, ratio)
-    max_ratio = float(ratio.max())
-    return float(abs_diff.max()), float(rel.max()), max_ratio, max_ratio > 1.0
+    import torch
+
+    ta, tb = _float(a), _float(b)
+    if ta.dtype != tb.dtype:
+        ta, tb = ta.double(), tb.double()
+    with torch.no_grad():
+        d = (ta - tb).abs()
+        scale = torch.maximum(ta.abs(), tb.abs())
+        largest = float(d.max())
+        if not math.isfinite(largest):  # NaN/Inf: equal where both sides hold the same one
+            both = ta.isfinite() & tb.isfinite()
+            same = ~both & ((ta == tb) | (ta.isnan() & tb.isnan()))
+            d = torch.where(same, 0.0, torch.where(both, d, math.inf))
+            scale = torch.where(scale.isfinite(), scale, 0.0)
+            largest = float(d.max())
+        # where both are 0 the difference is 0: the floor on the scale only avoids 0 / 0
+        rel = float((d / scale.clamp_min(torch.finfo(scale.dtype).tiny)).max())
+        if atol > 0:
+            max_ratio = float((d / (scale * rtol + atol)).max())
+        else:
+            ratio = torch.where(d == 0, 0.0, d / (scale * rtol + atol))
+            max_ratio = float(torch.nan_to_num(ratio, nan=math.inf).max())
+        return largest, rel, max_ratio, max_ratio > 1.0

@@ -55,14 +55,25 @@ class Entry:
                     seen.append(p)
         return seen
 
+    def set_output(self, raw: np.ndarray, canonical: np.ndarray) -> None:
+        """Replace the output (an activation folded in, simulated rounding added)."""
+        self.raw, self.canonical = raw, canonical
+        self.cache.pop("scale", None)
+        self.cache.pop("nonfinite", None)
+
     @property
     def scale(self) -> float:
         """The largest finite ``|value|`` of the output."""
-        return magnitude(self.canonical)
+        if "scale" not in self.cache:
+            self.cache["scale"], self.cache["nonfinite"] = _scan(self.raw)
+        return self.cache["scale"]
 
     @property
     def nonfinite(self) -> bool:
-        return bool(self.canonical.size) and not bool(np.isfinite(self.canonical).all())
+        """NaN or Inf somewhere in the output."""
+        if "nonfinite" not in self.cache:
+            self.cache["scale"], self.cache["nonfinite"] = _scan(self.raw)
+        return self.cache["nonfinite"]
 
 
 @dataclass
@@ -98,24 +109,67 @@ def to_numpy(x) -> np.ndarray:
         return np.asarray(x)
 
 
-def to_layout(x: np.ndarray, source: str, target: str) -> np.ndarray:
-    """Move the channel axis of a rank-3/4/5 array from ``source``'s layout to ``target``'s."""
+def to_layout(x: np.ndarray, source: str, target: str, *, copy: bool = True) -> np.ndarray:
+    """Move the channel axis of a rank-3/4/5 array from ``source``'s layout to ``target``'s
+    (a contiguous copy, or with ``copy=False`` a view)."""
     if source == target or x.ndim not in (3, 4, 5):
         return x
-    if source == "keras":
-        return np.ascontiguousarray(np.moveaxis(x, -1, 1))
-    return np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    moved = np.moveaxis(x, -1, 1) if source == "keras" else np.moveaxis(x, 1, -1)
+    return np.ascontiguousarray(moved) if copy else moved
+
+
+def as_tensor(x: np.ndarray):
+    """A torch view of ``x`` (no copy), for arithmetic over large arrays: PyTorch's kernels are
+    vectorised and threaded where NumPy's reductions are not."""
+    import torch
+
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
+def _scan(x: np.ndarray) -> tuple[float, bool]:
+    """(largest finite ``|value|``, whether some value is NaN or Inf) in one pass where all are finite
+    (the maximum of ``|x|`` is NaN or Inf exactly when some value is)."""
+    if x.size == 0 or not np.issubdtype(x.dtype, np.number):
+        return 0.0, False
+    t = as_tensor(x)
+    largest = float(t.abs().max())
+    if math.isfinite(largest):
+        return largest, False
+    finite = t[t.isfinite()]
+    return (float(finite.abs().max()) if finite.numel() else 0.0), True
 
 
 def magnitude(x: np.ndarray) -> float:
     """The largest finite ``|value|`` of ``x`` (0 for an empty or all-non-finite array)."""
-    if x.size == 0:
-        return 0.0
-    largest = float(np.max(np.abs(x)))
-    if math.isfinite(largest):
-        return largest
-    a = np.abs(x[np.isfinite(x)])
-    return float(a.max()) if a.size else 0.0
+    return _scan(x)[0]
+
+
+def all_finite(x: np.ndarray) -> bool:
+    return not _scan(x)[1]
+
+
+def describe_operands(recorder, operands, keep: bool):
+    """(max |x|, shape, all finite, arrays) of each operand a layer received. An operand that is a
+    traced layer's output (the usual case) reuses that layer's figures and array: nothing is
+    copied or scanned twice. ``keep``: also return the arrays (parametric kinds, for experiments)."""
+    scales, shapes, finite, arrays = [], [], True, []
+    for t in operands:
+        producers = recorder.of(t)
+        p = producers[0] if len(producers) == 1 else None
+        if p is not None and p != INPUT and recorder.output_ids.get(p) == id(t):
+            entry = recorder.entries[p]
+            array, scale, ok = entry.raw, entry.scale, not entry.nonfinite
+        else:
+            array = to_numpy(t)
+            scale, bad = _scan(array)
+            ok = not bad
+            if keep:
+                array = array.copy()
+        scales.append(scale)
+        shapes.append(tuple(array.shape))
+        finite = finite and ok
+        arrays.append(array)
+    return scales, shapes, finite, (arrays if keep else None)
 
 
 def rerun(entry: Entry, framework: str, *operands: np.ndarray) -> np.ndarray:

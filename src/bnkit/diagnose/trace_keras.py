@@ -14,7 +14,7 @@ import numpy as np
 from bnkit.conventions import KERAS, get_convention
 from bnkit.diagnose.kinds import KERAS_LAYERS, KERAS_RANDOM_LAYERS, kind_of
 from bnkit.diagnose.report import BatchNormState
-from bnkit.diagnose.trace import INPUT, Entry, Trace, magnitude, to_layout, to_numpy
+from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, to_layout, to_numpy
 
 __all__ = ["trace_keras", "keras_kind", "keras_bn_state"]
 
@@ -101,7 +101,7 @@ def canonical(out: np.ndarray, kind: str, operand_shape) -> np.ndarray:
     if kind == "flatten" and operand_shape is not None and len(operand_shape) in (3, 4, 5):
         full = out.reshape((out.shape[0], *operand_shape[1:]))
         return np.ascontiguousarray(np.moveaxis(full, -1, 1)).reshape(out.shape[0], -1)
-    return to_layout(out, "keras", "torch")
+    return to_layout(out, "keras", "torch", copy=False)  # a view: compared, never written
 
 
 def _functional(model):
@@ -191,11 +191,13 @@ class _Recorder:
         """``output``, with simulated rounding noise when this run measures its propagation."""
         if self.perturb is None:
             return output
-        noisy = self.perturb(entry, kind, to_numpy(output))
+        noisy = self.perturb(entry, kind, output)
         if noisy is None:
             return output
-        dtype = self.keras.backend.standardize_dtype(output.dtype)
-        return self.keras.ops.convert_to_tensor(np.ascontiguousarray(noisy), dtype=dtype)
+        if isinstance(noisy, np.ndarray):  # a backend other than torch
+            dtype = self.keras.backend.standardize_dtype(output.dtype)
+            return self.keras.ops.convert_to_tensor(noisy, dtype=dtype)
+        return noisy
 
     def record(self, layer, kind: str, operands: list, output, state):
         """Record a layer's output; return the tensor the model goes on with (``output``, or it
@@ -217,8 +219,7 @@ class _Recorder:
                 output = self.perturbed(prev, kind, output)
                 raw = to_numpy(output).copy()
                 prev.type = f"{prev.type}+{type_name}"
-                prev.raw = raw
-                prev.canonical = to_layout(raw, "keras", "torch")
+                prev.set_output(raw, to_layout(raw, "keras", "torch", copy=False))
                 prev.callables.append(layer)
                 self.consumed.add(p)
                 self.output_ids[p] = id(output)
@@ -231,12 +232,10 @@ class _Recorder:
         operand_shape = tuple(operands[0].shape) if operands else None
         entry = Entry(index, self.unique(layer.name), type_name, kind, raw, canonical(raw, kind, operand_shape))
         entry.inputs = inputs
-        arrays = [to_numpy(t) for t in operands]
-        entry.input_scales = [magnitude(a) for a in arrays]
-        entry.input_shapes = [tuple(a.shape) for a in arrays]
-        entry.inputs_finite = all(bool(np.isfinite(a).all()) for a in arrays)
-        if kind_of(kind).parametric and len(operands) == 1:
-            entry.input_raw = [to_numpy(operands[0]).copy()]
+        keep = kind_of(kind).parametric and len(operands) == 1
+        entry.input_scales, entry.input_shapes, entry.inputs_finite, kept = describe_operands(self, operands, keep)
+        if keep:
+            entry.input_raw = kept
         entry.callables = [layer]
         entry.weights = _layer_weights(layer, kind)
         if kind == "flatten":
@@ -247,8 +246,8 @@ class _Recorder:
         self.entries.append(entry)
         if self.perturb is not None:
             output = self.perturbed(entry, kind, output)
-            entry.raw = to_numpy(output).copy()
-            entry.canonical = canonical(entry.raw, kind, operand_shape)
+            raw = to_numpy(output).copy()
+            entry.set_output(raw, canonical(raw, kind, operand_shape))
         self.output_ids[index] = id(output)
         self.source(output, (index,))
         return output

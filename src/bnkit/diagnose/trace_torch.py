@@ -26,7 +26,7 @@ import numpy as np
 from bnkit.conventions import TORCH, Convention
 from bnkit.diagnose.kinds import TORCH_FUNCTIONS, TORCH_MODULES, kind_of
 from bnkit.diagnose.report import BatchNormState
-from bnkit.diagnose.trace import INPUT, Entry, Trace, magnitude, to_numpy
+from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, to_numpy
 
 __all__ = ["trace_torch", "torch_bn_state"]
 
@@ -223,17 +223,14 @@ class _Recorder:
         """``output``, with simulated rounding noise when this run measures its propagation."""
         if self.perturb is None or not isinstance(output, self.torch.Tensor):
             return output
-        noisy = self.perturb(entry, kind, to_numpy(output))
-        if noisy is None:
-            return output
-        return self.torch.from_numpy(np.ascontiguousarray(noisy)).to(dtype=output.dtype, device=output.device)
+        noisy = self.perturb(entry, kind, output)
+        return output if noisy is None else noisy
 
     def record(self, name, type_name, kind, operands, output, callable_, weights=None, bn=None):
         """Record a layer's output; return the tensor the model goes on with (``output``, or it
         with simulated rounding noise)."""
         operands = [t for t in operands if self.of(t)]  # constants and parameters carry no data flow
         inputs = [self.of(t) for t in operands]
-        spec = kind_of(kind)
         if kind == "act" and len(inputs) == 1 and len(inputs[0]) == 1:
             p = inputs[0][0]
             if (
@@ -245,7 +242,8 @@ class _Recorder:
                 prev = self.entries[p]
                 output = self.perturbed(prev, kind, output)
                 prev.type = f"{prev.type}+{type_name}"
-                prev.raw = prev.canonical = to_numpy(output).copy()
+                raw = to_numpy(output).copy()
+                prev.set_output(raw, raw)
                 prev.callables.append(callable_)
                 self.consumed.add(p)
                 self.output_ids[p] = id(output)
@@ -256,12 +254,10 @@ class _Recorder:
         index = len(self.entries)
         out = to_numpy(output).copy()
         entry = Entry(index, name, type_name, kind, out, out, inputs=inputs)
-        arrays = [to_numpy(t) for t in operands]
-        entry.input_scales = [magnitude(a) for a in arrays]
-        entry.input_shapes = [tuple(a.shape) for a in arrays]
-        entry.inputs_finite = all(bool(np.isfinite(a).all()) for a in arrays)
-        if spec.parametric and len(operands) == 1:
-            entry.input_raw = [arrays[0].copy()]
+        keep = kind_of(kind).parametric and len(operands) == 1
+        entry.input_scales, entry.input_shapes, entry.inputs_finite, kept = describe_operands(self, operands, keep)
+        if keep:
+            entry.input_raw = kept
         entry.callables.append(callable_)
         entry.weights = weights or {}
         entry.bn = bn
@@ -270,7 +266,8 @@ class _Recorder:
         self.entries.append(entry)
         if self.perturb is not None:
             output = self.perturbed(entry, kind, output)
-            entry.raw = entry.canonical = to_numpy(output).copy()
+            raw = to_numpy(output).copy()
+            entry.set_output(raw, raw)
         self.output_ids[index] = id(output)
         self.source(output, (index,))
         return output

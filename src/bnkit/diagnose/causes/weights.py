@@ -32,9 +32,12 @@ _BN_PARAMETERS = (("gamma", "gamma (weight)"), ("beta", "beta (bias)"), ("mean",
 
 def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
     """Name ``weights`` (or what it is instead) at every source row no other cause explains."""
+    explained_a = {ctx.pairs[k][0] for k, row in enumerate(report.rows) if row.name in explained}
     for k, row in enumerate(report.rows):
         if not row.diverges or row.nonfinite or row.name in explained or not ctx.is_source(report, k):
             continue
+        if explained_a & ctx.ancestors_a(ctx.pairs[k][0]):
+            continue  # downstream of a layer another cause names (an eps whose effect grows further on)
         if row.kind in ("conv", "dense"):
             _conv_or_dense(ctx, k, row, add)
         elif row.kind == "bn":
