@@ -14,7 +14,15 @@ bandwidth over the *minimum* bytes each operation must move, and that bandwidth'
 the device's copy bandwidth (measured here with a large ``copy_``). The table is printed and
 written to ``docs/performance.md`` with the device name and the date.
 
+With ``--write-table`` it also writes the device family's dispatch table
+(``src/bnkit/kernels/tables/sm<major><minor>.json`` by default, see
+:mod:`bnkit.kernels.dispatch`): per configuration (mode, dtype, layout, shape class) the
+smallest measured ratio torch.nn time / bnkit time, and Triton turned on only where that ratio
+is at least ``--margin`` (default 1.05) and every output matched torch.nn's. bnkit's column is
+always measured on the Triton kernels (forced, as with ``BNKIT_TRITON=1``), whatever the table.
+
     python benchmarks/bn_gpu.py [--force] [--quick] [--skip-compile] [--output PATH]
+                                [--write-table [PATH]] [--margin 1.05]
 
 Needs a CUDA device and Triton; without CUDA it exits with status 1 and says so.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import statistics
 import sys
@@ -31,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "performance.md"
+TABLES = ROOT / "src" / "bnkit" / "kernels" / "tables"
+DEFAULT_MARGIN = 1.05  # Triton must beat PyTorch by 5%: timing noise must not flip a decision
 
 SHAPES = [(n, c, hw) for n in (256, 32) for c, hw in ((64, 56), (256, 56), (512, 28), (2048, 7))]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -84,9 +95,11 @@ UNMEASURED = """\
 ## Results
 
 **No GPU figures have been measured yet.** The kernels are verified for correctness on the
-CPU under Triton's interpreter (`tests/kernels/`), which says nothing about speed. Run
-`python benchmarks/bn_gpu.py --force` on a CUDA machine to replace this file with measured
-figures (device, date and versions are recorded with them).
+CPU under Triton's interpreter (`tests/kernels/`), which says nothing about speed. No dispatch
+table ships either, so on every CUDA device `bnkit.torch` runs PyTorch's own kernels unless
+`BNKIT_TRITON=1` forces Triton. Run `python benchmarks/bn_gpu.py --force --write-table` on a
+CUDA machine to replace this file with measured figures (device, date and versions are recorded
+with them) and to write the device family's dispatch table.
 """
 
 
@@ -126,9 +139,20 @@ def parse_args(argv):
     p.add_argument(
         "--skip-compile", action="store_true", help="leave torch.compile out (it recompiles per case)"
     )
+    p.add_argument(
+        "--write-table", nargs="?", const="default", default=None, metavar="PATH",
+        help=f"also write the dispatch table (default {TABLES.relative_to(ROOT)}/sm<major><minor>.json)",
+    )
+    p.add_argument(
+        "--margin", type=float, default=DEFAULT_MARGIN,
+        help="Triton is turned on where torch time / bnkit time >= MARGIN (default %(default)s)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.margin > 0:
+        p.error(f"--margin must be a positive ratio, got {args.margin}")
+    return args
 
 
 def cuda_timer(torch, warmup: int, reps: int):
@@ -170,14 +194,18 @@ def measure(args) -> tuple[list[Row], dict]:
     import torch
     import torch.nn.functional as F
 
+    import bnkit
     import bnkit.torch as bt
     from bnkit import kernels
 
-    if not kernels.enabled():
+    kernels.set_enabled(True)  # bnkit's column times the Triton kernels, whatever the dispatch table says
+    if not kernels.forced():
         raise SystemExit("bnkit's Triton kernels are off (BNKIT_TRITON=0 or triton not importable)")
     time_ms = cuda_timer(torch, args.warmup, args.reps)
     env = {
         "device": torch.cuda.get_device_name(),
+        "capability": tuple(torch.cuda.get_device_capability()),
+        "bnkit": bnkit.__version__,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
@@ -342,11 +370,12 @@ def table_cells(r: Row, copy_gbps: float) -> list[str]:
     ]  # fmt: skip
 
 
-def render_markdown(rows: list[Row] | None, env: dict | None) -> str:
+def render_markdown(rows: list[Row] | None, env: dict | None, table=None, table_name: str = "") -> str:
     parts = [
         "# Performance: bnkit's Triton batch norm on a GPU\n",
-        "bnkit's `bnkit.torch` layers run fused Triton kernels on CUDA tensors "
-        "(`BNKIT_TRITON=0` turns them off). This page records what they measure against "
+        "bnkit's `bnkit.torch` layers can run fused Triton kernels on CUDA tensors; by default "
+        "only where the device family's measured dispatch table says they beat PyTorch's kernels "
+        "([kernels.md](kernels.md)). This page records what they measure against "
         "`torch.nn.BatchNorm2d` and `torch.compile`.\n",
         METHOD,
     ]
@@ -367,7 +396,89 @@ def render_markdown(rows: list[Row] | None, env: dict | None) -> str:
         parts.append("|" + "---|" * len(COLUMNS))
         parts += ["| " + " | ".join(table_cells(r, copy)) + " |" for r in mode_rows]
         parts.append("")
+    if table is not None:
+        parts.append(render_dispatch(table, table_name))
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- dispatch table
+
+
+def speedup(r: Row) -> float:
+    """torch.nn's time over bnkit's: above 1 the Triton kernels win (bn_relu: fused against BN then ReLU)."""
+    return r.torch_ms / r.bnkit_ms
+
+
+def dispatch_table(rows: list[Row], env: dict, margin: float):
+    """The device family's :class:`bnkit.kernels.dispatch.Table` from the measured rows.
+
+    Rows are grouped by configuration (several shapes may share a class); a configuration's
+    ratio is the smallest of its shapes', and Triton is on only when that ratio is at least
+    ``margin`` and every one of its outputs matched torch.nn's.
+    """
+    from bnkit.kernels import dispatch
+
+    groups: dict = {}
+    for r in rows:
+        layout = "channels_last" if r.hw == 1 else r.layout  # one value per channel: rows either way
+        config = dispatch.Config.of_shape(r.mode, r.dtype, layout, (r.n, r.c, r.hw, r.hw))
+        groups.setdefault(config, []).append(r)
+
+    def order(config):
+        return (
+            dispatch.MODES.index(config.mode), dispatch.DTYPES.index(config.dtype),
+            dispatch.MEMORY_FORMATS.index(config.memory_format), dispatch.CHANNEL_CLASSES.index(config.channels),
+            dispatch.PER_CHANNEL_CLASSES.index(config.per_channel),
+        )  # fmt: skip
+
+    entries = {}
+    for config in sorted(groups, key=order):
+        group = groups[config]
+        ratio = min(speedup(r) for r in group)
+        entries[config] = dispatch.Entry(
+            triton=ratio >= margin and all(r.matches for r in group),
+            ratio=round(ratio, 4),
+            shapes=tuple(f"{r.n}x{r.c}x{r.hw}x{r.hw}" for r in group),
+        )
+    capability = tuple(env["capability"])
+    return dispatch.Table(
+        family=dispatch.family_of(capability),
+        device=env["device"],
+        capability=capability,
+        date=env["date"],
+        versions={k: env[k] for k in ("bnkit", "torch", "triton", "cuda")},
+        margin=margin,
+        entries=entries,
+    )
+
+
+def table_json(table) -> str:
+    """The table's file contents, checked by bnkit's own reader before anything is written."""
+    from bnkit.kernels import dispatch
+
+    data = table.to_json()
+    if dispatch.parse_table(json.loads(json.dumps(data))) != table:
+        raise AssertionError("the dispatch table does not read back as written")
+    return json.dumps(data, indent=2) + "\n"
+
+
+def render_dispatch(table, name: str) -> str:
+    on = sum(e.triton for e in table.entries.values())
+    lines = [
+        "## Dispatch table\n",
+        f"Written to `{name}` for {table.family} (capability {table.capability[0]}.{table.capability[1]}): "
+        f"Triton on for **{on} of {len(table.entries)}** measured configurations, those where torch.nn's "
+        f"time over bnkit's is at least {table.margin:g} and every output matched. Every other "
+        "configuration on this family takes PyTorch's path.\n",
+        "| mode | dtype | layout | channels | per channel | shapes | × vs torch (min) | Triton |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c, e in table.entries.items():
+        lines.append(
+            f"| {c.mode} | {c.dtype} | {c.memory_format} | {c.channels} | {c.per_channel} | "
+            f"{', '.join(e.shapes)} | {e.ratio:.2f} | {'on' if e.triton else 'off'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def print_tables(rows: list[Row], env: dict) -> None:
@@ -398,6 +509,12 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def default_table_path(capability) -> Path:
+    from bnkit.kernels.dispatch import family_of
+
+    return TABLES / f"{family_of(tuple(capability))}.json"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -409,12 +526,24 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.output.exists() and not args.force:
-        print(f"{args.output} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
+    table_path = None
+    if args.write_table is not None:
+        default = args.write_table == "default"
+        table_path = default_table_path(torch.cuda.get_device_capability()) if default else Path(args.write_table)
+    for path in (args.output, table_path):
+        if path is not None and path.exists() and not args.force:
+            print(f"{path} exists; pass --force to overwrite it", file=sys.stderr)
+            return 2
     rows, env = measure(args)
     print_tables(rows, env)
-    write_atomically(args.output, render_markdown(rows, env))
+    table = dispatch_table(rows, env, args.margin) if table_path is not None else None
+    name = ""
+    if table is not None:
+        name = str(table_path.relative_to(ROOT) if table_path.is_relative_to(ROOT) else table_path)
+        write_atomically(table_path, table_json(table))
+        on = sum(e.triton for e in table.entries.values())
+        print(f"wrote {table_path}: Triton on for {on} of {len(table.entries)} configurations", file=sys.stderr)
+    write_atomically(args.output, render_markdown(rows, env, table, name))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0 if all(r.matches for r in rows) else 1
 

@@ -200,9 +200,23 @@ def test_translate_momentum_none_rules():
     assert translate_momentum(None, "torch", cumulative_old) is None
 
 
-def test_translate_momentum_rejects_out_of_range():
-    with pytest.raises(ValueError, match="momentum must be in"):
-        translate_momentum(1.5, "torch", "keras")
+@pytest.mark.parametrize("m", [1.5, -0.1])
+def test_translate_momentum_out_of_range_gives_the_same_weights(m):
+    """Both frameworks accept such a momentum (bnkit lint flags it): a model that has one converts."""
+    translated = translate_momentum(m, "torch", "keras")
+    assert KERAS.weights(translated) == pytest.approx(TORCH.weights(m), abs=1e-15)
+    assert translate_momentum(torch_scalar(m), "torch", "torch") == pytest.approx(m)
+
+
+def torch_scalar(m):
+    torch = pytest.importorskip("torch")
+    return torch.tensor(m, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("m", ["0.1", True, [0.1]])
+def test_translate_momentum_refuses_what_is_not_a_number(m):
+    with pytest.raises(TypeError, match="momentum must be a float or None"):
+        translate_momentum(m, "torch", "keras")
 
 
 # --- translate_settings ---------------------------------------------------------------------

@@ -137,3 +137,38 @@ def test_keras_formats_round_trip(tmp_path):
         loaded = load_model(path)
         torch.testing.assert_close(loaded(x), model(x))
         assert loaded.layers[-1].momentum == 0.15
+
+
+def test_folders_empty_and_truncated_files_are_named(tmp_path):
+    folder = tmp_path / "model.pt2"
+    folder.mkdir()
+    with pytest.raises(ModelFileError, match="is a folder, not a model file"):
+        load_model(folder)
+    empty = tmp_path / "empty.keras"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"the file is empty \(0 bytes"):
+        load_model(empty)
+    good = save_model(trained(Residual()), tmp_path / "good.pt2", input_shape=(3, 16, 16))
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="not a torch.export program") as info:
+        load_model(truncated)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelFileError, match="no such weights file"):
+        load_model(f"{__name__}:Residual", weights=tmp_path / "absent.pt")
+    with pytest.raises(ModelFileError, match="expected package.module:factory"):
+        load_model("torch.nn:")
+
+
+def test_outputs_are_checked_before_any_work(tmp_path):
+    from bnkit.io import check_writable
+
+    with pytest.raises(ModelFileError, match="is a folder; give a file name inside it"):
+        check_writable(tmp_path)
+    with pytest.raises(ModelFileError, match="no such folder"):
+        check_writable(tmp_path / "absent" / "m.pt")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelFileError, match="is not a folder"):
+        check_writable(tmp_path / "file" / "m.pt")
+    assert check_writable(tmp_path / "m.pt") == tmp_path / "m.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the write probe is gone

@@ -79,10 +79,11 @@ class Convention:
         ``num_batches_tracked`` counts the batches so far, this one included; it matters
         only for the cumulative average (``momentum=None``), whose new weight is ``1 / count``.
         Each framework's own expression is kept (``1 - m`` is computed, ``m`` is not), so
-        the update rounds as the framework's does.
+        the update rounds as the framework's does. Like the frameworks, no range is enforced
+        (a momentum outside [0, 1] extrapolates; ``bnkit lint`` flags it).
         """
-        self.check_momentum(momentum)
         if momentum is None:
+            self.check_momentum(None)  # refused where None is not a cumulative average
             new = 1.0 / max(int(num_batches_tracked), 1)
             return 1.0 - new, new
         m = float(momentum)
@@ -135,13 +136,18 @@ def translate_momentum(
     """The momentum that gives the same running-statistics weights in ``target``.
 
     Keras ``momentum=0.99`` is PyTorch ``momentum=0.01`` and back. ``None`` (PyTorch's
-    cumulative average) has no equivalent in a convention without it: ``ValueError``.
+    cumulative average) has no equivalent in a convention without it: ``ValueError``. A momentum
+    outside [0, 1] translates too (both frameworks accept one; ``bnkit lint`` flags it), and so
+    does a 0-d tensor, as ``torch.nn`` takes it.
     """
     src, dst = get_convention(source), get_convention(target)
-    src.check_momentum(momentum)
     if momentum is None:
+        src.check_momentum(None)
         dst.check_momentum(None)
         return None
+    if isinstance(momentum, (bool, str, bytes)) or not hasattr(momentum, "__float__"):
+        raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__} {momentum!r}")
+    momentum = float(momentum)
     if src.momentum_weighs == dst.momentum_weighs:
         return float(momentum)
     # 1 - m is exact only where m is; round-trip the complement through a string-free

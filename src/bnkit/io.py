@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import logging
 import os
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -48,11 +48,15 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
     spec = str(spec)
     path = Path(spec)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ModelFileError(
+            f"{spec}: is a folder, not a model file (bnkit reads .keras, .h5 and .pt2 files, "
+            "or a package.module:factory spec)"
+        )
     if suffix in (".keras", ".h5", ".hdf5", ".pt2"):
         if weights is not None:
             raise ModelFileError(f"{spec}: weights are only taken with a package.module:factory spec")
-        if not path.is_file():
-            raise ModelFileError(f"{spec}: no such file")
+        _check_readable(path)
         return _load_keras(path) if suffix != ".pt2" else _load_torch_export(path)
     if ":" in spec and not path.exists():
         model = _load_factory(spec)
@@ -65,6 +69,21 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
             "or a package.module:factory spec (with --weights for .pt/.safetensors)"
         )
     raise ModelFileError(f"{spec}: no such file, and not a package.module:factory spec")
+
+
+def _check_readable(path: Path, what: str = "file") -> None:
+    """A file that exists, can be opened and is not empty: each named, not a library's later error."""
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such {what}")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a {what}")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read the {what} ({e.strerror or e})") from e
+    if empty:
+        raise ModelFileError(f"{path}: the {what} is empty (0 bytes: an interrupted copy or download?)")
 
 
 def _one_line(e: BaseException) -> str:
@@ -99,12 +118,30 @@ def _register_bnkit_keras_layers() -> None:
             importlib.import_module(name)
 
 
+def _import(module_name: str):
+    """Import the user's module; from the current folder too, as ``python -m`` would."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        here = os.getcwd()
+        if e.name != top or here in sys.path or not (Path(top).is_dir() or Path(f"{top}.py").is_file()):
+            raise
+        sys.path.insert(0, here)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
+
+
 def _load_factory(spec: str):
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelFileError(f"{spec}: expected package.module:factory, e.g. mymodels:build_net")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as e:
         raise ModelFileError(f"{spec}: cannot import {module_name!r} ({_one_line(e)})") from e
+    except Exception as e:  # the user's module raised while importing: one line, not a traceback
+        raise ModelFileError(f"{spec}: importing {module_name!r} raised {type(e).__name__}: {_one_line(e)}") from e
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelFileError(f"{spec}: {module_name!r} has no callable {attr!r}")
@@ -120,8 +157,7 @@ def _load_factory(spec: str):
 
 
 def _load_weights(model, path: Path) -> None:
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such weights file")
+    _check_readable(path, "weights file")
     suffix = path.suffix.lower()
     if framework_of(model) != "torch":
         raise ModelFileError(f"{path}: weights files are for PyTorch factories; a Keras model carries its own")
@@ -155,44 +191,58 @@ def _load_weights(model, path: Path) -> None:
 
 
 def _load_torch_export(path: Path):
-    import torch
+    """A ``.pt2`` program, read without unpickling or evaluating anything in it (see pt2_archive)."""
+    from bnkit.torch.pt2_archive import ArchiveError, UnsafeArchiveError, read_exported_program
 
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a torch.export program (not a zip archive: truncated, or another format?)")
-    extra = {_BNKIT_META: ""}
-    # torch.export logs a traceback (a warning) before raising on a damaged archive: the one-line error says it
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():  # torch.export's pytree pickling warns about itself
+        with warnings.catch_warnings():  # torch.export's pytree code warns about itself
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            program = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:
-        detail = _one_line(e)
-        if "warnings above" in detail:  # the warnings are the ones silenced above
-            detail = "the archive holds no exported program: a torch.save() file, or another zip?"
-        raise ModelFileError(f"{path}: not a readable torch.export program ({detail})") from e
-    finally:
-        export_log.setLevel(level)
-    meta = json.loads(extra[_BNKIT_META]) if extra[_BNKIT_META] else {}
+            program, extra = read_exported_program(path)
+    except UnsafeArchiveError as e:
+        raise ModelFileError(f"{path}: refused, bnkit runs nothing from a model file: {e}") from e
+    except ArchiveError as e:
+        raise ModelFileError(f"{path}: not a readable torch.export program ({e})") from e
+    try:
+        meta = json.loads(extra.get(_BNKIT_META) or "{}")
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: its {_BNKIT_META} is not valid JSON ({e})") from e
     from bnkit.torch.rebuild import rebuild_exported
 
-    return rebuild_exported(program, meta.get("layers", {}), meta)
+    meta = meta if isinstance(meta, dict) else {}
+    layers = meta.get("layers", {})
+    try:
+        return rebuild_exported(program, layers if isinstance(layers, dict) else {}, meta)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # a damaged bnkit.json or graph
+        raise ModelFileError(f"{path}: its layers cannot be rebuilt ({type(e).__name__}: {_one_line(e)})") from e
 
 
 # ---------------------------------------------------------------------------- writing
 
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse to replace an existing file unless ``force``; the folder must exist."""
+    """Refuse to replace an existing file unless ``force``; the folder must exist and take a new file.
+
+    Writing is tried (a temporary file, removed at once), so a read-only folder, a full disk or a
+    read-only mount is found before any slow work, whoever runs it.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder; give a file name inside it")
     if path.exists() and not force:
         raise ModelFileError(f"{path}: already exists; pass --force to replace it")
-    if not path.parent.exists():
-        raise ModelFileError(f"{path.parent}: no such folder")
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a folder")
+    folder = path.parent
+    if not folder.exists():
+        raise ModelFileError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".probe", dir=folder)
+    except OSError as e:
+        raise ModelFileError(f"{folder}: cannot write in this folder ({e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -33,5 +33,5 @@ def test_argparse_errors_are_one_line(run_cli):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "bnkit summary: error: argument --input-shape: must be positive integers separated by commas, "
-        "like 64,64,1; got '3,x' (see bnkit summary --help)"
+        "like 64,64,1, without the batch dimension; got '3,x' (see bnkit summary --help)"
     ]

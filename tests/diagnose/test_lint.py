@@ -231,3 +231,60 @@ def test_keras_batch_of_one_frozen_and_momentum():
 
     (frozen,) = by_code(bnkit.lint(keras_dense_bn(trainable=False)), "keras-frozen-inference")
     assert frozen.severity == "info" and "inference mode" in frozen.message
+
+
+# ---------------------------------------------------------------- settings both frameworks accept
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), "tiny"])
+def test_torch_eps_not_positive(eps):
+    model = nn.Sequential(nn.BatchNorm2d(4, eps=eps), nn.BatchNorm2d(4))
+    (finding,) = by_code(bnkit.lint(model), "eps-not-positive")
+    assert finding.layer == "0" and finding.severity == "error" and "1e-5" in finding.message
+    # the premise: PyTorch builds the layer, and refuses a training forward pass (NaN: all output NaN)
+    if isinstance(eps, float) and eps != eps:
+        assert torch.isnan(model[0](torch.randn(2, 4, 3, 3))).all()
+        return
+    with pytest.raises((ValueError, TypeError)):
+        model[0](torch.randn(2, 4, 3, 3))
+
+
+def test_torch_momentum_out_of_range():
+    model = nn.Sequential(
+        nn.BatchNorm1d(3, momentum=1.5),
+        BatchNorm2d(3, momentum=-0.1, convention="keras"),
+        nn.BatchNorm1d(3, momentum=torch.tensor(2.0)),
+        nn.BatchNorm1d(3, momentum=1.0),
+        nn.BatchNorm1d(3, momentum=0),
+        nn.BatchNorm1d(3, momentum=None),
+    )
+    findings = bnkit.lint(model)
+    assert [f.layer for f in by_code(findings, "momentum-out-of-range")] == ["0", "1", "2"]
+    assert all(f.severity == "error" for f in by_code(findings, "momentum-out-of-range"))
+    # an out-of-range momentum is not also reported as a literal port
+    assert [f.layer for f in by_code(findings, "momentum-literal-port")] == ["3"]
+    # the premise: PyTorch accepts momentum=1.5, and a batch of small variance makes the running variance negative
+    bn = nn.BatchNorm1d(3, momentum=1.5)
+    bn(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 0.1)
+    assert (bn.running_var < 0).all()
+
+
+def test_clean_settings_have_no_settings_findings():
+    model = nn.Sequential(nn.BatchNorm1d(3, eps=1e-5, momentum=0.1), BatchNorm2d(3, convention="keras"))
+    assert by_code(bnkit.lint(model), "eps-not-positive") == by_code(bnkit.lint(model), "momentum-out-of-range") == []
+
+
+def test_keras_eps_not_positive_and_momentum_out_of_range():
+    inputs = keras.Input((3,))
+    x = keras.layers.BatchNormalization(epsilon=0.0, name="bn_eps")(inputs)
+    x = keras.layers.BatchNormalization(momentum=1.2, name="bn_momentum")(x)
+    findings = bnkit.lint(keras.Model(inputs, x))
+    (eps,) = by_code(findings, "eps-not-positive")
+    (momentum,) = by_code(findings, "momentum-out-of-range")
+    assert (eps.layer, momentum.layer) == ("bn_eps", "bn_momentum")
+    assert "1e-3" in eps.message and "NaN" in eps.message
+    assert by_code(findings, "momentum-literal-port") == []
+    # the premise: Keras builds epsilon=0 and gives NaN for a constant channel in training
+    bn = keras.layers.BatchNormalization(epsilon=0.0)
+    y = numpy(bn(np.array([[1.0, 2.0], [1.0, 3.0]], "float32"), training=True))
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()

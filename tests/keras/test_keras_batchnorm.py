@@ -179,17 +179,64 @@ def test_save_and_load_keras_file(tmp_path):
     [
         ({"convention": "tf"}, ValueError, "'tf'"),
         ({"momentum": None}, ValueError, "momentum=None"),
-        ({"momentum": 1.5, "convention": "torch"}, ValueError, "1.5"),
-        ({"momentum": "fast"}, TypeError, "'fast'"),
-        ({"epsilon": -1.0}, ValueError, "-1.0"),
+        ({"momentum": "fast"}, ValueError, "'fast'"),
+        ({"momentum": [0.9]}, TypeError, "[0.9]"),
+        ({"epsilon": "tiny"}, ValueError, "'tiny'"),
         ({"axis": "channels"}, ValueError, "'channels'"),
-        ({"center": "yes"}, ValueError, "'yes'"),
         ({"renorm": True, "convention": "torch"}, ValueError, "renorm=True"),
     ],
 )
 def test_constructor_errors_quote_the_bad_value(kwargs, error, quoted):
-    with pytest.raises(error, match=quoted.replace(".", r"\.")):
+    with pytest.raises(error, match=quoted.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
         BatchNormalization(**kwargs)
+    if "convention" not in kwargs and kwargs.get("momentum", 0) is not None:
+        with pytest.raises(error):  # Keras refuses them with the same type
+            keras.layers.BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epsilon": 0.0},
+        {"epsilon": -1e-4},
+        {"momentum": 1.5},
+        {"momentum": -0.1},
+        {"momentum": 1},
+        {"momentum": "0.9", "epsilon": "1e-3"},
+        {"momentum": np.float32(0.9)},
+        {"center": "yes", "scale": 0},
+        {"axis": np.int64(1)},
+        {"axis": True},
+    ],
+    ids=repr,
+)
+def test_keras_convention_takes_what_keras_takes_with_keras_result(kwargs):
+    """Keras reads momentum and epsilon with float(), axis with int(), and checks nothing else."""
+    ours, theirs = BatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    for x in [*_batches((4, 3, 3), 2, seed=3), np.full((1, 3, 3), 2.0, "float32")]:  # the last: constant
+        for training in (True, False):
+            np.testing.assert_array_equal(_np(ours(x, training=training)), _np(theirs(x, training=training)))
+    for a, b in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_array_equal(_np(a), _np(b))
+    assert ours.get_config()["momentum"] == theirs.get_config()["momentum"]
+
+
+def test_one_value_per_channel_in_training_keras_convention_gives_beta():
+    ours = BatchNormalization(beta_initializer="ones")
+    x = np.array([[3.0, -7.0, 1e4]], "float32")
+    np.testing.assert_array_equal(_np(ours(x, training=True)), np.ones((1, 3), "float32"))
+
+
+def test_torch_convention_takes_what_torch_takes_and_fails_where_torch_fails():
+    """eps=0 and a momentum outside [0, 1] build; eps=0 is refused in training, after counting."""
+    layer = BatchNormalization(epsilon=0.0, momentum=1.5, convention="torch", name="bn0")
+    x = _batches((4, 3), 1, seed=4)[0]
+    layer(x)  # inference: fine, as torch.nn in eval()
+    with pytest.raises(ValueError, match="bn0: epsilon must be positive when training"):
+        layer(x, training=True)
+    assert int(_np(layer.num_batches_tracked)) == 1
+    with pytest.raises(ValueError, match="epsilon must be non-negative"):
+        BatchNormalization(epsilon=-1.0, convention="torch")(x)
 
 
 def test_call_errors():

@@ -393,3 +393,26 @@ def test_clear_errors():
         ops.batch_norm_triton(x, None, None, use_batch_stats=False)
     with pytest.raises(ValueError, match=r"non-empty input for batch statistics, got shape \(0, 3, 4, 4\)"):
         ops.batch_norm_triton(torch.zeros(0, 3, 4, 4), None, None, use_batch_stats=True)
+
+
+@pytest.mark.parametrize(
+    "shape, make",
+    [
+        ((2, 3, 4, 5), lambda x: x),
+        ((2, 3, 4, 5), lambda x: x.contiguous(memory_format=torch.channels_last)),
+        ((2, 3, 2, 3, 2), lambda x: x.contiguous(memory_format=torch.channels_last_3d)),
+        ((2, 3, 7), lambda x: x),
+        ((6, 5), lambda x: x),
+        ((5, 6), lambda x: x.t()),
+        ((6, 5, 1, 1), lambda x: x),
+        ((2, 3, 4, 5), lambda x: x.transpose(2, 3)),
+        ((1, 3, 4, 5), lambda x: x.contiguous(memory_format=torch.channels_last)),  # contiguous too
+        ((2, 1, 4, 5), lambda x: x.contiguous(memory_format=torch.channels_last)),
+    ],
+)
+def test_the_dispatch_classifies_the_layout_the_kernels_walk(shape, make):
+    from bnkit.kernels.dispatch import memory_format_of
+
+    x = make(torch.randn(shape))
+    walked = "channels_last" if ops._layout_of(x)[1].channels_last else "nchw"
+    assert memory_format_of(x) == walked

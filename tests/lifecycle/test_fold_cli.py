@@ -66,5 +66,21 @@ def test_bad_input_shape_is_one_line_error(run_cli):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "bnkit fold: error: argument --input-shape: must be positive integers separated by commas, "
-        "like 64,64,1; got '3,x' (see bnkit fold --help)"
+        "like 64,64,1, without the batch dimension; got '3,x' (see bnkit fold --help)"
     )
+
+
+def test_fold_says_why_a_batch_norm_was_not_folded(run_cli, tmp_path):
+    proc = run_cli("fold", "bnkit.examples:torch_seed_model", "folded.pt", check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "folded 0 of 1 batch norm into the preceding layer, 1 replaced by ChannelAffine; wrote folded.pt"
+    assert lines[1].startswith(
+        "  BatchNorm2d '2' not folded (replaced by ChannelAffine): its input is the output of ReLU '1', not of a "
+        "Conv/ConvTranspose/Linear (ReLU sits between Conv2d '0' and the batch norm"
+    )
+    import json
+
+    data = json.loads(run_cli("fold", "bnkit.examples:torch_seed_model", "again.pt", "--json", check=True).stdout)
+    assert (data["total"], data["folded"], data["replaced_by_channel_affine"]) == (1, 0, 1)
+    (decision,) = data["batch_norms"]
+    assert decision["outcome"] == "affine" and decision["reason"].startswith("its input is the output of ReLU '1'")

@@ -137,3 +137,54 @@ def test_keras_model_gets_the_biased_statistics_of_the_concatenated_data():
     assert not np.allclose(keras.ops.convert_to_numpy(second.moving_variance), 1.0)  # later layers too
     with pytest.raises(ValueError, match=r"got a batch with 1 value\(s\) per channel"):
         bnkit.recalibrate(model, batches[:1] + [batches[0][:1]], progress=False)  # (1, 3) at the Dense
+
+
+def _two_batchnorms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    for i in (1, 4):
+        _corrupt(model[i])
+    return model
+
+
+def test_an_empty_iterable_is_refused():
+    model = _two_batchnorms()
+    with pytest.raises(ValueError, match=r"recalibrate got no batches \(an empty iterable\?\)"):
+        bnkit.recalibrate(model, [], progress=False)
+    with pytest.raises(ValueError, match="recalibrate got no batches"):
+        bnkit.recalibrate(model, iter(()), progress=False)
+    with pytest.raises(ValueError, match="every batch was empty"):
+        bnkit.recalibrate(model, [torch.empty(0, 3, 4, 4)], progress=False)
+    assert float(model[1].running_mean[0]) == 123.0  # unchanged
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_are_refused_naming_the_layer_and_nothing_changes(bad):
+    model = _two_batchnorms()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches()
+    batches[2][1, 2, 0, 0] = bad  # one value in the third batch: every channel of the 1x1 conv after it
+    message = r"BatchNorm2d '1': the statistics of its input are not finite \(NaN or infinity in channels 0, 1, 2, 3\)"
+    with pytest.raises(ValueError, match=message):
+        bnkit.recalibrate(model, batches, progress=False)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_keras_refuses_an_empty_iterable_and_non_finite_statistics():
+    import numpy as np
+
+    from bnkit.keras import keras
+
+    inputs = keras.Input((4, 4, 3))
+    outputs = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 1)(inputs))
+    model = keras.Model(inputs, outputs)
+    bn = model.layers[-1]
+    bn.moving_mean.assign(np.full(2, 7.0, "float32"))
+    with pytest.raises(ValueError, match=r"recalibrate got no batches \(an empty iterable\?\)"):
+        bnkit.recalibrate(model, [], progress=False)
+    batch = np.random.default_rng(0).normal(size=(4, 4, 4, 3)).astype("float32")
+    batch[0, 0, 0, :] = np.nan
+    with pytest.raises(ValueError, match=r"BatchNormalization '.*': the statistics of its input are not finite"):
+        bnkit.recalibrate(model, [batch], progress=False)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bn.moving_mean), [7.0, 7.0])

@@ -103,6 +103,24 @@ def run(rank, world_size, init_file, out_dir, sizes):
         ddp = nn.parallel.DistributedDataParallel(make_model())
         bnkit.recalibrate(ddp, batches, progress=False)
         result["recalibrated_ddp"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
+        # bias=False, as torch.nn.SyncBatchNorm takes it
+        layer = bt.SyncBatchNorm(CHANNELS, bias=False).train()
+        x = x_local.clone().requires_grad_(True)
+        y = layer(x)
+        (y * target_local).sum().backward()
+        result["no_bias"] = {"output": y.detach(), "input_grad": x.grad, "running_var": layer.running_var.clone()}
+        # one value per channel in the whole group: rank 0 holds one sample, the others none
+        one = torch.full((1 if rank == 0 else 0, CHANNELS), 2.0)
+        result["one_value"] = {}
+        for convention in ("torch", "keras"):
+            layer = make_layer(bt.SyncBatchNorm, convention).train()
+            try:
+                outcome = ("ok", layer(one).detach())
+            except ValueError as error:
+                outcome = ("ValueError", str(error))
+            result["one_value"][convention] = (
+                *outcome, int(layer.num_batches_tracked), layer.running_mean.clone(), layer.running_var.clone()
+            )
         if rank == 0:  # eval() on one rank alone: no collective, or this would wait for the others
             layer = bt.SyncBatchNorm(CHANNELS, track_running_stats=False).eval()
             result["eval_alone"] = (x_local, layer(x_local))

@@ -154,3 +154,69 @@ def test_convert_sync_keeps_the_process_group_of_a_torch_sync_batchnorm():
     assert converted[0].process_group is group and converted[1].process_group is None
     other = object()
     assert bt.convert_sync(nn.SyncBatchNorm(2, process_group=group), other).process_group is other
+
+
+def test_bias_false_as_torch_nn(world):
+    sizes, results = world
+    x_all, target_all = make_data(sizes)
+    single = nn.BatchNorm2d(x_all.shape[1], bias=False).train()
+    x = x_all.clone().requires_grad_(True)
+    y = single(x)
+    (y * target_all).sum().backward()
+    torch.testing.assert_close(torch.cat([r["no_bias"]["output"] for r in results]), y.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([r["no_bias"]["input_grad"] for r in results]), x.grad, **TOL)
+    for r in results:
+        torch.testing.assert_close(r["no_bias"]["running_var"], single.running_var, **TOL)
+
+
+def test_one_value_in_the_whole_group(world):
+    """torch convention: refused after counting the batch, as torch.nn; keras: beta, as Keras."""
+    _, results = world
+    for r in results:
+        outcome, message, count, _, _ = r["one_value"]["torch"]
+        assert outcome == "ValueError" and "more than 1 value per channel" in message and count == 1
+    keras_outcomes = [r["one_value"]["keras"] for r in results]
+    assert all(o[0] == "ok" for o in keras_outcomes)
+    reference = make_layer(bt.BatchNorm1d, "keras").train()
+    beta = reference.bias.detach()
+    expected = reference(torch.full((1, beta.numel()), 2.0))
+    torch.testing.assert_close(keras_outcomes[0][1], expected, rtol=0, atol=0)
+    torch.testing.assert_close(keras_outcomes[0][1][0], beta, rtol=0, atol=0)
+    for o in keras_outcomes:  # every rank updates the same statistics
+        assert o[2] == 1
+        torch.testing.assert_close(o[3], reference.running_mean, **TOL)
+        torch.testing.assert_close(o[4], reference.running_var, **TOL)
+
+
+def test_sync_batchnorm_is_a_torch_sync_batchnorm_with_its_signature():
+    import inspect
+
+    layer = bt.SyncBatchNorm(4, bias=False, process_group=None)
+    assert isinstance(layer, nn.SyncBatchNorm) and layer.bias is None
+    theirs = list(inspect.signature(nn.SyncBatchNorm).parameters.items())
+    ours = list(inspect.signature(bt.SyncBatchNorm).parameters.items())
+    assert [name for name, _ in ours[: len(theirs)]] == [name for name, _ in theirs]
+    for (name, p), (_, q) in zip(theirs, ours, strict=False):
+        assert p.kind == q.kind, name
+    assert [name for name, _ in ours[len(theirs):]] == ["convention"]
+    assert repr(layer) == repr(nn.SyncBatchNorm(4, bias=False))
+    # no process group: a plain batch norm, any rank from 2, as torch.nn.SyncBatchNorm
+    x = torch.randn(3, 4, 2, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x), nn.SyncBatchNorm(4, bias=False)(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        layer(torch.randn(4))
+    with pytest.raises(ValueError, match="number of input channels should be non-zero"):
+        bt.SyncBatchNorm(0)(torch.randn(2, 0, 3))
+
+
+def test_convert_sync_batchnorm_classmethod_keeps_conventions_and_bias():
+    model = nn.Sequential(nn.BatchNorm2d(2, bias=False), bt.BatchNorm1d(3, convention="keras"),
+                          nn.Sequential(nn.SyncBatchNorm(2)))
+    converted = bt.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model
+    assert all(type(m) is bt.SyncBatchNorm for m in (model[0], model[1], model[2][0]))
+    assert model[0].bias is None and model[0].weight is not None
+    assert [m.convention.name for m in (model[0], model[1], model[2][0])] == ["torch", "keras", "torch"]
+    single = bt.SyncBatchNorm.convert_sync_batchnorm(bt.BatchNorm2d(2))
+    assert type(single) is bt.SyncBatchNorm
+    assert bt.convert_sync_batchnorm is bt.convert_sync

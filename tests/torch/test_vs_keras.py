@@ -209,3 +209,21 @@ def test_keras_convention_channels_last_is_as_accurate_as_contiguous():
     # float32 rounding of a normalised value: a few ulps of |y| <= ~4
     assert (out.double() - reference).abs().max() < 2e-6
     torch.testing.assert_close(layer.running_mean.double(), 0.01 * mean, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("eps, momentum", [(0.0, 0.9), (-1e-4, 0.9), (1e-3, -0.1), (1e-3, 1.01)])
+def test_settings_keras_accepts_give_keras_results(eps, momentum):
+    """Keras builds and trains with eps <= 0 and a momentum outside [0, 1]: so does the Keras convention
+    (eps <= 0 by Keras' own formula term by term: PyTorch's kernel refuses it)."""
+    shape = SHAPES["N,C,H,W"]
+    ours, theirs = _pair(shape, momentum, eps)
+    _train_then_infer(ours, theirs, shape, "contiguous")
+
+
+def test_zero_variance_with_eps_zero_is_nan_as_in_keras():
+    ours, theirs = _pair((4, 3), 0.9, 0.0)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    x[:, 1] = 2.5  # a constant channel
+    y, y_keras = ours(x), theirs(x, training=True)
+    assert torch.isnan(y[:, 1]).all() and torch.isnan(y_keras[:, 1]).all()
+    _close(y[:, [0, 2]], y_keras[:, [0, 2]], _ulps(y_keras[:, [0, 2]]), "the other channels")

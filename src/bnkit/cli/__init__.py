@@ -8,8 +8,12 @@ Command modules import frameworks inside ``run`` so that ``bnkit --help`` stays 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
+import re
+import signal
 import sys
 
 from bnkit import __version__
@@ -52,25 +56,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _valued_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string, of the parser and its sub-commands, that takes a value."""
+    options = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                options |= _valued_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            options.update(action.option_strings)
+    return options
+
+
+def _attach_negative_values(argv: list[str], options: set[str]) -> list[str]:
+    """``--input-shape -1,3`` -> ``--input-shape=-1,3``: argparse takes ``-1,3`` (or ``-1e-3``) for an
+    option and says "expected one argument"; joined, the option's own check explains the value."""
+    joined: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks remove partial files, as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise _Terminated()
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout is gone (``| head -1``): send what is left, and Python's last flush, nowhere."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _stdout_is_devnull() -> bool:
+    try:
+        out, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_attach_negative_values(argv, _valued_options(parser)))
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    from bnkit.inputs import InputError
     from bnkit.io import ModelFileError
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        return int(args._run(args) or 0)
-    except CLIError as e:
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit handler
+        return status
+    except (CLIError, ModelFileError, InputError) as e:
         print(f"bnkit {args.command}: error: {e}", file=sys.stderr)
-        return e.status
-    except ModelFileError as e:
-        print(f"bnkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.status if isinstance(e, CLIError) else 2
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
+    except SystemExit as e:  # rich's Console exits with 1 on a closed pipe, after the same redirection
+        if e.code == 1 and _stdout_is_devnull():
+            return 128 + signal.SIGPIPE
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

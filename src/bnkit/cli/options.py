@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-__all__ = ["parse_shape", "parse_shapes", "add_model"]
+__all__ = ["parse_shape", "parse_shapes", "parse_seed", "parse_positive", "parse_tolerance", "add_model"]
 
 _EXAMPLE = "64,64,1"
 
@@ -19,10 +19,49 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
+        hint = (
+            " (-1 is not a size: leave the batch dimension out and give every other one)"
+            if any(d < 0 for d in shape)
+            else ""
+        )
         raise argparse.ArgumentTypeError(
-            f"must be positive integers separated by commas, like {_EXAMPLE}; got {text!r}"
+            f"must be positive integers separated by commas, like {_EXAMPLE}, without the batch dimension; "
+            f"got {text!r}{hint}"
         )
     return shape
+
+
+def parse_seed(text: str) -> int:
+    """A random seed: a non-negative integer (NumPy's generators refuse negative ones)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return seed
+
+
+def parse_positive(text: str) -> int:
+    """A count (batch size, channels...): a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def parse_tolerance(text: str) -> float:
+    """A tolerance: a finite non-negative number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite non-negative number, got {text!r}")
+    return value
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:

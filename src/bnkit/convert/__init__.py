@@ -19,15 +19,32 @@ __all__ = ["keras_to_torch", "torch_to_keras", "UnsupportedLayerError"]
 
 
 def keras_to_torch(keras_model, *, semantics="source"):
-    from bnkit.convert._from_keras import keras_to_torch as convert
+    _expect(keras_model, "keras", "keras_to_torch")
+    from bnkit.convert.keras_walker import keras_to_torch as convert
 
     return convert(keras_model, semantics=semantics)
 
 
 def torch_to_keras(module, input_shape, *, semantics="source"):
-    from bnkit.convert._from_torch import torch_to_keras as convert
+    _expect(module, "torch", "torch_to_keras")
+    from bnkit.convert.torch_walker import torch_to_keras as convert
 
     return convert(module, input_shape, semantics=semantics)
+
+
+def _expect(model, framework: str, function: str) -> None:
+    """A ``TypeError`` that names the framework expected, for a model of the other one (or none)."""
+    from bnkit.frameworks import is_keras_model, is_torch_module
+
+    keras = is_keras_model(model)  # first: on the torch backend a Keras model is an nn.Module too
+    if (framework == "keras") == keras and (keras or is_torch_module(model)):
+        return
+    got = "a Keras model" if keras else "a PyTorch module" if is_torch_module(model) else "an object"
+    if framework == "keras":
+        fix = " (use torch_to_keras(module, input_shape) for a PyTorch module)" if got == "a PyTorch module" else ""
+        raise TypeError(f"{function} converts a Keras 3 model; got {got} of type {type(model).__name__}{fix}")
+    fix = " (use keras_to_torch(model) for a Keras model)" if keras else ""
+    raise TypeError(f"{function} converts a PyTorch torch.nn.Module; got {got} of type {type(model).__name__}{fix}")
 
 
 keras_to_torch.__doc__ = """Convert a Keras 3 functional or Sequential model to a ``torch.fx.GraphModule``.

@@ -30,13 +30,29 @@ SEMANTICS = ("source", "target")
 
 
 class UnsupportedLayerError(ValueError):
-    """A layer (or operation) the converter cannot translate exactly."""
+    """A layer (or operation) the converter cannot translate exactly.
 
-    def __init__(self, name: str, kind: str, reason: str) -> None:
-        super().__init__(f"cannot convert layer {name!r} ({kind}): {reason}")
+    ``layer_name`` and ``layer_type`` name the layer as the user wrote it: a Keras layer's name
+    (``outer/inner`` inside a nested model) and class, a PyTorch module's path (``"features.2"``,
+    ``""`` for the model itself) and class. For a function, operator or tensor method called in a
+    module's ``forward``, ``operation`` says which (``"torch.flatten()"``) and ``location`` where
+    (``"resnet.py:280"``), and ``layer_*`` name the module whose ``forward`` calls it.
+    """
+
+    def __init__(
+        self, name: str, kind: str, reason: str, *, operation: str | None = None, location: str | None = None
+    ) -> None:
+        if operation is None:
+            what = f"layer {name!r} ({kind})"
+        else:
+            owner = f"{name!r} ({kind})" if name else f"the model ({kind})"
+            what = f"{operation} in the forward of {owner}" + (f", at {location}" if location else "")
+        super().__init__(f"cannot convert {what}: {reason}")
         self.layer_name = name
         self.layer_type = kind
         self.reason = reason
+        self.operation = operation
+        self.location = location
 
 
 def check_semantics(semantics):

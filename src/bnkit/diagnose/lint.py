@@ -32,6 +32,15 @@
     literally. PyTorch's ``m`` is Keras' ``1 - m`` (:func:`bnkit.translate_momentum`).
     Not for bnkit's layers that declare the other framework's convention (what
     ``bnkit.convert`` produces to keep the source's semantics): their number is meant that way.
+``eps-not-positive`` (error)
+    ``eps <= 0`` (or not a number): PyTorch refuses a training forward pass ("eps must be
+    positive during training") and, in ``eval()``, divides by zero for a channel whose running
+    variance is 0; Keras gives NaN for a channel with zero batch variance (a constant or dead
+    channel). Both frameworks build such a layer without complaint.
+``momentum-out-of-range`` (error)
+    A momentum outside [0, 1]: one of the two update weights is negative, so the running
+    statistics extrapolate instead of averaging (and diverge once a weight's magnitude passes 1).
+    Both frameworks accept it.
 ``eps-mismatch`` (info)
     BN layers of one model with different ``eps``: often a half-finished port (PyTorch's
     default is 1e-5, Keras' 1e-3).
@@ -174,6 +183,8 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
             )
 
     for name, bn in bns:
+        if bn.momentum is None or not _in_unit_interval(bn.momentum):  # out of range: its own finding
+            continue
         convention = getattr(bn, "convention", None)
         if bn.momentum is None or (convention is not None and convention.momentum_weighs != "new"):
             continue  # a bnkit layer that declares Keras' meaning (bnkit.convert keeps it): not a literal copy
@@ -182,7 +193,8 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
         if new_weight >= 0.5:
             findings.append(_momentum_finding(name, _describe(bn), bn.momentum, new_weight, weighs_new))
 
-    findings += _eps_mismatch([(name, bn.eps) for name, bn in bns])
+    findings += _settings_findings([(name, _describe(bn), bn.eps, bn.momentum) for name, bn in bns], keras=False)
+    findings += _eps_mismatch([(name, bn.eps) for name, bn in bns if _number(bn.eps) is not None])
     return findings
 
 
@@ -311,6 +323,8 @@ def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
             )
 
     for name, bn in bns:
+        if bn.momentum is None or not _in_unit_interval(bn.momentum):  # out of range: its own finding
+            continue
         # bnkit.keras.BatchNormalization(convention="torch") declares PyTorch's meaning (bnkit.convert
         # keeps it): its number is not a literal copy
         convention = getattr(bn, "convention", None)
@@ -321,6 +335,9 @@ def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
         if new_weight >= 0.5:
             findings.append(_momentum_finding(name, _describe_keras(bn), bn.momentum, new_weight, weighs_new))
 
+    findings += _settings_findings(
+        [(name, _describe_keras(bn), bn.epsilon, bn.momentum) for name, bn in bns], keras=True
+    )
     findings += _eps_mismatch([(name, bn.epsilon) for name, bn in bns])
     return findings
 
@@ -463,3 +480,61 @@ def _eps_mismatch(named_eps) -> list[Finding]:
             "info",
         )
     ]
+
+
+# --------------------------------------------------------------------------- settings both frameworks accept
+
+
+def _number(value) -> float | None:
+    """``value`` as a float (a 0-d tensor, a NumPy scalar, a numeric string), or None."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _in_unit_interval(momentum) -> bool:
+    m = _number(momentum)
+    return m is not None and 0.0 <= m <= 1.0
+
+
+def _settings_findings(layers, *, keras: bool) -> list[Finding]:
+    """``eps-not-positive`` and ``momentum-out-of-range`` for ``(name, description, eps, momentum)``."""
+    findings = []
+    for name, description, eps, momentum in layers:
+        value = _number(eps)
+        if value is None or not value > 0:
+            shown = f"{eps!r}" if value is None else f"{value:g}"
+            consequence = (
+                "a channel whose batch variance is 0 (a constant or dead channel) normalises to NaN"
+                if keras
+                else "PyTorch refuses every training forward pass (eps must be positive during training), "
+                "and in eval() a channel whose running variance is 0 divides by zero"
+            )
+            default = "1e-3 (Keras' default)" if keras else "1e-5 (PyTorch's default)"
+            findings.append(
+                Finding(
+                    "eps-not-positive",
+                    name,
+                    f"{description} has eps={shown}, which the framework accepts when building the layer: "
+                    f"{consequence}. Use a small positive eps such as {default}.",
+                    "error",
+                )
+            )
+        if momentum is None:
+            continue
+        m = _number(momentum)
+        if m is None or not 0.0 <= m <= 1.0:
+            shown = f"{momentum!r}" if m is None else f"{m:g}"
+            findings.append(
+                Finding(
+                    "momentum-out-of-range",
+                    name,
+                    f"{description} has momentum={shown}, outside [0, 1]: one of the running-statistics "
+                    "update weights (momentum and 1 - momentum) is negative, so the running mean and "
+                    "variance extrapolate instead of averaging (a negative variance is possible) and diverge "
+                    "once a weight's magnitude passes 1. Both frameworks accept it without complaint.",
+                    "error",
+                )
+            )
+    return findings

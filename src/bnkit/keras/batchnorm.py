@@ -73,18 +73,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if isinstance(convention, dict):  # from get_config() of a custom convention
             convention = Convention(**convention)
         conv = get_convention(convention)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(f"axis must be an int (the channel axis), got {axis!r}")
         if epsilon is None:
             epsilon = conv.eps
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
         if isinstance(momentum, str) and momentum == _DEFAULT:
             momentum = conv.momentum
-        conv.check_momentum(momentum)
-        for name, value in (("center", center), ("scale", scale)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if momentum is None:
+            conv.check_momentum(None)  # a cumulative average only where the convention has one
+        # Keras reads these with int() and float() and checks nothing more (epsilon=0, a momentum
+        # outside [0, 1], center="yes" all build): take what it takes, quote what it refuses
+        for name, value, read, what in (
+            ("axis", axis, int, "an int (the channel axis)"),
+            ("epsilon", epsilon, float, "a float"),
+            ("momentum", 0.0 if momentum is None else momentum, float, "a float"),
+        ):
+            try:
+                read(value)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{name} must be {what}, got {type(value).__name__} {value!r}") from None
         native = conv == KERAS
         if not native:
             for option in ("renorm", "synchronized"):
@@ -127,9 +132,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
         beta = ops.cast(self.beta, compute_dtype) if self.center else None
 
         if training and self.trainable:
+            if self.num_batches_tracked is not None:  # counted before any refusal, as torch.nn counts
+                self.num_batches_tracked.assign(self.num_batches_tracked + 1)
+            if not self.epsilon > 0:
+                raise ValueError(
+                    f"{self.name}: epsilon must be positive when training in the {self.convention.name} "
+                    f"convention (as PyTorch's eps), got {self.epsilon!r}"
+                )
             mean, variance, count = self._batch_moments(x)
             self._update_moving_statistics(mean, variance, count)
         else:
+            if self.epsilon < 0:
+                raise ValueError(f"{self.name}: epsilon must be non-negative, got {self.epsilon!r}")
             mean = ops.cast(self.moving_mean, compute_dtype)
             variance = ops.cast(self.moving_variance, compute_dtype)
 
@@ -160,8 +174,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _update_moving_statistics(self, mean, variance, count):
         conv = self.convention
         dtype = mean.dtype
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.assign(self.num_batches_tracked + 1)
         if self.momentum is None:
             new = 1.0 / ops.cast(self.num_batches_tracked, dtype)
             old = 1.0 - new

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnkit.keras import keras
+from bnkit.lifecycle.fold import FoldDecision
 from bnkit.lifecycle.keras_layers import ChannelAffine
 
 # keras.Model(inputs, outputs) builds one; it has no public name (and keras must come through bnkit.keras)
@@ -41,9 +42,11 @@ def _nodes_in(model):
                 yield op, node
 
 
-def _foldable_pairs(model) -> dict[int, object]:
-    """``id(batch norm) -> producer layer`` for every batch norm that can be folded."""
+def _foldable_pairs(model) -> tuple[dict[int, object], dict[int, str]]:
+    """``id(batch norm) -> producer layer`` for every batch norm that can be folded, and
+    ``id(batch norm) -> why not`` for the others."""
     pairs: dict[int, object] = {}
+    reasons: dict[int, str] = {}
     graphs = [model] + [m for m in model._flatten_layers(include_self=False, recursive=True)
                         if isinstance(m, keras.Model)]
     # a built Sequential keeps its graph in a Functional of its own; it lists no operations
@@ -56,29 +59,64 @@ def _foldable_pairs(model) -> dict[int, object]:
             calls[id(op)] = calls.get(id(op), 0) + 1
     for graph in graphs:
         nodes = list(_nodes_in(graph))
-        readers: dict[int, int] = {}
-        for _, node in nodes:
-            for tensor in node.input_tensors:
-                readers[id(tensor)] = readers.get(id(tensor), 0) + 1
-        for tensor in keras.tree.flatten(getattr(graph, "outputs", None) or []):
-            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+        readers: dict[int, list[str]] = {}
         for op, node in nodes:
-            if not isinstance(op, keras.layers.BatchNormalization) or calls[id(op)] != 1:
+            for tensor in node.input_tensors:
+                readers.setdefault(id(tensor), []).append(_layer(op))
+        for tensor in keras.tree.flatten(getattr(graph, "outputs", None) or []):
+            readers.setdefault(id(tensor), []).append("the model's output")
+        for op, node in nodes:
+            if not isinstance(op, keras.layers.BatchNormalization):
+                continue
+            if calls[id(op)] != 1:
+                reasons[id(op)] = f"it is called {calls[id(op)]} times (shared): each call would need its own fold"
                 continue
             if len(node.input_tensors) != 1:
+                reasons[id(op)] = "it is called with more than one input"
                 continue
             tensor = node.input_tensors[0]
-            producer = tensor._keras_history.operation
-            if (
-                isinstance(producer, _FOLDABLE)
-                and calls.get(id(producer)) == 1
-                and readers.get(id(tensor)) == 1
-                and producer.get_config().get("activation") == "linear"
-                and len(producer.get_weights()) in (1, 2)  # kernel[, bias]: no LoRA, not quantised
-                and op.axis % len(tensor.shape) == _channel_axis(producer, len(tensor.shape))
-            ):
-                pairs[id(op)] = producer
-    return pairs
+            problem = _pair_problem(op, tensor, tensor._keras_history.operation, calls, readers)
+            if problem is None:
+                pairs[id(op)] = tensor._keras_history.operation
+            else:
+                reasons[id(op)] = problem
+    return pairs, reasons
+
+
+def _layer(layer) -> str:
+    return f"{type(layer).__name__} {layer.name!r}"
+
+
+def _pair_problem(bn, tensor, producer, calls, readers) -> str | None:
+    """Why ``bn`` cannot fold into ``producer``, the layer that computes its input ``tensor``, or ``None``."""
+    if isinstance(producer, keras.layers.InputLayer):
+        return "its input is the model's input: no layer comes before it"
+    if not isinstance(producer, _FOLDABLE):
+        return f"its input is the output of {_layer(producer)}, not of a Conv/ConvTranspose/Dense"
+    if calls.get(id(producer)) != 1:
+        return f"{_layer(producer)} is called {calls.get(id(producer))} times (shared weights)"
+    if len(readers.get(id(tensor), [])) != 1:
+        others = [r for r in readers.get(id(tensor), []) if r != _layer(bn)]
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return (
+            f"the output of {_layer(producer)} is also used by {shown}, which would see the folded values "
+            "(a residual or skip connection?)"
+        )
+    activation = producer.get_config().get("activation")
+    if activation != "linear":
+        return (
+            f"{_layer(producer)} applies activation={activation!r} before the batch norm: folding needs its "
+            "linear output (activation=None, and the activation after the batch norm)"
+        )
+    if len(producer.get_weights()) not in (1, 2):
+        return f"{_layer(producer)} holds more than a kernel and a bias (LoRA or quantised weights)"
+    rank = len(tensor.shape)
+    if bn.axis % rank != _channel_axis(producer, rank):
+        return (
+            f"the batch norm normalises axis {bn.axis % rank}, {_layer(producer)} puts its channels on "
+            f"axis {_channel_axis(producer, rank)}"
+        )
+    return None
 
 
 def _copy_layer(layer, weights=None, **config_changes):
@@ -103,7 +141,7 @@ def fold_keras(model):
             f"fold_bn folds Keras functional and Sequential models; {model.name!r} is a subclassed "
             f"{type(model).__name__} whose call() is Python code that clone_model cannot rebuild"
         )
-    pairs = _foldable_pairs(model)
+    pairs, reasons = _foldable_pairs(model)
     folded_producers = {id(producer): bn for bn_id, producer in pairs.items()
                         for bn in batchnorms(model) if id(bn) == bn_id}
 
@@ -136,8 +174,17 @@ def fold_keras(model):
         return layer(*args, **kwargs)
 
     if isinstance(model, keras.Sequential):  # layers are listed, not called, when cloning a Sequential
-        return keras.models.clone_model(model, clone_function=clone, recursive=True)
-    return keras.models.clone_model(model, clone_function=clone, call_function=call, recursive=True)
+        folded = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    else:
+        folded = keras.models.clone_model(model, clone_function=clone, call_function=call, recursive=True)
+    decisions = []
+    for bn in batchnorms(model):
+        if id(bn) in pairs:
+            decisions.append(FoldDecision(bn.name, type(bn).__name__, "folded", into=(pairs[id(bn)].name,)))
+        else:
+            reason = reasons.get(id(bn), "it is never called, so no layer before it is known")
+            decisions.append(FoldDecision(bn.name, type(bn).__name__, "affine", reason=reason))
+    return folded, decisions
 
 
 def batchnorms(model):

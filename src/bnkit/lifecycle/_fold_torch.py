@@ -20,6 +20,7 @@ from bnkit.lifecycle._torch_bn import (
     replace_module,
     require_running_stats,
 )
+from bnkit.lifecycle.fold import FoldDecision
 from bnkit.torch.affine import ChannelAffine
 from bnkit.torch.tracing import BatchNormLeafTracer
 
@@ -101,13 +102,14 @@ def _affine_for(bn: _BatchNorm) -> ChannelAffine:
     return ChannelAffine(scale.to(dtype), shift.to(dtype))
 
 
-def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
+def fold_torch(model: nn.Module, *, example_inputs=None) -> tuple[nn.Module, list[FoldDecision]]:
     found = batchnorms(model)
     for name, bn in found:
         require_running_stats(name, bn, "fold")
     model = copy.deepcopy(model).eval()
     if isinstance(model, _BatchNorm):
-        return _affine_for(model)
+        reason = "the model is the batch norm itself: there is no layer to fold it into"
+        return _affine_for(model), [_decision("", model, "affine", reason=reason)]
     try:
         graph_module = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as error:  # torch.fx raises many kinds for untraceable Python
@@ -117,16 +119,17 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
             "inside an nn.Sequential and replaces the others by ChannelAffine",
             stacklevel=3,
         )
-        return _fold_sequential(model)
+        return _fold_sequential(model, f"torch.fx could not trace {type(model).__name__} ({type(error).__name__})")
     if example_inputs is not None:
         if not isinstance(example_inputs, (tuple, list)):
             example_inputs = (example_inputs,)
         with torch.no_grad():
             ShapeProp(graph_module).propagate(*example_inputs)
     read = _read_as_tensors(graph_module)
-    plan = _plan(graph_module, read, shapes_known=example_inputs is not None)
+    plan, reasons = _plan(graph_module, read, shapes_known=example_inputs is not None)
     # The graph only decides; the deep copy keeps its own class and forward, with each batch
     # norm swapped for nn.Identity (folded) or a ChannelAffine (not foldable).
+    decisions = []
     for name, bn in batchnorms(model):
         if name in read:
             warnings.warn(
@@ -134,6 +137,8 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
                 "(e.g. F.batch_norm(x, self.bn.running_mean, ...)), so it is left as it is",
                 stacklevel=3,
             )
+            reason = "forward reads its tensors directly (F.batch_norm(x, self.bn.running_mean, ...))"
+            decisions.append(_decision(name, bn, "kept", reason=reason))
             continue
         producers = plan.get(name)
         if producers:
@@ -142,9 +147,20 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> nn.Module:
                 fold_into(model.get_submodule(producer), scale, shift)
             linear = any(isinstance(model.get_submodule(p), nn.Linear) for p in producers)
             model = replace_module(model, name, _folded(name, linear and example_inputs is None))
+            decisions.append(_decision(name, bn, "folded", into=producers))
         else:
             model = replace_module(model, name, _affine_for(bn))
-    return model
+            reason = reasons.get(name, "forward never calls it, so no layer before it is known")
+            decisions.append(_decision(name, bn, "affine", reason=reason))
+    return model, decisions
+
+
+def _decision(name: str, bn: nn.Module, outcome: str, *, into=(), reason: str = "") -> FoldDecision:
+    return FoldDecision(name=name, type=type(bn).__name__, outcome=outcome, into=tuple(into), reason=reason)
+
+
+def _layer(name: str, module: nn.Module) -> str:
+    return f"{type(module).__name__} {name!r}"
 
 
 def _computes_plainly(layer: nn.Module) -> bool:
@@ -154,18 +170,33 @@ def _computes_plainly(layer: nn.Module) -> bool:
     return not parametrize.is_parametrized(layer) and not layer._forward_hooks and not layer._forward_pre_hooks
 
 
-def _foldable_pair(layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) -> bool:
-    if not isinstance(layer, FOLDABLE) or _out_channels(layer) != bn.num_features:
-        return False
+def _pair_problem(name: str, layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) -> str | None:
+    """Why ``bn`` cannot fold into ``layer`` (the layer whose output it normalises), or ``None``."""
+    if not isinstance(layer, FOLDABLE):
+        return f"its input is the output of {_layer(name, layer)}, not of a Conv/ConvTranspose/Linear"
+    if _out_channels(layer) != bn.num_features:
+        return f"{_layer(name, layer)} has {_out_channels(layer)} output channels, the batch norm {bn.num_features}"
+    if parametrize.is_parametrized(layer):
+        return f"{_layer(name, layer)} has a parametrization (weight_norm, spectral_norm...) that rebuilds its weight"
     if not _computes_plainly(layer):
-        return False
+        return f"{_layer(name, layer)} has forward hooks, which may change its input, weight or output"
     if isinstance(layer, nn.Linear):
         # Linear maps the last axis, a batch norm normalises axis 1: they agree only on (N, C)
         if isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)):
-            return False  # 4-D / 5-D input, even when its last axis has C entries
+            return (
+                f"{_layer(name, layer)} maps the last axis of its input, {type(bn).__name__} normalises axis 1 "
+                "of a 4-D or 5-D one"
+            )
         if output_ndim is not None and output_ndim != 2:
-            return False  # (N, C, L) with C = out_features would normalise the wrong axis
-    return True
+            return (
+                f"the output of {_layer(name, layer)} is {output_ndim}-D: the Linear maps its last axis, the "
+                "batch norm normalises axis 1"
+            )
+    return None
+
+
+def _foldable_pair(layer: nn.Module, bn: _BatchNorm, output_ndim: int | None) -> bool:
+    return _pair_problem("", layer, bn, output_ndim) is None
 
 
 def _read_as_tensors(gm: torch.fx.GraphModule) -> set[str]:
@@ -186,11 +217,13 @@ def _asks_metadata(node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("size", "dim")
 
 
-def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool) -> dict[str, list[str]]:
-    """``batch norm name -> the layers it folds into``, for batch norms foldable at every call."""
+def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool):
+    """``batch norm name -> the layers it folds into`` for the batch norms foldable at every call,
+    and ``batch norm name -> why not`` for the others."""
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     plan: dict[str, list[str] | None] = {}
+    reasons: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
             continue
@@ -199,37 +232,97 @@ def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool) -> di
         ndim = None
         if shapes_known and isinstance(source, torch.fx.Node) and "tensor_meta" in source.meta:
             ndim = len(source.meta["tensor_meta"].shape)
-        foldable = (
-            isinstance(source, torch.fx.Node)
-            and source.op == "call_module"
-            and len(source.users) == 1  # nothing else reads the un-normalised output
-            and calls[source.target] == 1  # a layer called twice would fold for both calls
-            and source.target not in read  # nor may its weight be read elsewhere
-            and _foldable_pair(modules[source.target], bn, ndim)
-        )
+        problem = _source_problem(node, source, modules, calls, read, bn, ndim)
         sites = plan.setdefault(node.target, [])
-        if sites is None or not foldable:
+        if problem is not None:
+            if node.target not in reasons:
+                prefix = f"at one of its {calls[node.target]} calls, " if calls[node.target] > 1 else ""
+                reasons[node.target] = prefix + problem
             plan[node.target] = None  # a batch norm is one module: every call must fold, or none
-        elif source.target not in sites:
+        elif sites is not None and source.target not in sites:
             sites.append(source.target)
-    return {name: sites for name, sites in plan.items() if sites}
+    return {name: sites for name, sites in plan.items() if sites}, reasons
 
 
-def _fold_sequential(model: nn.Module) -> nn.Module:
+def _source_problem(node, source, modules, calls, read, bn, ndim) -> str | None:
+    """Why the batch norm called at ``node`` cannot fold into what computes its input, or ``None``."""
+    if source is None:
+        return "it is called with more than its input"
+    if not isinstance(source, torch.fx.Node):
+        return "its input is a constant, not a layer's output"
+    if source.op == "placeholder":
+        return "its input is the model's input: no layer comes before it"
+    if source.op != "call_module":
+        what = f"the tensor method .{source.target}()" if source.op == "call_method" else _function(source)
+        return f"its input is computed by {what}, not by a Conv/ConvTranspose/Linear module"
+    name, layer = source.target, modules[source.target]
+    problem = _pair_problem(name, layer, bn, ndim)
+    if problem is not None and not isinstance(layer, FOLDABLE):
+        before = source.args[0] if source.args else None
+        called = isinstance(before, torch.fx.Node) and before.op == "call_module"
+        layer_before = modules[before.target] if called else None
+        if isinstance(layer_before, FOLDABLE):
+            problem += (
+                f" ({type(layer).__name__} sits between {_layer(before.target, layer_before)} and "
+                "the batch norm; folding needs the batch norm right after that layer)"
+            )
+        return problem
+    if len(source.users) > 1:
+        others = [_reader(user, modules) for user in source.users if user is not node]
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return (
+            f"the output of {_layer(name, layer)} is also used by {shown}, which would see the folded values "
+            "(a residual or skip connection?)"
+        )
+    if calls[name] > 1:
+        return f"{_layer(name, layer)} is called {calls[name]} times (shared weights): folding would change every call"
+    if name in read:
+        return f"forward reads the tensors of {_layer(name, layer)} directly (e.g. F.conv2d(x, self.conv.weight))"
+    return problem
+
+
+def _function(node: torch.fx.Node) -> str:
+    target = node.target
+    module = getattr(target, "__module__", None) or ""
+    aliases = {"torch._C._nn": "F", "torch.nn.functional": "F", "torch._C._VariableFunctions": "torch"}
+    short = aliases.get(module, module)
+    return f"{short + '.' if short else ''}{getattr(target, '__name__', str(target))}()"
+
+
+def _reader(node: torch.fx.Node, modules) -> str:
+    if node.op == "call_module":
+        return _layer(node.target, modules[node.target])
+    if node.op == "output":
+        return "the model's output"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return _function(node)
+
+
+def _fold_sequential(model: nn.Module, untraced: str) -> tuple[nn.Module, list[FoldDecision]]:
     # a layer or batch norm registered under a second name may be called from there as well
     registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    names = {id(m): n for n, m in model.named_modules()}
+    folded: dict[int, FoldDecision] = {}
+    problems: dict[int, str] = {}
     for parent in list(model.modules()):
         if type(parent) is not nn.Sequential:
             continue
         children = list(parent._modules.items())
         for (_, layer), (bn_name, bn) in zip(children, children[1:], strict=False):
-            if (
-                isinstance(bn, _BatchNorm)
-                and _foldable_pair(layer, bn, None)
-                and registrations[id(layer)] == registrations[id(bn)] == 1
-            ):
+            if not isinstance(bn, _BatchNorm):
+                continue
+            problem = _pair_problem(names.get(id(layer), ""), layer, bn, None)
+            if problem is None and registrations[id(layer)] == registrations[id(bn)] == 1:
                 fold_into(layer, *inference_scale_shift(bn))
                 parent._modules[bn_name] = _folded(bn_name, isinstance(layer, nn.Linear))
+                folded[id(bn)] = _decision(names[id(bn)], bn, "folded", into=[names[id(layer)]])
+            else:
+                problems[id(bn)] = problem or "it or the layer before it is registered under several names"
+    decisions = list(folded.values())
     for name, bn in batchnorms(model):
+        reason = problems.get(id(bn), "it does not follow a Conv/ConvTranspose/Linear inside an nn.Sequential")
+        decisions.append(_decision(name, bn, "affine", reason=f"{untraced}, so only an nn.Sequential's order "
+                                                                  f"is known, and {reason}"))
         model = replace_module(model, name, _affine_for(bn))
-    return model
+    return model, decisions

@@ -78,20 +78,39 @@ def recalibrate_keras(model, batches, num_batches, *, progress):
     moments = {id(layer): _Moments() for layer in layers}
     for layer in layers:
         layer.call = _normalise_with_batch_stats(layer, moments[id(layer)])
+    seen = 0
     try:
         with progress_bar(progress) as bar:
             task = bar.add_task("recalibrate", total=batch_total(batches, num_batches))
             # islice: a generator or DataLoader iterator loses no batch beyond num_batches
             for batch in itertools.islice(batches, num_batches):
                 model(_input_of(batch), training=False)  # dropout off; batch norms use batch statistics
+                seen += 1
                 bar.advance(task)
     finally:
         for layer in layers:
             del layer.call
+    if seen == 0:
+        raise ValueError("recalibrate got no batches (an empty iterable?); the moving statistics are unchanged")
+    updates = {}  # every layer's new statistics, checked before any is written
     for layer in layers:
         m = moments[id(layer)]
         if m.count == 0:
             continue
-        layer.moving_mean.assign(m.mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign((m.m2 / m.count).astype(layer.moving_variance.dtype))  # Keras: biased
+        mean = m.mean.astype(layer.moving_mean.dtype)
+        var = (m.m2 / m.count).astype(layer.moving_variance.dtype)  # Keras: biased
+        bad = ~(np.isfinite(mean) & np.isfinite(var))
+        if bad.any():
+            channels = np.flatnonzero(bad).tolist()
+            shown = ", ".join(map(str, channels[:5])) + (", ..." if len(channels) > 5 else "")
+            raise ValueError(
+                f"BatchNormalization {layer.name!r}: the statistics of its input are not finite (NaN or infinity "
+                f"in channel{'s' if len(channels) > 1 else ''} {shown}): a batch holds NaN or infinite values, or "
+                "values too large for its dtype; every layer's moving statistics are left unchanged"
+            )
+        updates[id(layer)] = (mean, var)
+    for layer in layers:
+        if id(layer) in updates:
+            layer.moving_mean.assign(updates[id(layer)][0])
+            layer.moving_variance.assign(updates[id(layer)][1])
     return model

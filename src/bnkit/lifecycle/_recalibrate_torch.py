@@ -107,38 +107,63 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
             raise ValueError(f"{display_name(name, bn)} has an instance attribute 'forward'; cannot hook it")
         bn.forward = _normalise_with_batch_stats(name, bn, moments[name])
     model.eval()
+    seen = 0
     try:
         with torch.no_grad(), progress_bar(progress) as bar:
             task = bar.add_task("recalibrate", total=total)
             # islice: a generator or DataLoader iterator loses no batch beyond num_batches
             for batch in itertools.islice(batches, num_batches):
                 model(_input_of(batch, device))
+                seen += 1
                 bar.advance(task)
     finally:
         for _, bn in found:
             del bn.forward
         for module, was_training in training.items():
             module.training = was_training
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+    if _distributed(process_group):
         moments = _gather(found, moments, process_group)
+    if all(float(moments[name].count) == 0 for name, _ in found):
+        raise ValueError(
+            "recalibrate got no batches (an empty iterable?); the running statistics are unchanged"
+            if seen == 0 and not _distributed(process_group)
+            else "recalibrate got no values: every batch was empty; the running statistics are unchanged"
+        )
+    updates = {}  # every layer's new statistics, checked before any is written
+    for name, bn in found:
+        m = moments[name]
+        n = float(m.count)
+        if n == 0:
+            warnings.warn(f"{display_name(name, bn)} received no data; its statistics are unchanged", stacklevel=3)
+            continue
+        unbiased = convention_of(bn).unbiased_running_var
+        if unbiased and n < 2:
+            raise ValueError(
+                f"{display_name(name, bn)} received 1 value per channel; the unbiased variance of the "
+                "torch convention needs at least 2"
+            )
+        mean = m.mean.to(bn.running_mean.dtype)
+        var = (m.m2 / (n - 1 if unbiased else n)).to(bn.running_var.dtype)
+        bad = ~(torch.isfinite(mean) & torch.isfinite(var))
+        if bad.any():
+            channels = bad.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, channels[:5])) + (", ..." if len(channels) > 5 else "")
+            raise ValueError(
+                f"{display_name(name, bn)}: the statistics of its input are not finite (NaN or infinity in "
+                f"channel{'s' if len(channels) > 1 else ''} {shown}): a batch holds NaN or infinite values, or "
+                "values too large for its dtype; every layer's running statistics are left unchanged"
+            )
+        updates[name] = (mean, var)
     with torch.no_grad():
         for name, bn in found:
-            m = moments[name]
-            n = float(m.count)
-            if n == 0:
-                warnings.warn(f"{display_name(name, bn)} received no data; its statistics are unchanged",
-                              stacklevel=3)
-                continue
-            unbiased = convention_of(bn).unbiased_running_var
-            if unbiased and n < 2:
-                raise ValueError(
-                    f"{display_name(name, bn)} received 1 value per channel; the unbiased variance of the "
-                    "torch convention needs at least 2"
-                )
-            var = m.m2 / (n - 1 if unbiased else n)
-            bn.running_mean.copy_(m.mean.to(bn.running_mean.dtype))
-            bn.running_var.copy_(var.to(bn.running_var.dtype))
+            if name in updates:
+                bn.running_mean.copy_(updates[name][0])
+                bn.running_var.copy_(updates[name][1])
     return model
+
+
+def _distributed(process_group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
 def _gather(found, moments, process_group):

@@ -17,17 +17,54 @@ layer (Keras). ``s`` and ``t`` are computed in float64 and rounded once to the l
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from bnkit.frameworks import framework_of
 
 if "keras" in sys.modules:  # so that Keras files holding bnkit>ChannelAffine load (bnkit.io imports us)
     import bnkit.lifecycle.keras_layers  # noqa: F401
 
-__all__ = ["fold_bn"]
+__all__ = ["fold_bn", "FoldDecision", "FoldResult"]
 
 
-def fold_bn(model, *, example_inputs=None):
+@dataclass(frozen=True)
+class FoldDecision:
+    """What became of one batch norm.
+
+    ``outcome`` is ``"folded"`` (into the layers named in ``into``, its place taken by an
+    identity), ``"affine"`` (replaced by a per-channel ``ChannelAffine``) or ``"kept"`` (left as
+    it is); ``reason`` says why it was not folded (empty when it was).
+    """
+
+    name: str
+    type: str
+    outcome: str
+    into: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def folded(self) -> bool:
+        return self.outcome == "folded"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "into": list(self.into)}
+
+
+class FoldResult(NamedTuple):
+    """``fold_bn(model, report=True)``: the folded model and one :class:`FoldDecision` per batch norm."""
+
+    model: object
+    decisions: list[FoldDecision]
+
+
+def fold_bn(model, *, example_inputs=None, report: bool = False):
     """A new inference model with every batch norm folded away; ``model`` is left untouched.
+
+    With ``report=True`` the result is a :class:`FoldResult` ``(model, decisions)``: for every
+    batch norm, whether it was folded and into what, or why not (``"its input is the output of
+    ReLU '1', not of a Conv/ConvTranspose/Linear"``, ``"the output of Conv2d 'conv' is also used
+    by ..."``, ``"Conv2D 'conv' applies activation='relu' before the batch norm"``...).
 
     PyTorch: ``model`` is deep-copied, put in ``eval()`` and traced with ``torch.fx``; a batch
     norm (``torch.nn`` or bnkit, either convention) whose input is, at every call, the only use
@@ -64,7 +101,9 @@ def fold_bn(model, *, example_inputs=None):
             raise ValueError("example_inputs is for PyTorch models; Keras models know their shapes")
         from bnkit.lifecycle._fold_keras import fold_keras
 
-        return fold_keras(model)
-    from bnkit.lifecycle._fold_torch import fold_torch
+        folded, decisions = fold_keras(model)
+    else:
+        from bnkit.lifecycle._fold_torch import fold_torch
 
-    return fold_torch(model, example_inputs=example_inputs)
+        folded, decisions = fold_torch(model, example_inputs=example_inputs)
+    return FoldResult(folded, decisions) if report else folded

@@ -8,9 +8,9 @@ r"""Batch normalization fused with its activation, and with a ResNet block's res
 
 Both subclass :class:`bnkit.torch.BatchNorm2d`: the same constructor (plus ``act``), the same
 parameters, buffers and ``state_dict`` keys, so a checkpoint of ``BatchNorm2d`` loads into them
-and back. On CUDA tensors one Triton kernel normalises, adds and applies the ReLU
-(:mod:`bnkit.kernels`), and the backward pass goes through the ReLU mask without storing the
-pre-activation; elsewhere they compute the same expression with PyTorch ops.
+and back. On CUDA tensors, where the device's measured table says it wins (:mod:`bnkit.kernels`),
+one Triton kernel normalises, adds and applies the ReLU, and the backward pass goes through the
+ReLU mask without storing the pre-activation; elsewhere they compute the same expression with PyTorch ops.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class BatchNormAct2d(_FusedBatchNorm2d):
     """``relu(bn(x))`` over a 4D ``(N, C, H, W)`` input; ``act=None`` leaves out the ReLU."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(input):
+        if kernels.use_triton(input, kernels.mode_of(self, fused=True)) and self._fast_path_takes(input):
             return kernels.batch_norm(self, input, activation=self.act)
         return self._activate(super().forward(input))
 
@@ -83,6 +83,8 @@ class BatchNormAddAct2d(_FusedBatchNorm2d):
             raise ValueError(
                 f"{self._name()}: residual must have the input's shape {tuple(input.shape)}, got {got}"
             )
-        if kernels.use_triton(input) and residual.dtype == input.dtype and residual.device == input.device:
+        same_kind = residual.dtype == input.dtype and residual.device == input.device
+        fast = same_kind and kernels.use_triton(input, kernels.mode_of(self, fused=True))
+        if fast and self._fast_path_takes(input):
             return kernels.batch_norm(self, input, residual=residual, activation=self.act)
         return self._activate(super().forward(input) + residual)

@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnkit.checks import check_bn_input
 from bnkit.conventions import TORCH
 from bnkit.torch.batchnorm import DEFAULT, _ConventionBatchNorm
 
@@ -103,18 +102,19 @@ class _SyncNormalize(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
-class SyncBatchNorm(_ConventionBatchNorm):
-    """Batch norm with statistics over all processes of ``process_group``; any input rank 2 to 5.
+class SyncBatchNorm(_ConventionBatchNorm, nn.SyncBatchNorm):
+    """Batch norm with statistics over all processes of ``process_group``; any input rank from 2.
 
-    Same arguments as ``torch.nn.SyncBatchNorm`` plus bnkit's keyword-only ``convention``
-    (``"torch"``: unbiased running variance, momentum weighs the new value; ``"keras"``: biased,
-    momentum weighs the old value). The running statistics are updated from the group's
-    statistics, identically on every process. Only ``train()`` communicates: in ``eval()`` (even
-    with ``track_running_stats=False``) each process normalises on its own, as
-    ``torch.nn.SyncBatchNorm`` does.
+    A ``torch.nn.SyncBatchNorm`` (it subclasses it) with the same arguments, ``bias`` and
+    ``process_group`` included, plus bnkit's keyword-only ``convention`` (``"torch"``: unbiased
+    running variance, momentum weighs the new value; ``"keras"``: biased, momentum weighs the
+    old value). The running statistics are updated from the group's statistics, identically on
+    every process. Only ``train()`` communicates: in ``eval()`` (even with
+    ``track_running_stats=False``) each process normalises on its own, as
+    ``torch.nn.SyncBatchNorm`` does. Unlike it, CPU tensors (gloo) synchronise too.
     """
 
-    _ranks = (2, 3, 4, 5)
+    _ranks = None
 
     def __init__(
         self,
@@ -127,10 +127,11 @@ class SyncBatchNorm(_ConventionBatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         convention="torch",
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, convention=convention
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, convention=convention
         )
         self.process_group = process_group
 
@@ -139,26 +140,46 @@ class SyncBatchNorm(_ConventionBatchNorm):
             return 1
         return dist.get_world_size(self.process_group)
 
+    def _check_non_zero_input_channels(self, input: torch.Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError(f"{self._name()}: SyncBatchNorm number of input channels should be non-zero, "
+                             f"got input shape {tuple(input.shape)}")
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # only training synchronises, as with torch.nn.SyncBatchNorm: an eval() forward on one
-        # rank alone (validation on rank 0) must not wait for the others, so without running
-        # statistics eval() normalises with this rank's batch
+        # torch.nn.SyncBatchNorm's checks first, then, as there, only training synchronises: an
+        # eval() forward on one rank alone (validation on rank 0) must not wait for the others,
+        # so without running statistics eval() normalises with this rank's batch
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
         if not self.training or self._world_size() == 1:
             return super().forward(input)
-        # the "more than one value per channel" check is on the whole group's batch, below
-        check_bn_input(self._name(), input.shape, str(input.dtype), input.is_floating_point(),
-                       ranks=self._ranks, num_features=self.num_features, uses_batch_stats=False)
+        if self.track_running_stats and self.running_mean is not None:
+            self.num_batches_tracked.add_(1)  # counted before any refusal, as torch.nn counts it
+        try:
+            self._check_dtype_and_channels(input)
+        except (RuntimeError, ValueError) as error:
+            raise self._clearer_error(error, input) or error from None
         count, mean, m2 = self._group_moments(input)
-        if count <= 1:
+        if count <= 1 and self.convention.unbiased_running_var:
             raise ValueError(
                 f"{self._name()}: expected more than 1 value per channel when training across the "
                 f"process group, got {int(count)} in total (this process: input shape {tuple(input.shape)})"
             )
-        var = m2 / count
+        # one value in the whole group (Keras convention): variance 0, the output is beta, as in Keras
+        var = m2 / count if count > 0 else m2
         invstd = torch.rsqrt(var + self.eps)
-        if self.track_running_stats and self.running_mean is not None:
-            self._update_running(mean, m2, count)
+        if self.track_running_stats and self.running_mean is not None and count > 0:
+            self._update_group_running(mean, m2, count)
         return _SyncNormalize.apply(input, self.weight, self.bias, mean, invstd, count, self.process_group)
+
+    def _check_dtype_and_channels(self, input: torch.Tensor) -> None:
+        """What PyTorch's kernel would refuse, before the collective (every rank must call it)."""
+        if not input.is_floating_point():
+            raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
+        for t in (self.weight, self.bias, self.running_mean):
+            if t is not None and t.numel() != input.shape[1]:
+                raise RuntimeError(f"running_mean should contain {input.shape[1]} elements not {t.numel()}")
 
     def _group_moments(self, input: torch.Tensor):
         c = self.num_features
@@ -177,15 +198,24 @@ class SyncBatchNorm(_ConventionBatchNorm):
         table = torch.stack(rows)
         return merge_moments(table[:, 0], table[:, 1 : 1 + c], table[:, 1 + c :])
 
-    def _update_running(self, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> None:
+    def _update_group_running(self, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> None:
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
             n = float(count)
             var = m2 / (n - 1) if self.convention.unbiased_running_var else m2 / n
             old, new = self.convention.weights(self.momentum, int(self.num_batches_tracked))
             dtype = self.running_mean.dtype
             self.running_mean.copy_(self.running_mean * old + mean.to(dtype) * new)
             self.running_var.copy_(self.running_var * old + var.to(dtype) * new)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """:func:`convert_sync`: every batch norm in ``module`` becomes a bnkit :class:`SyncBatchNorm`.
+
+        As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, keeping each layer's ``convention``
+        (``torch`` for ``torch.nn`` layers); returns ``module``, or the new layer when ``module``
+        is a batch norm itself.
+        """
+        return convert_sync(module, process_group)
 
 
 def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
@@ -207,10 +237,11 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
             module.num_features,
             module.eps,
             module.momentum,
-            module.weight is not None,
+            module.affine,
             module.track_running_stats,
             # a torch.nn.SyncBatchNorm keeps the group it was built for, unless one is given
             process_group if process_group is not None else getattr(module, "process_group", None),
+            bias=module.bias is not None,
             convention=getattr(module, "convention", TORCH),
         )
         if module.weight is not None:

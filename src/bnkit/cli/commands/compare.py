@@ -9,7 +9,7 @@ import json
 import sys
 
 from bnkit.cli import CLIError
-from bnkit.cli.options import parse_shape
+from bnkit.cli.options import parse_seed, parse_shape, parse_tolerance
 from bnkit.cli.progress import Steps
 
 NAME = "compare"
@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
         "e.g. 64,64,1; default: the Keras model's input shape",
     )
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="batch size (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random normal input (default 0)")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the random normal input (default 0)")
     parser.add_argument(
         "--training",
         action="store_true",
@@ -37,11 +37,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--atol",
-        type=float,
+        type=parse_tolerance,
         default=1e-5,
         help="absolute tolerance (default 1e-5), on top of the float rounding measured for each layer",
     )
-    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    parser.add_argument("--rtol", type=parse_tolerance, default=1e-4, help="relative tolerance (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--all",
@@ -74,6 +74,19 @@ def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> 
     raise CLIError("cannot tell the input shape of a PyTorch model: give --input-shape in A's layout, e.g. 1,64,64")
 
 
+def _check_input(model_a, model_b, framework_a: str, framework_b: str, shape, batch: int) -> None:
+    """Both models take the batch, and running both (their outputs kept layer by layer) fits in memory."""
+    from bnkit.inputs import check_fits, check_model_input
+
+    shape_b = shape
+    if framework_a != framework_b and len(shape) in (2, 3, 4):  # A's layout to B's, as compare moves it
+        shape_b = (*shape[1:], shape[0]) if framework_a == "torch" else (shape[-1], *shape[:-1])
+    what = "comparing the models"
+    nbytes = check_model_input(model_a, shape, batch, what=what + " (model A)")
+    nbytes += check_model_input(model_b, shape_b, batch, what=what + " (model B)")
+    check_fits(nbytes, f"{what} on a batch of {batch} of shape {shape}")
+
+
 def run(args) -> int:
     import numpy as np
     from rich.console import Console
@@ -98,6 +111,7 @@ def run(args) -> int:
             raise CLIError(str(e)) from None
         framework_a, framework_b = framework_of(model_a), framework_of(model_b)
         shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
+        _check_input(model_a, model_b, framework_a, framework_b, shape, args.batch_size)
         x = np.random.default_rng(args.seed).normal(0.0, 1.0, (args.batch_size, *shape)).astype(np.float32)
 
         from bnkit.diagnose.compare import compare

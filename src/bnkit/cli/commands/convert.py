@@ -76,6 +76,16 @@ def _torch_input_shape(model, framework: str, given):
     raise CLIError("the PyTorch model's input shape is unknown: give --input-shape in (C,H,W) order")
 
 
+def _check_input(model, framework: str, torch_shape) -> None:
+    """The source model takes the verification batch (2 samples), and both models' runs fit in memory."""
+    from bnkit.inputs import check_model_input
+
+    shape = torch_shape
+    if framework == "keras" and len(shape) > 1:  # --input-shape is in PyTorch's layout
+        shape = (*shape[1:], shape[0])
+    check_model_input(model, shape, 2, copies=2, what="verifying the conversion")
+
+
 def _batch_norms(model, framework: str) -> list[dict]:
     rows = []
     if framework == "keras":
@@ -169,6 +179,7 @@ def run(args) -> int:
                 f"{args.output} asks for the same framework"
             )
         torch_shape = _torch_input_shape(model, source_framework, given_shape)
+        _check_input(model, source_framework, torch_shape)
 
         from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
 

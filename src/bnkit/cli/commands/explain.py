@@ -11,6 +11,7 @@ import json
 import math
 
 from bnkit.cli import CLIError
+from bnkit.cli.options import parse_seed
 
 NAME = "explain"
 HELP = (
@@ -20,6 +21,7 @@ HELP = (
 )
 
 SEED_KERAS_MOMENTUM = 0.15  # the seed example's BatchNormalization(momentum=0.15)
+_BYTES_PER_VALUE = 64  # peak memory of explain per value of the batch (measured: ~58 at 64 and 128 channels)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch: track_running_stats=False")
     parser.add_argument("--batch", type=int, default=8, help="batch size N of the random batch (default: 8)")
     parser.add_argument("--size", type=int, default=8, help="height = width of the random batch (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random batch (default: 0)")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the random batch (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the data as JSON instead of tables")
 
 
@@ -55,6 +57,11 @@ def _check_args(args) -> None:
         raise CLIError(f"--eps must be positive and finite, got {args.eps:g}")
     if args.batch * args.size * args.size < 2:
         raise CLIError("a training step needs at least 2 values per channel: raise --batch or --size")
+    from bnkit.inputs import check_fits
+
+    # each layout and convention keeps its copies, some in float64: about 60 bytes a value, measured
+    values = args.batch * args.channels * args.size * args.size
+    check_fits(values * _BYTES_PER_VALUE, f"a batch of {args.batch}x{args.channels}x{args.size}x{args.size}")
     if args.source == "keras" and (args.no_affine or args.no_track_running_stats):
         flag = "--no-affine" if args.no_affine else "--no-track-running-stats"
         raise CLIError(f"{flag} is a torch option; with --from keras use --no-center / --no-scale")

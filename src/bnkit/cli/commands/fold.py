@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
         help="input shape without the batch axis, for a .pt2 output (read from a .pt2 input when omitted)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--json", action="store_true", help="print what was folded as JSON")
+    parser.add_argument("--json", action="store_true", help="print what became of each batch norm, and why, as JSON")
 
 
 def _recorded_input_shape(model):
@@ -32,27 +32,8 @@ def _recorded_input_shape(model):
     return None
 
 
-def _count_batchnorms(model, framework: str) -> int:
-    if framework == "keras":
-        from bnkit.lifecycle._fold_keras import batchnorms as keras_batchnorms
-
-        return len(keras_batchnorms(model))
-    from bnkit.lifecycle._torch_bn import batchnorms
-
-    return len(batchnorms(model))
-
-
-def _count_affines(model, framework: str) -> int:
-    if framework == "keras":
-        from bnkit.lifecycle.keras_layers import ChannelAffine
-
-        return sum(isinstance(m, ChannelAffine) for m in model._flatten_layers(include_self=True, recursive=True))
-    from bnkit.torch.affine import ChannelAffine
-
-    return sum(isinstance(m, ChannelAffine) for m in model.modules())
-
-
 def run(args) -> int:
+    import json
     from pathlib import Path
 
     from bnkit.cli.progress import Steps
@@ -68,43 +49,46 @@ def run(args) -> int:
         except ModelFileError as e:
             raise CLIError(str(e)) from e
         framework = framework_of(model)
+        if shape is not None and framework == "torch":  # a .pt2 output is exported on a batch of 2
+            from bnkit.inputs import check_model_input
+
+            check_model_input(model, shape, 2, what="exporting the folded model")
         if shape is None and Path(args.output).suffix.lower() == ".pt2":
             shape = _recorded_input_shape(model)
-        total = _count_batchnorms(model, framework)
         steps.step("folding the batch norms")
         try:
-            folded = fold_bn(model)
+            folded, decisions = fold_bn(model, report=True)
         except ValueError as e:
             raise CLIError(str(e)) from e
-        affines = _count_affines(folded, framework)
-        kept = _count_batchnorms(folded, framework)  # read as tensors by forward: left, with a warning
         steps.step(f"writing {args.output}")
         try:
             save_model(folded, args.output, force=args.force, input_shape=shape)
         except ModelFileError as e:
             raise CLIError(str(e)) from e
+    total = len(decisions)
+    done = sum(d.folded for d in decisions)
+    affines = sum(d.outcome == "affine" for d in decisions)
+    kept = sum(d.outcome == "kept" for d in decisions)
     if args.json:
-        import json
-
-        print(
-            json.dumps(
-                {
-                    "input": args.input,
-                    "output": args.output,
-                    "framework": framework,
-                    "batch_norms": total,
-                    "folded": total - affines - kept,
-                    "channel_affine": affines,
-                    "kept": kept,
-                },
-                indent=2,
-            )
-        )
+        report = {
+            "input": str(args.input),
+            "output": str(args.output),
+            "total": total,
+            "folded": done,
+            "replaced_by_channel_affine": affines,
+            "left_as_they_are": kept,
+            "batch_norms": [d.to_dict() for d in decisions],
+        }
+        print(json.dumps(report, indent=2))
         return 0
     print(
-        f"folded {total - affines - kept} of {total} batch norm{'s' if total != 1 else ''} into the preceding layer"
+        f"folded {done} of {total} batch norm{'s' if total != 1 else ''} into the preceding layer"
         + (f", {affines} replaced by ChannelAffine" if affines else "")
         + (f", {kept} left as {'they are' if kept != 1 else 'it is'}" if kept else "")
         + f"; wrote {args.output}"
     )
+    for d in decisions:
+        if not d.folded:
+            what = "replaced by ChannelAffine" if d.outcome == "affine" else "left as it is"
+            print(f"  {d.type} {d.name!r} not folded ({what}): {d.reason}")
     return 0

@@ -45,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
     with Steps(2, enabled=not args.json) as steps:
         steps.step(f"loading {args.model}")
         model = load_model(args.model, args.weights)
+        if args.input_shape:
+            from bnkit.io import framework_of
+
+            if framework_of(model) == "torch":  # lint runs it once on zeros to count values per channel
+                from bnkit.inputs import check_model_input
+
+                check_model_input(model, args.input_shape, 1, what="linting the model")
         steps.step("looking for batch normalization pitfalls")
         try:
             findings = lint(

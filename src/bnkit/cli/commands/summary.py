@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     with Steps(2, enabled=not args.json) as steps:
         steps.step(f"loading {args.model}")
         model = load_model(args.model, args.weights)
+        if args.input_shape and framework_of(model) == "torch":  # summary runs it once on zeros
+            from bnkit.inputs import check_model_input
+
+            check_model_input(model, args.input_shape, 1, what="summarising the model")
         steps.step("counting parameters and measuring output shapes")
         try:
             result = summary(model, args.input_shape)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bnkit.cli.options import parse_seed
+
 NAME = "walkthrough"
 HELP = (
     "Walk through the bundled seed network: both summaries, a hand port that disagrees with Keras, "
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace existing files in --out")
     parser.add_argument("--batch", type=int, default=8, metavar="N", help="batch size of the random input (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print the steps (summaries, reports) as JSON")
 
 
@@ -39,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 2:
         raise CLIError(f"--batch must be at least 2 (batch statistics need 2 values per channel), got {args.batch}")
     console = Console()
+    if args.out:
+        _check_out(Path(args.out), args.force)
     with tempfile.TemporaryDirectory(prefix="bnkit-walkthrough-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         if args.out:
-            out.mkdir(parents=True, exist_ok=True)
             for name in ("seed.keras", "seed.pt2"):
                 check_writable(out / name, args.force)
                 if args.force:
@@ -90,3 +93,21 @@ def _step_dict(step, kept_files: bool) -> dict:
         "report": step.report.to_dict() if step.report is not None else None,
         "files": list(step.files) if kept_files else [],
     }
+
+
+def _check_out(out, force: bool) -> None:
+    """--out is a folder (made if missing) that takes both files; checked before the slow part."""
+    from bnkit.cli import CLIError
+    from bnkit.io import ModelFileError, check_writable
+
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: is a file, not a folder; give the folder to write seed.keras and seed.pt2 in")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot make this folder ({e.strerror or e})") from None
+    try:
+        for name in ("seed.keras", "seed.pt2"):
+            check_writable(out / name, force)
+    except ModelFileError as e:
+        raise CLIError(str(e)) from None

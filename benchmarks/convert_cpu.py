@@ -1,0 +1,229 @@
+"""Conversion time and peak memory per real network, both directions, on the CPU.
+
+    KERAS_BACKEND=torch python benchmarks/convert_cpu.py [--networks resnet18,ResNet50] [--repeats 3]
+
+The networks are tests/convert/real_networks.py's (every network issue 8 names: keras.applications
+and torchvision, random weights, 96x96 inputs). Each is converted from its own framework to the
+other ("there"), and the result converted back ("back"); a network bnkit refuses is listed with
+the reason. Each network and leg runs in a fresh Python process, so that one network's freed
+memory does not hide the next one's and import costs are paid before the clock starts (a tiny
+model is converted first). Memory, in the first conversion: the growth of the process's peak
+resident set over the resident set after building the model (Linux VmHWM, reset through
+/proc/self/clear_refs; it counts PyTorch's tensors and Keras' variables) and the peak of Python
+allocations (tracemalloc: Python objects and NumPy arrays). Time: the median of ``--repeats``
+further conversions. Error: max |converted - source| / max |source| of the inference outputs on
+a batch of 2. Goal: every network converts in under 5 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "convert")]
+
+import torch  # noqa: E402
+from real_networks import NETWORKS, Network, format_error, relative_error  # noqa: E402
+
+from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras  # noqa: E402
+
+GOAL_SECONDS = 5.0
+
+
+@dataclass
+class Row:
+    network: str
+    direction: str  # "keras_to_torch" or "torch_to_keras"
+    leg: str  # "there" (from the network's own framework) or "back" (the converted model, converted back)
+    seconds: float | None = None
+    peak_rss_mib: float | None = None
+    python_peak_mib: float | None = None
+    error: float | None = None
+    refused: str | None = None
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        return True
+    except OSError:
+        return False
+
+
+def _memory(convert) -> tuple[float | None, float]:
+    """(peak resident-set growth, peak Python allocations) of one ``convert()``, in MiB."""
+    start = _status_kib("VmRSS") if _reset_peak_rss() else None
+    tracemalloc.start()
+    try:
+        convert()
+        python_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    peak = _status_kib("VmHWM")
+    rss = (peak - start) / 1024 if start is not None and peak is not None else None
+    return rss, python_peak / 2**20
+
+
+def _is_keras(model) -> bool:
+    from bnkit.keras import keras
+
+    return isinstance(model, keras.layers.Layer)  # on Keras' torch backend, also an nn.Module
+
+
+def _outputs(model, x_torch_layout):
+    import numpy as np
+
+    from bnkit.keras import keras
+
+    with torch.no_grad():
+        if not _is_keras(model):
+            return model.eval()(torch.from_numpy(x_torch_layout)).numpy()
+        x = np.moveaxis(x_torch_layout, 1, -1) if x_torch_layout.ndim > 2 else x_torch_layout
+        y = np.asarray(keras.ops.convert_to_numpy(model(x)))
+        return np.moveaxis(y, -1, 1) if y.ndim > 2 else y
+
+
+def _leg(network: str, source, torch_shape, x, expected, leg: str, repeats: int) -> tuple[Row, object]:
+    is_keras = _is_keras(source)
+    direction = "keras_to_torch" if is_keras else "torch_to_keras"
+
+    def convert():
+        return keras_to_torch(source) if is_keras else torch_to_keras(source, torch_shape)
+
+    row = Row(network, direction, leg)
+    try:
+        row.peak_rss_mib, row.python_peak_mib = _memory(convert)
+    except UnsupportedLayerError as e:
+        row.refused = str(e)
+        return row, None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        converted = convert()
+        times.append(time.perf_counter() - start)
+    row.seconds = statistics.median(times)
+    row.error = relative_error(_outputs(converted, x), expected)
+    return row, converted
+
+
+def measure(net: Network, leg: str, repeats: int) -> Row:
+    """One leg of one network in this process: "there", or "back" (after an untimed "there")."""
+    source = net.build()
+    x = net.example_input(2)
+    torch_shape = net.input_shape if net.framework == "torch" else (net.input_shape[-1], *net.input_shape[:-1])
+    x = x if net.framework == "torch" else x.transpose(0, 3, 1, 2).copy()  # PyTorch's layout
+    expected = _outputs(source, x)
+    if leg == "back":
+        source = keras_to_torch(source) if _is_keras(source) else torch_to_keras(source, torch_shape)
+        gc.collect()
+    return _leg(net.name, source, torch_shape, x, expected, leg, repeats)[0]
+
+
+def run(networks: list[Network], repeats: int = 3, isolate: bool = True, threads: int | None = None):
+    """Convert each network there and back, yielding one :class:`Row` per conversion (or refusal).
+    With ``isolate``, each network and leg runs in a fresh process (networks of :data:`NETWORKS` only)."""
+    for net in networks:
+        for leg in ("there", "back"):
+            row = _in_child(net.name, leg, repeats, threads) if isolate else measure(net, leg, repeats)
+            yield row
+            if row.refused:
+                break
+
+
+def _in_child(name: str, leg: str, repeats: int, threads: int | None) -> Row:
+    command = [sys.executable, __file__, "--child", name, leg, "--repeats", str(repeats)]
+    command += ["--threads", str(threads)] if threads else []
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} ({leg}) failed:\n{proc.stderr[-3000:]}")
+    return Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _warm_up() -> None:
+    from bnkit.examples import torch_seed_model
+
+    keras_to_torch(torch_to_keras(torch_seed_model(), (1, 64, 64)))
+
+
+HEADER = (
+    f"{'network':<20} {'direction':<15} {'leg':<6} {'time (s)':>9} {'peak RSS (MiB)':>15} "
+    f"{'Python peak (MiB)':>18} {'max rel. error':>15}"
+)
+
+
+def format_row(r: Row) -> str:
+    head = f"{r.network:<20} {r.direction:<15} {r.leg:<6}"
+    if r.refused:
+        return f"{head} refused: {r.refused}"
+    rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "n/a"
+    slow = "  (over the 5 s goal)" if r.seconds > GOAL_SECONDS else ""
+    return f"{head} {r.seconds:>9.2f} {rss:>15} {r.python_peak_mib:>18.0f} {format_error(r.error):>15}{slow}"
+
+
+def print_table(rows) -> list[Row]:
+    """Print the rows as they come (a header first, a summary last); returns them."""
+    print(HEADER, flush=True)
+    done = []
+    for row in rows:
+        print(format_row(row), flush=True)
+        done.append(row)
+    converted = [r.network for r in done if not r.refused and r.leg == "there"]
+    refused = [r.network for r in done if r.refused]
+    total = len(converted) + len(refused)
+    print(f"converted {len(converted)} of {total} networks; refused: {', '.join(refused) or 'none'}")
+    return done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated names (default: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--child", nargs=2, metavar=("NETWORK", "LEG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        _warm_up()
+        print(json.dumps(asdict(measure(NETWORKS[args.child[0]], args.child[1], args.repeats))))
+        return 0
+    unknown = [n for n in args.networks.split(",") if n not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown networks {unknown}; known: {', '.join(NETWORKS)}")
+    print(
+        f"convert_cpu: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} conversions",
+        flush=True,
+    )
+    print_table(run([NETWORKS[n] for n in args.networks.split(",")], args.repeats, threads=args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Fully connected layers, both ways: ``Dense`` ⇄ ``nn.Linear`` on ``(N, features)``.
+
+Kernels are transposed (``(in, out)`` ⇄ ``(out, in)``). After a Flatten whose order was left
+pending (see :mod:`bnkit.convert.families.tensor_ops`), the kernel rows are reordered from one
+framework's flattening order to the other's instead of permuting the data.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnkit.convert._common import keras_to_torch_flat_order, torch_to_keras_flat_order
+from bnkit.convert.families.activation import has_non_negative_activation, with_activation
+from bnkit.convert.registry import from_keras, from_torch
+from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
+from bnkit.keras import keras
+
+if TYPE_CHECKING:
+    from bnkit.convert.keras_walker import KerasToTorch
+    from bnkit.convert.torch_walker import TorchToKeras
+
+L = keras.layers
+
+
+@from_keras(L.Dense, non_negative=has_non_negative_activation)
+def dense_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
+    (x,) = inputs
+    if x.rank != 2:
+        raise b.unsupported(layer, f"Dense on a rank-{x.rank} input (only (batch, features) is supported)")
+    kernel = keras_array(layer.kernel)
+    if x.pending_flat is not None:
+        kernel = keras_to_torch_flat_order(kernel, x.pending_flat)
+    linear = nn.Linear(kernel.shape[0], kernel.shape[1], bias=layer.use_bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
+        if layer.use_bias:
+            linear.bias.copy_(torch.from_numpy(keras_array(layer.bias)))
+    out = TorchValue(b.add_module(layer.name, linear, x.node), 2)
+    return with_activation(b, layer, out)
+
+
+@from_torch(nn.Linear)
+def linear_to_keras(b: TorchToKeras, node, m) -> KerasValue:
+    x = b.input(node)
+    name = b.name(node)
+    if x.rank != 2:
+        raise b.unsupported(node, f"Linear on a rank-{x.rank} input (only (batch, features) converts)")
+    kernel = torch_array(m.weight).T
+    if x.pending_flat is not None:
+        kernel = torch_to_keras_flat_order(kernel, x.pending_flat)
+    layer = L.Dense(m.out_features, use_bias=m.bias is not None, name=name)
+    weights = [kernel] + ([torch_array(m.bias)] if m.bias is not None else [])
+    return b.apply(node, layer, x, weights)

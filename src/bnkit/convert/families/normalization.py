@@ -1,0 +1,144 @@
+"""Batch normalization, both ways, training semantics included.
+
+``keras.layers.BatchNormalization`` / ``bnkit.keras.BatchNormalization`` ⇄ ``nn.BatchNorm1d/2d/3d``,
+``nn.SyncBatchNorm`` and bnkit's PyTorch batch norms (plain, sync, frozen, fused with a ReLU).
+With ``semantics="source"`` the target is bnkit's layer with the source framework's convention
+(so training updates the statistics as the source did); with ``"target"`` the target
+framework's native layer, momentum translated (``1 - m``). ``eps`` is always copied.
+``center``/``scale`` ⇄ ``affine``/``bias``; Keras' ``center`` without ``scale`` becomes a frozen
+PyTorch weight of ones, which converts back to ``scale=False``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
+from bnkit.convert._common import warn_at_caller
+from bnkit.convert.registry import from_keras, from_torch
+from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
+from bnkit.keras import BatchNormalization as BnkitKerasBN
+from bnkit.keras import keras
+from bnkit.torch.batchnorm import _ConventionBatchNorm
+from bnkit.torch.frozen import FrozenBatchNorm
+from bnkit.torch.fused import BatchNormAct2d, BatchNormAddAct2d
+from bnkit.torch.sync import SyncBatchNorm as BnkitSyncBatchNorm
+
+if TYPE_CHECKING:
+    from bnkit.convert.keras_walker import KerasToTorch
+    from bnkit.convert.torch_walker import TorchToKeras
+
+L = keras.layers
+
+
+@from_keras(L.BatchNormalization, BnkitKerasBN)
+def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
+    (x,) = inputs
+    if layer.axis % x.rank != x.rank - 1 or x.rank < 2:
+        raise b.unsupported(layer, f"axis={layer.axis} is not the channel axis of a rank-{x.rank} input")
+    if getattr(layer, "renorm", False) or getattr(layer, "synchronized", False):
+        raise b.unsupported(layer, "renorm and synchronized have no PyTorch equivalent")
+    conv: Convention = layer.convention if isinstance(layer, BnkitKerasBN) else KERAS
+    channels = layer.moving_mean.shape[0]
+    rank_to_dim = {2: 1, 3: 1, 4: 2, 5: 3}
+    if x.rank not in rank_to_dim:
+        raise b.unsupported(layer, f"rank-{x.rank} input")
+    dim = rank_to_dim[x.rank]
+    affine = layer.scale or layer.center
+    bias = layer.center or not layer.scale
+    kwargs = dict(eps=layer.epsilon, affine=affine, bias=bias)
+    if b.semantics.for_layer(layer.name) == "target" or conv == TORCH:
+        try:
+            momentum = translate_momentum(layer.momentum, conv, TORCH)
+        except ValueError as e:
+            raise b.unsupported(layer, str(e)) from None
+        bn = getattr(nn, f"BatchNorm{dim}d")(channels, momentum=momentum, **kwargs)
+    else:
+        from bnkit import torch as bnkit_torch
+
+        bn = getattr(bnkit_torch, f"BatchNorm{dim}d")(channels, momentum=layer.momentum, convention=conv, **kwargs)
+    with torch.no_grad():
+        if layer.scale:
+            bn.weight.copy_(torch.from_numpy(keras_array(layer.gamma)))
+        elif affine:  # center without scale: PyTorch has no beta-only affine; a frozen weight of ones
+            bn.weight.requires_grad_(False)
+        if layer.center:
+            bn.bias.copy_(torch.from_numpy(keras_array(layer.beta)))
+        bn.running_mean.copy_(torch.from_numpy(keras_array(layer.moving_mean)))
+        bn.running_var.copy_(torch.from_numpy(keras_array(layer.moving_variance)))
+        counter = getattr(layer, "num_batches_tracked", None)
+        if counter is not None:
+            bn.num_batches_tracked.fill_(int(keras_array(counter)))
+    if not layer.trainable:
+        # Keras runs a frozen BN in inference mode; PyTorch decides by module mode.
+        bn.requires_grad_(False)
+        warn_at_caller(
+            f"{layer.name}: a frozen Keras BatchNormalization (trainable=False) runs in inference mode; "
+            "the converted BatchNorm is put in eval() with requires_grad=False, but model.train() "
+            "switches it back to batch statistics: call .eval() on it after model.train()"
+        )
+    return TorchValue(b.add_module(layer.name, bn, x.node), x.rank)
+
+
+def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue:
+    """The Keras batch norm of the PyTorch batch norm ``m`` (called at ``node``) applied to ``x``."""
+    if not m.track_running_stats or m.running_mean is None:
+        raise b.unsupported(node, "track_running_stats=False (batch statistics also in eval()) has no Keras equivalent")
+    conv = getattr(m, "convention", TORCH)
+    conv = conv if isinstance(conv, Convention) else TORCH
+    scale = m.weight is not None and not (
+        not m.weight.requires_grad and bool(torch.all(m.weight == 1)) and m.bias is not None
+    )
+    center = m.bias is not None
+    kwargs = dict(axis=-1, epsilon=m.eps, center=center, scale=scale, name=name)
+    if b.semantics.for_layer(str(node.target)) == "target" or conv == KERAS:
+        try:
+            momentum = translate_momentum(m.momentum, conv, KERAS)
+        except ValueError as e:
+            raise b.unsupported(node, f"{e}; use semantics='source'") from None
+        layer = L.BatchNormalization(momentum=momentum, **kwargs)
+    else:
+        layer = BnkitKerasBN(momentum=m.momentum, convention=conv, **kwargs)
+    weights = []
+    if scale:
+        weights.append(torch_array(m.weight))
+    if center:
+        weights.append(torch_array(m.bias))
+    weights += [torch_array(m.running_mean), torch_array(m.running_var)]
+    out = layer(x.tensor)
+    if getattr(layer, "num_batches_tracked", None) is not None:
+        weights.append(np.array(int(m.num_batches_tracked), dtype="int64"))
+    layer.set_weights(weights)
+    if isinstance(m, FrozenBatchNorm):
+        if m.batch_stats_in_train:
+            raise b.unsupported(
+                node, "batch_stats_in_train=True (batch statistics without updates) has no Keras equivalent"
+            )
+        layer.trainable = False  # Keras runs a frozen batch norm in inference mode, as FrozenBatchNorm
+    return KerasValue(out, b.out_shape(node))
+
+
+# nn.SyncBatchNorm and bnkit's sync and frozen batch norms have their own forward; in eval() (and,
+# for the frozen one, always) it computes what the plain layer computes.
+@from_torch(
+    nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, _ConventionBatchNorm, BnkitSyncBatchNorm, FrozenBatchNorm
+)
+def batchnorm_to_keras(b: TorchToKeras, node, m) -> KerasValue:
+    return keras_batchnorm(b, node, m, b.input(node), b.name(node))
+
+
+@from_torch(BatchNormAct2d, BatchNormAddAct2d)
+def fused_batchnorm_to_keras(b: TorchToKeras, node, m) -> KerasValue:
+    """bnkit's fused ``act(bn(x))`` and ``act(bn(x) + residual)``: the batch norm, an Add, a ReLU."""
+    name = b.name(node)
+    out = keras_batchnorm(b, node, m, b.input(node), name)
+    if isinstance(m, BatchNormAddAct2d):
+        residual = b.input(node, 1, "residual")
+        out = out.like(L.Add(name=b.unique_name(f"{name}_add"))([out.tensor, residual.tensor]))
+    if m.act == "relu":
+        out = out.like(L.ReLU(name=b.unique_name(f"{name}_relu"))(out.tensor))
+    return out

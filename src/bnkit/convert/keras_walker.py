@@ -1,0 +1,183 @@
+"""Keras 3 functional/Sequential model → ``torch.fx.GraphModule`` (NCHW): the graph walk.
+
+This module holds only the bookkeeping: it visits the Keras graph in order, looks each layer's
+converter up in :mod:`bnkit.convert.registry` and gives it a :class:`KerasToTorch` builder to add
+PyTorch modules and operations with. The translations live in :mod:`bnkit.convert.families`.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+
+from torch import fx, nn
+
+import bnkit.convert.families  # noqa: F401 - registers the converters
+from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError
+from bnkit.convert.registry import from_keras, keras_converter, keras_unsupported_reason
+from bnkit.convert.values import TorchValue
+from bnkit.keras import keras
+
+__all__ = ["KerasToTorch", "keras_to_torch"]
+
+
+def functional(model):
+    """The functional graph of a functional or Sequential model; refuses subclassed models."""
+    if isinstance(model, keras.Sequential):
+        graph = getattr(model, "_functional", None)
+        if graph is None:
+            raise ValueError(
+                f"Sequential model {model.name!r} has no input shape yet: build it with an Input layer "
+                "or call it once on data before converting"
+            )
+        return graph
+    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
+        raise UnsupportedLayerError(
+            getattr(model, "name", "?"),
+            type(model).__name__,
+            "only functional and Sequential Keras models can be converted (a subclassed model's call() "
+            "is Python code with no graph to read)",
+        )
+    return model
+
+
+def _nodes(model):
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        yield from model._nodes_by_depth[depth]
+
+
+class KerasToTorch:
+    """Builds the PyTorch graph; converters (``@from_keras``) receive it as ``b``.
+
+    For converters: :meth:`add_module` (a submodule named after a layer, called on fx nodes),
+    :attr:`graph` (``b.graph.call_function(torch.cat, ...)`` for operations without a module),
+    :attr:`semantics`, :meth:`unsupported`, :meth:`check_channels_last`, and the graph questions
+    :meth:`feeds_only_dense` and :meth:`input_non_negative`.
+    """
+
+    def __init__(self, model, semantics) -> None:
+        self.name = model.name
+        self.model = functional(model)
+        self.semantics = SemanticsChoice(semantics)
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[int, TorchValue] = {}
+        self.names: set[str] = set()
+        self.consumers: dict[int, list] = {}
+        self.output_ids = {id(t) for t in self.model.outputs}
+        self.scope: list[str] = []  # names of the nested models being converted in line
+
+    # ---- for converters ------------------------------------------------------------------
+    def add_module(self, name: str, module: nn.Module, *args: fx.Node) -> fx.Node:
+        """Add ``module`` under a unique attribute name derived from ``name`` and call it on ``args``."""
+        target = self._unique(name)
+        self.root.add_module(target, module)
+        return self.graph.call_module(target, tuple(args))
+
+    def unsupported(self, layer, reason: str) -> UnsupportedLayerError:
+        """The error for ``layer``, named as the user can find it (``outer/inner`` inside nested models)."""
+        return UnsupportedLayerError("/".join([*self.scope, layer.name]), type(layer).__name__, reason)
+
+    def check_channels_last(self, layer) -> None:
+        """Refuse a layer with ``data_format="channels_first"``: the conversion maps channels-last."""
+        fmt = getattr(layer, "data_format", "channels_last")
+        if fmt != "channels_last":
+            raise self.unsupported(layer, f"data_format={fmt!r}; only 'channels_last' is supported")
+
+    def feeds_only_dense(self, tensor) -> bool:
+        """True when every path from the Keras ``tensor`` reaches a Dense through element-wise layers only."""
+        if id(tensor) in self.output_ids:
+            return False
+        consumers = self.consumers.get(id(tensor), [])
+        for node in consumers:
+            layer = node.operation
+            if isinstance(layer, keras.layers.Dense):
+                continue
+            converter = keras_converter(layer)
+            if converter is None or not converter.elementwise or not self.feeds_only_dense(node.outputs[0]):
+                return False
+        return bool(consumers)
+
+    def input_non_negative(self, node, index: int = 0) -> bool:
+        """True when input ``index`` of the Keras ``node`` is the output of a layer whose values are >= 0."""
+        producer = node.input_tensors[index]._keras_history.operation
+        converter = keras_converter(producer)
+        return converter is not None and converter.output_non_negative(producer)
+
+    # ---- the walk ------------------------------------------------------------------------
+    def _unique(self, name: str) -> str:
+        base = re.sub(r"\W", "_", name) or "layer"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = f"_{base}"
+        candidate, i = base, 1
+        while candidate in self.names:
+            candidate, i = f"{base}_{i}", i + 1
+        self.names.add(candidate)
+        return candidate
+
+    def build(self) -> fx.GraphModule:
+        for node in _nodes(self.model):
+            for t in node.input_tensors:
+                self.consumers.setdefault(id(t), []).append(node)
+        for tensor in self.model.inputs:
+            placeholder = self.graph.placeholder(self._unique(tensor._keras_history.operation.name))
+            self.env[id(tensor)] = TorchValue(placeholder, len(tensor.shape))
+        for node in _nodes(self.model):
+            if not node.is_input:
+                self.convert(node)
+        outputs = [self.env[id(tensor)].node for tensor in self.model.outputs]
+        self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self.semantics.check_all_found()
+        gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
+        # A Keras model called without training= runs in inference: so does the converted one
+        # until model.train(), rather than normalising with batch statistics from the first call.
+        return gm.eval()
+
+    def convert(self, node) -> None:
+        """Convert one Keras graph node (a layer call) with its registered converter."""
+        layer = node.operation
+        inputs = [self.env[id(t)] for t in node.input_tensors]
+        if len(node.outputs) != 1:
+            raise self.unsupported(layer, "layers with several outputs are not supported")
+        converter = keras_converter(layer)
+        if converter is None:
+            raise self.unsupported(layer, keras_unsupported_reason(layer))
+        for value in inputs:
+            if value.layout == "same" and value.rank > 2 and not (converter.elementwise or converter.permuted_input):
+                raise self.unsupported(layer, "its input was permuted by a Permute layer; only Flatten may follow one")
+        self.env[id(node.outputs[0])] = converter.convert(self, layer, node, inputs)
+
+
+@from_keras(keras.Model, subclasses=True)
+def nested_model_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
+    """A functional or Sequential model used as a layer: its layers are converted in line."""
+    inner = functional(layer)
+    if sum(1 for n in _nodes(b.model) if n.operation is layer) != 1:
+        raise b.unsupported(layer, "a nested model called more than once (shared weights)")
+    if len(inner.inputs) != len(inputs):
+        raise b.unsupported(layer, "its inputs do not match its call")
+    for tensor, value in zip(inner.inputs, inputs, strict=True):
+        b.env[id(tensor)] = value
+    for inner_node in _nodes(inner):
+        for t in inner_node.input_tensors:
+            b.consumers.setdefault(id(t), []).append(inner_node)
+    b.scope.append(layer.name)
+    for inner_node in _nodes(inner):
+        if not inner_node.is_input:
+            b.convert(inner_node)
+    b.scope.pop()
+    return b.env[id(inner.outputs[0])]
+
+
+def keras_to_torch(keras_model, *, semantics="source") -> fx.GraphModule:
+    """Convert a Keras 3 functional or Sequential model to an equivalent PyTorch module.
+
+    The result is a ``torch.fx.GraphModule`` taking and returning PyTorch's layout
+    (``N, C, *spatial``) and holding one submodule per Keras layer, named after it. It is
+    returned in ``eval()`` mode, as a Keras model infers unless called with ``training=True``.
+    ``semantics="source"`` keeps Keras' training semantics in every BatchNormalization
+    (:class:`bnkit.torch.BatchNorm2d` with ``convention="keras"``); ``"target"`` gives
+    ``torch.nn.BatchNorm*d`` with the momentum translated (``1 - m``) and the same eps.
+    Raises :class:`UnsupportedLayerError` naming the first layer it cannot translate exactly.
+    """
+    return KerasToTorch(keras_model, semantics).build()

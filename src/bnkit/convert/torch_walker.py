@@ -1,0 +1,294 @@
+"""PyTorch module → Keras 3 functional model (NHWC), by tracing with ``torch.fx``: the graph walk.
+
+This module holds only the bookkeeping: it traces the module (keeping whole every module that
+has a converter), records shapes, visits the nodes in order, looks each one's converter up in
+:mod:`bnkit.convert.registry` by module class, function or method name, and gives it a
+:class:`TorchToKeras` builder. The translations live in :mod:`bnkit.convert.families`.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import re
+import sys
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import bnkit.convert.families  # noqa: F401 - registers the converters
+from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError, warn_at_caller
+from bnkit.convert.registry import (
+    Converter,
+    torch_function_converter,
+    torch_method_converter,
+    torch_module_converter,
+    torch_unsupported_reason,
+)
+from bnkit.convert.values import KerasValue
+from bnkit.keras import keras
+
+__all__ = ["TorchToKeras", "torch_to_keras"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_CONVERT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _Tracer(fx.Tracer):
+    """Keeps whole every module that has a converter (its subclasses that do not override
+    ``forward`` included, e.g. bnkit.torch.BatchNorm2d), and records where each node was created."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return torch_module_converter(m) is not None or super().is_leaf_module(m, qualname)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _CONVERT_DIR)):
+            frame = frame.f_back
+        if frame is not None:
+            node.meta["bnkit_source"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+        return node
+
+
+_OPERATOR_SYMBOLS = {
+    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
+    "matmul": "@", "neg": "unary -", "iadd": "+=", "isub": "-=", "imul": "*=", "itruediv": "/=",
+    "and_": "&", "or_": "|",
+}  # fmt: skip
+
+
+def describe_operation(node: fx.Node) -> str:
+    """What a function, operator, method or attribute node is, as written in Python."""
+    target = node.target
+    if node.op == "call_method":
+        return f"Tensor.{target}()"
+    if node.op == "get_attr":
+        return f"the attribute self.{target}"
+    if target is getattr and len(node.args) > 1:
+        return f"reading .{node.args[1]}"
+    name = getattr(target, "__name__", str(target))
+    if target is operator.getitem:
+        return "indexing x[...]"
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        symbol = _OPERATOR_SYMBOLS.get(name)
+        return f"the {symbol} operator (operator.{name})" if symbol else f"operator.{name}"
+    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return f"torch.ops.{target}()"
+    module = getattr(target, "__module__", None) or "torch"
+    module = {"torch._C._nn": "torch.nn.functional", "torch._C._VariableFunctions": "torch"}.get(module, module)
+    return f"{module}.{name}()"
+
+
+class TorchToKeras:
+    """Builds the Keras model; converters (``@from_torch``) receive it as ``b``.
+
+    For converters: :meth:`input` / :meth:`value` / :meth:`arg` read a node's arguments,
+    :meth:`name` is the Keras layer name of a node, :meth:`unique_name` another one,
+    :meth:`out_shape` the node's PyTorch output shape, :meth:`apply` calls a Keras layer and sets
+    its weights, :attr:`semantics`, :meth:`unsupported`, and the graph questions
+    :meth:`feeds_only_linear` and :meth:`non_negative`.
+    """
+
+    def __init__(self, module: nn.Module, input_shapes, semantics) -> None:
+        self.semantics = SemanticsChoice(semantics)
+        self.module = copy.deepcopy(module).eval()  # tracing must not touch the running statistics
+        if torch_module_converter(self.module) is not None:  # fx traces into the root: give it a parent
+            self.module = nn.Sequential(self.module)
+        self.input_shapes = input_shapes
+        self.env: dict[fx.Node, object] = {}
+        self.keras_names: set[str] = set()
+        self.node_names: dict[fx.Node, str] = {}
+
+    # ---- for converters ------------------------------------------------------------------
+    def arg(self, node: fx.Node, index: int, key: str, default=None):
+        """Argument ``index`` of the call (or keyword ``key``), as traced: fx nodes for tensors."""
+        return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+
+    def value(self, arg, node: fx.Node) -> KerasValue:
+        """The converted tensor of ``arg`` (an fx node), an argument of ``node``."""
+        if not isinstance(arg, fx.Node) or not isinstance(self.env.get(arg), KerasValue):
+            raise self.unsupported(node, f"expected a tensor argument, got {arg!r}")
+        return self.env[arg]
+
+    def input(self, node: fx.Node, index: int = 0, key: str = "input") -> KerasValue:
+        """The converted tensor passed as argument ``index`` (or keyword ``key``) of ``node``."""
+        return self.value(self.arg(node, index, key), node)
+
+    def name(self, node: fx.Node) -> str:
+        """The Keras layer name of ``node`` (its fx name, made unique; the same on every call)."""
+        if node not in self.node_names:
+            self.node_names[node] = self.unique_name(node.name)
+        return self.node_names[node]
+
+    def unique_name(self, name: str) -> str:
+        """A Keras layer name not used yet: ``name``, else ``name_1``, ``name_2``..."""
+        candidate, i = name, 1
+        while candidate in self.keras_names:
+            candidate, i = f"{name}_{i}", i + 1
+        self.keras_names.add(candidate)
+        return candidate
+
+    def out_shape(self, node: fx.Node) -> tuple[int, ...]:
+        """The PyTorch shape of ``node``'s output, without the batch dimension."""
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise self.unsupported(node, "it does not return a single tensor")
+        return tuple(meta.shape[1:])
+
+    def apply(self, node, layer, value: KerasValue, weights=None, pending=None) -> KerasValue:
+        """Call the Keras ``layer`` on ``value``, then set its ``weights`` (PyTorch's, transposed)."""
+        out = layer(value.tensor)
+        if weights is not None:
+            layer.set_weights(weights)
+        return KerasValue(out, self.out_shape(node), pending)
+
+    def unsupported(self, node: fx.Node, reason: str) -> UnsupportedLayerError:
+        """The error for ``node``, naming the module (path and class) the user can find in the code."""
+        if node.op == "call_module":
+            return UnsupportedLayerError(str(node.target), type(self.gm.get_submodule(node.target)).__name__, reason)
+        stack = node.meta.get("nn_module_stack") or {}
+        path, cls = next(reversed(stack.values())) if stack else ("", type(self.module))
+        return UnsupportedLayerError(
+            path,
+            getattr(cls, "__name__", str(cls)),
+            reason,
+            operation=describe_operation(node),
+            location=node.meta.get("bnkit_source"),
+        )
+
+    def feeds_only_linear(self, node: fx.Node) -> bool:
+        """True when every user of ``node`` is a Linear, or an element-wise op that feeds only Linears."""
+        if not node.users:
+            return False
+        for user in node.users:
+            if user.op == "call_module" and isinstance(self.gm.get_submodule(user.target), nn.Linear):
+                continue
+            converter = self.converter(user)
+            if converter is None or not converter.elementwise or not self.feeds_only_linear(user):
+                return False
+        return True
+
+    def non_negative(self, arg) -> bool:
+        """True when ``arg`` is the output of an op whose values are >= 0 (ReLU, sigmoid, ...)."""
+        if not isinstance(arg, fx.Node):
+            return False
+        converter = self.converter(arg)
+        return converter is not None and converter.output_non_negative(self._target(arg))
+
+    def converter(self, node: fx.Node) -> Converter | None:
+        """The registered converter of ``node``, or ``None``."""
+        if node.op == "call_module":
+            return torch_module_converter(self.gm.get_submodule(node.target))
+        if node.op == "call_function":
+            return torch_function_converter(node.target)
+        if node.op == "call_method":
+            return torch_method_converter(node.target)
+        return None
+
+    # ---- the walk ------------------------------------------------------------------------
+    def _target(self, node: fx.Node):
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else node.target
+
+    def _propagate_shapes(self) -> list[tuple[int, ...]]:
+        """Record every node's shape; the shapes are PyTorch's layout, but a channels-last
+        (Keras-style) shape that only fits the module that way is accepted with a warning."""
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in self.input_shapes))
+            return self.input_shapes
+        except Exception as first_error:
+            failure = ValueError(
+                f"the module does not run on input_shape {self.input_shapes} (PyTorch's layout, no batch "
+                f"dimension): {type(first_error).__name__}: {' '.join(str(first_error).split())}"
+            )
+            moved = [(s[-1], *s[:-1]) if len(s) >= 2 else s for s in self.input_shapes]
+            if moved == self.input_shapes:
+                raise failure from first_error
+            try:
+                with torch.no_grad():
+                    ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in moved))
+            except Exception:
+                raise failure from first_error
+            warn_at_caller(
+                f"input_shape {self.input_shapes} does not fit the module in PyTorch's layout (C, H, W); "
+                f"read it as channels-last, i.e. {moved}"
+            )
+            return moved
+
+    def build(self):
+        graph = _Tracer().trace(self.module)
+        self.gm = fx.GraphModule(self.module, graph)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.input_shapes):
+            raise ValueError(
+                f"the module's forward takes {len(placeholders)} inputs, got {len(self.input_shapes)} input shapes"
+            )
+        self.input_shapes = self._propagate_shapes()
+        inputs, outputs = [], []
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                shape = tuple(self.input_shapes[len(inputs)])
+                keras_shape = shape if len(shape) <= 1 else (*shape[1:], shape[0])
+                tensor = keras.Input(shape=keras_shape, name=self.unique_name(node.name))
+                inputs.append(tensor)
+                self.env[node] = KerasValue(tensor, shape)
+            elif node.op == "output":
+                result = node.args[0]
+                for r in result if isinstance(result, (tuple, list)) else (result,):
+                    outputs.append(self.value(r, node).tensor)
+            else:
+                self.env[node] = self._convert(node)
+        self.semantics.check_all_found()
+        name = re.sub(r"\W", "_", type(self.module).__name__)
+        return keras.Model(
+            inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(outputs) == 1 else outputs, name=name
+        )
+
+    def _convert(self, node: fx.Node):
+        if node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            if owner:  # a parameter read inside a module bnkit does not know: name that module
+                module = self.module.get_submodule(owner)
+                raise UnsupportedLayerError(owner, type(module).__name__, torch_unsupported_reason(module))
+            raise self.unsupported(node, "module attributes used as tensors (get_attr) are not supported")
+        converter = self.converter(node)
+        for arg in node.all_input_nodes:
+            value = self.env.get(arg)
+            if isinstance(value, KerasValue) and value.channels_last:
+                if converter is None or not (converter.permuted_input or converter.elementwise):
+                    raise self.unsupported(node, "only a flatten may follow a permute to channels-last")
+        if converter is None:
+            if node.op == "call_module":
+                raise self.unsupported(node, torch_unsupported_reason(self.gm.get_submodule(node.target)))
+            kind = "function" if node.op == "call_function" else "tensor method"
+            if getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is getattr:
+                kind = "operation"
+            raise self.unsupported(node, f"this {kind} is not supported by bnkit.convert")
+        return converter.convert(self, node, self._target(node))
+
+
+def torch_to_keras(module: nn.Module, input_shape, *, semantics="source"):
+    """Convert a PyTorch module to an equivalent Keras 3 functional model.
+
+    ``input_shape`` is the input's shape **in PyTorch's layout without the batch dimension**
+    (``(C, H, W)`` for images, ``(C, L)`` for sequences, ``(F,)`` for features), or a list of them
+    for a module with several inputs. The Keras model takes and returns Keras' channels-last
+    layout (``(N, H, W, C)``). ``semantics="source"`` keeps PyTorch's training semantics in every
+    batch norm (:class:`bnkit.keras.BatchNormalization` with ``convention="torch"``); ``"target"``
+    gives ``keras.layers.BatchNormalization`` with the momentum translated (``1 - m``).
+    The module is traced with ``torch.fx`` on a copy in ``eval()`` mode: the original is untouched.
+    Raises :class:`UnsupportedLayerError` naming the first layer it cannot translate exactly.
+    """
+    if isinstance(input_shape, (tuple, list)) and input_shape and all(isinstance(d, int) for d in input_shape):
+        shapes = [tuple(input_shape)]
+    elif isinstance(input_shape, (tuple, list)) and input_shape:
+        shapes = [tuple(s) for s in input_shape]
+    else:
+        raise ValueError(f"input_shape must be a shape such as (3, 32, 32) or a list of them, got {input_shape!r}")
+    for s in shapes:
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s):
+            raise ValueError(f"input_shape entries must be positive ints (no batch dimension), got {s!r}")
+    return TorchToKeras(module, shapes, semantics).build()

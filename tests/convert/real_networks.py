@@ -1,0 +1,290 @@
+"""Real classification networks for the conversion tests and benchmarks/convert_cpu.py.
+
+:data:`NETWORKS` holds every network issue 8 names, both families: keras.applications and
+torchvision models with random weights (nothing is downloaded), small inputs, a 10-class head
+giving logits, and every normalization layer given non-trivial statistics and affine parameters
+(:func:`randomize_normalization`), so that a mix-up of mean and variance, gamma and beta, or a
+lost layer scale shows in the outputs. :func:`check_network` converts one and measures how far
+the converted model is from the source, in inference and in a training forward.
+
+Which of them convert is the business of the tests (``tests/convert/test_real_networks.py``
+lists them); this module only builds and measures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnkit.convert import keras_to_torch, torch_to_keras
+from bnkit.keras import keras
+from conftest import import_torchvision
+
+L = keras.layers
+
+# Inference: the converted model computes the same function with the same float32 weights; only
+# the order of the sums inside convolutions and matrix products differs between the frameworks.
+INFERENCE_TOL = 1e-5
+# Training forward with semantics="source": every batch norm normalises with statistics of the
+# batch, sums over N*H*W values (2*48*48 = 4608 at a 96x96 stem) taken in a different order by
+# each framework, and a deep network passes the rounding on through tens of such layers, each
+# dividing by a batch standard deviation of as few as 2*3*3 values. Measured on ResNet50
+# (Keras -> PyTorch, 96x96, batch 2): the float32 training forward is itself 2.6e-5 (PyTorch) and
+# 4.3e-5 (Keras) from the same network evaluated in float64, and the two differ by 4e-5. The
+# updated running statistics mix those batch statistics in. 1e-4 relative bounds that rounding;
+# a wrong semantics (momentum read the other way, the biased instead of the unbiased batch
+# variance) is off by 1e-3 or more.
+TRAINING_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Network:
+    """A real network: how to build it (random weights, randomised normalization) and feed it."""
+
+    name: str
+    framework: str  # "keras" or "torch": the source framework
+    build: Callable[[], object]
+    input_shape: tuple[int, ...]  # the source framework's layout, no batch dimension
+    pixel_input: bool = False  # the model rescales [0, 255] pixels itself (preprocessing layers)
+
+    def example_input(self, batch: int = 2, seed: int = 0) -> np.ndarray:
+        """A batch in the source framework's layout: pixels in [0, 255], else standard normal values."""
+        rng = np.random.default_rng(seed)
+        shape = (batch, *self.input_shape)
+        if self.pixel_input:
+            return rng.uniform(0, 255, shape).astype("float32")
+        return rng.standard_normal(shape).astype("float32")
+
+
+# ---- builders ---------------------------------------------------------------------------------
+
+
+def keras_application(name: str, size: int = 96, *, pixel_input: bool = False, **kwargs) -> Network:
+    """``keras.applications.<name>`` with random weights, a ``size``×``size`` input and a 10-logit head."""
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None, **kwargs
+        )
+        randomize_normalization(model)
+        return model
+
+    return Network(name, "keras", build, (size, size, 3), pixel_input)
+
+
+def torchvision_model(name: str, size: int = 96, **kwargs) -> Network:
+    """``torchvision.models.<name>`` with random weights, a ``size``×``size`` input and 10 classes."""
+
+    def build():
+        torchvision = import_torchvision()
+        torch.manual_seed(0)
+        module = getattr(torchvision.models, name)(weights=None, num_classes=10, **kwargs)
+        randomize_normalization(module)
+        return module.eval()
+
+    return Network(name, "torch", build, (3, size, size))
+
+
+def randomize_normalization(model, seed: int = 1) -> None:
+    """Non-trivial statistics and affine parameters in every normalization layer of ``model``.
+
+    Batch norms: running means in [-0.5, 0.5], variances in [0.5, 2]; all normalizations:
+    gammas in [0.5, 1.5], betas in [-0.5, 0.5]; ConvNeXt's layer scales (initialised to 1e-6,
+    which would hide their residual branches) in [0.5, 1.5]; a Keras ``Normalization`` fed
+    rescaled pixels: means in [0.3, 0.6], variances in [0.04, 0.09].
+    """
+    rng = np.random.default_rng(seed)
+    ranges = {
+        "moving_mean": (-0.5, 0.5),
+        "running_mean": (-0.5, 0.5),
+        "moving_variance": (0.5, 2.0),
+        "running_var": (0.5, 2.0),
+        "gamma": (0.5, 1.5),
+        "weight": (0.5, 1.5),
+        "beta": (-0.5, 0.5),
+        "bias": (-0.5, 0.5),
+        "layer_scale": (0.5, 1.5),
+        "mean": (0.3, 0.6),
+        "variance": (0.04, 0.09),
+    }
+    if _is_torch(model):
+        norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+        for module in model.modules():
+            tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+            for name, tensor in tensors.items():
+                if (isinstance(module, norms) or name == "layer_scale") and name in ranges and tensor is not None:
+                    values = rng.uniform(*ranges[name], tuple(tensor.shape)).astype("float32")
+                    with torch.no_grad():
+                        tensor.copy_(torch.from_numpy(values))
+        return
+    norms = (L.BatchNormalization, L.LayerNormalization, L.GroupNormalization, L.Normalization)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, norms) or type(layer).__name__ == "LayerScale":
+            for w in layer.weights:
+                leaf = w.path.rpartition("/")[2]
+                key = "layer_scale" if type(layer).__name__ == "LayerScale" else leaf
+                if key in ranges and w.dtype.startswith("float"):
+                    w.assign(rng.uniform(*ranges[key], tuple(w.shape)).astype("float32"))
+
+
+# Every network issue 8 names. Extension point: add a network here, and its name to the lists in
+# tests/convert/test_real_networks.py once it converts; benchmarks/convert_cpu.py times them all.
+NETWORKS: dict[str, Network] = {
+    net.name: net
+    for net in [
+        keras_application("ResNet50"),
+        keras_application("DenseNet121"),
+        keras_application("InceptionV3"),
+        keras_application("VGG16"),
+        keras_application("Xception"),
+        keras_application("MobileNetV2"),
+        keras_application("MobileNetV3Small", pixel_input=True),  # include_preprocessing=True
+        keras_application("EfficientNetB0", pixel_input=True),  # Rescaling + Normalization layers
+        keras_application("ConvNeXtTiny", pixel_input=True),  # include_preprocessing=True
+        torchvision_model("resnet18"),
+        torchvision_model("resnet50"),
+        torchvision_model("mobilenet_v2"),
+        torchvision_model("densenet121"),
+        torchvision_model("googlenet", aux_logits=False, init_weights=True),
+        torchvision_model("mobilenet_v3_small"),
+        torchvision_model("efficientnet_b0"),
+        torchvision_model("regnet_y_400mf"),
+        torchvision_model("shufflenet_v2_x0_5"),
+        torchvision_model("squeezenet1_0"),
+        torchvision_model("vgg11_bn", size=224),  # AdaptiveAvgPool2d(7) is the identity only on 7x7 features
+        torchvision_model("convnext_tiny"),
+    ]
+}
+
+
+# ---- the check ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """How a conversion went; errors are relative: max |converted - source| / max |source|."""
+
+    network: str
+    direction: str
+    batch_norms: int
+    convert_seconds: float
+    inference_error: float
+    training_error: float
+    statistics_error: float  # running means and variances after the training forward, worst layer
+
+
+def _is_torch(model) -> bool:
+    """A PyTorch module, not a Keras model (which, on Keras' torch backend, is an nn.Module too)."""
+    return isinstance(model, nn.Module) and not isinstance(model, keras.layers.Layer)
+
+
+def relative_error(got, expected) -> float:
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    scale = np.abs(expected).max()
+    return float(np.abs(got - expected).max() / scale) if scale > 0 else float(np.abs(got).max())
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _to_keras_layout(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, 1, -1) if x.ndim > 2 else x
+
+
+def _to_torch_layout(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if x.ndim > 2 else x
+
+
+def _batch_norm_statistics(model) -> list[tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]]:
+    """(running mean, running variance) readers of every batch norm of a PyTorch or Keras model."""
+    if _is_torch(model):
+        return [
+            (lambda m=m: _numpy(m.running_mean), lambda m=m: _numpy(m.running_var))
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+    return [
+        (lambda la=layer: _numpy(la.moving_mean.value), lambda la=layer: _numpy(la.moving_variance.value))
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, L.BatchNormalization)
+    ]
+
+
+def _pair_batch_norms(source, target) -> list[tuple]:
+    """The target's batch norm of each of the source's, found by their running means: randomised,
+    so unique, and copied bit for bit by the conversion."""
+    targets = _batch_norm_statistics(target)
+    pairs = []
+    for mean, var in _batch_norm_statistics(source):
+        initial = mean()
+        twins = [t for t in targets if t[0]().shape == initial.shape and np.array_equal(t[0](), initial)]
+        assert len(twins) == 1, f"{len(twins)} converted batch norms start from the same running mean"
+        pairs.append(((mean, var), twins[0]))
+    return pairs
+
+
+def _without_dropout(model) -> None:
+    """Dropout and stochastic depth off, so that a training forward is deterministic."""
+    if _is_torch(model):
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
+                m.p = 0.0
+        return
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for attribute in ("rate", "drop_path_rate"):
+            if isinstance(getattr(layer, attribute, None), float):
+                setattr(layer, attribute, 0.0)
+
+
+def _run(model, x: np.ndarray, training: bool) -> np.ndarray:
+    """``model`` on ``x`` (in the model's own layout), in inference or a training forward."""
+    with torch.no_grad():  # Keras runs on its torch backend: no autograd graph either
+        if _is_torch(model):
+            model.train(training)
+            return _numpy(model(torch.from_numpy(x)))
+        return _numpy(model(x, training=training))
+
+
+def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source") -> Report:
+    """Convert ``net`` (``semantics="source"`` by default) and compare the converted model with the
+    source: inference outputs, then one training forward (dropout off on both sides) — its outputs
+    and every batch norm's updated running statistics. Raises what the conversion raises."""
+    source = net.build()
+    x = net.example_input(batch, seed)
+    start = time.perf_counter()
+    if net.framework == "keras":
+        target, direction = keras_to_torch(source, semantics=semantics), "keras_to_torch"
+        x_target = _to_torch_layout(x)
+    else:
+        target, direction = torch_to_keras(source, net.input_shape, semantics=semantics), "torch_to_keras"
+        x_target = _to_keras_layout(x)
+    seconds = time.perf_counter() - start
+
+    def to_source_layout(y):
+        return _to_keras_layout(y) if net.framework == "keras" else _to_torch_layout(y)
+
+    inference = relative_error(to_source_layout(_run(target, x_target, False)), _run(source, x, False))
+    pairs = _pair_batch_norms(source, target)
+    _without_dropout(source), _without_dropout(target)
+    expected = _run(source, x, True)
+    training = relative_error(to_source_layout(_run(target, x_target, True)), expected)
+    errors = [relative_error(t(), s()) for s_pair, t_pair in pairs for s, t in zip(s_pair, t_pair, strict=True)]
+    statistics = max(errors, default=0.0)
+    for model in (source, target):
+        if _is_torch(model):
+            model.eval()
+    return Report(net.name, direction, len(pairs), seconds, inference, training, statistics)
+
+
+def format_error(error: float) -> str:
+    return "0" if error == 0 else f"{error:.1e}" if math.isfinite(error) else str(error)
