@@ -112,10 +112,22 @@ def rounding_noise(framework: str, eps: float, seed: int = 0):
     """The ``perturb`` function of a tracer that adds simulated rounding noise (module docstring).
 
     It takes and returns the framework's tensors (torch tensors: PyTorch, and Keras on its torch
-    backend; NumPy arrays otherwise) and draws the noise from its own seeded generator."""
+    backend; NumPy arrays otherwise). The noise of each layer is a window, at a random offset, of
+    one sequence of uniform numbers drawn once: drawing a new number for every value of every
+    layer would cost more than the model's own run, and windows at different offsets of white
+    noise are uncorrelated."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    spread = 1 << 16  # offsets
+    pool: list = [torch.empty(0)]
+
+    def window(numel: int):
+        if pool[0].numel() < numel + spread:  # uniform with standard deviation 1: rounding errors are about uniform
+            size = max(numel + spread, 2 * pool[0].numel())
+            pool[0] = torch.rand(size, generator=generator).sub_(0.5).mul_(2 * math.sqrt(3.0))
+        offset = int(torch.randint(spread, (1,), generator=generator))
+        return pool[0][offset : offset + numel]
 
     def perturb(entry: Entry, kind: str, output):
         if kind in _EXACT:
@@ -126,14 +138,12 @@ def rounding_noise(framework: str, eps: float, seed: int = 0):
         n = 1 if kind == "act" else local_terms(entry, framework, max(entry.input_scales or [0.0]))[1]
         with torch.no_grad():
             y = tensor.detach().float()
-            rms = float(y.square().mean().sqrt())
+            rms = float(torch.linalg.vector_norm(y)) / math.sqrt(y.numel())
             if not math.isfinite(rms):  # NaN/Inf stay what they are; the rest gets noise of its size
                 finite = y[y.isfinite()]
-                rms = float(finite.square().mean().sqrt()) if finite.numel() else 0.0
-            # uniform with standard deviation 1 (rounding errors are about uniform; cheaper than normal)
-            noise = torch.rand(y.shape, generator=generator).sub_(0.5).mul_(2 * math.sqrt(3.0))
-            noise.mul_(y.abs().add_(rms)).mul_(eps * math.sqrt(max(n, 1)))
-            noisy = noise.add_(y).to(tensor.dtype)
+                rms = float(torch.linalg.vector_norm(finite)) / math.sqrt(max(finite.numel(), 1))
+            amplitude = y.abs().add_(rms).mul_(eps * math.sqrt(max(n, 1)))
+            noisy = amplitude.mul_(window(y.numel()).view(y.shape)).add_(y).to(tensor.dtype)
         return noisy if isinstance(output, torch.Tensor) else noisy.numpy()
 
     return perturb

@@ -128,11 +128,16 @@ def as_tensor(x: np.ndarray):
 
 def _scan(x: np.ndarray) -> tuple[float, bool]:
     """(largest finite ``|value|``, whether some value is NaN or Inf) in one pass where all are finite
-    (the maximum of ``|x|`` is NaN or Inf exactly when some value is)."""
+    (the extremes are NaN or Inf exactly when some value is)."""
     if x.size == 0 or not np.issubdtype(x.dtype, np.number):
         return 0.0, False
+    import torch
+
     t = as_tensor(x)
-    largest = float(t.abs().max())
+    if not t.is_floating_point():
+        return float(t.abs().max()), False
+    low, high = torch.aminmax(t)
+    largest = max(-float(low), float(high))
     if math.isfinite(largest):
         return largest, False
     finite = t[t.isfinite()]

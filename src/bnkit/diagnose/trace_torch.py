@@ -252,7 +252,7 @@ class _Recorder:
         for operand in inputs:
             self.consumed.update(operand)
         index = len(self.entries)
-        out = to_numpy(output).copy()
+        out = to_numpy(output) if self.perturb is not None else to_numpy(output).copy()  # noisy: copied below
         entry = Entry(index, name, type_name, kind, out, out, inputs=inputs)
         keep = kind_of(kind).parametric and len(operands) == 1
         entry.input_scales, entry.input_shapes, entry.inputs_finite, kept = describe_operands(self, operands, keep)
