@@ -93,7 +93,8 @@ def test_exact_conversion_written_to_pt2_gets_no_cause(pair, tmp_path):
     path = save_model(pair.torch_model, tmp_path / f"{pair.name}.pt2", input_shape=pair.torch_shape)
     report = pair.compare(torch_model=load_model(path))
     assert report.agree and report.causes == [], str(report)
-    assert max(r.tolerance_ratio for r in report.rows) < 0.25  # far from crying wolf
+    if report.rounding_measured:  # some layer differs by more than atol: held to atol + its rounding
+        assert max(r.tolerance_ratio for r in report.rows) < 0.25  # far from crying wolf
     kinds = {r.kind for r in report.rows}
     assert {"conv", "bn", "act", "dense"} <= kinds
     assert not report.unmatched_a or all("pad" in n for n in report.unmatched_a)  # explicit zero padding only

@@ -81,18 +81,63 @@ def compare(
     trace_a.input_nonfinite = trace_b.input_nonfinite = bad_input
 
     pairs = align(trace_a.entries, trace_b.entries, trace_a.output_producers, trace_b.output_producers)
-    # the rounding each layer may carry, measured on one side (PyTorch's where there is one: it runs faster)
-    noisy_is_b = framework_b == "torch" and framework_a != "torch"
-    noisy = (model_b, trace_b, x_b) if noisy_is_b else (model_a, trace_a, x_a)
-    measured = _rounding(noisy, training)
+    # Within atol alone everywhere: they agree whatever rounding allows on top, which is then not
+    # measured. Otherwise the rounding each layer may carry is measured on one side (PyTorch's where
+    # there is one: it runs faster) and the rows are held to atol plus it.
+    rows, bn_pairs, output = _rows(trace_a, trace_b, pairs, atol, rtol, training, None)
+    measured = None
+    if any(r.differs for r in rows) or output[2]:
+        noisy_is_b = framework_b == "torch" and framework_a != "torch"
+        measured = _rounding((model_b, trace_b, x_b) if noisy_is_b else (model_a, trace_a, x_a), training)
+        rows, bn_pairs, output = _rows(trace_a, trace_b, pairs, atol, rtol, training, (measured, noisy_is_b))
+    out_abs, out_rel, out_div, output_atol = output
+    output_nonfinite = not (np.isfinite(trace_a.output).all() and np.isfinite(trace_b.output).all())
+    matched_a = {ia for ia, _ in pairs}
+    matched_b = {ib for _, ib in pairs}
+    report = CompareReport(
+        framework_a=framework_a,
+        framework_b=framework_b,
+        name_a=_model_name(model_a, framework_a),
+        name_b=_model_name(model_b, framework_b),
+        input_shape=tuple(x_a.shape),
+        training=bool(training),
+        atol=float(atol),
+        rtol=float(rtol),
+        rows=rows,
+        output_max_abs_diff=out_abs,
+        output_max_rel_diff=out_rel,
+        output_diverges=out_div,
+        causes=[],
+        unmatched_a=[e.name for k, e in enumerate(trace_a.entries) if k not in matched_a],
+        unmatched_b=[e.name for k, e in enumerate(trace_b.entries) if k not in matched_b],
+        batch_norms=bn_pairs,
+        output_atol=output_atol,
+        output_nonfinite=bool(output_nonfinite or bad_input),
+        rounding_measured=measured is not None,
+    )
+    if not report.agree:
+        context = Context(trace_a, trace_b, pairs, atol, rtol, bool(training))
+        report.causes = find_causes(report, context)
+    return report
+
+
+def _rows(trace_a: Trace, trace_b: Trace, pairs, atol: float, rtol: float, training: bool, measured):
+    """The rows and batch-norm pairs, and (max abs, max rel, diverges, atol) of the final outputs.
+
+    ``measured``: ``(Rounding, measured on B)``, or None to hold every layer to ``atol`` alone."""
+    framework_a, framework_b = trace_a.framework, trace_b.framework
     eps = max(trace_a.dtype_eps, trace_b.dtype_eps)
     rows: list[LayerDiff] = []
     bn_pairs: list[BatchNormPair] = []
     for k, (ia, ib) in enumerate(pairs):
         ea, eb = trace_a.entries[ia], trace_b.entries[ib]
-        floor = max(own_rounding(ea, framework_a, eps), own_rounding(eb, framework_b, eps))
-        side = ib if noisy_is_b else ia
-        rounding = SAFETY * max(measured.layers[side], floor)
+        rounding, stats_rounding = 0.0, (0.0, 0.0)
+        if measured is not None:
+            rounding_of, on_b = measured
+            side = ib if on_b else ia
+            floor = max(own_rounding(ea, framework_a, eps), own_rounding(eb, framework_b, eps))
+            rounding = SAFETY * max(rounding_of.layers[side], floor)
+            stats_rounding = tuple(SAFETY * r for r in rounding_of.running_stats[side])
         layer_atol = atol + rounding
         max_abs, max_rel, ratio, diverges = diff(ea.canonical, eb.canonical, layer_atol, rtol)
         if diverges and ea.kind == "flatten" and framework_a != framework_b:
@@ -123,39 +168,15 @@ def compare(
             nonfinite=ea.nonfinite or eb.nonfinite,
         )
         if ea.bn is not None and eb.bn is not None:
-            stats_rounding = tuple(SAFETY * r for r in measured.running_stats[side])
             compare_running_stats(row, ea.bn, eb.bn, atol, rtol, training, stats_rounding)
             bn_pairs.append(BatchNormPair(row, ea.bn, eb.bn))
         rows.append(row)
-    output_atol = atol + SAFETY * max(measured.output, eps * max(_scale(trace_a.output), _scale(trace_b.output)))
+    output_atol = atol
+    if measured is not None:
+        scale = max(_scale(trace_a.output), _scale(trace_b.output))
+        output_atol += SAFETY * max(measured[0].output, eps * scale)
     out_abs, out_rel, _, out_div = diff(trace_a.output, trace_b.output, output_atol, rtol)  # both PyTorch layout
-    output_nonfinite = not (np.isfinite(trace_a.output).all() and np.isfinite(trace_b.output).all())
-    matched_a = {ia for ia, _ in pairs}
-    matched_b = {ib for _, ib in pairs}
-    report = CompareReport(
-        framework_a=framework_a,
-        framework_b=framework_b,
-        name_a=_model_name(model_a, framework_a),
-        name_b=_model_name(model_b, framework_b),
-        input_shape=tuple(x_a.shape),
-        training=bool(training),
-        atol=float(atol),
-        rtol=float(rtol),
-        rows=rows,
-        output_max_abs_diff=out_abs,
-        output_max_rel_diff=out_rel,
-        output_diverges=out_div,
-        causes=[],
-        unmatched_a=[e.name for k, e in enumerate(trace_a.entries) if k not in matched_a],
-        unmatched_b=[e.name for k, e in enumerate(trace_b.entries) if k not in matched_b],
-        batch_norms=bn_pairs,
-        output_atol=output_atol,
-        output_nonfinite=bool(output_nonfinite or bad_input),
-    )
-    if not report.agree:
-        context = Context(trace_a, trace_b, pairs, atol, rtol, bool(training))
-        report.causes = find_causes(report, context)
-    return report
+    return rows, bn_pairs, (out_abs, out_rel, out_div, output_atol)
 
 
 def _framework(model) -> str:

@@ -119,9 +119,14 @@ def render_rich(report, console=None, *, all_rows: bool = False) -> None:
             f"[dim]{len(shown)} of {len(report.rows)} paired layers shown; --all (render(all_rows=True)) "
             "shows every one.[/]"
         )
+    measured = (
+        "plus the float rounding measured for each layer"
+        if report.rounding_measured
+        else "for every layer (all are within it, so the rounding allowance was not measured)"
+    )
     console.print(
-        f"atol: {report.atol:g} plus the float rounding measured for each layer; ÷tol: the largest |a−b| / "
-        f"(atol + rtol·|value|), rtol {report.rtol:g}; over 1 is a divergence.",
+        f"atol: {report.atol:g} {measured}; ÷tol: the largest |a−b| / (atol + rtol·|value|), rtol "
+        f"{report.rtol:g}; over 1 is a divergence.",
         highlight=False,
     )
     out_atol = report.output_atol if report.output_atol is not None else report.atol

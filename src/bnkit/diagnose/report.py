@@ -210,6 +210,7 @@ class CompareReport:
     batch_norms: list[BatchNormPair] = field(default_factory=list, repr=False)
     output_atol: float | None = None  # the absolute tolerance the final outputs were held to
     output_nonfinite: bool = False
+    rounding_measured: bool = True  # False: every layer was within atol alone, rounding not measured
 
     @property
     def agree(self) -> bool:
@@ -234,7 +235,7 @@ class CompareReport:
             "model_b": {"name": self.name_b, "framework": self.framework_b},
             "input_shape": list(self.input_shape),
             "training": self.training,
-            "tolerance": {"atol": self.atol, "rtol": self.rtol},
+            "tolerance": {"atol": self.atol, "rtol": self.rtol, "rounding_measured": self.rounding_measured},
             "output": {
                 "max_abs_diff": json_float(self.output_max_abs_diff),
                 "max_rel_diff": json_float(self.output_max_rel_diff),

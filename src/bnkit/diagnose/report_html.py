@@ -212,9 +212,13 @@ def html_page(report) -> str:
         f'<span class="verdict {verdict}">{verdict}</span></h1>',
         f"<p>Input {escape(str(tuple(report.input_shape)))} in model A's layout; "
         f"{'one training step' if report.training else 'inference'}; a layer diverges where "
-        f"|a − b| &gt; atol + {report.rtol:g}·max(|a|, |b|), atol being {report.atol:g} plus the float "
-        "rounding measured for that layer (column atol). "
-        f"Final outputs: max |a − b| {_fmt(report.output_max_abs_diff)}, allowed {_fmt(out_atol)} "
+        f"|a − b| &gt; atol + {report.rtol:g}·max(|a|, |b|), atol being {report.atol:g} "
+        + (
+            "plus the float rounding measured for that layer (column atol). "
+            if report.rounding_measured
+            else "for every layer (all are within it, so the rounding allowance was not measured). "
+        )
+        + f"Final outputs: max |a − b| {_fmt(report.output_max_abs_diff)}, allowed {_fmt(out_atol)} "
         f"+ {report.rtol:g}·|value|.",
     ]
     if report.output_nonfinite:
