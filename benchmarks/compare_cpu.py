@@ -1,6 +1,6 @@
 """Wall time of ``bnkit compare resnet50.keras resnet50.pt2`` on the CPU, as a user runs it.
 
-    KERAS_BACKEND=torch python benchmarks/compare_cpu.py [--size 224] [--batch 4] [--repeats 3]
+    KERAS_BACKEND=torch python benchmarks/compare_cpu.py [--size 224] [--batch 2] [--repeats 3] [--threads N]
 
 keras.applications.ResNet50 (random weights, randomised batch-norm statistics) is saved as
 ``.keras`` and its ``bnkit.convert.keras_to_torch`` conversion as ``.pt2`` (not timed); then the
@@ -9,7 +9,7 @@ one process: the time to load the two files, the comparison itself, and the floo
 once on the same batch — so that the ratio of the comparison to plain inference shows what the
 tracing, the rounding measurement (one extra run of the PyTorch model) and the causes cost. Goal:
 under 10 s on the 2-core development machine, at bnkit compare's defaults (the Keras model's input
-shape, batch 4). The machine's load average is printed: the figures are only comparable between
+shape, batch 2). The machine's load average is printed: the figures are only comparable between
 runs on an otherwise idle machine.
 """
 
@@ -99,7 +99,7 @@ def _in_process(keras_path: Path, torch_path: Path, size: int, batch: int) -> di
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224, ResNet50's)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4, bnkit compare's)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2, bnkit compare's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--threads",

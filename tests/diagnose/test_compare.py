@@ -440,7 +440,7 @@ def test_cli_reads_the_input_shape_of_pt2_programs(run_cli, tmp_path):
     proc = run_cli("compare", "a.pt2", "a.pt2", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["agree"] and report["input_shape"] == [4, C_IN, H, W]
+    assert report["agree"] and report["input_shape"] == [2, C_IN, H, W]  # batch 2 by default
 
 
 def test_cli_errors_exit_2_with_one_line(run_cli, tmp_path):

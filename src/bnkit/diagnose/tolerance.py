@@ -229,8 +229,9 @@ def diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float,
     ta, tb = _float(a), _float(b)
     if ta.dtype != tb.dtype:
         ta, tb = ta.double(), tb.double()
+    ta, tb = ta.contiguous(), tb.contiguous()  # a Keras output seen in PyTorch's layout is a strided view
     with torch.no_grad():
-        d = (ta - tb).abs()
+        d = ta.sub(tb).abs_()
         scale = torch.maximum(ta.abs(), tb.abs())
         largest = float(d.max())
         if not math.isfinite(largest):  # NaN/Inf: equal where both sides hold the same one
@@ -240,9 +241,9 @@ def diff(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float,
             scale = torch.where(scale.isfinite(), scale, 0.0)
             largest = float(d.max())
         # where both are 0 the difference is 0: the floor on the scale only avoids 0 / 0
-        rel = float((d / scale.clamp_min(torch.finfo(scale.dtype).tiny)).max())
+        rel = float(d.div(scale.clamp_min(torch.finfo(scale.dtype).tiny)).max())
         if atol > 0:
-            max_ratio = float((d / (scale * rtol + atol)).max())
+            max_ratio = float(d.div_(scale.mul_(rtol).add_(atol)).max())
         else:
             ratio = torch.where(d == 0, 0.0, d / (scale * rtol + atol))
             max_ratio = float(torch.nan_to_num(ratio, nan=math.inf).max())

@@ -28,7 +28,13 @@ def add_arguments(parser) -> None:
         help="input shape without the batch dimension, in A's layout (H,W,C for Keras, C,H,W for PyTorch), "
         "e.g. 64,64,1; default: the Keras model's input shape",
     )
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="batch size (default 4)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        metavar="N",
+        help="batch size (default 2: the smallest with batch statistics, quick on large networks)",
+    )
     parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the random normal input (default 0)")
     parser.add_argument(
         "--training",
