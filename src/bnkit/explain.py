@@ -13,6 +13,10 @@
   reason. The layers really run (all as :class:`bnkit.torch.BatchNorm2d`, whose Keras convention
   reproduces Keras 3), so Keras need not be installed.
 
+With ``renorm=True`` (Keras' batch renormalization, ``source="keras"`` only: ``torch.nn`` has none)
+the equivalent is bnkit's PyTorch renorm layer and the literal copy a ``torch.nn.BatchNorm2d``
+without it; the counts include the three renorm statistics.
+
 The random batch has per-channel means and spreads, as activations have, so that eps, momentum
 and the variance estimator all show: ``x[:, c] ~ N(mu_c, sigma_c^2)`` with ``mu_c`` uniform in
 ``[-2, 2]`` and ``log sigma_c`` uniform in ``[log 0.1, log 3]``.
@@ -57,6 +61,7 @@ class LayerSettings:
     running_var_estimator: Literal["unbiased", "biased"]
     layout: str
     same_as_given: bool  # does it compute what the given layer computes?
+    renorm: bool = False  # batch renormalization (Keras renorm=True; in PyTorch only bnkit's layers)
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ def _fmt(value: float) -> str:
     return repr(float(value))
 
 
-def _keras_code(channels: int, eps: float | None, momentum: float, center: bool, scale: bool) -> str:
+def _keras_code(channels: int, eps: float | None, momentum: float, center: bool, scale: bool,
+                renorm: bool = False) -> str:
     args = ["axis=-1", f"momentum={_fmt(momentum)}"]
     if eps is not None:
         args.append(f"epsilon={_fmt(eps)}")
@@ -127,6 +133,8 @@ def _keras_code(channels: int, eps: float | None, momentum: float, center: bool,
         args.append("center=False")
     if not scale:
         args.append("scale=False")
+    if renorm:
+        args.append("renorm=True")
     return f"keras.layers.BatchNormalization({', '.join(args)})"
 
 
@@ -151,7 +159,7 @@ def _torch_code(
 
 
 def _bnkit_code(channels: int, framework: Framework, eps: float, momentum: float, center: bool, scale: bool,
-                track: bool) -> str:
+                track: bool, renorm: bool = False) -> str:
     args = [str(channels), f"eps={_fmt(eps)}", f"momentum={_fmt(momentum)}"]
     if not (center or scale):
         args.append("affine=False")
@@ -160,27 +168,30 @@ def _bnkit_code(channels: int, framework: Framework, eps: float, momentum: float
     if not track:
         args.append("track_running_stats=False")
     args.append(f"convention={framework!r}")
+    if renorm:
+        args.append("renorm=True")
     return f"bnkit.torch.BatchNorm2d({', '.join(args)})"
 
 
 def _layer_settings(
     role, framework: Framework, channels: int, eps: float | None, momentum: float, center: bool, scale: bool,
-    track: bool, same_as_given: bool,
+    track: bool, same_as_given: bool, renorm: bool = False,
 ) -> LayerSettings:
     conv = get_convention(framework)
     old, new = conv.weights(momentum)
     eps_value = conv.eps if eps is None else float(eps)
+    bnkit_code = _bnkit_code(channels, framework, eps_value, momentum, center, scale, track, renorm)
     if framework == "keras":
-        code = _keras_code(channels, eps, momentum, center, scale)
+        code = _keras_code(channels, eps, momentum, center, scale, renorm)
         layout = "NHWC, axis=-1 (axis=1 on NCHW)"
-    else:
-        code = _torch_code(channels, eps, momentum, center, scale, track)
+    else:  # torch.nn has no batch renormalization: bnkit's layer is the PyTorch one
+        code = bnkit_code if renorm else _torch_code(channels, eps, momentum, center, scale, track)
         layout = "NCHW, channel axis 1"
     return LayerSettings(
         role=role,
         framework=framework,
         code=code,
-        bnkit_code=_bnkit_code(channels, framework, eps_value, momentum, center, scale, track),
+        bnkit_code=bnkit_code,
         eps=eps_value,
         momentum=float(momentum),
         new_weight=new,
@@ -191,6 +202,7 @@ def _layer_settings(
         running_var_estimator=conv.running_var_estimator,
         layout=layout,
         same_as_given=same_as_given,
+        renorm=renorm,
     )
 
 
@@ -206,6 +218,8 @@ def _keras_count(s: LayerSettings, channels: int) -> ParamCount:
     if s.center:
         weights.append(("beta", channels, "trainable"))
     weights += [("moving_mean", channels, "non-trainable"), ("moving_variance", channels, "non-trainable")]
+    if s.renorm:  # Keras 3 BatchNormalization.build() with renorm=True
+        weights += [(name, channels, "non-trainable") for name in ("moving_stddev", "renorm_mean", "renorm_stddev")]
     trainable = sum(size for _, size, kind in weights if kind == "trainable")
     non_trainable = sum(size for _, size, kind in weights if kind == "non-trainable")
     return ParamCount(
@@ -217,7 +231,9 @@ def _keras_count(s: LayerSettings, channels: int) -> ParamCount:
         not_counted=0,
         weights=weights,
         why=(
-            "Keras keeps the moving mean and variance as weights with trainable=False: they are saved "
+            ("Keras keeps the moving mean and variance (and, with renorm, the moving stddev and the renorm "
+             "mean and stddev) " if s.renorm else "Keras keeps the moving mean and variance ")
+            + "as weights with trainable=False: they are saved "
             "and counted like gamma and beta, but the optimizer never touches them (the layer itself "
             f"updates them in training). Hence {trainable + non_trainable} = {trainable} trainable + "
             f"{non_trainable} non-trainable."
@@ -232,10 +248,12 @@ def _torch_count(layer) -> ParamCount:
     trainable = sum(size for _, size, kind in weights if kind == "trainable")
     frozen = sum(size for _, size, kind in weights if kind == "non-trainable")
     buffers = sum(size for _, size, kind in weights if kind == "buffer")
-    running = sum(size for name, size, kind in weights if kind == "buffer" and name.startswith("running_"))
+    statistics = [name for name, _, kind in weights if kind == "buffer" and name != "num_batches_tracked"]
+    running = sum(size for name, size, kind in weights if kind == "buffer" and name in statistics)
     if buffers:
+        names = " and ".join(statistics) if len(statistics) < 3 else ", ".join(statistics)
         why = (
-            "PyTorch counts only nn.Parameters (what the optimizer trains). running_mean and running_var "
+            f"PyTorch counts only nn.Parameters (what the optimizer trains). {names} "
             f"({running} values) and the num_batches_tracked counter are buffers: saved in the state_dict "
             "but not parameters, so torchinfo and sum(p.numel() for p in m.parameters()) report "
             f"{trainable + frozen}."
@@ -282,6 +300,7 @@ def _build(s: LayerSettings, channels: int):
         track_running_stats=s.track_running_stats,
         bias=s.center or not affine,
         convention=s.framework,
+        renorm=s.renorm,
     )
     if affine and not s.scale:
         layer.weight.requires_grad_(False)  # gamma stays 1, as without Keras' scale
@@ -317,6 +336,16 @@ def _why(quantity: str, given: LayerSettings, other: LayerSettings, n: int, resi
     same_weights = math.isclose(given.new_weight, other.new_weight, rel_tol=1e-12, abs_tol=1e-15)
     same_eps = given.eps == other.eps
     same_estimator = given.running_var_estimator == other.running_var_estimator
+    renorm_differs = given.renorm != other.renorm
+    if renorm_differs and quantity == "training output":
+        renorm, plain = (given, other) if given.renorm else (other, given)
+        text = (
+            f"The {renorm.role} layer uses batch renormalization, the {plain.role} one does not: in training it "
+            "multiplies the normalised batch by r = sqrt(var + eps) / renorm_stddev and adds d = (mean - "
+            "renorm_mean) / renorm_stddev (clipped by renorm_clipping, none here), so from the initial renorm "
+            "statistics 0 and 1 its training output is about x itself."
+        )
+        return text if same_eps else text + f" eps differs too ({_fmt(given.eps)} vs {_fmt(other.eps)})."
     if quantity == "training output":
         if same_eps:
             return ("Training normalises with the batch's own mean and biased variance in both frameworks, "
@@ -341,19 +370,24 @@ def _why(quantity: str, given: LayerSettings, other: LayerSettings, n: int, resi
                 reasons.append(f"with that factor undone the difference is {residual:.2g}")
         elif quantity == "running variance":
             reasons.append("both store the same (" + given.running_var_estimator + ") batch variance")
-        if same_weights and (quantity == "running mean" or same_estimator):
+        if quantity == "running variance" and renorm_differs:
+            reasons.append("and batch renormalization keeps its running variance as the square of a moving "
+                           "standard deviation sqrt(var + eps), minus eps, not as a moving variance")
+        if same_weights and (quantity == "running mean" or (same_estimator and not renorm_differs)):
             reasons.append("equal up to float32 rounding")
         return "; ".join(reasons) + "."
     # inference output
     if not (given.track_running_stats and other.track_running_stats):
         return "Without running statistics inference uses the batch's, as in training."
-    if same_weights and same_estimator and same_eps:
+    if same_weights and same_estimator and same_eps and not renorm_differs:
         return "Same running statistics and eps: equal up to float32 rounding."
     reasons.append("inference normalises with the running statistics, so it inherits their differences")
     if not same_weights:
         reasons.append("(momentum)")
     if not same_estimator:
         reasons.append(f"(the running variance's {n}/{n - 1} factor)")
+    if renorm_differs:
+        reasons.append("(batch renormalization's running variance)")
     if not same_eps:
         reasons.append(f"and eps {_fmt(given.eps)} vs {_fmt(other.eps)}")
     return " ".join(reasons).replace(") (", ", ") + "."
@@ -378,6 +412,7 @@ def explain(
     track_running_stats: bool = True,
     input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
+    renorm: bool = False,
 ) -> Explanation:
     """Explain a batch-norm layer written in ``source``'s terms (``"keras"`` or ``"torch"``).
 
@@ -386,7 +421,8 @@ def explain(
     PyTorch's ``momentum=None`` (a cumulative average) has no Keras equivalent: ``ValueError``.
     For ``source="torch"`` the layer is affine when ``center`` and ``scale`` are both
     true; ``affine=False`` is ``center=False, scale=False``. ``input_shape`` is the NCHW batch the
-    layers run on (default ``(8, channels, 8, 8)``); ``seed`` draws it.
+    layers run on (default ``(8, channels, 8, 8)``); ``seed`` draws it. ``renorm=True``: Keras'
+    ``BatchNormalization(renorm=True)`` (``source="keras"`` only; ``torch.nn`` has no renorm).
     """
     if source not in ("keras", "torch"):
         raise ValueError(f"source must be 'keras' or 'torch', got {source!r}")
@@ -395,6 +431,10 @@ def explain(
     center = _check_flag("center", center)
     scale = _check_flag("scale", scale)
     track = _check_flag("track_running_stats", track_running_stats)
+    renorm = _check_flag("renorm", renorm)
+    if renorm and source != "keras":
+        raise ValueError("renorm=True is Keras' batch renormalization: torch.nn has none (bnkit.torch's layers "
+                         "take renorm=True); give source='keras'")
     src = get_convention(source)
     target: Framework = "torch" if source == "keras" else "keras"
     dst = get_convention(target)
@@ -422,9 +462,9 @@ def explain(
                          f"{input_shape}")
 
     translated = translate_momentum(momentum, src, dst)
-    given = _layer_settings("given", source, channels, eps, momentum, center, scale, track, True)
+    given = _layer_settings("given", source, channels, eps, momentum, center, scale, track, True, renorm)
     equivalent = _layer_settings("equivalent", target, channels, given.eps, translated, center, scale,
-                                 track, True)
+                                 track, True, renorm)
     # A literal copy: the same numbers typed into the other framework, everything else its default.
     literal = _layer_settings("literal copy", target, channels, eps, momentum, center, scale, track,
                               False)
@@ -450,7 +490,8 @@ def explain(
             max_abs = float((a64 - b64).abs().max())
             scale_ = max(float(a64.abs().max()), float(b64.abs().max()))
             residual = None
-            if quantity == "running variance" and given.running_var_estimator != other.running_var_estimator:
+            estimators_differ = given.running_var_estimator != other.running_var_estimator
+            if quantity == "running variance" and estimators_differ and not (given.renorm or other.renorm):
                 residual = float((_biased_share(a64, given, n) - _biased_share(b64, other, n)).abs().max())
             differences.append(Difference(
                 quantity=quantity,
@@ -483,7 +524,7 @@ def _with_same_as_given(literal: LayerSettings, given: LayerSettings) -> LayerSe
     from dataclasses import replace
 
     same = (literal.eps == given.eps and math.isclose(literal.new_weight, given.new_weight)
-            and literal.running_var_estimator == given.running_var_estimator)
+            and literal.running_var_estimator == given.running_var_estimator and literal.renorm == given.renorm)
     return replace(literal, same_as_given=same)
 
 
@@ -521,4 +562,11 @@ def _notes(given: LayerSettings, equivalent: LayerSettings, literal: LayerSettin
         f"To keep Keras' semantics in PyTorch: {keras.bnkit_code}" if given.framework == "keras" else
         f"The same layer in bnkit's Keras convention: {equivalent.bnkit_code}",
     ]
+    if given.renorm:
+        notes.append(
+            "Batch renormalization has no torch.nn layer: the literal copy drops it. bnkit.torch's layers take "
+            "renorm=True, renorm_clipping and renorm_momentum (Keras' default 0.99, PyTorch's reading 0.01) and "
+            "keep Keras' moving_stddev, renorm_mean, renorm_stddev as the buffers running_stddev, renorm_mean, "
+            "renorm_stddev; bnkit convert carries them over."
+        )
     return notes

@@ -3,6 +3,8 @@
 A model spec is one of:
 
 * ``model.keras`` (Keras 3) or ``model.h5`` (legacy Keras/TF 2) — loaded with Keras' safe mode;
+  a ``BatchNormalization`` with ``synchronized=True`` (which Keras refuses on any backend but
+  TensorFlow) loads as :class:`bnkit.keras.BatchNormalization`, synchronised over ``torch.distributed``;
 * ``model.pt2`` — a ``torch.export`` program. It is rebuilt into a ``torch.fx.GraphModule``
   whose leaves are real ``torch.nn`` (and bnkit) layers again, read from the exported
   parameters and operator arguments, so that summaries, conversion and diagnosis see
@@ -105,15 +107,19 @@ def _load_keras(path: Path):
             raise ModelFileError(
                 f"{path}: not a legacy Keras .h5 model (not an HDF5 file: truncated, or another format?)"
             )
+    from bnkit.keras.saved import routed_to_bnkit
+
     try:
-        return keras.models.load_model(path, safe_mode=True, compile=False)
+        # a BatchNormalization with synchronized=True, which Keras refuses off TensorFlow, loads as bnkit's
+        with routed_to_bnkit(path) as routed:
+            return keras.models.load_model(routed, safe_mode=True, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
         raise ModelFileError(f"{path}: not a readable Keras model ({type(e).__name__}: {_one_line(e)})") from e
 
 
 def _register_bnkit_keras_layers() -> None:
     """Import bnkit's Keras layers so that files that use them deserialize."""
-    for name in ("bnkit.keras.batchnorm", "bnkit.lifecycle.keras_layers"):
+    for name in ("bnkit.keras.batchnorm", "bnkit.lifecycle.keras_layers", "bnkit.convert.keras_layers"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
 

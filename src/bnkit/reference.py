@@ -28,6 +28,34 @@ Training backward, with ``g = dL/dy``::
 
 Inference backward: ``dx = g * gamma / sqrt(running_var + eps)``; dgamma, dbeta as above with
 ``xhat`` from the running statistics.
+
+Batch renormalization (Ioffe 2017, as Keras 3 computes it). The layer keeps, besides the running
+mean and variance, a running standard deviation and the *renorm* mean and standard deviation that
+steer training. With ``s = sqrt(var + eps)`` the batch's standard deviation (biased variance)::
+
+    sr   = max(renorm_stddev, sqrt(eps))            (no division by 0 early in training)
+    r    = clip(s / sr, rmin, rmax)                 (r = max(r, rmin), then min(r, rmax))
+    d    = clip((mean - renorm_mean) / sr, -dmax, dmax)
+    y    = gamma * (r * xhat + d) + beta            (xhat from the batch's statistics)
+
+with ``r`` and ``d`` constants in the gradient (a bound left out does not clip)::
+
+    dbeta  = sum(g)
+    dgamma = r * sum(g * xhat) + d * sum(g)
+    dx     = r * gamma / s * (g - sum(g) / n - xhat * sum(g * xhat) / n)
+
+Updates after the batch, with ``w`` and ``wr`` the new-value weights of ``momentum`` and
+``renorm_momentum`` in the convention (Keras: ``1 - m``; PyTorch: ``m``, ``1 / count`` for None)::
+
+    renorm_mean    = (1 - wr) * renorm_mean    + wr * mean
+    renorm_stddev  = (1 - wr) * renorm_stddev  + wr * s
+    running_mean   = (1 - w)  * running_mean   + w * mean
+    running_stddev = (1 - w)  * running_stddev + w * sqrt(v + eps)
+    running_var    = max(running_stddev^2 - eps, 0)
+
+where ``v`` is the convention's running-variance estimator of the batch (Keras: biased, so
+``sqrt(v + eps) = s``; PyTorch: unbiased). Inference is plain batch norm with ``running_mean`` and
+``running_var``.
 """
 
 from __future__ import annotations
@@ -48,6 +76,11 @@ __all__ = [
     "update_running",
     "backward_train",
     "backward_eval",
+    "RenormState",
+    "renorm_correction",
+    "forward_renorm_train",
+    "update_renorm",
+    "backward_renorm_train",
 ]
 
 
@@ -170,3 +203,102 @@ def backward_eval(
     xhat = (x - _per_channel(running_mean, x, axis)) * _per_channel(invstd, x, axis)
     dx = dy * _per_channel(gamma * invstd, x, axis)
     return Gradients(dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes))
+
+
+# --- batch renormalization ---------------------------------------------------------------------
+
+
+class RenormState(NamedTuple):
+    """Every statistic a renorm layer keeps: running (inference) and renorm (training) ones."""
+
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    running_stddev: np.ndarray
+    renorm_mean: np.ndarray
+    renorm_stddev: np.ndarray
+    num_batches_tracked: int = 0
+
+    @classmethod
+    def initial(cls, channels: int) -> RenormState:
+        """The frameworks' initial state: means 0, variance and standard deviations 1."""
+        zeros, ones = np.zeros(channels), np.ones(channels)
+        return cls(zeros, ones, ones, zeros, ones, 0)
+
+
+def _clip(value: np.ndarray, low, high) -> np.ndarray:
+    if low is not None:
+        value = np.maximum(value, float(low))
+    if high is not None:
+        value = np.minimum(value, float(high))
+    return value
+
+
+def renorm_correction(stats: BatchStats, renorm_mean, renorm_stddev, eps: float, clipping=None):
+    """``(r, d)`` of a batch: its standard deviation and mean relative to the renorm statistics, clipped.
+
+    ``clipping`` maps the optional keys ``"rmin"``, ``"rmax"``, ``"dmax"`` to bounds (Keras'
+    ``renorm_clipping``); a missing or None bound does not clip.
+    """
+    clipping = clipping or {}
+    stddev = np.sqrt(stats.var + eps)
+    floor = np.sqrt(float(eps)) if eps >= 0 else np.nan
+    renorm_stddev = np.maximum(_f64(renorm_stddev), floor)
+    r = _clip(stddev / renorm_stddev, clipping.get("rmin"), clipping.get("rmax"))
+    d = (stats.mean - _f64(renorm_mean)) / renorm_stddev
+    dmax = clipping.get("dmax")
+    d = _clip(d, None if dmax is None else -float(dmax), dmax)
+    return r, d
+
+
+def forward_renorm_train(
+    x, renorm_mean, renorm_stddev, gamma=None, beta=None, eps: float = 1e-3, axis: int = 1, clipping=None
+):
+    """Renorm training forward pass: ``(y, BatchStats, r, d)``."""
+    x = _f64(x)
+    gamma, beta = _affine(x, axis, gamma, beta)
+    stats = batch_stats(x, axis)
+    r, d = renorm_correction(stats, renorm_mean, renorm_stddev, eps, clipping)
+    y = _normalize(x, stats.mean, stats.var, gamma * r, gamma * d + beta, eps, axis)
+    return y, stats, r, d
+
+
+def update_renorm(
+    state: RenormState,
+    stats: BatchStats,
+    momentum: float | None,
+    renorm_momentum: float | None,
+    eps: float,
+    convention: str | Convention = "keras",
+) -> RenormState:
+    """Every statistic of a renorm layer after one training batch, momenta in ``convention``'s meaning."""
+    conv = get_convention(convention)
+    count = state.num_batches_tracked + 1
+    old, new = conv.weights(momentum, count)
+    renorm_old, renorm_new = conv.weights(renorm_momentum, count)
+    stddev = np.sqrt(stats.var + eps)
+    var = biased_to_unbiased(stats.var, stats.n) if conv.unbiased_running_var else stats.var
+    running_stddev = old * _f64(state.running_stddev) + new * np.sqrt(var + eps)
+    return RenormState(
+        running_mean=old * _f64(state.running_mean) + new * stats.mean,
+        running_var=np.maximum(np.square(running_stddev) - eps, 0.0),
+        running_stddev=running_stddev,
+        renorm_mean=renorm_old * _f64(state.renorm_mean) + renorm_new * stats.mean,
+        renorm_stddev=renorm_old * _f64(state.renorm_stddev) + renorm_new * stddev,
+        num_batches_tracked=count,
+    )
+
+
+def backward_renorm_train(
+    dy, x, renorm_mean, renorm_stddev, gamma=None, eps: float = 1e-3, axis: int = 1, clipping=None
+) -> Gradients:
+    """Gradients of the renorm training forward pass, ``r`` and ``d`` held constant."""
+    x, dy = _f64(x), _f64(dy)
+    gamma, _ = _affine(x, axis, gamma, None)
+    stats = batch_stats(x, axis)
+    r, d = renorm_correction(stats, renorm_mean, renorm_stddev, eps, clipping)
+    plain = backward_train(dy, x, gamma * r, eps, axis)  # batch norm with the scale r * gamma
+    axes = _reduce_axes(x, axis)
+    invstd = 1.0 / np.sqrt(stats.var + eps)
+    xhat = (x - _per_channel(stats.mean, x, axis)) * _per_channel(invstd, x, axis)
+    dgamma = r * (dy * xhat).sum(axis=axes) + d * dy.sum(axis=axes)
+    return Gradients(plain.dx, dgamma, plain.dbeta)

@@ -48,3 +48,19 @@ def check_torch(module, shape, semantics="source"):
 
 def random_array(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+
+
+def saved_and_loaded(model, directory):
+    """``model`` saved as .keras and loaded back as bnkit loads files (``safe_mode=True``)."""
+    from bnkit.io import load_model
+
+    path = directory / f"{model.name}.keras"
+    model.save(path)
+    return load_model(path)
+
+
+def check_saves(model, x_nhwc, directory):
+    """The .keras file of ``model`` loads (bnkit's layers registered) and computes the same."""
+    loaded = saved_and_loaded(model, directory)
+    np.testing.assert_array_equal(to_numpy(loaded(x_nhwc)), to_numpy(model(x_nhwc)))
+    return loaded

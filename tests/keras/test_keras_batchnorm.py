@@ -183,7 +183,12 @@ def test_save_and_load_keras_file(tmp_path):
         ({"momentum": [0.9]}, TypeError, "[0.9]"),
         ({"epsilon": "tiny"}, ValueError, "'tiny'"),
         ({"axis": "channels"}, ValueError, "'channels'"),
-        ({"renorm": True, "convention": "torch"}, ValueError, "renorm=True"),
+        ({"renorm": True, "renorm_clipping": {"rmaxx": 2}}, ValueError, "'rmaxx'"),
+        ({"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2}}, ValueError, "rmax=0.5"),
+        ({"renorm": True, "renorm_clipping": {"dmax": -1}}, ValueError, "dmax=-1"),
+        # Keras builds it and fails in the first training step; bnkit says so at once
+        ({"renorm": True, "renorm_momentum": None, "convention": "keras"}, ValueError, "renorm_momentum=None"),
+        ({"renorm": True, "renorm_momentum": "slow", "convention": "torch"}, TypeError, "'slow'"),
     ],
 )
 def test_constructor_errors_quote_the_bad_value(kwargs, error, quoted):

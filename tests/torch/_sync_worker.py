@@ -35,6 +35,19 @@ def make_layer(cls, convention):
     return layer
 
 
+RENORM = {"renorm_clipping": {"rmax": 1.05, "rmin": 0.95, "dmax": 0.1}}
+
+
+def renorm_layer(cls):
+    """``cls`` with batch renormalization (clipping that binds on make_data's batches)."""
+
+    def make(channels, convention):
+        momentum = 0.3 if convention == "torch" else 0.7
+        return cls(channels, convention=convention, renorm=True, renorm_momentum=momentum, **RENORM)
+
+    return make
+
+
 def make_model():
     import bnkit.torch as bt
 
@@ -80,6 +93,22 @@ def run(rank, world_size, init_file, out_dir, sizes):
                 "running_mean": layer.running_mean.clone(),
                 "running_var": layer.running_var.clone(),
                 "num_batches_tracked": layer.num_batches_tracked.clone(),
+            }
+        # batch renormalization: r and d from the group's statistics, the same on every rank
+        for convention in ("torch", "keras"):
+            layer = make_layer(renorm_layer(bt.SyncBatchNorm), convention).train()
+            outputs, grads = [], []
+            for _step in range(3):
+                x = x_local.clone().requires_grad_(True)
+                layer.zero_grad()
+                y = layer(x)
+                (y * target_local).sum().backward()
+                outputs.append(y.detach())
+                grads.append((x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+            result[f"renorm-{convention}"] = {
+                "outputs": outputs,
+                "grads": grads,
+                "state": {k: v.clone() for k, v in layer.state_dict().items()},
             }
         # float64, so that the convolutions' own summation order does not blur the comparison
         model = bt.convert_sync(make_model().double()).train()

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _sync_worker import make_data, make_layer, make_model, run
+from _sync_worker import make_data, make_layer, make_model, renorm_layer, run
 from torch import nn
 
 import bnkit.torch as bt
@@ -78,6 +78,27 @@ def test_sync_batchnorm_equals_single_process_batchnorm(world, convention):
         torch.testing.assert_close(r[convention]["running_var"], single.running_var, **TOL)
         assert int(r[convention]["num_batches_tracked"]) == 2
     assert [len(r[convention]["outputs"][0]) for r in results] == sizes
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_renorm_sync_batchnorm_equals_single_process_renorm(world, convention):
+    """r and d from the group's statistics: every rank's slice as in one process, every rank's state alike."""
+    sizes, results = world
+    x_all, target_all = make_data(sizes)
+    single = make_layer(renorm_layer(bt.BatchNorm2d), convention).train()
+    for step in range(3):
+        x = x_all.clone().requires_grad_(True)
+        single.zero_grad()
+        y = single(x)
+        (y * target_all).sum().backward()
+        ranks = [r[f"renorm-{convention}"] for r in results]
+        torch.testing.assert_close(torch.cat([r["outputs"][step] for r in ranks]), y.detach(), **TOL)
+        torch.testing.assert_close(torch.cat([r["grads"][step][0] for r in ranks]), x.grad, **TOL)
+        torch.testing.assert_close(sum(r["grads"][step][1] for r in ranks), single.weight.grad, **TOL)
+        torch.testing.assert_close(sum(r["grads"][step][2] for r in ranks), single.bias.grad, **TOL)
+    for r in results:
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(r[f"renorm-{convention}"]["state"][key], value, **TOL)
 
 
 def test_convert_sync_model_equals_single_process_model(world):
@@ -198,7 +219,7 @@ def test_sync_batchnorm_is_a_torch_sync_batchnorm_with_its_signature():
     assert [name for name, _ in ours[: len(theirs)]] == [name for name, _ in theirs]
     for (name, p), (_, q) in zip(theirs, ours, strict=False):
         assert p.kind == q.kind, name
-    assert [name for name, _ in ours[len(theirs):]] == ["convention"]
+    assert [name for name, _ in ours[len(theirs):]] == ["convention", "renorm", "renorm_clipping", "renorm_momentum"]
     assert repr(layer) == repr(nn.SyncBatchNorm(4, bias=False))
     # no process group: a plain batch norm, any rank from 2, as torch.nn.SyncBatchNorm
     x = torch.randn(3, 4, 2, 2, 2, 2, generator=torch.Generator().manual_seed(0))

@@ -10,10 +10,13 @@ from __future__ import annotations
 import keyword
 import re
 
+import numpy as np
+import torch
 from torch import fx, nn
 
 import bnkit.convert.families  # noqa: F401 - registers the converters
 from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError
+from bnkit.convert.layouts import inverse, mapped_layout
 from bnkit.convert.registry import from_keras, keras_converter, keras_unsupported_reason
 from bnkit.convert.values import TorchValue
 from bnkit.keras import keras
@@ -50,7 +53,8 @@ class KerasToTorch:
     """Builds the PyTorch graph; converters (``@from_keras``) receive it as ``b``.
 
     For converters: :meth:`add_module` (a submodule named after a layer, called on fx nodes),
-    :attr:`graph` (``b.graph.call_function(torch.cat, ...)`` for operations without a module),
+    :meth:`add_tensor` (a parameter or buffer, read with ``get_attr``), :attr:`graph`
+    (``b.graph.call_function(torch.cat, ...)`` for operations without a module), :meth:`to_layout`,
     :attr:`semantics`, :meth:`unsupported`, :meth:`check_channels_last`, and the graph questions
     :meth:`feeds_only_dense` and :meth:`input_non_negative`.
     """
@@ -73,6 +77,31 @@ class KerasToTorch:
         target = self._unique(name)
         self.root.add_module(target, module)
         return self.graph.call_module(target, tuple(args))
+
+    def add_tensor(self, name: str, array, trainable: bool = False) -> fx.Node:
+        """A parameter (``trainable``) or buffer of the root module named after ``name``, read with ``get_attr``."""
+        target = self._unique(name)
+        tensor = torch.from_numpy(np.array(array, dtype="float32"))
+        if trainable:
+            self.root.register_parameter(target, nn.Parameter(tensor))
+        else:
+            self.root.register_buffer(target, tensor)
+        return self.graph.get_attr(target)
+
+    def to_layout(self, value: TorchValue, layout) -> TorchValue:
+        """``value`` with its PyTorch dimensions arranged for ``layout`` (a ``permute``, if needed)."""
+        layout = tuple(layout)
+        if value.layout == layout:
+            return value
+        # keras == torch.permute(value.layout) == new.permute(layout): new = torch.permute(dims)
+        where = inverse(layout)
+        dims = tuple(value.layout[where[d]] for d in range(value.rank))
+        node = self.graph.call_method("permute", (value.node, *dims))
+        return TorchValue(node, value.rank, layout, value.pending_flat)
+
+    def mapped(self, value: TorchValue) -> TorchValue:
+        """``value`` in the mapped layout (PyTorch's channels-first of Keras' channels-last)."""
+        return self.to_layout(value, mapped_layout(value.rank))
 
     def unsupported(self, layer, reason: str) -> UnsupportedLayerError:
         """The error for ``layer``, named as the user can find it (``outer/inner`` inside nested models)."""
@@ -125,7 +154,7 @@ class KerasToTorch:
         for node in _nodes(self.model):
             if not node.is_input:
                 self.convert(node)
-        outputs = [self.env[id(tensor)].node for tensor in self.model.outputs]
+        outputs = [self.mapped(self.env[id(tensor)]).node for tensor in self.model.outputs]
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         self.semantics.check_all_found()
         gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
@@ -142,9 +171,10 @@ class KerasToTorch:
         converter = keras_converter(layer)
         if converter is None:
             raise self.unsupported(layer, keras_unsupported_reason(layer))
-        for value in inputs:
-            if value.layout == "same" and value.rank > 2 and not (converter.elementwise or converter.permuted_input):
-                raise self.unsupported(layer, "its input was permuted by a Permute layer; only Flatten may follow one")
+        if not (converter.elementwise or converter.permuted_input):  # it reads its inputs in the mapped layout
+            for i, (tensor, value) in enumerate(zip(node.input_tensors, inputs, strict=True)):
+                if not value.mapped:
+                    inputs[i] = self.env[id(tensor)] = self.mapped(value)
         self.env[id(node.outputs[0])] = converter.convert(self, layer, node, inputs)
 
 

@@ -24,12 +24,13 @@ Flags, read by the graph walkers:
 
 * ``elementwise``: a one-input layer that applies the same function at every position
   (activations, Dropout), so it commutes with any reordering of the features: a Flatten whose
-  order is fixed in the next Dense's weights, and a tensor left permuted by a Permute, pass
-  through it. Its converter must
-  carry the input's layout over (``x.like(...)``) and read axes through the value
-  (``TorchValue.torch_dim``, ``KerasValue.keras_axis``).
-* ``permuted_input``: the converter handles an input left in the other framework's layout by a
-  permute itself (Flatten); other layers refuse such an input.
+  order is fixed in the next Dense's weights, and a tensor in any layout, pass through it. Its
+  converter must carry the input's layout over (``x.like(...)``) and read axes through the
+  value (``TorchValue.torch_dim``, ``KerasValue.keras_axis``).
+* ``permuted_input``: the converter takes its inputs in any layout (``x.layout``, see
+  :mod:`bnkit.convert.layouts`) and handles it itself (reshapes, permutes, arithmetic, layer
+  norm, Dense). Other converters get their inputs in the mapped layout: the walker permutes a
+  value left in another layout (by ``x.permute(0, 2, 3, 1)``, a Keras ``Permute``) first.
 * ``non_negative``: the output is ``>= 0`` (ReLU, sigmoid, ...), so zero padding cannot win a max
   pooling of it. ``True``, or a predicate on the layer / module / function / method name.
 """

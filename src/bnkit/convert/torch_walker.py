@@ -9,6 +9,8 @@ has a converter), records shapes, visits the nodes in order, looks each one's co
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import operator
 import os
 import re
@@ -20,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import bnkit.convert.families  # noqa: F401 - registers the converters
 from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError, warn_at_caller
+from bnkit.convert.layouts import mapped_layout
 from bnkit.convert.registry import (
     Converter,
     torch_function_converter,
@@ -27,7 +30,7 @@ from bnkit.convert.registry import (
     torch_module_converter,
     torch_unsupported_reason,
 )
-from bnkit.convert.values import KerasValue
+from bnkit.convert.values import Constant, KerasValue, torch_array
 from bnkit.keras import keras
 
 __all__ = ["TorchToKeras", "torch_to_keras"]
@@ -85,11 +88,11 @@ def describe_operation(node: fx.Node) -> str:
 class TorchToKeras:
     """Builds the Keras model; converters (``@from_torch``) receive it as ``b``.
 
-    For converters: :meth:`input` / :meth:`value` / :meth:`arg` read a node's arguments,
-    :meth:`name` is the Keras layer name of a node, :meth:`unique_name` another one,
+    For converters: :meth:`input` / :meth:`value` / :meth:`operand` / :meth:`arg` read a node's
+    arguments, :meth:`name` is the Keras layer name of a node, :meth:`unique_name` another one,
     :meth:`out_shape` the node's PyTorch output shape, :meth:`apply` calls a Keras layer and sets
-    its weights, :attr:`semantics`, :meth:`unsupported`, and the graph questions
-    :meth:`feeds_only_linear` and :meth:`non_negative`.
+    its weights, :meth:`to_layout` permutes a value, :attr:`semantics`, :meth:`unsupported`, and
+    the graph questions :meth:`feeds_only_linear` and :meth:`non_negative`.
     """
 
     def __init__(self, module: nn.Module, input_shapes, semantics) -> None:
@@ -109,9 +112,20 @@ class TorchToKeras:
 
     def value(self, arg, node: fx.Node) -> KerasValue:
         """The converted tensor of ``arg`` (an fx node), an argument of ``node``."""
-        if not isinstance(arg, fx.Node) or not isinstance(self.env.get(arg), KerasValue):
-            raise self.unsupported(node, f"expected a tensor argument, got {arg!r}")
-        return self.env[arg]
+        value = self.env.get(arg) if isinstance(arg, fx.Node) else arg
+        if isinstance(value, Constant):
+            raise self.unsupported(node, f"it takes the constant tensor {value.name!r} where only an input-dependent "
+                                   "tensor converts")
+        if not isinstance(value, KerasValue):
+            raise self.unsupported(node, f"expected a tensor argument, got {value!r}")
+        return value
+
+    def operand(self, arg, node: fx.Node):
+        """A tensor, constant or Python value argument of ``node``: a :class:`KerasValue`, a
+        :class:`Constant` (a parameter, buffer or tensor constant), or the value itself."""
+        if isinstance(arg, fx.Node):
+            return self.env[arg]
+        return arg
 
     def input(self, node: fx.Node, index: int = 0, key: str = "input") -> KerasValue:
         """The converted tensor passed as argument ``index`` (or keyword ``key``) of ``node``."""
@@ -144,6 +158,19 @@ class TorchToKeras:
         if weights is not None:
             layer.set_weights(weights)
         return KerasValue(out, self.out_shape(node), pending)
+
+    def to_layout(self, value: KerasValue, layout, name: str) -> KerasValue:
+        """``value`` with its Keras axes in ``layout`` (a Keras ``Permute`` named after ``name``, if needed)."""
+        layout = tuple(layout)
+        if value.layout == layout:
+            return value
+        dims = tuple(value.layout.index(d) for d in layout[1:])
+        tensor = keras.layers.Permute(dims, name=self.unique_name(f"{name}_permute"))(value.tensor)
+        return KerasValue(tensor, value.shape, value.pending_flat, layout)
+
+    def mapped(self, value: KerasValue, name: str) -> KerasValue:
+        """``value`` in the mapped layout (channels-last of PyTorch's channels-first)."""
+        return self.to_layout(value, mapped_layout(value.rank), name)
 
     def unsupported(self, node: fx.Node, reason: str) -> UnsupportedLayerError:
         """The error for ``node``, naming the module (path and class) the user can find in the code."""
@@ -238,7 +265,7 @@ class TorchToKeras:
             elif node.op == "output":
                 result = node.args[0]
                 for r in result if isinstance(result, (tuple, list)) else (result,):
-                    outputs.append(self.value(r, node).tensor)
+                    outputs.append(self.mapped(self.value(r, node), r.name).tensor)
             else:
                 self.env[node] = self._convert(node)
         self.semantics.check_all_found()
@@ -249,26 +276,119 @@ class TorchToKeras:
 
     def _convert(self, node: fx.Node):
         if node.op == "get_attr":
-            owner = str(node.target).rpartition(".")[0]
-            if owner:  # a parameter read inside a module bnkit does not know: name that module
-                module = self.module.get_submodule(owner)
-                raise UnsupportedLayerError(owner, type(module).__name__, torch_unsupported_reason(module))
-            raise self.unsupported(node, "module attributes used as tensors (get_attr) are not supported")
+            return self._constant(node)
         converter = self.converter(node)
-        for arg in node.all_input_nodes:
-            value = self.env.get(arg)
-            if isinstance(value, KerasValue) and value.channels_last:
-                if converter is None or not (converter.permuted_input or converter.elementwise):
-                    raise self.unsupported(node, "only a flatten may follow a permute to channels-last")
+        if converter is not None and not (converter.permuted_input or converter.elementwise):
+            for arg in node.all_input_nodes:  # this converter reads its inputs in the mapped layout
+                value = self.env.get(arg)
+                if isinstance(value, KerasValue) and not value.mapped:
+                    self.env[arg] = self.mapped(value, arg.name)
         if converter is None:
+            for arg in node.all_input_nodes:  # a parameter of a module bnkit does not know: name that module
+                owner = str(arg.target).rpartition(".")[0] if arg.op == "get_attr" else ""
+                if owner:
+                    module = self.module.get_submodule(owner)
+                    raise UnsupportedLayerError(owner, type(module).__name__, torch_unsupported_reason(module))
             if node.op == "call_module":
                 raise self.unsupported(node, torch_unsupported_reason(self.gm.get_submodule(node.target)))
             kind = "function" if node.op == "call_function" else "tensor method"
             if getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is getattr:
                 kind = "operation"
             raise self.unsupported(node, f"this {kind} is not supported by bnkit.convert")
-        return converter.convert(self, node, self._target(node))
+        result = converter.convert(self, node, self._target(node))
+        mutated = self._mutated_input(node)
+        if mutated is not None:  # what follows reads the tensor as the in-place op left it
+            for same in self._same_tensor(node, mutated):
+                self.env[same] = result
+        return result
 
+    def _constant(self, node: fx.Node) -> Constant:
+        """A parameter, buffer or tensor constant read with ``get_attr``; a consumer that takes
+        no constant refuses it (naming the module whose forward reads it)."""
+        owner, _, attribute = str(node.target).rpartition(".")
+        module = self.gm.get_submodule(owner) if owner else self.gm
+        tensor = getattr(module, attribute)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise self.unsupported(node, f"the attribute {node.target!r} is not a floating-point tensor")
+        trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
+        return Constant(torch_array(tensor), trainable, str(node.target))
+
+    # ---- in-place operations ------------------------------------------------------------
+    def _mutated_input(self, node: fx.Node) -> fx.Node | None:
+        """The tensor an in-place call overwrites (``relu_``, ``inplace=True``, ``x.mul_()``), if any."""
+        target = node.target
+        if node.op == "call_module":
+            in_place = getattr(self.gm.get_submodule(target), "inplace", False) is True
+        elif node.op == "call_method":
+            in_place = target.endswith("_") and not target.startswith("_")
+        elif node.op == "call_function":
+            name = getattr(target, "__name__", "")
+            in_place = (name.endswith("_") and not name.startswith("_")) or _inplace_argument(node) is True
+        else:
+            in_place = False
+        first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        return first if in_place and isinstance(first, fx.Node) else None
+
+    def _same_tensor(self, node: fx.Node, mutated: fx.Node) -> set[fx.Node]:
+        """The nodes that are the tensor ``node`` overwrites in place (``mutated``, and the outputs of
+        other in-place ops on it), to be read as its result from now on. A view of it read
+        afterwards (a chunk, a reshape) is refused: the converted graph would read it unchanged."""
+        if getattr(self, "_order", None) is None:
+            self._order = {n: i for i, n in enumerate(node.graph.nodes)}
+        same, views, todo = {mutated}, set(), [(mutated, False)]
+        while todo:
+            current, is_view = todo.pop()
+            linked = [(u, True) for u in current.users if _is_view(u)]
+            linked += [(u, False) for u in current.users if u is not node and self._mutated_input(u) is current]
+            if _is_view(current):
+                linked.append((current.all_input_nodes[0], True))
+            if self._mutated_input(current) is not None:
+                linked.append((self._mutated_input(current), False))
+            for other, through_view in linked:
+                other_is_view = is_view or through_view
+                if other is node or other in same or other in views:
+                    continue
+                (views if other_is_view else same).add(other)
+                todo.append((other, other_is_view))
+        for view in views:
+            if any(self._order[user] > self._order[node] for user in view.users):
+                raise self.unsupported(
+                    node, f"it overwrites a view of {view.name!r}, which is read afterwards (write it out of place)"
+                )
+        return same
+
+
+_VIEW_METHODS = {
+    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "chunk", "split", "narrow",
+    "squeeze", "unsqueeze", "expand", "t", "view_as", "reshape_as", "unflatten", "swapaxes", "movedim",
+}  # fmt: skip
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node`` may return a view of its first input (so an in-place op on it writes there)."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target is operator.getitem or getattr(node.target, "__name__", None) in _VIEW_METHODS
+    return False
+
+
+def _inplace_argument(node: fx.Node):
+    """The ``inplace`` argument of a function call (keyword or positional), if it has one."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"]
+    position = _inplace_position(node.target)
+    return node.args[position] if position is not None and position < len(node.args) else None
+
+
+@functools.cache
+def _inplace_position(fn) -> int | None:
+    """Where ``fn`` takes ``inplace`` positionally (``F.relu(x, True)``), if it does."""
+    try:
+        parameters = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    return parameters.index("inplace") if "inplace" in parameters else None
 
 def torch_to_keras(module: nn.Module, input_shape, *, semantics="source"):
     """Convert a PyTorch module to an equivalent Keras 3 functional model.

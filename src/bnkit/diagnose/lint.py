@@ -44,6 +44,17 @@
 ``eps-mismatch`` (info)
     BN layers of one model with different ``eps``: often a half-finished port (PyTorch's
     default is 1e-5, Keras' 1e-3).
+``renorm-momentum`` (warning; error outside [0, 1])
+    Batch renormalization whose ``renorm_momentum`` gives the new batch half or more of the
+    weight (Keras ``renorm_momentum <= 0.5``, bnkit's torch convention ``>= 0.5``): the renorm
+    statistics follow the last batch, so ``r`` stays near 1 and ``d`` near 0 and renorm does
+    nothing (most likely the other framework's value copied literally); outside [0, 1] they
+    extrapolate.
+``renorm-unclipped`` (info)
+    ``renorm=True`` without ``rmax``/``dmax`` in ``renorm_clipping`` (Keras' default): ``r`` and
+    ``d`` are unbounded, so early in training, while the renorm statistics are still their initial
+    0 and 1, the layer barely normalises. Ioffe (2017) starts at ``rmax=1, dmax=0`` and relaxes
+    them to 3 and 5 (assign ``layer.renorm_clipping`` between steps, in either framework).
 """
 
 from __future__ import annotations
@@ -195,6 +206,7 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
 
     findings += _settings_findings([(name, _describe(bn), bn.eps, bn.momentum) for name, bn in bns], keras=False)
     findings += _eps_mismatch([(name, bn.eps) for name, bn in bns if _number(bn.eps) is not None])
+    findings += _renorm_findings([(name, _describe(bn), bn) for name, bn in bns])
     return findings
 
 
@@ -339,6 +351,7 @@ def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
         [(name, _describe_keras(bn), bn.epsilon, bn.momentum) for name, bn in bns], keras=True
     )
     findings += _eps_mismatch([(name, bn.epsilon) for name, bn in bns])
+    findings += _renorm_findings([(name, _describe_keras(bn), bn) for name, bn in bns])
     return findings
 
 
@@ -535,6 +548,61 @@ def _settings_findings(layers, *, keras: bool) -> list[Finding]:
                     "variance extrapolate instead of averaging (a negative variance is possible) and diverge "
                     "once a weight's magnitude passes 1. Both frameworks accept it without complaint.",
                     "error",
+                )
+            )
+    return findings
+
+
+# --------------------------------------------------------------------------- batch renormalization
+
+
+def _renorm_findings(layers) -> list[Finding]:
+    """``renorm-momentum`` and ``renorm-unclipped`` for ``(name, description, layer)`` of either framework."""
+    findings = []
+    for name, description, bn in layers:
+        if getattr(bn, "renorm", False) is not True:
+            continue
+        convention = getattr(bn, "convention", None)
+        weighs_new = convention is not None and get_convention(convention).momentum_weighs == "new"
+        momentum = bn.renorm_momentum
+        m = _number(momentum) if momentum is not None else None
+        if momentum is not None and (m is None or not 0.0 <= m <= 1.0):
+            shown = f"{momentum!r}" if m is None else f"{m:g}"
+            findings.append(
+                Finding(
+                    "renorm-momentum",
+                    name,
+                    f"{description} has renorm_momentum={shown}, outside [0, 1]: one of the renorm statistics' "
+                    "update weights is negative, so the statistics r and d are taken from extrapolate.",
+                    "error",
+                )
+            )
+        elif m is not None and (m if weighs_new else 1 - m) >= 0.5:
+            new_weight = m if weighs_new else 1 - m
+            reading = "PyTorch's" if weighs_new else "Keras'"
+            findings.append(
+                Finding(
+                    "renorm-momentum",
+                    name,
+                    f"{description}: in {reading} convention renorm_momentum={m:g} gives each new batch "
+                    f"{new_weight:.0%} of the weight, so the renorm statistics follow the last batch, r stays "
+                    f"near 1 and d near 0, and batch renormalization does little. Is it the other framework's "
+                    f"value copied literally? The equivalent is {1 - m:g}.",
+                    "warning",
+                )
+            )
+        clipping = bn.renorm_clipping or {}
+        if clipping.get("rmax") is None or clipping.get("dmax") is None:
+            findings.append(
+                Finding(
+                    "renorm-unclipped",
+                    name,
+                    f"{description} has renorm=True with renorm_clipping={dict(clipping)!r}: r and d are "
+                    "unbounded (no rmax or dmax), so the training output is (x - renorm_mean) / renorm_stddev, "
+                    "and early in training, with the renorm statistics still near their initial 0 and 1, the "
+                    "input is hardly normalised. Ioffe (2017) starts at rmax=1, dmax=0 and relaxes them to 3 "
+                    "and 5; assign layer.renorm_clipping between steps.",
+                    "info",
                 )
             )
     return findings

@@ -25,6 +25,8 @@ CAUSES: dict[str, str] = {
     "weighs the new batch, Keras' weighs the old value)",
     "running-variance-estimator": "one side folds the unbiased batch variance into the running variance, "
     "the other the biased one",
+    "renorm": "batch renormalization differs: one side corrects its training output by r and d (renorm=True) "
+    "and the other does not, or their renorm_clipping or renorm_momentum differ",
     "layout": "a Dense/Linear after Flatten expects the other framework's flatten order "
     "(H·W·C vs C·H·W): its weights were not permuted; or a convolution kernel ported NHWC/NCHW "
     "with its spatial axes swapped",
@@ -59,6 +61,10 @@ class BatchNormState:
     running_var_before: np.ndarray | None = None
     running_mean_after: np.ndarray | None = None
     running_var_after: np.ndarray | None = None
+    renorm: bool = False  # batch renormalization (Keras renorm=True, bnkit's renorm layers)
+    renorm_clipping: dict = field(default_factory=dict)
+    renorm_new_weight: float | None = None  # weight of the batch statistic in the renorm update; None: cumulative
+    renorm_after: tuple[np.ndarray, np.ndarray] | None = None  # renorm mean and stddev after a training step
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +78,9 @@ class BatchNormState:
             "uses_batch_stats": self.uses_batch_stats,
             "in_training_mode": self.in_training_mode,
             "trainable": self.trainable,
+            "renorm": self.renorm,
+            "renorm_clipping": dict(self.renorm_clipping) if self.renorm else None,
+            "renorm_new_weight": self.renorm_new_weight if self.renorm else None,
         }
 
 

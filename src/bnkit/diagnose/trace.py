@@ -16,7 +16,7 @@ import numpy as np
 
 from bnkit.diagnose.report import BatchNormState
 
-__all__ = ["INPUT", "Entry", "Trace", "to_layout", "to_numpy", "magnitude", "rerun"]
+__all__ = ["INPUT", "Entry", "Trace", "to_layout", "to_numpy", "magnitude", "rerun", "renorm_state"]
 
 #: The producer index that stands for the model's input.
 INPUT = -1
@@ -88,6 +88,19 @@ class Trace:
     dtype_eps: float  # machine epsilon of the dtype the model computed in
     input_nonfinite: int = 0  # NaN/Inf values in the input
     model: object = None  # the model as run (PyTorch: the working copy)
+
+
+def renorm_state(layer, conv) -> dict:
+    """Either framework's batch-renormalization settings (for :class:`BatchNormState`), the momentum
+    as the weight of the new batch statistic."""
+    if getattr(layer, "renorm", False) is not True:
+        return {}
+    momentum = layer.renorm_momentum
+    return {
+        "renorm": True,
+        "renorm_clipping": {k: v for k, v in (layer.renorm_clipping or {}).items() if v is not None},
+        "renorm_new_weight": None if momentum is None else conv.weights(float(momentum))[1],
+    }
 
 
 def to_numpy(x) -> np.ndarray:

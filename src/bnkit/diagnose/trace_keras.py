@@ -14,7 +14,7 @@ import numpy as np
 from bnkit.conventions import KERAS, get_convention
 from bnkit.diagnose.kinds import KERAS_LAYERS, KERAS_RANDOM_LAYERS, kind_of
 from bnkit.diagnose.report import BatchNormState
-from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, to_layout, to_numpy
+from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, renorm_state, to_layout, to_numpy
 
 __all__ = ["trace_keras", "keras_kind", "keras_bn_state"]
 
@@ -60,6 +60,7 @@ def keras_bn_state(layer, training: bool) -> BatchNormState:
         trainable=bool(layer.trainable),
         running_mean_before=to_numpy(layer.moving_mean).copy(),
         running_var_before=to_numpy(layer.moving_variance).copy(),
+        **renorm_state(layer, conv),
     )
 
 
@@ -279,6 +280,8 @@ def trace_keras(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
         for layer, state in recorder.bn_layers:
             state.running_mean_after = to_numpy(layer.moving_mean).copy()
             state.running_var_after = to_numpy(layer.moving_variance).copy()
+            if state.renorm:
+                state.renorm_after = (to_numpy(layer.renorm_mean).copy(), to_numpy(layer.renorm_stddev).copy())
     finally:
         if saved is not None:
             for v, value in zip(model.weights, saved, strict=True):

@@ -26,7 +26,7 @@ import numpy as np
 from bnkit.conventions import TORCH, Convention
 from bnkit.diagnose.kinds import TORCH_FUNCTIONS, TORCH_MODULES, kind_of
 from bnkit.diagnose.report import BatchNormState
-from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, to_numpy
+from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, renorm_state, to_numpy
 
 __all__ = ["trace_torch", "torch_bn_state"]
 
@@ -99,6 +99,7 @@ def torch_bn_state(module) -> BatchNormState:
         trainable=bool(module.weight is None or module.weight.requires_grad),
         running_mean_before=module.running_mean.detach().cpu().numpy().copy() if tracks else None,
         running_var_before=module.running_var.detach().cpu().numpy().copy() if tracks else None,
+        **renorm_state(module, conv),
     )
 
 
@@ -432,6 +433,8 @@ def _run(work, x: np.ndarray, perturb, torch) -> Trace:
             module = e.callables[0]
             e.bn.running_mean_after = module.running_mean.detach().cpu().numpy().copy()
             e.bn.running_var_after = module.running_var.detach().cpu().numpy().copy()
+            if e.bn.renorm:
+                e.bn.renorm_after = (to_numpy(module.renorm_mean).copy(), to_numpy(module.renorm_stddev).copy())
     final = _first_tensor(out, torch)
     if final is None and hasattr(out, "_fields"):  # a namedtuple of outputs
         final = _first_tensor(tuple(out), torch)

@@ -23,6 +23,20 @@ trainable layer (``training and self.trainable``, as Keras), the moving statisti
 ``momentum`` is stored and read in the layer's convention. The torch convention uses
 ``keras.ops`` only (any backend) and computes the statistics in two passes (mean, then the mean
 of squared deviations) in float32 or wider, also for float16/bfloat16 inputs.
+
+Batch renormalization (``renorm=True``, ``renorm_clipping``, ``renorm_momentum``, Keras' weights
+``moving_stddev``, ``renorm_mean``, ``renorm_stddev``) works in both conventions: in the Keras one
+it is Keras' own; in the torch one it is :class:`bnkit.torch.BatchNorm2d`'s (``renorm_momentum``
+weighs the new value, default 0.01; ``None`` is a cumulative average; the moving standard
+deviation follows the *unbiased* batch variance), formulas in :mod:`bnkit.reference`.
+
+``synchronized=True`` (statistics over every replica of a distributed training run): on the
+TensorFlow backend it is Keras' own; on the torch backend, where Keras refuses it, the statistics
+are those of every process of ``torch.distributed``'s default process group together, as
+:class:`bnkit.torch.SyncBatchNorm` computes them (the gradient reaches every process's input;
+``gamma``/``beta`` get this process's contribution, which ``DistributedDataParallel`` sums).
+Without an initialised process group (or with one process) it is a plain batch norm, as Keras'
+is without a distribution strategy. Only training synchronises; a mask turns it off (as in Keras).
 """
 
 from __future__ import annotations
@@ -34,8 +48,16 @@ import keras
 from keras import ops
 
 from bnkit.conventions import KERAS, TORCH, Convention, get_convention
+from bnkit.renorm import check_clipping, default_renorm_momentum, read_momentum
 
 __all__ = ["BatchNormalization"]
+
+
+def _world_size() -> int:
+    """Processes of torch.distributed's default group (1 without one); torch backend only."""
+    from bnkit.torch.sync import world_size
+
+    return world_size()
 
 # Marks an argument left out, so that momentum=None stays meaningful.
 _DEFAULT = "default"
@@ -55,8 +77,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     Args are Keras' (``axis``, ``momentum``, ``epsilon``, ``center``, ``scale``, initializers,
     regularizers, constraints, ...) plus ``convention``: ``"keras"``, ``"torch"`` or a
-    :class:`bnkit.Convention`. ``momentum`` and ``epsilon`` default to the convention's.
-    Batch renormalization, ``synchronized`` and masks are Keras-convention features.
+    :class:`bnkit.Convention`. ``momentum``, ``epsilon`` and ``renorm_momentum`` default to the
+    convention's. Masks are a Keras-convention feature.
     """
 
     def __init__(
@@ -91,16 +113,29 @@ class BatchNormalization(keras.layers.BatchNormalization):
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{name} must be {what}, got {type(value).__name__} {value!r}") from None
         native = conv == KERAS
-        if not native:
-            for option in ("renorm", "synchronized"):
-                if kwargs.get(option):
-                    raise ValueError(
-                        f"{option}={kwargs[option]!r} is a Keras-convention feature; "
-                        f"it is not available with convention={conv.name!r}"
-                    )
+        renorm_momentum = kwargs.pop("renorm_momentum", default_renorm_momentum(conv))
+        if kwargs.get("renorm"):
+            kwargs["renorm_clipping"] = check_clipping(kwargs.get("renorm_clipping"))
+            renorm_momentum = read_momentum(renorm_momentum, conv)
+        # Keras refuses synchronized=True on any backend but TensorFlow: on the torch backend bnkit
+        # synchronises over torch.distributed itself, so Keras' constructor must not see it
+        synchronized = kwargs.pop("synchronized", False)
+        own_sync = bool(synchronized) and keras.backend.backend() != "tensorflow"
+        if own_sync and keras.backend.backend() != "torch":
+            raise ValueError(
+                f"synchronized=True needs the tensorflow backend (Keras' own) or the torch backend "
+                f"(bnkit's, over torch.distributed); the backend is {keras.backend.backend()!r}"
+            )
+        kwargs["synchronized"] = False if own_sync else synchronized
         # Keras' own constructor stores a float momentum; the real one (maybe None) is set after.
-        super().__init__(axis, 0.0 if momentum is None else momentum, epsilon, center, scale, *args, **kwargs)
+        super().__init__(
+            axis, 0.0 if momentum is None else momentum, epsilon, center, scale, *args,
+            renorm_momentum=0.0 if renorm_momentum is None else renorm_momentum, **kwargs,
+        )
         self.momentum = None if momentum is None else float(momentum)
+        self.renorm_momentum = renorm_momentum
+        self.synchronized = synchronized
+        self._own_sync = own_sync
         self.convention = conv
         self._native = native
         self.num_batches_tracked = None
@@ -140,7 +175,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
                     f"convention (as PyTorch's eps), got {self.epsilon!r}"
                 )
             mean, variance, count = self._batch_moments(x)
-            self._update_moving_statistics(mean, variance, count)
+            if self.renorm:
+                r, d, _, _ = self._renorm_correction_and_moments(mean, variance)
+                gamma, beta = self._compose_transforms(r, d, gamma, beta, compute_dtype)
+                self._update_renorm_statistics(mean, variance, count)
+            else:
+                self._update_moving_statistics(mean, variance, count)
         else:
             if self.epsilon < 0:
                 raise ValueError(f"{self.name}: epsilon must be non-negative, got {self.epsilon!r}")
@@ -152,8 +192,29 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         return ops.cast(outputs, self.compute_dtype)
 
+    def _moments(self, inputs, mask):
+        """Keras' batch statistics; on the torch backend with ``synchronized=True``, the group's."""
+        if self._own_sync and mask is None and _world_size() > 1:
+            from bnkit.torch.sync import group_moments
+
+            mean, variance, _ = group_moments(inputs, self._reduction_axes)
+            return mean, variance
+        if self._own_sync and mask is None:  # no process group: Keras' local statistics
+            return ops.moments(inputs, axes=self._reduction_axes)
+        return super()._moments(inputs, mask)
+
     def _batch_moments(self, x):
         """Per-channel mean and biased variance in two passes, and the values per channel."""
+        if self._own_sync and _world_size() > 1:
+            from bnkit.torch.sync import group_moments
+
+            mean, variance, count = group_moments(x, self._reduction_axes)
+            if self.convention.unbiased_running_var and float(count) < 2:
+                raise ValueError(
+                    f"{self.name}: expected more than 1 value per channel when training across the "
+                    f"process group, got {int(count)} in total (this process: input shape {tuple(x.shape)})"
+                )
+            return mean, variance, count
         mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
         variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes, keepdims=True)
         static = [x.shape[a] for a in self._reduction_axes]
@@ -171,14 +232,36 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 count = count * shape[a]
         return ops.squeeze(mean, self._reduction_axes), ops.squeeze(variance, self._reduction_axes), count
 
+    def _weights(self, momentum, dtype):
+        """``(old, new)`` weights of ``momentum`` in the layer's convention (None: cumulative)."""
+        if momentum is None:
+            new = 1.0 / ops.cast(self.num_batches_tracked, dtype)
+            return 1.0 - new, new
+        return self.convention.weights(momentum)
+
+    def _update_renorm_statistics(self, mean, variance, count=None):
+        """Renorm and moving statistics (Keras' own update in the Keras convention)."""
+        if self._native:
+            return super()._update_renorm_statistics(mean, variance)
+        dtype = mean.dtype
+        old, new = self._weights(self.momentum, dtype)
+        renorm_old, renorm_new = self._weights(self.renorm_momentum, dtype)
+        stddev = ops.sqrt(variance + self.epsilon)
+        running_stddev = stddev
+        if self.convention.unbiased_running_var:
+            count = ops.cast(count, dtype)
+            running_stddev = ops.sqrt(variance * (count / (count - 1.0)) + self.epsilon)
+        self.renorm_mean.assign(ops.cast(self.renorm_mean, dtype) * renorm_old + mean * renorm_new)
+        self.renorm_stddev.assign(ops.cast(self.renorm_stddev, dtype) * renorm_old + stddev * renorm_new)
+        self.moving_mean.assign(ops.cast(self.moving_mean, dtype) * old + mean * new)
+        moving_stddev = ops.cast(self.moving_stddev, dtype) * old + running_stddev * new
+        self.moving_stddev.assign(moving_stddev)
+        self.moving_variance.assign(ops.relu(moving_stddev * moving_stddev - self.epsilon))
+
     def _update_moving_statistics(self, mean, variance, count):
         conv = self.convention
         dtype = mean.dtype
-        if self.momentum is None:
-            new = 1.0 / ops.cast(self.num_batches_tracked, dtype)
-            old = 1.0 - new
-        else:
-            old, new = conv.weights(self.momentum)
+        old, new = self._weights(self.momentum, dtype)
         if conv.unbiased_running_var:
             count = ops.cast(count, dtype)
             variance = variance * (count / (count - 1.0))
@@ -190,5 +273,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def get_config(self):
         config = super().get_config()
         config["momentum"] = self.momentum
+        config["renorm_momentum"] = self.renorm_momentum
         config["convention"] = _convention_config(self.convention)
         return config

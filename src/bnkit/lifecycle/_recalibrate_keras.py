@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 
+from bnkit.conventions import KERAS
 from bnkit.keras import keras
 from bnkit.lifecycle._progress import batch_total, progress_bar
 
@@ -97,8 +98,10 @@ def recalibrate_keras(model, batches, num_batches, *, progress):
         m = moments[id(layer)]
         if m.count == 0:
             continue
+        convention = getattr(layer, "convention", KERAS)  # bnkit's layer may follow PyTorch's
         mean = m.mean.astype(layer.moving_mean.dtype)
-        var = (m.m2 / m.count).astype(layer.moving_variance.dtype)  # Keras: biased
+        var = m.m2 / (m.count - 1 if convention.unbiased_running_var else m.count)  # Keras: biased
+        var = var.astype(layer.moving_variance.dtype)
         bad = ~(np.isfinite(mean) & np.isfinite(var))
         if bad.any():
             channels = np.flatnonzero(bad).tolist()
@@ -111,6 +114,10 @@ def recalibrate_keras(model, batches, num_batches, *, progress):
         updates[id(layer)] = (mean, var)
     for layer in layers:
         if id(layer) in updates:
-            layer.moving_mean.assign(updates[id(layer)][0])
-            layer.moving_variance.assign(updates[id(layer)][1])
+            mean, var = updates[id(layer)]
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(var)
+            if layer.renorm:  # the variance follows the moving stddev in training; renorm_* are left as they are
+                stddev = np.sqrt(var.astype(np.float64) + layer.epsilon)
+                layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
     return model

@@ -159,6 +159,11 @@ def recalibrate_torch(model: nn.Module, batches, num_batches, *, progress, devic
             if name in updates:
                 bn.running_mean.copy_(updates[name][0])
                 bn.running_var.copy_(updates[name][1])
+                if getattr(bn, "renorm", False):
+                    # the running variance follows the running stddev in training: keep the pair consistent;
+                    # renorm_mean/renorm_stddev steer training's correction and are left as they are
+                    var = updates[name][1].to(bn.running_stddev.dtype)
+                    bn.running_stddev.copy_(torch.sqrt(var + bn.eps))
     return model
 
 

@@ -31,7 +31,8 @@ def freeze_bn(model, convention: str = "torch", *, freeze_stats: bool = True):
     * ``convention="torch"``, ``freeze_stats=True`` (default): each batch norm becomes a frozen
       layer that, in ``train()``, still normalises with the batch statistics (as a PyTorch layer
       with ``requires_grad=False`` does) but never updates its running statistics; in
-      ``eval()`` it uses them.
+      ``eval()`` it uses them. Batch norms with ``renorm=True`` are refused (``ValueError``): the
+      frozen layer has no renorm correction.
     * ``convention="torch"``, ``freeze_stats=False``: exactly PyTorch's ``requires_grad=False``
       on ``weight`` and ``bias``; the layers stay as they are and their running statistics keep
       updating in ``train()``.
@@ -79,6 +80,14 @@ def _freeze_torch(model, mode: str, freeze_stats: bool):
     for name, bn in found:
         require_running_stats(name, bn, "freeze")
     batch_stats_in_train = mode == "torch"
+    if batch_stats_in_train:
+        renorm = [name or "(the model itself)" for name, bn in found if getattr(bn, "renorm", False)]
+        if renorm:
+            raise ValueError(
+                f"batch norms {', '.join(map(repr, renorm))} have renorm=True: frozen with batch statistics in "
+                "train() they would lose the renorm correction; use convention='keras' (running statistics "
+                "in train() and eval()) or freeze_stats=False (requires_grad=False, renorm keeps running)"
+            )
     for name, bn in found:
         if isinstance(bn, FrozenBatchNorm):
             bn.batch_stats_in_train = batch_stats_in_train

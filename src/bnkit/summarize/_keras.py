@@ -9,10 +9,11 @@ import numpy as np
 
 from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary, normalize_input_shape, numel
 
-# Weights that PyTorch keeps as buffers: the running statistics of batch normalization
-# (duck-typed, so that subclasses such as bnkit.keras.BatchNormalization count too), and the
-# scale and shift of a folded batch norm (bnkit's ChannelAffine, whose PyTorch twin holds buffers).
-_STATISTICS = ("moving_mean", "moving_variance")
+# Weights that PyTorch keeps as buffers: the running statistics of batch normalization and,
+# with renorm=True, its renorm statistics (duck-typed, so that subclasses such as
+# bnkit.keras.BatchNormalization count too), and the scale and shift of a folded batch norm
+# (bnkit's ChannelAffine, whose PyTorch twin holds buffers).
+_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 _OTHER_BUFFERS = {"ChannelAffine": ("scale", "shift")}
 
 
@@ -97,6 +98,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
         dtype=str(getattr(model, "dtype", None) or "float32"),
         notes=notes,
         torch_running_stats=sum(_size(v) for v in statistics),
+        renorm_layers=sum(bool(getattr(layer, "renorm", False)) for _, _, layer in _walk(model, keras)),
     )
 
 

@@ -30,12 +30,12 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
     float_buffers = [b for b in buffers if b.is_floating_point() or b.is_complex()]
     torch_buffers = sum(b.numel() for b in float_buffers)
     torch_counters = sum(b.numel() for b in buffers) - torch_buffers
-    running_stats = sum(
-        stat.numel()
+    running_stats = sum(  # a batch norm's floating buffers: running (and renorm) statistics
+        b.numel()
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._NormBase)
-        for stat in (m.running_mean, m.running_var)
-        if isinstance(stat, torch.Tensor)
+        for b in m.buffers(recurse=False)
+        if b.is_floating_point()
     )
 
     memory = None
@@ -70,6 +70,7 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
         dtype=str(_input_dtype(model, dtype)).removeprefix("torch."),
         notes=notes,
         torch_running_stats=running_stats,
+        renorm_layers=sum(getattr(m, "renorm", False) is True for m in model.modules()),
     )
 
 

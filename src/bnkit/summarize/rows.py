@@ -126,6 +126,7 @@ class ModelSummary:
     memory: MemoryEstimate | None
     dtype: str = "float32"
     notes: list[str] = field(default_factory=list)
+    renorm_layers: int = 0  # batch norms with batch renormalization (3·C more statistics each)
     torch_running_stats: int | None = None  # None: all of torch_buffers
 
     @property
@@ -201,6 +202,7 @@ class ModelSummary:
                 "other_buffers": self.other_buffers,
                 "counters": self.torch_counters,
             },
+            "renorm_layers": self.renorm_layers,
             "memory": memory,
             "explanation": self.explanation,
             "rows": rows,

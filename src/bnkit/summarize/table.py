@@ -31,7 +31,10 @@ def why_counts_differ(s: ModelSummary) -> str:
         return f"Both accountings agree on {s.total:,} params: this model has no running statistics."
     counters = "integer counter (num_batches_tracked)" if s.torch_counters == 1 else "integer counters"
     if s.other_buffers == 0:
-        what = f"the {s.torch_buffers:,} running statistics (running_mean, running_var) are buffers there"
+        what = (
+            f"the {s.torch_buffers:,} running statistics (running_mean, running_var{_renorm_names(s)}) "
+            "are buffers there"
+        )
     elif s.running_stats == 0:
         what = f"the {s.torch_buffers:,} buffer values (a folded batch norm's scale and shift) are buffers there"
     else:
@@ -53,6 +56,12 @@ def why_counts_differ(s: ModelSummary) -> str:
         if s.torch_counters:
             text += f" The {s.torch_counters:,} {counters} count{'s' if s.torch_counters == 1 else ''} in neither."
     return text
+
+
+def _renorm_names(s: ModelSummary) -> str:
+    if not s.renorm_layers:
+        return ""
+    return ", and batch renormalization's running_stddev, renorm_mean, renorm_stddev"
 
 
 def layer_table(s: ModelSummary) -> Table:

@@ -19,6 +19,12 @@ forward pass:
 * ``convention="keras"``: ``run = m * run + (1 - m) * batch`` with the *biased* batch variance;
   ``eps=1e-3``, ``momentum=0.99``.
 
+Batch renormalization (keyword-only ``renorm=True``, ``renorm_clipping``, ``renorm_momentum``; Keras 3's
+``BatchNormalization(renorm=True)`` in the Keras convention, the same algorithm with momenta read PyTorch's
+way in the torch one) corrects the training output by ``r`` and ``d`` and keeps three more buffers,
+``running_stddev``, ``renorm_mean``, ``renorm_stddev``; ``eval()`` is plain batch norm. Formulas in
+:mod:`bnkit.torch._renorm` and :mod:`bnkit.reference`.
+
 ``momentum`` is stored and read in the layer's convention. Both conventions run PyTorch's
 fused native kernel; the Keras convention asks it for the batch statistics (through scratch
 buffers and momentum 1) and applies its own per-channel running update. On CUDA tensors both
@@ -76,6 +82,7 @@ from bnkit.checks import (
     check_bn_rank,
 )
 from bnkit.conventions import TORCH, Convention, get_convention
+from bnkit.torch._renorm import RENORM_DEFAULT, RenormMixin
 
 __all__ = [
     "BatchNorm1d",
@@ -131,8 +138,8 @@ def _per_channel_count(shape) -> int:
     return shape[0] * math.prod(shape[2:])
 
 
-class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Adds ``convention`` to ``torch.nn``'s batch norm; subclasses fix the input rank."""
+class _ConventionBatchNorm(RenormMixin, nn.modules.batchnorm._BatchNorm):
+    """Adds ``convention`` and batch renormalization to ``torch.nn``'s batch norm; subclasses fix the input rank."""
 
     _ranks: tuple[int, ...] | None = ()  # None: any rank from 2 (SyncBatchNorm)
 
@@ -148,6 +155,9 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
         convention: str | Convention = "torch",
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum=RENORM_DEFAULT,
     ) -> None:
         layer = type(self).__name__
         try:
@@ -162,12 +172,14 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
         )
         self.convention = conv
+        self._init_renorm(renorm, renorm_clipping, renorm_momentum, {"device": device, "dtype": dtype})
 
     @property
     def _native_update(self) -> bool:
         """True when PyTorch's own running update is this convention's."""
         c = self.convention
-        return c.momentum_weighs == "new" and c.unbiased_running_var and c.cumulative_average_when_none
+        native = c.momentum_weighs == "new" and c.unbiased_running_var and c.cumulative_average_when_none
+        return native and not self.renorm
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         # the rank only, as torch.nn: everything else is found later, in torch.nn's order
@@ -211,6 +223,8 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
             return False
         if (self.training or self.running_mean is None) and _per_channel_count(shape) == 1:
             return False
+        if self.renorm and self.training:  # the kernels know no renorm correction
+            return False
         reference = self.weight if self.weight is not None else self.running_mean
         return reference is None or reference.dtype in (input.dtype, torch.float32)
 
@@ -226,6 +240,8 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
         updates = self.training and self.track_running_stats and self.running_mean is not None
         if updates:
             self.num_batches_tracked.add_(1)
+            if self.renorm:
+                return self._forward_renorm(input)
         if not self.eps > 0 or (use_batch_stats and input.numel() > 0 and _per_channel_count(input.shape) == 1):
             # what Keras computes and PyTorch's kernel refuses: eps <= 0, or a variance of 0 from one value
             return self._forward_as_written(input, use_batch_stats, updates and input.numel() > 0)
@@ -354,8 +370,8 @@ class _ConventionBatchNorm(nn.modules.batchnorm._BatchNorm):
     def extra_repr(self) -> str:
         # torch.nn's own text in the torch convention: a drop-in prints as torch.nn does
         if self.convention == TORCH:
-            return super().extra_repr()
-        return f"{super().extra_repr()}, convention={self.convention.name!r}"
+            return super().extra_repr() + self._renorm_repr()
+        return f"{super().extra_repr()}, convention={self.convention.name!r}{self._renorm_repr()}"
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -402,6 +418,9 @@ class _LazyConventionBatchNorm:
         *,
         bias: bool = True,
         convention: str | Convention = "torch",
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum=RENORM_DEFAULT,
     ) -> None:
         layer = type(self).__name__
         try:
@@ -413,6 +432,13 @@ class _LazyConventionBatchNorm:
             raise type(error)(f"{layer}: {error}") from None
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.convention = conv
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self._init_renorm(renorm, renorm_clipping, renorm_momentum, factory_kwargs, lazy=True)
+
+    def initialize_parameters(self, input) -> None:
+        if self.has_uninitialized_params():
+            self._materialize_renorm(input.shape[1])
+        super().initialize_parameters(input)
 
 
 class LazyBatchNorm1d(_LazyConventionBatchNorm, nn.LazyBatchNorm1d, BatchNorm1d):

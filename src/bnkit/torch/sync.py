@@ -31,14 +31,17 @@ Without an initialised process group (or with one process) the layer is a plain 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from bnkit.conventions import TORCH
+from bnkit.torch._renorm import RENORM_BUFFERS, RENORM_DEFAULT
 from bnkit.torch.batchnorm import DEFAULT, _ConventionBatchNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync", "merge_moments"]
+__all__ = ["SyncBatchNorm", "convert_sync", "group_moments", "merge_moments"]
 
 
 def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
@@ -54,6 +57,77 @@ def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def world_size(group=None) -> int:
+    """Processes in ``group`` (the default group for None); 1 without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _local_row(values: torch.Tensor, dims) -> torch.Tensor:
+    """``(n, mean..., M2...)`` of this process's values in float64 (two-pass within the batch)."""
+    channels = math.prod(s for i, s in enumerate(values.shape) if i not in dims)
+    row = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=values.device)
+    n_local = math.prod(values.shape[d] for d in dims)
+    if n_local > 0:
+        var, mean = torch.var_mean(values.to(torch.float64), dim=dims, correction=0)
+        row[0] = n_local
+        row[1 : 1 + channels] = mean.reshape(-1)
+        row[1 + channels :] = var.reshape(-1) * n_local
+    return row
+
+
+class _GroupMoments(torch.autograd.Function):
+    """Mean and biased variance of the values of every process in the group, with their gradient."""
+
+    @staticmethod
+    def forward(ctx, input, dims, group):
+        values = input.detach().to(_compute_dtype(input))
+        row = _local_row(values, dims)
+        rows = [torch.empty_like(row) for _ in range(world_size(group))]
+        dist.all_gather(rows, row, group=group)
+        table = torch.stack(rows)
+        c = (row.numel() - 1) // 2
+        count, mean, m2 = merge_moments(table[:, 0], table[:, 1 : 1 + c], table[:, 1 + c :])
+        var = m2 / count if count > 0 else m2
+        kept = [s for i, s in enumerate(input.shape) if i not in dims]
+        mean_out, var_out = mean.to(values.dtype).reshape(kept), var.to(values.dtype).reshape(kept)
+        ctx.save_for_backward(values, mean_out)
+        ctx.dims, ctx.group, ctx.count, ctx.input_dtype = dims, group, count, input.dtype
+        return mean_out, var_out, count
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var, _grad_count):
+        values, mean = ctx.saved_tensors
+        # every process's loss depends on the group's statistics: sum their gradients first
+        grads = torch.cat([grad_mean.reshape(-1), grad_var.reshape(-1)]).to(torch.float64)
+        dist.all_reduce(grads, op=dist.ReduceOp.SUM, group=ctx.group)
+        c = mean.numel()
+        shape = [1 if i in ctx.dims else s for i, s in enumerate(values.shape)]
+        count = float(ctx.count)
+        g_mean = (grads[:c] / count).to(values.dtype).reshape(shape)
+        g_var = (grads[c:] * (2.0 / count)).to(values.dtype).reshape(shape)
+        grad_input = g_mean + g_var * (values - mean.reshape(shape))
+        return grad_input.to(ctx.input_dtype), None, None
+
+
+def group_moments(input: torch.Tensor, dims, group=None):
+    """``(mean, var, count)`` over ``dims`` of ``input`` on every process of ``group`` together.
+
+    ``var`` is biased; ``count`` the number of values per channel in the group (a float64 tensor).
+    Differentiable: the backward sums the gradients of the statistics over the group (one
+    ``all_reduce``), as every process's loss depends on them. Every process must call it. With no
+    process group (or one process), it is computed locally without communication.
+    """
+    dims = sorted(d % input.dim() for d in dims)
+    if world_size(group) == 1:
+        values = input.to(_compute_dtype(input))
+        var, mean = torch.var_mean(values, dim=dims, correction=0)
+        count = torch.tensor(float(math.prod(input.shape[d] for d in dims)), dtype=torch.float64)
+        return mean, var, count
+    return _GroupMoments.apply(input, dims, group)
 
 
 class _SyncNormalize(torch.autograd.Function):
@@ -111,7 +185,9 @@ class SyncBatchNorm(_ConventionBatchNorm, nn.SyncBatchNorm):
     old value). The running statistics are updated from the group's statistics, identically on
     every process. Only ``train()`` communicates: in ``eval()`` (even with
     ``track_running_stats=False``) each process normalises on its own, as
-    ``torch.nn.SyncBatchNorm`` does. Unlike it, CPU tensors (gloo) synchronise too.
+    ``torch.nn.SyncBatchNorm`` does. Unlike it, CPU tensors (gloo) synchronise too. With
+    ``renorm=True`` (batch renormalization, see :class:`bnkit.torch.BatchNorm2d`) the correction
+    ``r``, ``d`` is computed from the group's statistics, identically on every process.
     """
 
     _ranks = None
@@ -129,16 +205,18 @@ class SyncBatchNorm(_ConventionBatchNorm, nn.SyncBatchNorm):
         *,
         bias: bool = True,
         convention="torch",
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum=RENORM_DEFAULT,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, convention=convention
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, convention=convention,
+            renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
         )
         self.process_group = process_group
 
     def _world_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
+        return world_size(self.process_group)
 
     def _check_non_zero_input_channels(self, input: torch.Tensor) -> None:
         if input.size(1) == 0:
@@ -169,9 +247,14 @@ class SyncBatchNorm(_ConventionBatchNorm, nn.SyncBatchNorm):
         # one value in the whole group (Keras convention): variance 0, the output is beta, as in Keras
         var = m2 / count if count > 0 else m2
         invstd = torch.rsqrt(var + self.eps)
-        if self.track_running_stats and self.running_mean is not None and count > 0:
+        weight, bias = self.weight, self.bias
+        if self.renorm:  # the group's statistics, corrected by the group's r and d on every process
+            weight, bias = self._renorm_affine(mean, var)
+            if count > 0:
+                self._update_renorm(mean, var, float(count))
+        elif self.track_running_stats and self.running_mean is not None and count > 0:
             self._update_group_running(mean, m2, count)
-        return _SyncNormalize.apply(input, self.weight, self.bias, mean, invstd, count, self.process_group)
+        return _SyncNormalize.apply(input, weight, bias, mean, invstd, count, self.process_group)
 
     def _check_dtype_and_channels(self, input: torch.Tensor) -> None:
         """What PyTorch's kernel would refuse, before the collective (every rank must call it)."""
@@ -222,7 +305,7 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every batch norm in ``module`` by a :class:`SyncBatchNorm`, in place; returns the module.
 
     ``torch.nn`` batch norms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) and bnkit's layers are
-    converted keeping ``eps``, ``momentum``, ``convention`` (``torch`` for ``torch.nn`` layers),
+    converted keeping ``eps``, ``momentum``, ``convention`` (``torch`` for ``torch.nn`` layers), renorm,
     the ``training`` flag and the state: the new layer holds the *same* ``weight`` and ``bias``
     parameters (an optimizer built before still updates them) and running buffers; a
     ``torch.nn.SyncBatchNorm`` keeps its ``process_group`` when none is given. Frozen batch
@@ -243,12 +326,16 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
             process_group if process_group is not None else getattr(module, "process_group", None),
             bias=module.bias is not None,
             convention=getattr(module, "convention", TORCH),
+            renorm=getattr(module, "renorm", False),
+            renorm_clipping=getattr(module, "renorm_clipping", None),
+            renorm_momentum=getattr(module, "renorm_momentum", RENORM_DEFAULT),
         )
         if module.weight is not None:
             sync.weight = module.weight
         if module.bias is not None:
             sync.bias = module.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        renorm_buffers = RENORM_BUFFERS if sync.renorm else ()
+        for name in ("running_mean", "running_var", "num_batches_tracked", *renorm_buffers):
             setattr(sync, name, getattr(module, name))
         sync.train(module.training)
         if hasattr(module, "qconfig"):

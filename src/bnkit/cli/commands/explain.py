@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-affine", action="store_true", help="torch: affine=False")
     parser.add_argument("--no-track-running-stats", action="store_true",
                         help="torch: track_running_stats=False")
+    parser.add_argument("--renorm", action="store_true",
+                        help="keras: batch renormalization (renorm=True); torch.nn has none, bnkit.torch does")
     parser.add_argument("--batch", type=int, default=8, help="batch size N of the random batch (default: 8)")
     parser.add_argument("--size", type=int, default=8, help="height = width of the random batch (default: 8)")
     parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the random batch (default: 0)")
@@ -65,8 +67,10 @@ def _check_args(args) -> None:
     if args.source == "keras" and (args.no_affine or args.no_track_running_stats):
         flag = "--no-affine" if args.no_affine else "--no-track-running-stats"
         raise CLIError(f"{flag} is a torch option; with --from keras use --no-center / --no-scale")
-    if args.source == "torch" and (args.no_center or args.no_scale):
-        flag = "--no-center" if args.no_center else "--no-scale"
+    if args.source == "torch" and (args.no_center or args.no_scale or args.renorm):
+        flag = "--no-center" if args.no_center else "--no-scale" if args.no_scale else "--renorm"
+        if flag == "--renorm":
+            raise CLIError("--renorm is Keras' batch renormalization (torch.nn has none): use --from keras")
         raise CLIError(f"{flag} is a keras option; with --from torch use --no-affine")
 
 
@@ -97,6 +101,7 @@ def run(args) -> int:
                 track_running_stats=not args.no_track_running_stats,
                 input_shape=(args.batch, args.channels, args.size, args.size),
                 seed=args.seed,
+                renorm=args.renorm,
             )
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None

@@ -1,10 +1,18 @@
 """Activations, both ways: Keras ``Activation``/``activation=``/``ReLU``/``LeakyReLU``/``ELU``/``Softmax``
-⇄ ``torch.nn`` activation modules, ``torch.nn.functional`` functions and tensor methods.
+⇄ ``torch.nn`` activation modules, ``torch.nn.functional`` and ``torch`` functions and tensor
+methods, in-place forms included (``inplace=True``, ``relu_``, ``x.sigmoid_()``: the walker
+rebinds the overwritten tensor).
 
 Only functions with the same constants in both frameworks convert (Keras' ``leaky_relu`` has
 slope 0.2, ``celu`` alpha 1, ``hard_tanh`` clips to [-1, 1], ``softplus`` has beta 1); other
-settings are refused by name. All of them are element-wise (softmax reads its axis through the
-value's layout), and the ones whose outputs are ``>= 0`` say so (max pooling pads with zeros after them).
+settings are refused by name. The formulas agree where names match: Keras 3's ``hard_sigmoid``
+is ``relu6(x + 3) / 6`` as PyTorch's ``hardsigmoid`` (Keras 2's was ``0.2·x + 0.5``), ``hard_silu``
+(alias ``hard_swish``) is ``x · hard_sigmoid(x)`` as ``hardswish``, ``silu`` (alias ``swish``) is
+``x · sigmoid(x)``, ``gelu`` is exact (erf) in both by default; GELU's tanh approximation is
+``keras.activations.gelu(x, approximate=True)``, which Keras can only save as bnkit's registered
+activation :func:`~bnkit.convert.keras_layers.gelu_tanh`. On Keras' torch backend these are
+PyTorch's own kernels. All of them are element-wise (softmax reads its axis through the value's
+layout), and the ones whose outputs are ``>= 0`` say so (max pooling pads with zeros after them).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnkit.convert.keras_layers import gelu_tanh
 from bnkit.convert.registry import from_keras, from_torch
 from bnkit.convert.values import KerasValue, TorchValue
 from bnkit.keras import keras
@@ -44,6 +53,7 @@ KERAS_ACTIVATIONS = {
     "hard_tanh": nn.Hardtanh,  # clip to [-1, 1]
     "log_sigmoid": nn.LogSigmoid,
     "celu": nn.CELU,  # alpha=1.0 in both
+    "bnkit>gelu_tanh": lambda: nn.GELU(approximate="tanh"),
 }
 
 # activations whose outputs are >= 0: zero padding cannot change a max pooling of them
@@ -51,7 +61,11 @@ NON_NEGATIVE = {"relu", "relu6", "sigmoid", "softmax", "hard_sigmoid", "softplus
 
 
 def _keras_name(fn) -> str | None:
-    return None if fn is None else keras.activations.serialize(fn)
+    """Keras' name of an activation function: ``"relu"``, or ``"package>name"`` for a registered one."""
+    if fn is None:
+        return None
+    name = keras.activations.serialize(fn)
+    return name if isinstance(name, str) else keras.saving.get_registered_name(fn)
 
 
 def has_non_negative_activation(layer) -> bool:
@@ -139,10 +153,15 @@ _PLAIN = {
     nn.LogSigmoid: "log_sigmoid",
     F.relu: "relu",
     torch.relu: "relu",
+    torch.relu_: "relu",  # also F.relu_
     F.sigmoid: "sigmoid",
     torch.sigmoid: "sigmoid",
+    torch.sigmoid_: "sigmoid",
     F.tanh: "tanh",
     torch.tanh: "tanh",
+    torch.tanh_: "tanh",
+    F.relu6: "relu6",
+    torch.selu_: "selu",  # also F.selu_
     F.silu: "silu",
     F.selu: "selu",
     F.softsign: "softsign",
@@ -151,8 +170,11 @@ _PLAIN = {
     F.mish: "mish",
     F.logsigmoid: "log_sigmoid",
     "relu": "relu",
+    "relu_": "relu",
     "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
     "tanh": "tanh",
+    "tanh_": "tanh",
 }
 
 
@@ -186,19 +208,49 @@ def softplus_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     return x.like(L.Activation("softplus", name=b.name(node))(x.tensor))
 
 
-@from_torch(nn.Hardtanh, F.hardtanh, elementwise=True)
+def _hardtanh_non_negative(target) -> bool:
+    return isinstance(target, nn.Module) and target.min_val >= 0
+
+
+@from_torch(nn.Hardtanh, F.hardtanh, F.hardtanh_, elementwise=True, non_negative=_hardtanh_non_negative)
 def hardtanh_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     if isinstance(target, nn.Module):
         bounds = (target.min_val, target.max_val)
     else:
         bounds = (b.arg(node, 1, "min_val", -1.0), b.arg(node, 2, "max_val", 1.0))
+    if bounds == (0.0, 6.0):  # relu6 written as a clip
+        return x.like(L.ReLU(max_value=6.0, name=b.name(node))(x.tensor))
     if bounds != (-1.0, 1.0):
-        raise b.unsupported(node, f"Hardtanh{bounds}; Keras' hard_tanh clips to [-1, 1]")
+        raise b.unsupported(node, f"Hardtanh{bounds}; Keras' hard_tanh clips to [-1, 1] (and relu6 to [0, 6])")
     return x.like(L.Activation("hard_tanh", name=b.name(node))(x.tensor))
 
 
-@from_torch(nn.CELU, F.celu, elementwise=True)
+@from_torch(
+    torch.clamp, torch.clamp_min, torch.clamp_max,
+    methods=("clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"),
+    elementwise=True,
+)  # fmt: skip
+def clamp_to_keras(b: TorchToKeras, node, target) -> KerasValue:
+    """``x.clamp(min=0)`` is a ReLU, ``x.clamp(0, 6)`` a ReLU6; other numbers Keras' ``maximum``/``minimum``."""
+    x = b.input(node)
+    name = getattr(target, "__name__", target)
+    low = None if "clamp_max" in name else b.arg(node, 1, "min")
+    high = None if "clamp_min" in name else b.arg(node, 1 if "clamp_max" in name else 2, "max")
+    if any(isinstance(v, torch.fx.Node) for v in (low, high)):
+        raise b.unsupported(node, "clamp to tensor bounds (only numbers convert)")
+    if (low, high) in ((0, None), (0, 6)):
+        return x.like(L.ReLU(max_value=None if high is None else 6.0, name=b.name(node))(x.tensor))
+    ops = keras.src.ops.numpy
+    tensor = x.tensor
+    if low is not None:
+        tensor = ops.Maximum(name=b.name(node) if high is None else b.unique_name(f"{b.name(node)}_min"))(tensor, low)
+    if high is not None:
+        tensor = ops.Minimum(name=b.name(node))(tensor, high)
+    return x.like(tensor)
+
+
+@from_torch(nn.CELU, F.celu, F.celu_, torch.celu_, elementwise=True)
 def celu_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     alpha = target.alpha if isinstance(target, nn.Module) else b.arg(node, 1, "alpha", 1.0)
@@ -209,11 +261,13 @@ def celu_to_keras(b: TorchToKeras, node, target) -> KerasValue:
 
 @from_torch(nn.GELU, F.gelu, elementwise=True)
 def gelu_to_keras(b: TorchToKeras, node, target) -> KerasValue:
+    """Exact GELU is Keras' ``gelu``; the tanh approximation bnkit's registered ``gelu_tanh``."""
     x = b.input(node)
     approximate = target.approximate if isinstance(target, nn.Module) else b.arg(node, 1, "approximate", "none")
-    if approximate != "none":
-        raise b.unsupported(node, f"GELU(approximate={approximate!r}) has no serialisable Keras layer")
-    return x.like(L.Activation("gelu", name=b.name(node))(x.tensor))
+    if approximate not in ("none", "tanh"):
+        raise b.unsupported(node, f"GELU(approximate={approximate!r})")
+    activation = "gelu" if approximate == "none" else gelu_tanh
+    return x.like(L.Activation(activation, name=b.name(node))(x.tensor))
 
 
 @from_torch(nn.ReLU6, elementwise=True, non_negative=True)
@@ -222,14 +276,14 @@ def relu6_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     return x.like(L.ReLU(max_value=6.0, name=b.name(node))(x.tensor))
 
 
-@from_torch(nn.ELU, F.elu, elementwise=True)
+@from_torch(nn.ELU, F.elu, F.elu_, elementwise=True)
 def elu_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     alpha = target.alpha if isinstance(target, nn.Module) else b.arg(node, 1, "alpha", 1.0)
     return x.like(L.ELU(alpha=alpha, name=b.name(node))(x.tensor))
 
 
-@from_torch(nn.LeakyReLU, F.leaky_relu, elementwise=True)
+@from_torch(nn.LeakyReLU, F.leaky_relu, F.leaky_relu_, elementwise=True)
 def leaky_relu_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     slope = target.negative_slope if isinstance(target, nn.Module) else b.arg(node, 1, "negative_slope", 0.01)
@@ -243,14 +297,14 @@ def _softmax_dim(b: TorchToKeras, node, target):
     return dim
 
 
-@from_torch(nn.Softmax, F.softmax, torch.softmax, elementwise=True, non_negative=True)
+@from_torch(nn.Softmax, F.softmax, torch.softmax, methods=("softmax",), elementwise=True, non_negative=True)
 def softmax_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     axis = x.keras_axis(_softmax_dim(b, node, target))
     return x.like(L.Softmax(axis=axis, name=b.name(node))(x.tensor))
 
 
-@from_torch(nn.LogSoftmax, elementwise=True)
+@from_torch(nn.LogSoftmax, F.log_softmax, torch.log_softmax, methods=("log_softmax",), elementwise=True)
 def log_softmax_to_keras(b: TorchToKeras, node, target) -> KerasValue:
     x = b.input(node)
     dim = _softmax_dim(b, node, target)

@@ -1,8 +1,12 @@
-"""Fully connected layers, both ways: ``Dense`` ⇄ ``nn.Linear`` on ``(N, features)``.
+"""Fully connected layers, both ways: ``Dense`` ⇄ ``nn.Linear``, on ``(N, features)`` or over the last
+axis of a higher-rank tensor (ConvNeXt's pointwise layers on a channels-last tensor).
 
 Kernels are transposed (``(in, out)`` ⇄ ``(out, in)``). After a Flatten whose order was left
 pending (see :mod:`bnkit.convert.families.tensor_ops`), the kernel rows are reordered from one
-framework's flattening order to the other's instead of permuting the data.
+framework's flattening order to the other's instead of permuting the data. On a higher-rank
+tensor both act on the last axis: where the layout puts another one last in the other
+framework, the tensor is permuted first (identically in both frameworks, as after
+``x.permute(0, 2, 3, 1)``), and the result keeps that layout.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from bnkit.convert._common import keras_to_torch_flat_order, torch_to_keras_flat_order
 from bnkit.convert.families.activation import has_non_negative_activation, with_activation
+from bnkit.convert.layouts import identity
 from bnkit.convert.registry import from_keras, from_torch
 from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
 from bnkit.keras import keras
@@ -26,11 +31,11 @@ if TYPE_CHECKING:
 L = keras.layers
 
 
-@from_keras(L.Dense, non_negative=has_non_negative_activation)
+@from_keras(L.Dense, non_negative=has_non_negative_activation, permuted_input=True)
 def dense_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
-    if x.rank != 2:
-        raise b.unsupported(layer, f"Dense on a rank-{x.rank} input (only (batch, features) is supported)")
+    if x.torch_dim(-1) != x.rank - 1:  # Keras' last axis must be PyTorch's last dim
+        x = b.to_layout(x, identity(x.rank))
     kernel = keras_array(layer.kernel)
     if x.pending_flat is not None:
         kernel = keras_to_torch_flat_order(kernel, x.pending_flat)
@@ -39,19 +44,21 @@ def dense_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
         linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
         if layer.use_bias:
             linear.bias.copy_(torch.from_numpy(keras_array(layer.bias)))
-    out = TorchValue(b.add_module(layer.name, linear, x.node), 2)
+    out = TorchValue(b.add_module(layer.name, linear, x.node), x.rank, x.layout)
     return with_activation(b, layer, out)
 
 
-@from_torch(nn.Linear)
+@from_torch(nn.Linear, permuted_input=True)
 def linear_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     x = b.input(node)
     name = b.name(node)
-    if x.rank != 2:
-        raise b.unsupported(node, f"Linear on a rank-{x.rank} input (only (batch, features) converts)")
+    if x.keras_axis(x.rank - 1) != x.rank - 1:  # PyTorch's last dim must be Keras' last axis
+        x = b.to_layout(x, identity(x.rank), name)
     kernel = torch_array(m.weight).T
     if x.pending_flat is not None:
         kernel = torch_to_keras_flat_order(kernel, x.pending_flat)
     layer = L.Dense(m.out_features, use_bias=m.bias is not None, name=name)
     weights = [kernel] + ([torch_array(m.bias)] if m.bias is not None else [])
-    return b.apply(node, layer, x, weights)
+    out = layer(x.tensor)
+    layer.set_weights(weights)
+    return KerasValue(out, b.out_shape(node), layout=x.layout)

@@ -7,6 +7,13 @@ With ``semantics="source"`` the target is bnkit's layer with the source framewor
 framework's native layer, momentum translated (``1 - m``). ``eps`` is always copied.
 ``center``/``scale`` ⇄ ``affine``/``bias``; Keras' ``center`` without ``scale`` becomes a frozen
 PyTorch weight of ones, which converts back to ``scale=False``.
+
+Batch renormalization (``renorm=True``) has no ``torch.nn`` layer: it becomes bnkit's batch norm with
+``renorm=True`` and the renorm state (``moving_stddev``, ``renorm_mean``, ``renorm_stddev`` ⇄ the
+buffers ``running_stddev``, ``renorm_mean``, ``renorm_stddev``), in the torch convention (both
+momenta translated) where ``semantics="target"``. ``synchronized=True`` ⇄ ``bnkit.torch.SyncBatchNorm``
+(``torch.nn.SyncBatchNorm`` converts to ``synchronized=True`` too); on a Keras backend other than
+TensorFlow the synchronised Keras layer is bnkit's, which synchronises over ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from bnkit.convert.registry import from_keras, from_torch
 from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
+from bnkit.renorm import STATE_NAMES
 from bnkit.torch.batchnorm import _ConventionBatchNorm
 from bnkit.torch.frozen import FrozenBatchNorm
 from bnkit.torch.fused import BatchNormAct2d, BatchNormAddAct2d
@@ -40,9 +48,8 @@ def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
     if layer.axis % x.rank != x.rank - 1 or x.rank < 2:
         raise b.unsupported(layer, f"axis={layer.axis} is not the channel axis of a rank-{x.rank} input")
-    if getattr(layer, "renorm", False) or getattr(layer, "synchronized", False):
-        raise b.unsupported(layer, "renorm and synchronized have no PyTorch equivalent")
     conv: Convention = layer.convention if isinstance(layer, BnkitKerasBN) else KERAS
+    renorm, synchronized = bool(layer.renorm), bool(layer.synchronized)
     channels = layer.moving_mean.shape[0]
     rank_to_dim = {2: 1, 3: 1, 4: 2, 5: 3}
     if x.rank not in rank_to_dim:
@@ -51,16 +58,24 @@ def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     affine = layer.scale or layer.center
     bias = layer.center or not layer.scale
     kwargs = dict(eps=layer.epsilon, affine=affine, bias=bias)
-    if b.semantics.for_layer(layer.name) == "target" or conv == TORCH:
+    target = b.semantics.for_layer(layer.name) == "target" or conv == TORCH
+    momentum, renorm_momentum = layer.momentum, layer.renorm_momentum
+    if target:
         try:
-            momentum = translate_momentum(layer.momentum, conv, TORCH)
+            momentum = translate_momentum(momentum, conv, TORCH)
+            if renorm:
+                renorm_momentum = translate_momentum(renorm_momentum, conv, TORCH)
         except ValueError as e:
             raise b.unsupported(layer, str(e)) from None
+    if renorm:
+        kwargs.update(renorm=True, renorm_clipping=dict(layer.renorm_clipping or {}), renorm_momentum=renorm_momentum)
+    if target and not (renorm or synchronized):
         bn = getattr(nn, f"BatchNorm{dim}d")(channels, momentum=momentum, **kwargs)
-    else:
+    else:  # torch.nn has no renorm; bnkit's SyncBatchNorm also synchronises CPU tensors
         from bnkit import torch as bnkit_torch
 
-        bn = getattr(bnkit_torch, f"BatchNorm{dim}d")(channels, momentum=layer.momentum, convention=conv, **kwargs)
+        cls = bnkit_torch.SyncBatchNorm if synchronized else getattr(bnkit_torch, f"BatchNorm{dim}d")
+        bn = cls(channels, momentum=momentum, convention=TORCH if target else conv, **kwargs)
     with torch.no_grad():
         if layer.scale:
             bn.weight.copy_(torch.from_numpy(keras_array(layer.gamma)))
@@ -70,6 +85,9 @@ def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
             bn.bias.copy_(torch.from_numpy(keras_array(layer.beta)))
         bn.running_mean.copy_(torch.from_numpy(keras_array(layer.moving_mean)))
         bn.running_var.copy_(torch.from_numpy(keras_array(layer.moving_variance)))
+        if renorm:
+            for buffer, weight in STATE_NAMES.items():
+                getattr(bn, buffer).copy_(torch.from_numpy(keras_array(getattr(layer, weight))))
         counter = getattr(layer, "num_batches_tracked", None)
         if counter is not None:
             bn.num_batches_tracked.fill_(int(keras_array(counter)))
@@ -95,20 +113,35 @@ def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str) -> Keras
     )
     center = m.bias is not None
     kwargs = dict(axis=-1, epsilon=m.eps, center=center, scale=scale, name=name)
-    if b.semantics.for_layer(str(node.target)) == "target" or conv == KERAS:
+    renorm = bool(getattr(m, "renorm", False))
+    synchronized = isinstance(m, nn.SyncBatchNorm)
+    target = b.semantics.for_layer(str(node.target)) == "target" or conv == KERAS
+    momentum = m.momentum
+    if target:
         try:
-            momentum = translate_momentum(m.momentum, conv, KERAS)
+            momentum = translate_momentum(momentum, conv, KERAS)
+            if renorm:
+                kwargs["renorm_momentum"] = translate_momentum(m.renorm_momentum, conv, KERAS)
         except ValueError as e:
             raise b.unsupported(node, f"{e}; use semantics='source'") from None
+    elif renorm:
+        kwargs["renorm_momentum"] = m.renorm_momentum
+    if renorm:
+        kwargs.update(renorm=True, renorm_clipping=dict(m.renorm_clipping))
+    if synchronized:
+        kwargs["synchronized"] = True
+    if target and not synchronized:
         layer = L.BatchNormalization(momentum=momentum, **kwargs)
-    else:
-        layer = BnkitKerasBN(momentum=m.momentum, convention=conv, **kwargs)
+    else:  # Keras' own synchronised layer exists on TensorFlow only; bnkit's passes it through there
+        layer = BnkitKerasBN(momentum=momentum, convention=KERAS if target else conv, **kwargs)
     weights = []
     if scale:
         weights.append(torch_array(m.weight))
     if center:
         weights.append(torch_array(m.bias))
     weights += [torch_array(m.running_mean), torch_array(m.running_var)]
+    if renorm:
+        weights += [torch_array(getattr(m, buffer)) for buffer in STATE_NAMES]
     out = layer(x.tensor)
     if getattr(layer, "num_batches_tracked", None) is not None:
         weights.append(np.array(int(m.num_batches_tracked), dtype="int64"))

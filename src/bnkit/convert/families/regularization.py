@@ -25,6 +25,10 @@ L = keras.layers
 def dropout_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
     if layer.noise_shape is not None:
+        if tuple(layer.noise_shape[1:]) == (1,) * (x.rank - 1):  # one draw per sample: stochastic depth
+            from bnkit.convert.families.stochastic_depth import per_sample_dropout_to_torch
+
+            return per_sample_dropout_to_torch(b, layer, x)
         raise b.unsupported(layer, "noise_shape is not supported")
     return x.like(b.add_module(layer.name, nn.Dropout(float(layer.rate)), x.node))
 

@@ -50,6 +50,9 @@ def compare_running_stats(
     row.running_mean_abs_diff = mean_abs
     row.running_var_abs_diff = var_abs
     row.running_stats_diverge = bool(mean_div or var_div)
+    if a.renorm_after is not None and b.renorm_after is not None:  # the statistics r and d are taken from
+        pairs = zip(a.renorm_after, b.renorm_after, (mean_atol, var_atol), strict=True)
+        row.running_stats_diverge |= any(diff(x, y, tol, rtol)[3] for x, y, tol in pairs)
     # One step moves the running statistics by only w (the new-batch weight, 0.01 for Keras'
     # default) times the difference, but they converge to what each side folds in: compare the
     # batch statistics folded in, (after - (1 - w) * before) / w, too.
@@ -197,6 +200,48 @@ def find(report: CompareReport, ctx, add) -> None:
                     name,
                     _estimator_evidence(row, a, b),
                 )
+
+        if ctx.training and a.uses_batch_stats and b.uses_batch_stats and row.differs:
+            difference = _renorm_difference(a, b)
+            if difference:
+                add(
+                    "renorm",
+                    f"{name}: {difference}. In training, batch renormalization multiplies the normalised batch "
+                    "by r = s_batch / s_renorm and adds d = (mean_batch - mean_renorm) / s_renorm (clipped by "
+                    "renorm_clipping), and keeps its running variance as the square of a moving standard "
+                    "deviation; in inference it is plain batch norm. Build both sides alike: Keras' renorm=True "
+                    "is bnkit.torch.BatchNorm2d(..., renorm=True, convention='keras') in PyTorch "
+                    "(bnkit.convert carries it over).",
+                    name,
+                    "config: the renorm settings differ and the layer's training output or statistics differ",
+                )
+
+
+def _renorm_difference(a: BatchNormState, b: BatchNormState) -> str:
+    """How the two sides' batch renormalization differs, in words; "" where it does not."""
+    if a.renorm != b.renorm:
+        on, off = ("A", "B") if a.renorm else ("B", "A")
+        return f"model {on} uses batch renormalization (renorm=True), model {off} does not"
+    if not a.renorm:
+        return ""
+    if a.renorm_clipping != b.renorm_clipping:
+        return f"renorm_clipping is {a.renorm_clipping} in model A and {b.renorm_clipping} in model B"
+    same = (a.renorm_new_weight is None and b.renorm_new_weight is None) or (
+        a.renorm_new_weight is not None
+        and b.renorm_new_weight is not None
+        and math.isclose(a.renorm_new_weight, b.renorm_new_weight, rel_tol=1e-6, abs_tol=1e-12)
+    )
+    if not same:
+
+        def weight(w):
+            return "a cumulative average" if w is None else f"weight {w:g} on the new batch"
+
+        return (
+            f"the renorm statistics move at different speeds: renorm_momentum gives {weight(a.renorm_new_weight)} "
+            f"in model A, {weight(b.renorm_new_weight)} in model B (Keras' renorm_momentum weighs the old value, "
+            "PyTorch-convention bnkit layers' the new one)"
+        )
+    return ""
 
 
 def _estimator_evidence(row: LayerDiff, a: BatchNormState, b: BatchNormState) -> str:
