@@ -25,7 +25,7 @@ import re
 from bnkit.diagnose.kinds import kind_of
 from bnkit.diagnose.trace import INPUT, Entry
 
-__all__ = ["align", "token", "loose_token"]
+__all__ = ["align", "token", "loose_token", "raw_token"]
 
 _ORDERED = {"concat"}  # kinds whose operands' order matters
 
@@ -59,6 +59,12 @@ def loose_token(entry: Entry) -> tuple:
     return (entry.kind, _shape_key(entry))
 
 
+def raw_token(entry: Entry) -> tuple:
+    """Kind and output shape in the framework's own layout: a layer that works on channels-last data
+    in both frameworks (a Dense after a permute, as ConvNeXt's) has the same raw shape on both sides."""
+    return (entry.kind, tuple(int(d) for d in entry.raw.shape[1:]))
+
+
 def token(entry: Entry) -> tuple:
     """Kind, output shape and the size of the weights."""
     return (*loose_token(entry), _param_key(entry))
@@ -75,6 +81,7 @@ class _Graph:
         self.entries = entries
         self.tokens = [token(e) for e in entries]
         self.loose = [loose_token(e) for e in entries]
+        self.raw = [raw_token(e) for e in entries]
         self.names = [_normalized(e.name) for e in entries]
         self.optional = [kind_of(e.kind).optional for e in entries]
         self.down = self._down()
@@ -159,7 +166,7 @@ def align(
         wanted = frozenset(p if p == INPUT else a_to_b[p] for p in anc_a.of(i))
         best, best_score = None, None
         for j in by_kind.get(ea.kind, ()):
-            if j in b_to_a or ga.loose[i] != gb.loose[j] or anc_b.of(j) != wanted:
+            if j in b_to_a or (ga.loose[i] != gb.loose[j] and ga.raw[i] != gb.raw[j]) or anc_b.of(j) != wanted:
                 continue
             score = (
                 (ga.tokens[i] == gb.tokens[j]) * 16

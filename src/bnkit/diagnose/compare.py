@@ -139,7 +139,11 @@ def _rows(trace_a: Trace, trace_b: Trace, pairs, atol: float, rtol: float, train
             rounding = SAFETY * max(rounding_of.layers[side], floor)
             stats_rounding = tuple(SAFETY * r for r in rounding_of.running_stats[side])
         layer_atol = atol + rounding
-        max_abs, max_rel, ratio, diverges = diff(ea.canonical, eb.canonical, layer_atol, rtol)
+        same_layout = ea.canonical.shape == eb.canonical.shape or ea.raw.shape != eb.raw.shape
+        if same_layout:
+            max_abs, max_rel, ratio, diverges = diff(ea.canonical, eb.canonical, layer_atol, rtol)
+        else:  # both work on channels-last data (paired by their raw shapes): compared as they are
+            max_abs, max_rel, ratio, diverges = diff(ea.raw, eb.raw, layer_atol, rtol)
         if diverges and ea.kind == "flatten" and framework_a != framework_b:
             # a PyTorch port may permute to channels-last before flattening, as Keras does:
             # then both flatten H·W·C, and its Linear takes Keras' order unchanged
