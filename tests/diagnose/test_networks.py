@@ -218,3 +218,19 @@ def test_lint_finds_nothing_in_a_conversion_that_it_does_not_find_in_the_source(
     source, converted = bnkit.lint(pair.source), bnkit.lint(pair.converted)
     assert sorted((f.code, f.severity) for f in converted) == sorted((f.code, f.severity) for f in source)
     assert {f.code for f in source} <= {"conv-bias-before-bn"}  # keras.applications' ResNet50 has such biases
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "mobilenet_v3_small"])
+def test_other_torchvision_networks_get_no_cause(torchvision, name):
+    """Networks the issue does not name: ConvNeXt (Linear layers on channels-last data between
+    permutes, LayerNorm), MobileNetV3 (depthwise convolutions, hardswish, squeeze-excitation)."""
+    from _networks import randomize_torch_bn
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+    randomize_torch_bn(net)
+    converted = torch_to_keras(net, (3, 64, 64))
+    report = compare(net, converted, np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype("float32"))
+    assert report.agree and report.causes == [], str(report)
+    assert report.unmatched_a == [] and all(n.endswith("_pad") for n in report.unmatched_b)
+    assert sum(r.kind == "dense" for r in report.rows) == sum(isinstance(m, nn.Linear) for m in net.modules())
