@@ -13,6 +13,10 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 # Triton reads this when it is first imported, and torch.export may import it early: set it
 # before anything does, so the kernel tests run under the interpreter on this CPU-only machine.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# As the bnkit command does (bnkit.cli._passive_openmp_threads): PyTorch's OpenMP threads spinning
+# while another process holds a core made the real-network tests run ten times slower on the shared
+# 2-core machine. Read when PyTorch is first imported, so set here, before any test module imports it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _torchvision_schemas = None  # the Library that defines them must stay alive
 

@@ -216,9 +216,10 @@ def _load_torch_export(path: Path):
         raise ModelFileError(f"{path}: its {_BNKIT_META} is not valid JSON ({e})") from e
     from bnkit.torch.rebuild import rebuild_exported
 
-    layers = meta.get("layers", {}) if isinstance(meta, dict) else {}
+    meta = meta if isinstance(meta, dict) else {}
+    layers = meta.get("layers", {})
     try:
-        return rebuild_exported(program, layers if isinstance(layers, dict) else {})
+        return rebuild_exported(program, layers if isinstance(layers, dict) else {}, meta)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # a damaged bnkit.json or graph
         raise ModelFileError(f"{path}: its layers cannot be rebuilt ({type(e).__name__}: {_one_line(e)})") from e
 
@@ -308,7 +309,7 @@ def save_model(model, path: str | os.PathLike, *, force: bool = False, input_sha
             model.train(was_training)
         from bnkit.torch.rebuild import layer_metadata
 
-        meta = json.dumps({"layers": layer_metadata(model)})
+        meta = json.dumps({"layers": layer_metadata(model), "model": type(model).__name__})
         with atomic_path(path, force) as tmp:
             torch.export.save(program, str(tmp), extra_files={_BNKIT_META: meta})
         return path

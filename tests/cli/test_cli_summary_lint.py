@@ -72,3 +72,21 @@ def test_lint_exit_status_follows_errors(run_cli, seed_keras):
     proc = run_cli("lint", "bnkit.examples:torch_seed_model", "--for-inference")
     assert proc.returncode == 1, proc.stderr
     assert "error bn-training-mode" in proc.stdout and "1 error" in proc.stdout
+
+
+def test_lint_prints_a_repeated_finding_once_per_layer_up_to_three_then_one_line(run_cli, tmp_path):
+    import torch
+    from torch import nn
+
+    layers = []
+    for i in range(6):  # six convolutions with a bias, each feeding a batch norm
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+    torch.manual_seed(0)
+    save_model(nn.Sequential(*layers).eval(), tmp_path / "net.pt2", input_shape=(3, 8, 8))
+    proc = run_cli("lint", "net.pt2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "conv-bias-before-bn" in line]
+    assert len(lines) == 4 and "the same at 3 more layers" in lines[3] and "9, 12, 15" in lines[3]
+    assert "6 warnings" in proc.stdout
+    data = json.loads(run_cli("lint", "net.pt2", "--json").stdout)
+    assert [f["code"] for f in data["findings"]] == ["conv-bias-before-bn"] * 6

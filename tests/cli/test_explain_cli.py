@@ -48,3 +48,21 @@ def test_bad_arguments_give_one_line(run_cli, args, message):
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_tables_keep_every_figure_at_80_columns():
+    """Piped output and CI logs are 80 columns wide: no column dropped, no cell cut short with '…'."""
+    import io
+
+    from rich.console import Console
+
+    from bnkit.cli.commands.explain import render
+    from bnkit.explain import explain
+
+    out = io.StringIO()
+    render(explain(source="keras", channels=32, momentum=0.15), Console(file=out, width=80, color_system=None))
+    text = out.getvalue()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    for figure in ("128", "moving_variance: 32", "num_batches_tracked: 1", "65 (buffers)", "torchinfo"):
+        assert figure in text, figure

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def test_walkthrough_finds_the_causes_and_the_fix_agrees(run_cli, tmp_path):
     out = tmp_path / "files"
@@ -19,3 +21,17 @@ def test_walkthrough_finds_the_causes_and_the_fix_agrees(run_cli, tmp_path):
     # files it wrote are never replaced without --force
     again = run_cli("walkthrough", "--out", out, "--batch", "4")
     assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    # the walkthrough's own conversion is correct: lint finds no literal momentum in it
+    lint = run_cli("lint", out / "seed.pt2", "--json")
+    assert lint.returncode == 0 and json.loads(lint.stdout)["findings"] == []
+
+
+def test_walkthrough_json(run_cli):
+    proc = run_cli("walkthrough", "--batch", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["agree"] is True and len(data["steps"]) == 6
+    assert data["steps"][0]["summary"]["keras"]["total"] == 13_108_758
+    assert data["steps"][2]["report"]["agree"] is False
+    assert {c["code"] for c in data["steps"][2]["report"]["causes"]} == {"training-mode", "eps"}
+    assert data["steps"][5]["report"]["agree"] is True

@@ -440,7 +440,7 @@ def test_cli_reads_the_input_shape_of_pt2_programs(run_cli, tmp_path):
     proc = run_cli("compare", "a.pt2", "a.pt2", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["agree"] and report["input_shape"] == [4, C_IN, H, W]
+    assert report["agree"] and report["input_shape"] == [2, C_IN, H, W]  # batch 2 by default
 
 
 def test_cli_errors_exit_2_with_one_line(run_cli, tmp_path):
@@ -567,7 +567,7 @@ def test_rich_table_fits_80_columns():
     lines = out.getvalue().splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 80
     assert any("✗ first" in line and "missing" in line for line in lines)  # the stats column says why
-    assert any(line.startswith("│ 0 │ conv / ") for line in lines)
+    assert any(line.split()[:3] == ["0", "conv", "/"] for line in lines)
 
 
 def test_rounding_of_a_wide_dense_is_not_blamed_on_its_weights():
@@ -583,3 +583,19 @@ def test_rounding_of_a_wide_dense_is_not_blamed_on_its_weights():
     assert "weights" not in codes(report)
     if not report.agree:
         assert codes(report) == ["unexplained"] and "rounding" in report.causes[0].explanation
+
+
+def test_cli_all_shows_every_row_of_a_large_network(run_cli, tmp_path):
+    from bnkit.io import save_model
+
+    torch.manual_seed(0)
+    layers = []
+    for i in range(20):
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()]
+    save_model(nn.Sequential(*layers).eval(), tmp_path / "deep.pt2", input_shape=(3, 6, 6))
+    short = run_cli("compare", "deep.pt2", "deep.pt2")
+    full = run_cli("compare", "deep.pt2", "deep.pt2", "--all")
+    assert short.returncode == full.returncode == 0, short.stderr + full.stderr
+    assert "of 60 paired layers shown; --all" in short.stdout
+    assert all(f"\n {k:>2}  " in full.stdout or f"\n{k:>3}  " in full.stdout for k in (0, 30, 59))
+    assert "paired layers shown" not in full.stdout

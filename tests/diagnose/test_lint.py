@@ -158,6 +158,21 @@ def test_momentum_literal_port():
     assert by_code(bnkit.lint(nn.Sequential(nn.BatchNorm2d(4, momentum=None))), "momentum-literal-port") == []
 
 
+def test_momentum_literal_port_does_not_fire_on_bnkits_own_conversions():
+    """The Keras seed's momentum=0.15 is flagged on the Keras model; its conversion keeps Keras' meaning
+    on purpose (bnkit.torch.BatchNorm2d(convention="keras")), and so does torch_to_keras with PyTorch's:
+    neither is a number copied literally."""
+    from bnkit.convert import keras_to_torch, torch_to_keras
+    from bnkit.examples import keras_seed_model
+
+    keras_model = keras_seed_model()
+    assert codes(bnkit.lint(keras_model)) == ["momentum-literal-port"]
+    assert by_code(bnkit.lint(keras_to_torch(keras_model)), "momentum-literal-port") == []
+    torch_model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=0.9)).eval()
+    assert codes(bnkit.lint(torch_model)) == ["momentum-literal-port"]
+    assert by_code(bnkit.lint(torch_to_keras(torch_model, (1, 8, 8))), "momentum-literal-port") == []
+
+
 def test_eps_mismatch_and_ordering():
     model = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4, eps=1e-3)).eval()
     model[0].train()

@@ -84,11 +84,13 @@ def test_torch_rows_have_the_shapes_the_layers_produce():
             x = layer(x)
             assert row.name == name and row.type == type(layer).__name__
             assert row.output_shape == tuple(x.shape)
-            activation_bytes += x.numel() * x.element_size()
-    # torchinfo's estimate: outputs counted twice (forward and backward), batch 1
+            if any(True for _ in layer.parameters()):
+                activation_bytes += x.numel() * x.element_size()
+    # torchinfo's estimate: the outputs of layers with parameters counted twice (forward and
+    # backward), batch 1; parameters only, the running statistics are buffers
     assert s.memory.activations == 2 * activation_bytes
     assert s.memory.input == math.prod(TORCH_SEED_SHAPE) * 4
-    assert s.memory.params == (13_108_694 + 64) * 4
+    assert s.memory.params == 13_108_694 * 4 and s.memory.buffers == 64 * 4
     assert s.memory.total == s.memory.input + s.memory.activations + s.memory.params
 
 
@@ -234,3 +236,87 @@ def test_printing_a_summary_shows_the_table_and_the_explanation():
     assert "ModelSummary(" not in text
     assert s.explanation in " ".join(text.split())  # the sentence, wrapped over lines
     assert json.loads(json.dumps(s.to_dict()))["explanation"] == s.explanation
+
+
+def test_each_framework_counts_in_its_own_column():
+    """A 32-channel BatchNorm2d: PyTorch (torchinfo, parameters()) counts 64, Keras 128."""
+    torch_text = rendered(bnkit.summary(torch_seed_model(), TORCH_SEED_SHAPE))
+    bn_line = next(line for line in torch_text.splitlines() if "(BatchNorm2d)" in line)
+    assert bn_line.split()[-2:] == ["64", "128"]  # Param # (PyTorch's own), then Keras #
+    assert "Param #" in torch_text and "Keras #" in torch_text and "PyTorch's own count" in torch_text
+    keras_text = rendered(bnkit.summary(keras_seed_model()))
+    bn_line = next(line for line in keras_text.splitlines() if "(BatchNormalization)" in line)
+    assert bn_line.split()[-2:] == ["128", "64"]  # Param # (Keras' own), then PyTorch #
+    assert "PyTorch #" in keras_text
+
+
+def test_folded_scale_and_shift_are_buffers_but_not_running_statistics():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))  # nothing before the BN to fold into
+    folded = bnkit.fold_bn(model.eval())
+    s = bnkit.summary(folded, (4, 5, 5))
+    assert s.torch_buffers == 8 and s.running_stats == 0 and s.other_buffers == 8
+    text = rendered(s)
+    assert "running statistics (running_mean, running_var)" not in text
+    assert "folded scale/shift" in text and "scale and shift" in s.explanation
+    unfolded = bnkit.summary(model, (4, 5, 5))
+    assert unfolded.running_stats == 8 and unfolded.other_buffers == 0
+    data = s.to_dict()["torch"]
+    assert (data["running_stats"], data["other_buffers"]) == (0, 8)
+
+
+def test_keras_folded_model_counts_channel_affine_as_buffers():
+    keras_model = keras.Sequential([keras.Input((5, 5, 4)), keras.layers.BatchNormalization(),
+                                    keras.layers.Conv2D(2, 1)])  # fmt: skip
+    folded = bnkit.fold_bn(keras_model)
+    s = bnkit.summary(folded)
+    assert s.total == folded.count_params() and s.other_buffers == 8 and s.running_stats == 0
+    assert s.torch_params == s.total - 8
+
+
+def test_a_pt2_program_shows_the_layer_classes_it_was_exported_from(tmp_path):
+    from bnkit.io import load_model, save_model
+
+    model = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()).eval()
+    loaded = load_model(save_model(model, tmp_path / "m.pt2", input_shape=(3, 6, 6)))
+    s = bnkit.summary(loaded, (3, 6, 6))
+    assert [r.type for r in s.rows] == ["ZeroPad2d", "Conv2d", "BatchNorm2d", "ReLU6"]
+    assert type(loaded).__name__ == "Sequential"
+    assert "InterpreterModule" not in rendered(s) and "ExportedModel" not in rendered(s)
+
+
+def test_memory_estimate_follows_torchinfos_definition(torchvision):
+    """torchinfo: Forward/backward pass size = 2 × the outputs of every call of a leaf layer that has
+    parameters; Params size = the parameters (buffers not counted); Input size = the input."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    shape = (3, 64, 64)
+    s = bnkit.summary(model, shape)
+    outputs = 0
+
+    def count(module, args, output):
+        nonlocal outputs
+        outputs += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    assert s.memory.activations == 2 * outputs
+    assert s.memory.params == sum(p.numel() * 4 for p in model.parameters())
+    assert s.memory.buffers == sum(b.numel() * 4 for b in model.buffers() if b.is_floating_point())
+    assert s.memory.input == 3 * 64 * 64 * 4
+    assert s.memory.total == s.memory.input + s.memory.activations + s.memory.params
+    assert "Buffers (not in the total)" in rendered(s)
+
+
+def test_summary_table_fits_80_columns_with_whole_layer_names(torchvision):
+    model = torchvision.models.resnet18(weights=None)
+    console = Console(record=True, width=80)
+    render(bnkit.summary(model, (3, 64, 64)), console)
+    lines = console.export_text().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    for name in ("layer1.0.conv1", "layer4.1.bn2", "fc"):
+        assert any(name in line for line in lines), name
+    header = next(line for line in lines if "Layer (type)" in line)
+    assert "Output Shape" in header and "Param #" in header and "Keras #" in header

@@ -30,6 +30,8 @@
     A momentum that gives the *new* batch half or more of the weight (PyTorch ``momentum >=
     0.5``, Keras ``momentum <= 0.5``): most likely the other framework's value copied
     literally. PyTorch's ``m`` is Keras' ``1 - m`` (:func:`bnkit.translate_momentum`).
+    Not for bnkit's layers that declare the other framework's convention (what
+    ``bnkit.convert`` produces to keep the source's semantics): their number is meant that way.
 ``eps-not-positive`` (error)
     ``eps <= 0`` (or not a number): PyTorch refuses a training forward pass ("eps must be
     positive during training") and, in ``eval()``, divides by zero for a channel whose running
@@ -195,8 +197,10 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
         if bn.momentum is None or not _in_unit_interval(bn.momentum):  # out of range: its own finding
             continue
         convention = getattr(bn, "convention", None)
-        weighs_new = convention is None or convention.momentum_weighs == "new"
-        new_weight = bn.momentum if weighs_new else 1 - bn.momentum
+        if bn.momentum is None or (convention is not None and convention.momentum_weighs != "new"):
+            continue  # a bnkit layer that declares Keras' meaning (bnkit.convert keeps it): not a literal copy
+        weighs_new = True
+        new_weight = bn.momentum
         if new_weight >= 0.5:
             findings.append(_momentum_finding(name, _describe(bn), bn.momentum, new_weight, weighs_new))
 
@@ -333,10 +337,13 @@ def _lint_keras(model, for_inference, batch_size, input_shape) -> list[Finding]:
     for name, bn in bns:
         if bn.momentum is None or not _in_unit_interval(bn.momentum):  # out of range: its own finding
             continue
-        # bnkit.keras.BatchNormalization(convention="torch") reads momentum PyTorch's way
+        # bnkit.keras.BatchNormalization(convention="torch") declares PyTorch's meaning (bnkit.convert
+        # keeps it): its number is not a literal copy
         convention = getattr(bn, "convention", None)
-        weighs_new = convention is not None and get_convention(convention).momentum_weighs == "new"
-        new_weight = bn.momentum if weighs_new else 1 - bn.momentum
+        if bn.momentum is None or (convention is not None and get_convention(convention).momentum_weighs == "new"):
+            continue
+        weighs_new = False
+        new_weight = 1 - bn.momentum
         if new_weight >= 0.5:
             findings.append(_momentum_finding(name, _describe_keras(bn), bn.momentum, new_weight, weighs_new))
 

@@ -1,11 +1,12 @@
-"""Renderings of a :class:`~bnkit.diagnose.compare.CompareReport`: a terminal table (rich) and a
-self-contained HTML page.
+"""The HTML rendering of a :class:`~bnkit.diagnose.report.CompareReport`: a self-contained page.
 
-The HTML page has no external assets, links or scripts: the styles are inline and the
-per-layer divergence is an inline SVG chart, one row per paired layer with the maximum absolute
-difference on a log scale, so that a network with dozens of batch norms reads at a glance
-(hover a bar for the exact figures). The file is written atomically (a temporary file in the
-same folder, then ``os.replace``) and an existing file is replaced only with ``force=True``.
+The page has no external assets, links or scripts: the styles are inline and the per-layer
+divergence is an inline SVG chart, one row per paired layer with the maximum absolute difference
+on a log scale and a tick at the tolerance that layer was held to, so that a network with dozens
+of batch norms reads at a glance (hover a bar for the exact figures). For hundreds of layers the
+chart's rows get thinner (the whole network stays on about one screen, labels on the rows that
+matter) and the layer table folds the runs of agreeing rows into ``<details>`` blocks. The file
+is written atomically and an existing file is replaced only with ``force=True``.
 """
 
 from __future__ import annotations
@@ -14,35 +15,32 @@ import math
 from html import escape
 from pathlib import Path
 
+from bnkit.diagnose.render import fmt as _fmt
+from bnkit.diagnose.render import visible_rows
 from bnkit.io import atomic_path
 
-__all__ = ["write_html", "html_page", "divergence_svg", "render_rich"]
+__all__ = ["write_html", "html_page", "divergence_svg"]
 
 _OK = "#2e7d32"
 _BAD = "#c62828"
 _STATS = "#ef6c00"
 _MUTED = "#757575"
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "shape differs" if x == math.inf else str(x)
-    if x == 0:
-        return "0"
-    return f"{x:.3g}"
+_FULL_ROWS = 80  # up to this many rows, every row is 18 px tall and labelled
+_CHART_HEIGHT = 1400  # beyond, rows shrink so that the chart stays about this tall
 
 
 def divergence_svg(report) -> str:
     """An inline SVG chart: one row per paired layer, max |a − b| on a log10 axis."""
     rows = report.rows
-    label_w, bar_w, row_h, top, bottom = 300, 520, 18, 34, 28
-    height = top + max(len(rows), 1) * row_h + bottom
+    n = max(len(rows), 1)
+    row_h = 18.0 if n <= _FULL_ROWS else max(3.0, _CHART_HEIGHT / n)
+    label_every = 1 if row_h >= 12 else math.ceil(12 / row_h)  # labels at least 12 px apart
+    label_w, bar_w, top, bottom = 300, 520, 34, 28
+    height = int(top + n * row_h + bottom)
     width = label_w + bar_w + 90
-    values = [r.max_abs_diff for r in rows if r.max_abs_diff > 0 and math.isfinite(r.max_abs_diff)]
+    values = [r.max_abs_diff for r in rows] + [r.atol for r in rows]
     values += [r.running_mean_abs_diff or 0 for r in rows] + [r.running_var_abs_diff or 0 for r in rows]
-    values = [v for v in values if v > 0 and math.isfinite(v)] + [report.atol]
+    values = [v for v in values if v > 0 and math.isfinite(v)] + [report.atol or 1e-12]
     lo = math.floor(math.log10(min(values))) - 1
     hi = max(math.ceil(math.log10(max(values))), lo + 2)
     lo = max(lo, hi - 16)
@@ -60,55 +58,62 @@ def divergence_svg(report) -> str:
         f'viewBox="0 0 {width} {height}" role="img" aria-label="per-layer divergence" '
         'font-family="ui-monospace, Menlo, Consolas, monospace" font-size="11">'
     ]
-    # decade grid and axis labels, top and bottom
-    for d in range(lo, hi + 1):
+    for d in range(lo, hi + 1):  # decade grid and axis labels, top and bottom
         x = label_w + (d - lo) / (hi - lo) * bar_w
         parts.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{height - bottom + 4}" stroke="#e0e0e0"/>')
         for y in (top - 10, height - bottom + 16):
             parts.append(f'<text x="{x:.1f}" y="{y}" text-anchor="middle" fill="{_MUTED}">1e{d}</text>')
-    tol_x = x_of(report.atol)
     parts.append(
-        f'<line x1="{tol_x:.1f}" y1="{top - 6}" x2="{tol_x:.1f}" y2="{height - bottom + 4}" '
-        f'stroke="{_BAD}" stroke-dasharray="4 3"><title>atol = {report.atol:g}</title></line>'
-    )
-    parts.append(
-        f'<text x="{tol_x + 3:.1f}" y="{top - 22}" fill="{_BAD}">atol {report.atol:g} '
-        f"(+ rtol {report.rtol:g}·|value|)</text>"
+        f'<text x="{label_w}" y="{top - 22}" fill="{_BAD}">| each layer\'s tolerance: atol {report.atol:g} + '
+        f"its measured rounding (+ rtol {report.rtol:g}·|value|)</text>"
     )
     first = report.first_divergence
+    named = {layer for cause in report.causes for layer in cause.layers}
     for i, r in enumerate(rows):
         y = top + i * row_h
         if i % 2:
-            parts.append(f'<rect x="0" y="{y}" width="{width}" height="{row_h}" fill="#fafafa"/>')
-        weight = ' font-weight="bold"' if r.kind == "bn" else ""
-        label = r.name if len(r.name) <= 30 else r.name[:29] + "…"
-        marker = "▶ " if r is first else ""
-        parts.append(
-            f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end"{weight}>'
-            f"{escape(marker + label)} <tspan fill='{_MUTED}'>{escape(r.kind)}</tspan></text>"
-        )
-        color = _BAD if r.diverges else _OK
+            parts.append(f'<rect x="0" y="{y:.1f}" width="{width}" height="{row_h:.1f}" fill="#fafafa"/>')
+        labelled = row_h >= 12 or i % label_every == 0 or r.differs or r.name in named
+        if labelled:
+            weight = ' font-weight="bold"' if r.kind == "bn" else ""
+            label = r.name if len(r.name) <= 30 else r.name[:29] + "…"
+            marker = "▶ " if r is first else ""
+            parts.append(
+                f'<text x="{label_w - 8}" y="{y + min(row_h, 18) / 2 + 4:.1f}" text-anchor="end"{weight}>'
+                f"{escape(marker + label)} <tspan fill='{_MUTED}'>{escape(r.kind)}</tspan></text>"
+            )
+        color = _BAD if r.differs else _OK
         x_end = x_of(r.max_abs_diff)
         tip = (
             f"{r.name_a} ({r.type_a}) / {r.name_b} ({r.type_b}), shape {tuple(r.shape)}: "
-            f"max abs diff {_fmt(r.max_abs_diff)}, max rel diff {_fmt(r.max_rel_diff)}"
+            f"max abs diff {_fmt(r.max_abs_diff)}, tolerance atol {_fmt(r.atol)} "
+            f"(rounding {_fmt(r.rounding)}) + rtol {r.rtol:g}·|value|, ratio {_fmt(r.tolerance_ratio)}"
         )
         if r.running_mean_abs_diff is not None:
             tip += (
                 f"; after the step: running mean diff {_fmt(r.running_mean_abs_diff)}, "
                 f"running var diff {_fmt(r.running_var_abs_diff)}"
             )
+        pad = min(4.0, row_h / 4)
         parts.append(
-            f'<rect x="{label_w}" y="{y + 4}" width="{max(x_end - label_w, 1.5):.1f}" height="{row_h - 8}" '
-            f'fill="{color}"><title>{escape(tip)}</title></rect>'
+            f'<rect x="{label_w}" y="{y + pad:.1f}" width="{max(x_end - label_w, 1.5):.1f}" '
+            f'height="{max(row_h - 2 * pad, 1):.1f}" fill="{color}"><title>{escape(tip)}</title></rect>'
         )
-        parts.append(f'<text x="{max(x_end, label_w) + 4:.1f}" y="{y + 13}">{escape(_fmt(r.max_abs_diff))}</text>')
+        tol_x = x_of(r.atol)
+        parts.append(
+            f'<line x1="{tol_x:.1f}" y1="{y + 1:.1f}" x2="{tol_x:.1f}" y2="{y + row_h - 1:.1f}" stroke="{_BAD}" '
+            f'stroke-width="1.5"><title>{escape(f"tolerance of {r.name}: atol {_fmt(r.atol)}")}</title></line>'
+        )
+        if labelled and row_h >= 12:
+            value_x = max(x_end, tol_x) + 4
+            parts.append(f'<text x="{value_x:.1f}" y="{y + 13:.1f}">{escape(_fmt(r.max_abs_diff))}</text>')
         if r.running_var_abs_diff is not None:
             stats = max(r.running_mean_abs_diff or 0, r.running_var_abs_diff or 0)
-            sx = x_of(stats)
+            sx, h = x_of(stats), min(row_h, 18)
             stats_color = _STATS if r.running_stats_diverge else _OK
             parts.append(
-                f'<path d="M{sx:.1f},{y + 3} l4,6 l-4,6 l-4,-6 z" fill="{stats_color}" stroke="white">'
+                f'<path d="M{sx:.1f},{y + 3 * h / 18:.1f} l{h / 4.5:.1f},{h / 3:.1f} l{-h / 4.5:.1f},{h / 3:.1f} '
+                f'l{-h / 4.5:.1f},{-h / 3:.1f} z" fill="{stats_color}" stroke="white">'
                 f"<title>{escape(f'running statistics after the step: max abs diff {_fmt(stats)}')}</title>"
                 "</path>"
             )
@@ -130,16 +135,73 @@ code, .code { font-family: ui-monospace, Menlo, Consolas, monospace; }
 table { border-collapse: collapse; font-size: .9em; }
 th, td { border-bottom: 1px solid #e0e0e0; padding: .25em .6em; text-align: left; }
 td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospace; }
-tr.bad td { color: #c62828; } tr.bn td:first-child { font-weight: bold; }
+tr.bad td { color: #c62828; } tr.bn td:nth-child(2) { font-weight: bold; }
+details { margin: .2em 0; } summary { color: #616161; cursor: pointer; }
 .chart { overflow-x: auto; }
 .legend { color: #616161; font-size: .9em; }
 """
+
+_LAYER_HEADERS = ("#", "layer A", "layer B", "type A", "type B", "shape", "max |a−b|", "atol", "÷tol", "stats diff")
+
+
+def _layer_table(report, indices: list[int]) -> str:
+    out = ["<table><thead><tr>", *(f"<th>{h}</th>" for h in _LAYER_HEADERS), "</tr></thead><tbody>"]
+    for k in indices:
+        r = report.rows[k]
+        classes = " ".join(c for c in ("bad" if r.differs else "", "bn" if r.kind == "bn" else "") if c)
+        stats = (
+            "–"
+            if r.running_mean_abs_diff is None
+            else f"{_fmt(r.running_mean_abs_diff)} / {_fmt(r.running_var_abs_diff)}"
+        )
+        out.append(
+            f'<tr class="{classes}"><td class="num">{r.index}</td><td>{escape(r.name_a)}</td>'
+            f"<td>{escape(r.name_b)}</td><td>{escape(r.type_a)}</td><td>{escape(r.type_b)}</td>"
+            f"<td>{escape(str(tuple(r.shape)))}</td><td class='num'>{_fmt(r.max_abs_diff)}</td>"
+            f"<td class='num'>{_fmt(r.atol)}</td><td class='num'>{_fmt(r.tolerance_ratio)}</td>"
+            f"<td class='num'>{stats}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _folded_layers(report) -> str:
+    """The layer table; for a large network, runs of rows away from any divergence are folded."""
+    shown = set(visible_rows(report))
+    out, run, folded = [], [], []
+
+    def flush_run():
+        if run:
+            out.append(_layer_table(report, list(run)))
+            run.clear()
+
+    def flush_folded():
+        if folded:
+            bad = sum(report.rows[k].differs for k in folded)
+            what = f"{bad} differ" if bad else "all agree"
+            out.append(
+                f"<details><summary>rows {folded[0]}–{folded[-1]} ({len(folded)} layers, {what})</summary>"
+                f"{_layer_table(report, list(folded))}</details>"
+            )
+            folded.clear()
+
+    for k in range(len(report.rows)):
+        if k in shown:
+            flush_folded()
+            run.append(k)
+        else:
+            flush_run()
+            folded.append(k)
+    flush_folded()
+    flush_run()
+    return "".join(out)
 
 
 def html_page(report) -> str:
     """The whole HTML document for ``report`` as a string."""
     verdict = "agree" if report.agree else "disagree"
     first = report.first_divergence
+    out_atol = report.output_atol if report.output_atol is not None else report.atol
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -150,10 +212,17 @@ def html_page(report) -> str:
         f'<span class="verdict {verdict}">{verdict}</span></h1>',
         f"<p>Input {escape(str(tuple(report.input_shape)))} in model A's layout; "
         f"{'one training step' if report.training else 'inference'}; a layer diverges where "
-        f"|a − b| &gt; {report.atol:g} + {report.rtol:g}·max(|a|, |b|). "
-        f"Final outputs: max abs diff {_fmt(report.output_max_abs_diff)}, "
-        f"max rel diff {_fmt(report.output_max_rel_diff)}.",
+        f"|a − b| &gt; atol + {report.rtol:g}·max(|a|, |b|), atol being {report.atol:g} "
+        + (
+            "plus the float rounding measured for that layer (column atol). "
+            if report.rounding_measured
+            else "for every layer (all are within it, so the rounding allowance was not measured). "
+        )
+        + f"Final outputs: max |a − b| {_fmt(report.output_max_abs_diff)}, allowed {_fmt(out_atol)} "
+        f"+ {report.rtol:g}·|value|.",
     ]
+    if report.output_nonfinite:
+        out.append(" The outputs hold NaN/Inf.")
     if first is not None:
         out.append(f" First divergence: <b>{escape(first.name)}</b> ({escape(first.type_a)} / {escape(first.type_b)}).")
     out.append("</p>")
@@ -169,38 +238,13 @@ def html_page(report) -> str:
     out.append("<h2>Divergence per layer</h2>")
     out.append(
         '<p class="legend">Bars: maximum absolute difference of the paired layers\' outputs (log scale; '
-        "red beyond tolerance, ▶ the first divergence, bold rows are batch norms). Diamonds: running "
-        "statistics after the training step. Hover for exact figures.</p>"
+        "red beyond tolerance, ▶ the first divergence, bold labels are batch norms); red ticks: the "
+        "tolerance each layer was held to. Diamonds: running statistics after the training step. "
+        "Hover for exact figures.</p>"
     )
     out.append(f'<div class="chart">{divergence_svg(report)}</div>')
-    out.append("<h2>Layers</h2><table><thead><tr>")
-    for h in (
-        "#",
-        "layer A",
-        "layer B",
-        "type A",
-        "type B",
-        "shape",
-        "max abs diff",
-        "max rel diff",
-        "stats diff",
-    ):
-        out.append(f"<th>{h}</th>")
-    out.append("</tr></thead><tbody>")
-    for r in report.rows:
-        classes = " ".join(c for c in ("bad" if r.differs else "", "bn" if r.kind == "bn" else "") if c)
-        stats = (
-            "–"
-            if r.running_mean_abs_diff is None
-            else f"{_fmt(r.running_mean_abs_diff)} / {_fmt(r.running_var_abs_diff)}"
-        )
-        out.append(
-            f'<tr class="{classes}"><td class="num">{r.index}</td><td>{escape(r.name_a)}</td>'
-            f"<td>{escape(r.name_b)}</td><td>{escape(r.type_a)}</td><td>{escape(r.type_b)}</td>"
-            f"<td>{escape(str(tuple(r.shape)))}</td><td class='num'>{_fmt(r.max_abs_diff)}</td>"
-            f"<td class='num'>{_fmt(r.max_rel_diff)}</td><td class='num'>{stats}</td></tr>"
-        )
-    out.append("</tbody></table>")
+    out.append(f"<h2>Layers ({len(report.rows)} paired)</h2>")
+    out.append(_folded_layers(report))
     if report.batch_norms:
         out.append("<h2>Batch norm settings</h2><table><thead><tr>")
         for h in ("layer", "side", "eps", "momentum", "new-batch weight", "running var", "mode", "trainable"):
@@ -244,51 +288,3 @@ def write_html(report, path, *, force: bool = False) -> str:
     with atomic_path(target, force=True) as tmp:  # existence was checked above, in this module's words
         tmp.write_text(text, encoding="utf-8")
     return str(target)
-
-
-def render_rich(report, console=None) -> None:
-    """Print the per-layer table, the final outputs and the causes with ``rich``."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = console or Console()
-    table = Table(
-        title=f"{report.name_a} ({report.framework_a}) vs {report.name_b} ({report.framework_b}) — "
-        f"{'one training step' if report.training else 'inference'}",
-        title_justify="left",
-    )
-    # one "layer (types)" column that folds, so that the table fits 80 columns (pipes, CI logs)
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("layer A / B (types)", overflow="fold", min_width=16, ratio=1)
-    table.add_column("shape", overflow="fold")
-    table.add_column("abs diff", justify="right", no_wrap=True)
-    table.add_column("rel diff", justify="right", no_wrap=True)
-    if report.training:
-        table.add_column("stats diff", justify="right", no_wrap=True)
-    table.add_column("", no_wrap=True)
-    first = report.first_divergence
-    for r in report.rows:
-        status = "[red]✗ first[/]" if r is first else ("[red]✗[/]" if r.differs else "[green]✓[/]")
-        types = r.type_a if r.type_a == r.type_b else f"{r.type_a} / {r.type_b}"
-        label = Text(r.name)
-        label.append(f" ({types})", style="dim")
-        cells = [str(r.index), label, "×".join(map(str, r.shape)), _fmt(r.max_abs_diff), _fmt(r.max_rel_diff)]
-        if report.training:
-            stats = None if r.running_mean_abs_diff is None else max(r.running_mean_abs_diff, r.running_var_abs_diff)
-            cells.append(("missing" if r.running_stats_diverge else "") if stats is None else _fmt(stats))
-        cells.append(status)
-        table.add_row(*cells, style="bold" if r.kind == "bn" else None)
-    console.print(table)
-    console.print(
-        f"outputs: max abs diff {_fmt(report.output_max_abs_diff)}, max rel diff "
-        f"{_fmt(report.output_max_rel_diff)} (tolerance atol {report.atol:g}, rtol {report.rtol:g})"
-    )
-    if report.unmatched_a or report.unmatched_b:
-        console.print(f"[dim]without a counterpart: A {report.unmatched_a or '–'}, B {report.unmatched_b or '–'}[/]")
-    if report.agree:
-        console.print("[bold green]The models agree.[/]")
-        return
-    console.print("[bold red]The models disagree.[/]" + (f" First divergence: {first.name}." if first else ""))
-    for c in report.causes:
-        console.print(f"  [bold red]{c.code}[/] {c.explanation}", highlight=False)

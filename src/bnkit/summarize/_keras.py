@@ -11,8 +11,10 @@ from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary, normali
 
 # Weights that PyTorch keeps as buffers: the running statistics of batch normalization and,
 # with renorm=True, its renorm statistics (duck-typed, so that subclasses such as
-# bnkit.keras.BatchNormalization count too).
+# bnkit.keras.BatchNormalization count too), and the scale and shift of a folded batch norm
+# (bnkit's ChannelAffine, whose PyTorch twin holds buffers).
 _STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+_OTHER_BUFFERS = {"ChannelAffine": ("scale", "shift")}
 
 
 def summarize_keras(model, input_shape=None) -> ModelSummary:
@@ -30,6 +32,8 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
         shapes, itemsize = _output_shapes(layer)
         trainable = sum(_size(v) for v in layer.trainable_weights)
         non_trainable = sum(_size(v) for v in layer.non_trainable_weights)
+        buffers = sum(_size(v) for v in _buffers(layer))
+        counters = sum(_size(v) for v in _counters(layer))
         rows.append(
             LayerRow(
                 name=prefix + layer.name,
@@ -37,24 +41,26 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
                 output_shapes=shapes,
                 trainable_params=trainable,
                 non_trainable_params=non_trainable,
-                buffers=sum(_size(v) for v in _statistics(layer)),
-                counters=sum(_size(v) for v in _counters(layer)),
+                buffers=buffers,
+                counters=counters,
                 depth=depth,
             )
         )
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
+        if isinstance(layer, keras.layers.InputLayer) or trainable + non_trainable - buffers - counters == 0:
+            continue  # torchinfo counts the outputs of layers with parameters only
         if shapes is None or any(d is None for s in shapes for d in s[1:]) or activation_bytes is None:
             activation_bytes = None  # unknown somewhere: no estimate rather than a wrong one
         else:
-            activation_bytes += sum(numel(s) * itemsize for s in shapes)
+            activation_bytes += sum(numel(s) * itemsize for s in shapes) * _calls(layer)
 
     weights = _unique(model.weights)
     total = sum(_size(v) for v in weights)
     trainable = sum(_size(v) for v in _unique(model.trainable_weights))
     statistics = _unique(v for _, _, layer in _walk(model, keras) for v in _statistics(layer))
-    torch_buffers = sum(_size(v) for v in statistics)
-    torch_counters = sum(_size(v) for v in _unique(v for _, _, layer in _walk(model, keras) for v in _counters(layer)))
+    buffers = _unique(v for _, _, layer in _walk(model, keras) for v in _buffers(layer))
+    torch_buffers = sum(_size(v) for v in buffers)
+    counters = _unique(v for _, _, layer in _walk(model, keras) for v in _counters(layer))
+    torch_counters = sum(_size(v) for v in counters)
 
     shapes_for_memory = input_shapes or (tuple(s[1:] for s in model_inputs) if model_inputs is not None else None)
     memory = None
@@ -62,10 +68,12 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
     if shapes_for_memory is not None and all(d is not None for s in shapes_for_memory for d in s):
         if activation_bytes is not None:
             input_itemsize = _itemsize(getattr(model, "input_dtype", None) or "float32")
+            held_apart = {id(v) for v in buffers} | {id(v) for v in counters}
             memory = MemoryEstimate(
                 input=sum(math.prod(s) * input_itemsize for s in shapes_for_memory),
                 activations=2 * activation_bytes,
-                params=sum(_size(v) * _itemsize(v.dtype) for v in weights),
+                params=sum(_size(v) * _itemsize(v.dtype) for v in weights if id(v) not in held_apart),
+                buffers=sum(_size(v) * _itemsize(v.dtype) for v in buffers),
             )
     if memory is None:
         reason = (
@@ -89,6 +97,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
         memory=memory,
         dtype=str(getattr(model, "dtype", None) or "float32"),
         notes=notes,
+        torch_running_stats=sum(_size(v) for v in statistics),
         renorm_layers=sum(bool(getattr(layer, "renorm", False)) for _, _, layer in _walk(model, keras)),
     )
 
@@ -160,6 +169,17 @@ def _output_shapes(layer):
 
 def _statistics(layer):
     return [v for v in (getattr(layer, name, None) for name in _STATISTICS) if v is not None]
+
+
+def _buffers(layer):
+    """The weights PyTorch would keep as floating buffers: running statistics, folded scale/shift."""
+    others = _OTHER_BUFFERS.get(type(layer).__name__, ())
+    return _statistics(layer) + [v for v in (getattr(layer, name, None) for name in others) if v is not None]
+
+
+def _calls(layer) -> int:
+    """How many times the layer is called in the model's graph (a shared layer's outputs add up)."""
+    return max(len(getattr(layer, "_inbound_nodes", ()) or ()), 1)
 
 
 def _counters(layer):

@@ -13,13 +13,15 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
     layers = _layers(model)
 
     outputs: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {}
+    call_bytes: dict[str, int] = {}
     input_bytes = 0
     if input_shapes is not None:
         inputs = _zeros_like_inputs(model, input_shapes, dtype)
         input_bytes = sum(t.numel() * t.element_size() for t in inputs)
-        outputs = _trace_outputs(model, layers, inputs)
+        outputs, call_bytes = _trace_outputs(model, layers, inputs)
 
-    rows = [_row(name, module, outputs.get(name)) for name, module in layers]
+    types = getattr(model, "_bnkit_layer_types", None) or {}  # a .pt2 program's original layer classes
+    rows = [_row(name, module, outputs.get(name), types.get(name)) for name, module in layers]
 
     params = list(model.parameters())  # unique: tied weights counted once
     torch_params = sum(p.numel() for p in params)
@@ -28,14 +30,26 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
     float_buffers = [b for b in buffers if b.is_floating_point() or b.is_complex()]
     torch_buffers = sum(b.numel() for b in float_buffers)
     torch_counters = sum(b.numel() for b in buffers) - torch_buffers
+    running_stats = sum(  # a batch norm's floating buffers: running (and renorm) statistics
+        b.numel()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+        for b in m.buffers(recurse=False)
+        if b.is_floating_point()
+    )
 
     memory = None
     if input_shapes is not None:
-        state_bytes = sum(p.numel() * p.element_size() for p in params)
-        state_bytes += sum(b.numel() * b.element_size() for b in float_buffers)
-        # torchinfo's estimate: each output is kept for backward and gets a gradient of its size
-        activations = 2 * sum(nbytes for _, nbytes in outputs.values())
-        memory = MemoryEstimate(input=input_bytes, activations=activations, params=state_bytes)
+        # torchinfo's estimate: the output of every call of a leaf layer with parameters is kept
+        # for backward and gets a gradient of its size; parameters only (buffers apart)
+        with_params = {name for name, module in layers if _is_leaf(module) and _owns_params(module)}
+        activations = 2 * sum(nbytes for name, nbytes in call_bytes.items() if name in with_params)
+        memory = MemoryEstimate(
+            input=input_bytes,
+            activations=activations,
+            params=sum(p.numel() * p.element_size() for p in params),
+            buffers=sum(b.numel() * b.element_size() for b in float_buffers),
+        )
 
     notes = []
     if input_shapes is None:
@@ -55,6 +69,7 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
         memory=memory,
         dtype=str(_input_dtype(model, dtype)).removeprefix("torch."),
         notes=notes,
+        torch_running_stats=running_stats,
         renorm_layers=sum(getattr(m, "renorm", False) is True for m in model.modules()),
     )
 
@@ -87,7 +102,15 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _row(name: str, module: nn.Module, traced) -> LayerRow:
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def _owns_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _row(name: str, module: nn.Module, traced, type_name: str | None = None) -> LayerRow:
     own_params = list(module.parameters(recurse=False))
     own_buffers = list(module.buffers(recurse=False))
     trainable = sum(p.numel() for p in own_params if p.requires_grad)
@@ -96,7 +119,7 @@ def _row(name: str, module: nn.Module, traced) -> LayerRow:
     counters = sum(b.numel() for b in own_buffers) - float_buffers
     return LayerRow(
         name=name,
-        type=type(module).__name__,
+        type=type_name or type(module).__name__,
         output_shapes=None if traced is None else traced[0],
         trainable_params=trainable,
         non_trainable_params=frozen + float_buffers,
@@ -131,19 +154,20 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _trace_outputs(model: nn.Module, layers, inputs) -> dict:
-    """Run ``model`` once in eval mode without gradients; every layer's first output's shapes and bytes."""
+def _trace_outputs(model: nn.Module, layers, inputs) -> tuple[dict, dict]:
+    """Run ``model`` once in eval mode without gradients: every layer's first output's shapes and
+    bytes, and the bytes of all its calls' outputs together."""
     from bnkit.torch.probe import probing
 
     outputs: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {}
+    call_bytes: dict[str, int] = {}
 
     def record(name, module, args, output):
+        tensors = _tensors(output)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        call_bytes[name] = call_bytes.get(name, 0) + nbytes
         if name not in outputs:  # a layer called twice shows its first call
-            tensors = _tensors(output)
-            outputs[name] = (
-                tuple(tuple(t.shape) for t in tensors),
-                sum(t.numel() * t.element_size() for t in tensors),
-            )
+            outputs[name] = (tuple(tuple(t.shape) for t in tensors), nbytes)
 
     try:
         with probing(model, layers, record):
@@ -155,4 +179,4 @@ def _trace_outputs(model: nn.Module, layers, inputs) -> dict:
             f"(input_shape excludes the batch dimension and uses the model's own layout): "
             f"{type(e).__name__}: {e}"
         ) from e
-    return outputs
+    return outputs, call_bytes

@@ -68,15 +68,21 @@ class LayerRow:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Memory of one forward and backward pass at batch size 1, in bytes, torchinfo-style.
+    """Memory of one forward and backward pass at batch size 1, in bytes, as torchinfo defines it.
 
-    ``activations`` is the size of every layer's output, counted twice (kept for the
-    backward pass and its gradient); ``params`` is the size of all weights and buffers.
+    ``input``: the input tensors. ``activations`` ("Forward/backward pass size"): the output of
+    every call of a layer that has parameters, counted twice (kept for the backward pass, and its
+    gradient); layers without parameters (activations, pooling, reshapes) are left out, as
+    torchinfo leaves them out. ``params``: the parameters (Keras: the weights that are not running
+    statistics or step counters). ``total`` is their sum, torchinfo's "Estimated Total Size".
+    ``buffers`` (running statistics and other floating buffers, which torchinfo does not count
+    anywhere) is reported apart and is not in ``total``.
     """
 
     input: int
     activations: int
     params: int
+    buffers: int = 0
 
     @property
     def total(self) -> int:
@@ -87,6 +93,7 @@ class MemoryEstimate:
             "input": self.input / MEGABYTE,
             "forward_backward": self.activations / MEGABYTE,
             "params": self.params / MEGABYTE,
+            "buffers": self.buffers / MEGABYTE,
             "total": self.total / MEGABYTE,
         }
 
@@ -98,6 +105,9 @@ class ModelSummary:
     ``total``, ``trainable``, ``non_trainable``: Keras' accounting (``model.count_params()``
     and ``model.summary()``). ``torch_params``, ``torch_trainable``, ``torch_frozen``,
     ``torch_buffers``, ``torch_counters``: PyTorch's (``parameters()`` and ``buffers()``).
+    ``torch_running_stats`` is the part of ``torch_buffers`` that is batch-norm running
+    statistics; the rest are other floating buffers (a folded batch norm's ``ChannelAffine``
+    scale and shift, for instance).
     The totals are read from the model itself (shared weights counted once), not summed
     from the rows.
     """
@@ -117,6 +127,17 @@ class ModelSummary:
     dtype: str = "float32"
     notes: list[str] = field(default_factory=list)
     renorm_layers: int = 0  # batch norms with batch renormalization (3·C more statistics each)
+    torch_running_stats: int | None = None  # None: all of torch_buffers
+
+    @property
+    def running_stats(self) -> int:
+        """Batch-norm running statistics among the buffers."""
+        return self.torch_buffers if self.torch_running_stats is None else self.torch_running_stats
+
+    @property
+    def other_buffers(self) -> int:
+        """Floating buffers that are not running statistics (a ChannelAffine's scale and shift, ...)."""
+        return self.torch_buffers - self.running_stats
 
     @property
     def torch_frozen(self) -> int:
@@ -177,6 +198,8 @@ class ModelSummary:
                 "trainable": self.torch_trainable,
                 "frozen": self.torch_frozen,
                 "buffers": self.torch_buffers,
+                "running_stats": self.running_stats,
+                "other_buffers": self.other_buffers,
                 "counters": self.torch_counters,
             },
             "renorm_layers": self.renorm_layers,

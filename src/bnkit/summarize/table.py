@@ -15,6 +15,7 @@ from rich.text import Text
 from bnkit.summarize.rows import ModelSummary
 
 ACCOUNTING_NOTE = "Keras counts running statistics as non-trainable params; PyTorch keeps them as buffers."
+_FRAMEWORKS = {"keras": "Keras", "torch": "PyTorch"}
 
 
 def format_shape(shapes) -> str:
@@ -29,10 +30,21 @@ def why_counts_differ(s: ModelSummary) -> str:
     if s.torch_buffers == 0 and keras_counted_counters == 0:
         return f"Both accountings agree on {s.total:,} params: this model has no running statistics."
     counters = "integer counter (num_batches_tracked)" if s.torch_counters == 1 else "integer counters"
+    if s.other_buffers == 0:
+        what = (
+            f"the {s.torch_buffers:,} running statistics (running_mean, running_var{_renorm_names(s)}) "
+            "are buffers there"
+        )
+    elif s.running_stats == 0:
+        what = f"the {s.torch_buffers:,} buffer values (a folded batch norm's scale and shift) are buffers there"
+    else:
+        what = (
+            f"the {s.torch_buffers:,} buffer values ({s.running_stats:,} running statistics, {s.other_buffers:,} "
+            "folded scale and shift) are buffers there"
+        )
     text = (
         f"PyTorch tools (sum(p.numel() for p in model.parameters()), torchinfo) print {s.torch_params:,}: "
-        f"the {s.torch_buffers:,} running statistics (running_mean, running_var{_renorm_names(s)}) are buffers there, "
-        f"while Keras counts them as non-trainable weights"
+        f"{what}, while Keras counts them as non-trainable weights"
     )
     if keras_counted_counters:
         text += (
@@ -53,29 +65,35 @@ def _renorm_names(s: ModelSummary) -> str:
 
 
 def layer_table(s: ModelSummary) -> Table:
-    framework = "Keras" if s.framework == "keras" else "PyTorch"
+    """One row per layer: its own framework's parameter count first, then the other framework's.
+
+    A PyTorch model's ``Param #`` is what torchinfo and ``parameters()`` count (running statistics
+    are buffers, not params); a Keras model's is what ``model.summary()`` shows (running
+    statistics are non-trainable params). The second count is the same layer as the other
+    framework would count it. Names are kept whole (the type goes to the next line when the
+    column is narrow), so that an 80-column terminal loses no column.
+    """
+    own, other = (_FRAMEWORKS[s.framework], _FRAMEWORKS["torch" if s.framework == "keras" else "keras"])
     table = Table(
-        title=f'Model: "{s.name}" ({framework})',
+        title=f'Model: "{s.name}" ({own})',
         box=box.SIMPLE_HEAD,
         title_justify="left",
-        caption="Param # and Non-trainable as Keras counts them; Buffers: the part PyTorch keeps as buffers.",
+        caption=f"Param #: {own}'s own count; {other} #: as {other} counts the same layer "
+        + ("(running statistics are buffers there)." if other == "PyTorch" else "(running statistics included)."),
         caption_justify="left",
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
     )
-    table.add_column("Layer (type)", overflow="fold")
+    name_width = min(max((len(r.name) for r in s.rows), default=10), 40)
+    table.add_column("Layer (type)", overflow="fold", min_width=min(name_width, 24))
     table.add_column("Output Shape", overflow="fold")
-    table.add_column("Param #", justify="right")
-    table.add_column("Non-trainable", justify="right")
-    table.add_column("Buffers", justify="right")
+    table.add_column("Param #", justify="right", no_wrap=True)
+    table.add_column(f"{other} #", justify="right", no_wrap=True)
     for row in s.rows:
-        label = Text("  " * row.depth + row.name)
+        label = Text(row.name)
         label.append(f" ({row.type})", style="dim")
-        table.add_row(
-            label,
-            format_shape(row.output_shapes),
-            f"{row.params:,}",
-            f"{row.non_trainable_params:,}",
-            f"{row.buffers:,}" + (f" (+{row.counters:,} int)" if row.counters else ""),
-        )
+        mine, theirs = (row.params, row.torch_params) if s.framework == "keras" else (row.torch_params, row.params)
+        table.add_row(label, format_shape(row.output_shapes), f"{mine:,}", f"{theirs:,}")
     return table
 
 
@@ -100,8 +118,12 @@ def totals_blocks(s: ModelSummary) -> Columns:
     torch_items = [
         ("Params", f"{s.torch_params:,}"),
         ("Trainable params", f"{s.torch_trainable:,}"),
-        ("Buffers (running statistics)", f"{s.torch_buffers:,}"),
     ]
+    if s.other_buffers:
+        torch_items.append(("Buffers: running statistics", f"{s.running_stats:,}"))
+        torch_items.append(("Buffers: folded scale/shift etc.", f"{s.other_buffers:,}"))
+    else:
+        torch_items.append(("Buffers (running statistics)", f"{s.torch_buffers:,}"))
     if s.torch_frozen:
         torch_items.insert(2, ("Frozen params (requires_grad=False)", f"{s.torch_frozen:,}"))
     if s.torch_counters:
@@ -111,12 +133,13 @@ def totals_blocks(s: ModelSummary) -> Columns:
         mb = s.memory.megabytes()
         blocks.append(
             _block(
-                "Memory, batch 1 (MB)",
+                "Memory, batch 1 (MB, as torchinfo)",
                 [
                     ("Input size", f"{mb['input']:.2f}"),
                     ("Forward/backward pass size", f"{mb['forward_backward']:.2f}"),
                     ("Params size", f"{mb['params']:.2f}"),
                     ("Estimated total size", f"{mb['total']:.2f}"),
+                    ("Buffers (not in the total)", f"{mb['buffers']:.2f}"),
                 ],
             )
         )

@@ -159,8 +159,12 @@ def _class_for(type_name: str):
     return None, None
 
 
-def rebuild_exported(program, bnkit_layers: dict | None = None) -> nn.Module:
-    """An ``fx.GraphModule`` over the program's module hierarchy with known layers rebuilt."""
+def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict | None = None) -> nn.Module:
+    """An ``fx.GraphModule`` over the program's module hierarchy with known layers rebuilt.
+
+    It is named after the exported model's class (``bnkit_meta["model"]``, stored by
+    :func:`bnkit.io.save_model`) and remembers every layer's original class name in
+    ``_bnkit_layer_types`` (path -> class name), for the layers left as ``InterpreterModule``."""
     bnkit_layers = bnkit_layers or {}
     try:
         with warnings.catch_warnings():
@@ -197,7 +201,10 @@ def rebuild_exported(program, bnkit_layers: dict | None = None) -> nn.Module:
         _set_submodule(unflat, path, layer)
     graph = unflat.graph
     _plain_graph(graph)
-    module = fx.GraphModule(unflat, graph, class_name="ExportedModel")
+    root_name = (bnkit_meta or {}).get("model") or "ExportedModel"
+    module = fx.GraphModule(unflat, graph, class_name=root_name if root_name.isidentifier() else "ExportedModel")
+    # the classes the program was exported from, for the layers left as sub-programs (summaries, compare)
+    module._bnkit_layer_types = {path: type_name.rsplit(".", 1)[-1] for path, type_name in types.items()}
     return module.eval()
 
 

@@ -28,16 +28,32 @@ def add_arguments(parser) -> None:
         help="input shape without the batch dimension, in A's layout (H,W,C for Keras, C,H,W for PyTorch), "
         "e.g. 64,64,1; default: the Keras model's input shape",
     )
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="batch size (default 4)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        metavar="N",
+        help="batch size (default 2: the smallest with batch statistics, quick on large networks)",
+    )
     parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the random normal input (default 0)")
     parser.add_argument(
         "--training",
         action="store_true",
         help="compare one training step (batch statistics, running-statistics updates) instead of inference",
     )
-    parser.add_argument("--atol", type=parse_tolerance, default=1e-5, help="absolute tolerance (default 1e-5)")
+    parser.add_argument(
+        "--atol",
+        type=parse_tolerance,
+        default=1e-5,
+        help="absolute tolerance (default 1e-5), on top of the float rounding measured for each layer",
+    )
     parser.add_argument("--rtol", type=parse_tolerance, default=1e-4, help="relative tolerance (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="show every paired layer (a large network shows the rows around each divergence by default)",
+    )
     parser.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report here")
     parser.add_argument("--force", action="store_true", help="replace an existing --report file")
 
@@ -115,7 +131,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        report.render(Console())
+        report.render(Console(), all_rows=args.all)
     if args.report:
         try:
             path = report.to_html(args.report, force=args.force)

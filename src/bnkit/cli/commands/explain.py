@@ -86,19 +86,23 @@ def run(args) -> int:
 
         momentum = TORCH.momentum if args.momentum is None else args.momentum
         center = scale = not args.no_affine
+    from bnkit.cli.progress import Steps
+
     try:
-        result = explain(
-            source=args.source,
-            channels=args.channels,
-            momentum=momentum,
-            eps=args.eps,
-            center=center,
-            scale=scale,
-            track_running_stats=not args.no_track_running_stats,
-            input_shape=(args.batch, args.channels, args.size, args.size),
-            seed=args.seed,
-            renorm=args.renorm,
-        )
+        with Steps(1, enabled=not args.json) as steps:
+            steps.step("running one training and one inference step in both frameworks")
+            result = explain(
+                source=args.source,
+                channels=args.channels,
+                momentum=momentum,
+                eps=args.eps,
+                center=center,
+                scale=scale,
+                track_running_stats=not args.no_track_running_stats,
+                input_shape=(args.batch, args.channels, args.size, args.size),
+                seed=args.seed,
+                renorm=args.renorm,
+            )
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     if args.json:
@@ -168,15 +172,21 @@ def render(result, console=None) -> None:
     console.print()
 
     # parameter counts
+    # one column per framework, as the settings above: it keeps every figure whole at 80 columns
     table = Table(title="Parameter count each framework reports", title_justify="left")
-    for col in ("framework", "reported by", "total", "trainable", "non-trainable", "not counted", "weights"):
-        table.add_column(col, justify="right" if col in ("total", "trainable", "non-trainable",
-                                                         "not counted") else "left")
+    table.add_column("")
     for c in result.counts:
-        weights = ", ".join(f"{name} {size} ({kind})" for name, size, kind in c.weights)
-        not_counted = f"{c.not_counted} (buffers)" if c.not_counted else "0"
-        table.add_row(_FRAMEWORK[c.framework], escape(c.reported_by), f"{c.total:,}", f"{c.trainable:,}",
-                      f"{c.non_trainable:,}", not_counted, escape(weights))
+        table.add_column(_FRAMEWORK[c.framework], overflow="fold")
+    rows = [
+        ("reported by", lambda c: escape(c.reported_by)),
+        ("total", lambda c: f"{c.total:,}"),
+        ("trainable", lambda c: f"{c.trainable:,}"),
+        ("non-trainable", lambda c: f"{c.non_trainable:,}"),
+        ("not counted", lambda c: f"{c.not_counted:,} (buffers)" if c.not_counted else "0"),
+        ("weights", lambda c: escape("\n".join(f"{name}: {size} {kind}" for name, size, kind in c.weights))),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(c) for c in result.counts))
     console.print(table)
     for c in result.counts:
         say(f"why ({_FRAMEWORK[c.framework]}): {c.why}")

@@ -36,30 +36,35 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    from bnkit.cli.progress import Steps
     from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
     from bnkit.lifecycle.fold import fold_bn
 
     shape = args.input_shape
-    try:
-        check_writable(args.output, args.force)  # fail before the (slow) load and fold
-        model = load_model(args.input, weights=args.weights)
-    except ModelFileError as e:
-        raise CLIError(str(e)) from e
-    framework = framework_of(model)
-    if shape is not None and framework == "torch":  # a .pt2 output is exported on a batch of 2
-        from bnkit.inputs import check_model_input
+    with Steps(3, enabled=not args.json) as steps:
+        steps.step(f"loading {args.input}")
+        try:
+            check_writable(args.output, args.force)  # fail before the (slow) load and fold
+            model = load_model(args.input, weights=args.weights)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from e
+        framework = framework_of(model)
+        if shape is not None and framework == "torch":  # a .pt2 output is exported on a batch of 2
+            from bnkit.inputs import check_model_input
 
-        check_model_input(model, shape, 2, what="exporting the folded model")
-    if shape is None and Path(args.output).suffix.lower() == ".pt2":
-        shape = _recorded_input_shape(model)
-    try:
-        folded, decisions = fold_bn(model, report=True)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
-    try:
-        save_model(folded, args.output, force=args.force, input_shape=shape)
-    except ModelFileError as e:
-        raise CLIError(str(e)) from e
+            check_model_input(model, shape, 2, what="exporting the folded model")
+        if shape is None and Path(args.output).suffix.lower() == ".pt2":
+            shape = _recorded_input_shape(model)
+        steps.step("folding the batch norms")
+        try:
+            folded, decisions = fold_bn(model, report=True)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        steps.step(f"writing {args.output}")
+        try:
+            save_model(folded, args.output, force=args.force, input_shape=shape)
+        except ModelFileError as e:
+            raise CLIError(str(e)) from e
     total = len(decisions)
     done = sum(d.folded for d in decisions)
     affines = sum(d.outcome == "affine" for d in decisions)

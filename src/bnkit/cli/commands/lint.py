@@ -36,25 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bnkit.cli import CLIError
+    from bnkit.cli.progress import Steps
     from bnkit.diagnose.lint import lint
     from bnkit.io import load_model
 
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be a positive int, got {args.batch_size}")
-    model = load_model(args.model, args.weights)
-    if args.input_shape:
-        from bnkit.io import framework_of
+    with Steps(2, enabled=not args.json) as steps:
+        steps.step(f"loading {args.model}")
+        model = load_model(args.model, args.weights)
+        if args.input_shape:
+            from bnkit.io import framework_of
 
-        if framework_of(model) == "torch":  # lint runs it once on zeros to count values per channel
-            from bnkit.inputs import check_model_input
+            if framework_of(model) == "torch":  # lint runs it once on zeros to count values per channel
+                from bnkit.inputs import check_model_input
 
-            check_model_input(model, args.input_shape, 1, what="linting the model")
-    try:
-        findings = lint(
-            model, for_inference=args.for_inference, batch_size=args.batch_size, input_shape=args.input_shape
-        )
-    except (ValueError, TypeError) as e:
-        raise CLIError(" ".join(str(e).split())) from e
+                check_model_input(model, args.input_shape, 1, what="linting the model")
+        steps.step("looking for batch normalization pitfalls")
+        try:
+            findings = lint(
+                model, for_inference=args.for_inference, batch_size=args.batch_size, input_shape=args.input_shape
+            )
+        except (ValueError, TypeError) as e:
+            raise CLIError(" ".join(str(e).split())) from e
     errors = sum(f.severity == "error" for f in findings)
     if args.json:
         json.dump({"model": args.model, "findings": [f.to_dict() for f in findings]}, sys.stdout, indent=2)
@@ -64,17 +68,33 @@ def run(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _print(model: str, findings) -> None:
+def _print(model: str, findings, repeat: int = 3) -> None:
+    """One line per finding; past ``repeat`` findings of one code, the rest as one line naming their
+    layers (``--json`` lists every finding in full)."""
     from rich.console import Console
     from rich.markup import escape
 
     console = Console(highlight=False)
     style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    by_code: dict[str, list] = {}
     for f in findings:
-        console.print(
-            f"{escape(model)}: [{style[f.severity]}]{f.severity}[/] [bold]{f.code}[/] "
-            f"[dim]{escape(f.layer)}[/]: {escape(f.message)}"
-        )
+        by_code.setdefault(f.code, []).append(f)
+    for f in findings:
+        same = by_code[f.code]
+        position = same.index(f)
+        if position < repeat:
+            console.print(
+                f"{escape(model)}: [{style[f.severity]}]{f.severity}[/] [bold]{f.code}[/] "
+                f"[dim]{escape(f.layer)}[/]: {escape(f.message)}"
+            )
+        elif position == repeat:
+            rest = same[repeat:]
+            layers = ", ".join(r.layer for r in rest[:8]) + (f" and {len(rest) - 8} more" if len(rest) > 8 else "")
+            console.print(
+                f"{escape(model)}: [{style[f.severity]}]{f.severity}[/] [bold]{f.code}[/] the same at "
+                f"{len(rest)} more layer{'s' if len(rest) != 1 else ''}: [dim]{escape(layers)}[/] "
+                "(--json lists every finding)"
+            )
     counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
     if findings:
         console.print(", ".join(f"{n} {s}{'' if n == 1 else 's'}" for s, n in counts.items() if n))

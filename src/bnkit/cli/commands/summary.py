@@ -29,18 +29,22 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bnkit.cli import CLIError
+    from bnkit.cli.progress import Steps
     from bnkit.io import framework_of, load_model
     from bnkit.summarize import render, summary
 
-    model = load_model(args.model, args.weights)
-    if args.input_shape and framework_of(model) == "torch":  # summary runs it once on zeros
-        from bnkit.inputs import check_model_input
+    with Steps(2, enabled=not args.json) as steps:
+        steps.step(f"loading {args.model}")
+        model = load_model(args.model, args.weights)
+        if args.input_shape and framework_of(model) == "torch":  # summary runs it once on zeros
+            from bnkit.inputs import check_model_input
 
-        check_model_input(model, args.input_shape, 1, what="summarising the model")
-    try:
-        result = summary(model, args.input_shape)
-    except (ValueError, TypeError) as e:
-        raise CLIError(" ".join(str(e).split())) from e
+            check_model_input(model, args.input_shape, 1, what="summarising the model")
+        steps.step("counting parameters and measuring output shapes")
+        try:
+            result = summary(model, args.input_shape)
+        except (ValueError, TypeError) as e:
+            raise CLIError(" ".join(str(e).split())) from e
     if framework_of(model) == "torch" and ":" not in args.model:
         result = replace(result, name=Path(args.model).stem)  # an exported program has no class name of its own
     if args.json:

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace existing files in --out")
     parser.add_argument("--batch", type=int, default=8, metavar="N", help="batch size of the random input (default 8)")
     parser.add_argument("--seed", type=parse_seed, default=0, help="random seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the steps (summaries, reports) as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,8 +50,18 @@ def run(args: argparse.Namespace) -> int:
                 check_writable(out / name, args.force)
                 if args.force:
                     (out / name).unlink(missing_ok=True)
-        with console.status("Building the seed network and running the comparisons…"):
+        from bnkit.cli.progress import Steps
+
+        with Steps(1, enabled=not args.json) as progress:
+            progress.step("building the seed network and running the comparisons")
             steps = run_walkthrough(out, batch=args.batch, seed=args.seed)
+        final = steps[-1].report
+        agree = final is not None and final.agree
+        if args.json:
+            import json
+
+            print(json.dumps({"agree": agree, "steps": [_step_dict(step, bool(args.out)) for step in steps]}, indent=2))
+            return 0 if agree else 1
         for step in steps:
             console.print(Rule(f"[bold]{step.title}"))
             console.print(step.text)
@@ -62,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 step.report.render(console)
             if step.files and args.out:
                 console.print("wrote " + ", ".join(step.files))
-        final = steps[-1].report
-        verdict = "[green]agree[/green]" if final is not None and final.agree else "[red]still disagree[/red]"
+        verdict = "[green]agree[/green]" if agree else "[red]still disagree[/red]"
         console.print(
             Panel(
                 f"After bnkit.convert the Keras model and the PyTorch model {verdict}. "
@@ -71,7 +81,18 @@ def run(args: argparse.Namespace) -> int:
                 title="Done",
             )
         )
-    return 0 if final is not None and final.agree else 1
+    return 0 if agree else 1
+
+
+def _step_dict(step, kept_files: bool) -> dict:
+    return {
+        "title": step.title,
+        "text": step.text,
+        "code": step.code,
+        "summary": step.summary.to_dict() if step.summary is not None else None,
+        "report": step.report.to_dict() if step.report is not None else None,
+        "files": list(step.files) if kept_files else [],
+    }
 
 
 def _check_out(out, force: bool) -> None:

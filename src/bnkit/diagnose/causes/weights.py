@@ -1,0 +1,187 @@
+"""``weights`` at the layers where a divergence starts (and what looks like it but is not).
+
+A *source* row differs while every paired layer feeding it agrees. For a convolution or dense
+layer there:
+
+* a Keras/PyTorch 2-D kernel that equals the other side's transposed ``(3, 2, 1, 0)`` (spatial
+  axes swapped) is ``layout``;
+* otherwise an experiment feeds model B's layer model A's input (moved to B's layout and flatten
+  order). When it reproduces A's output within the rounding of the layer's own sums, the
+  parameters agree: the layers before it, each within tolerance, added up past it — named
+  ``unexplained`` with that explanation (loosen the tolerance). When it does not, ``weights``;
+* a batch norm there whose mode and eps agree (no batch-norm cause) but whose gamma, beta or
+  statistics differ is ``weights`` too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bnkit.diagnose.causes.layout import flatten_feeding, other_flatten_order
+from bnkit.diagnose.report import CompareReport, LayerDiff
+from bnkit.diagnose.tolerance import SAFETY, diff, local_terms
+from bnkit.diagnose.trace import rerun, to_layout, to_numpy
+
+__all__ = ["find"]
+
+_BN_PARAMETERS = (("gamma", "gamma (weight)"), ("beta", "beta (bias)"), ("mean", "moving/running mean"),
+                  ("var", "moving/running variance"))  # fmt: skip
+
+
+def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
+    """Name ``weights`` (or what it is instead) at every source row no other cause explains."""
+    explained_a = {ctx.pairs[k][0] for k, row in enumerate(report.rows) if row.name in explained}
+    for k, row in enumerate(report.rows):
+        if not row.diverges or row.nonfinite or row.name in explained or not ctx.is_source(report, k):
+            continue
+        if explained_a & ctx.ancestors_a(ctx.pairs[k][0]):
+            continue  # downstream of a layer another cause names (an eps whose effect grows further on)
+        if row.kind in ("conv", "dense"):
+            _conv_or_dense(ctx, k, row, add)
+        elif row.kind == "bn":
+            _batchnorm(ctx, k, row, add)
+
+
+def _conv_or_dense(ctx, k: int, row: LayerDiff, add) -> None:
+    if row.kind == "conv" and _kernel_axes_swapped(ctx, k):
+        add(
+            "layout",
+            f"{row.name}: the convolution kernel's spatial axes are swapped between the two models: "
+            "Keras stores (kh, kw, in, out), PyTorch (out, in, kh, kw), so the port is "
+            "kernel.transpose(3, 2, 0, 1); this one was transposed with (3, 2, 1, 0), which also "
+            "swaps kh and kw.",
+            row.name,
+            "weights: the PyTorch kernel equals the Keras kernel transposed (3, 2, 1, 0)",
+        )
+        return
+    replay = _same_input(ctx, k)
+    if replay is not None and replay[0]:
+        add(
+            "unexplained",
+            f"{row.name}: fed the same input, the {row.type_a} and the {row.type_b} give the same output up "
+            "to float32 rounding of their sums (summed in another order in each framework), so their "
+            "parameters agree; with the small differences of the layers before it, that exceeds the "
+            "tolerance. Compare with a larger atol/rtol.",
+            row.name,
+            "experiment: model B's layer fed model A's input reproduces model A's output within the "
+            f"rounding of a sum of that many terms ({replay[1]})",
+        )
+        return
+    evidence = "observed: inputs agree, outputs differ"
+    if replay is not None:
+        evidence = f"experiment: model B's layer fed model A's input does not reproduce model A's output ({replay[1]})"
+    detail = _weight_difference(ctx, k)
+    add(
+        "weights",
+        f"{row.name}: this {row.type_a} / {row.type_b} gives different outputs although the layers before it "
+        "agree: its parameters (or its padding, strides, activation) differ between the two models"
+        + (f"; {detail}" if detail else "")
+        + ".",
+        row.name,
+        evidence,
+    )
+
+
+def _batchnorm(ctx, k: int, row: LayerDiff, add) -> None:
+    ea, eb = ctx.entries(k)
+    differing = []
+    for key, label in _BN_PARAMETERS:
+        wa, wb = ea.weights.get(key), eb.weights.get(key)
+        if wa is None and wb is None:
+            continue
+        if wa is None or wb is None:
+            differing.append(f"{label} (on one side only)")
+            continue
+        if wa.shape != wb.shape or not np.allclose(wa, wb, rtol=1e-6, atol=0):
+            delta = float(np.max(np.abs(wa.astype(np.float64) - wb))) if wa.shape == wb.shape else math.inf
+            differing.append(f"{label} (max difference {delta:.3g})")
+    if not differing:
+        return
+    add(
+        "weights",
+        f"{row.name}: the batch norms run in the same mode with the same eps, but their "
+        f"{', '.join(differing)} differ: copy them over when porting.",
+        row.name,
+        "weights: the parameters and statistics compared directly",
+    )
+
+
+def _weight_difference(ctx, k: int) -> str:
+    """Where the kernels can be compared directly (not a dense after a flatten, whose rows are
+    reordered between the frameworks), how far apart they are."""
+    ea, eb = ctx.entries(k)
+    if ea.kind == "dense" and ctx.framework_a != ctx.framework_b and flatten_feeding(ctx, k) is not None:
+        return ""
+    parts = []
+    for key, label in (("weight", "kernel"), ("bias", "bias")):
+        wa, wb = ea.weights.get(key), eb.weights.get(key)
+        if wa is None and wb is None:
+            continue
+        if (wa is None) != (wb is None):
+            parts.append(f"a {label} on one side only")
+        elif wa.shape == wb.shape:
+            delta = float(np.max(np.abs(wa.astype(np.float64) - wb))) if wa.size else 0.0
+            if delta > 0:
+                parts.append(f"the {label}s differ by up to {delta:.3g}")
+        else:
+            parts.append(f"the {label}s have shapes {wa.shape} and {wb.shape}")
+    if not parts and "weight" in ea.weights:
+        return "the kernels and biases are equal, so its padding, strides or activation differ"
+    return ", ".join(parts)
+
+
+def _kernel_axes_swapped(ctx, k: int) -> bool:
+    """True when a Keras/PyTorch 2-D convolution pair's kernels are each other's transpose with
+    the spatial axes swapped (the NHWC/NCHW porting slip ``kernel.transpose(3, 2, 1, 0)``)."""
+    if {ctx.framework_a, ctx.framework_b} != {"keras", "torch"}:
+        return False
+    ea, eb = ctx.entries(k)
+    layers = {ctx.framework_a: ea.callables[0], ctx.framework_b: eb.callables[0]}
+    kernel = getattr(layers["keras"], "kernel", None)
+    weight = getattr(layers["torch"], "weight", None)
+    if kernel is None or weight is None or len(kernel.shape) != 4:
+        return False
+    keras_kernel = to_numpy(kernel)
+    torch_weight = to_numpy(weight)
+    swapped = np.transpose(keras_kernel, (3, 2, 1, 0))
+    right = np.transpose(keras_kernel, (3, 2, 0, 1))
+    return (
+        swapped.shape == torch_weight.shape
+        and np.array_equal(swapped, torch_weight)
+        and not (right.shape == torch_weight.shape and np.array_equal(right, torch_weight))
+    )
+
+
+def _same_input(ctx, k: int) -> tuple[bool, str] | None:
+    """Experiment: model B's layer of row ``k`` fed model A's input (in B's layout and flatten
+    order); (reproduces A's output within its own rounding, figures) or None when it cannot run.
+
+    The allowance is the layer's own rounding on both sides, ``2 · SAFETY · ε · sqrt(n) · m``
+    (:func:`bnkit.diagnose.tolerance.local_terms`), plus atol: different parameters give
+    differences of the outputs' own size."""
+    ea, eb = ctx.entries(k)
+    fa, fb = ctx.framework_a, ctx.framework_b
+    if not ea.input_raw or len(ea.producers) != 1:
+        return None
+    f = flatten_feeding(ctx, k)
+    if fa == fb:
+        x = ea.input_raw[0]
+    elif f is not None:
+        prev, prev_b = ctx.entries(f)
+        if prev.flat_order == "hwc":
+            x = prev.raw
+        else:
+            x = prev.canonical if fb == "torch" else other_flatten_order(prev, "torch")
+    else:
+        x = to_layout(to_layout(ea.input_raw[0], fa, "torch"), "torch", fb)
+    try:
+        out = rerun(eb, fb, np.ascontiguousarray(x))
+    except Exception:  # noqa: BLE001 - an experiment that cannot run confirms nothing
+        return None
+    out = to_layout(out, fb, "torch")
+    gain, n, terms = local_terms(ea, fa, max(ea.input_scales or [0.0]))
+    rounding = 2 * SAFETY * max(ctx.trace_a.dtype_eps, ctx.trace_b.dtype_eps) * math.sqrt(n) * terms
+    max_abs, _, _, diverges = diff(out, ea.canonical, ctx.atol + rounding, ctx.rtol)
+    return not diverges, f"max |difference| {max_abs:.3g}, allowed {ctx.atol + rounding:.3g} for {n:,} terms"

@@ -1,0 +1,187 @@
+"""The layer kinds compare traces, in one place: what each framework's layers and functions are,
+and how a kind behaves when outputs are compared and tolerances estimated.
+
+A new kind, or a new layer of a known kind, is a row here: the tracers
+(:mod:`~bnkit.diagnose.trace_torch`, :mod:`~bnkit.diagnose.trace_keras`) read these tables and
+nothing else to decide what to record. Names are strings, resolved when a tracer first runs,
+so that this module imports no framework; a name the installed version lacks is skipped.
+
+* :data:`KINDS` — framework-neutral behaviour of each kind (:class:`Kind`).
+* :data:`TORCH_MODULES` — ``torch.nn`` classes (subclasses included) and their kind.
+* :data:`TORCH_FUNCTIONS` — functions, ``Tensor`` methods and ``aten`` operators (what a
+  ``torch.export`` program calls) and their kind, with an optional check on the call.
+* :data:`KERAS_LAYERS` — Keras class names (matched anywhere in a layer's MRO) and their kind.
+
+Layers of no kind (dropout, identity, reshapes, ...) are not recorded: data flows through them,
+so the layers before and after them are still connected in the traced graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Kind", "KINDS", "TORCH_MODULES", "TORCH_FUNCTIONS", "KERAS_LAYERS", "kind_of"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a kind of layer is compared.
+
+    ``parametric``: its weights are read (canonical shapes: ``weight`` as ``(out, fan_in)``-able,
+    batch-norm statistics per channel) for the alignment token and the rounding estimate.
+    ``folds_activation``: an activation that consumes its output alone is folded into it, as Keras
+    fuses ``Conv2D(..., activation="relu")``. ``optional``: a faithful port may have it on one side
+    only (a converter pads explicitly where the other framework pads inside the convolution), so
+    alignment looks through it. ``shape_key``: how its output shape enters the alignment token
+    (``"full"``, ``"squeeze"``: size-1 axes dropped, ``"numel"``: the element count).
+    ``reduction``: how many terms each output value sums, for the rounding estimate (``"fan_in"``,
+    ``"window"``: input elements per output element, ``"inputs"``: operands, ``"channels"``,
+    ``None``: element-wise). ``combine``: how errors of several inputs add up (``"rss"``: root of the
+    sum of squares, for sums; ``"max"``: for concatenations, whose elements come from one input).
+    """
+
+    name: str
+    parametric: bool = False
+    folds_activation: bool = False
+    optional: bool = False
+    shape_key: str = "full"
+    reduction: str | None = None
+    combine: str = "rss"
+    description: str = ""
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("conv", parametric=True, folds_activation=True, reduction="fan_in", description="convolution"),
+        Kind("dense", parametric=True, folds_activation=True, reduction="fan_in", description="dense / linear"),
+        Kind("bn", parametric=True, description="batch normalization"),
+        Kind("pool", reduction="window", description="pooling"),
+        Kind("gpool", shape_key="squeeze", reduction="window", description="global pooling"),
+        Kind("flatten", shape_key="numel", description="flatten"),
+        Kind("add", reduction="inputs", description="element-wise sum"),
+        Kind("concat", combine="max", description="concatenation"),
+        Kind("act", description="activation"),
+        Kind("pad", optional=True, description="zero padding"),
+    )
+}
+
+# torch.nn classes -> kind. Subclasses match too (bnkit's batch norms are _BatchNorm subclasses).
+TORCH_MODULES: tuple[tuple[str, str], ...] = (
+    ("torch.nn.modules.conv._ConvNd", "conv"),
+    ("torch.nn.Linear", "dense"),
+    ("torch.nn.modules.batchnorm._BatchNorm", "bn"),
+    ("torch.nn.modules.pooling._AdaptiveAvgPoolNd", "gpool"),
+    ("torch.nn.modules.pooling._AdaptiveMaxPoolNd", "gpool"),
+    ("torch.nn.modules.pooling._MaxPoolNd", "pool"),
+    ("torch.nn.modules.pooling._AvgPoolNd", "pool"),
+    ("torch.nn.Flatten", "flatten"),
+    ("torch.nn.modules.padding._ConstantPadNd", "pad"),
+    *(
+        (f"torch.nn.{name}", "act")
+        for name in (
+            "ReLU", "ReLU6", "Sigmoid", "Tanh", "GELU", "ELU", "LeakyReLU", "SiLU", "SELU", "Softplus",
+            "Softsign", "Hardsigmoid", "Hardswish", "Mish", "Hardtanh", "LogSigmoid", "CELU", "Softmax",
+            "LogSoftmax", "PReLU",
+        )
+    ),
+)  # fmt: skip
+
+# Functions, Tensor methods ("Tensor.x") and aten operators ("aten.op.overload") -> (kind, check).
+# The check, when given, must hold for the call to count (see trace_torch._CHECKS):
+#   "operands": at least two tensor operands (x + y, not x + 1; a concatenation of one tensor is a copy);
+#   "to_2d": the result is (N, features) from an input of rank 3 or more (a flattening view);
+#   "spatial": every axis after the channels is reduced (global pooling by mean/amax).
+_F = "torch.nn.functional."
+TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
+    *(
+        (name, "act", None)
+        for name in (
+            "torch.relu", "torch.relu_", "torch.sigmoid", "torch.tanh", "torch.softmax", "torch.log_softmax",
+            "torch.selu", "torch.celu",
+            *(_F + f for f in (
+                "relu", "relu_", "relu6", "sigmoid", "tanh", "softmax", "log_softmax", "gelu", "silu", "elu",
+                "leaky_relu", "hardswish", "hardsigmoid", "mish", "softplus", "selu", "celu", "hardtanh",
+                "logsigmoid", "softsign",
+            )),
+            "Tensor.relu", "Tensor.relu_", "Tensor.sigmoid", "Tensor.sigmoid_", "Tensor.tanh", "Tensor.tanh_",
+            "Tensor.softmax",
+            "aten.relu.default", "aten.relu_.default", "aten.hardtanh.default", "aten.hardtanh_.default",
+            "aten.sigmoid.default", "aten.tanh.default", "aten.silu.default", "aten.silu_.default",
+            "aten.gelu.default", "aten._softmax.default", "aten.softmax.int", "aten.hardswish.default",
+            "aten.hardsigmoid.default", "aten.elu.default", "aten.leaky_relu.default",
+            "aten._log_softmax.default", "aten.log_softmax.int",
+        )
+    ),
+    *(
+        (name, "add", "operands")
+        for name in (
+            "torch.add", "Tensor.add", "Tensor.add_", "Tensor.__add__", "Tensor.__iadd__", "Tensor.__radd__",
+            "aten.add.Tensor", "aten.add_.Tensor",
+        )
+    ),
+    *((name, "concat", "operands") for name in ("torch.cat", "torch.concat", "torch.concatenate", "aten.cat.default")),
+    *((name, "flatten", "to_2d") for name in ("torch.flatten", "Tensor.flatten", "aten.flatten.using_ints")),
+    *(
+        (name, "flatten", "to_2d")
+        for name in ("Tensor.view", "Tensor.reshape", "torch.reshape", "aten.view.default", "aten.reshape.default",
+                     "aten._unsafe_view.default")
+    ),
+    *(
+        (name, "gpool", "spatial")
+        for name in ("torch.mean", "Tensor.mean", "aten.mean.dim", "torch.amax", "Tensor.amax", "aten.amax.default")
+    ),
+    *(
+        (name, "gpool", None)
+        for name in (_F + "adaptive_avg_pool1d", _F + "adaptive_avg_pool2d", _F + "adaptive_max_pool2d",
+                     "aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default")
+    ),
+    *(
+        (name, "pool", None)
+        for name in (_F + "max_pool1d", _F + "max_pool2d", _F + "avg_pool1d", _F + "avg_pool2d",
+                     "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.max_pool2d_with_indices.default")
+    ),
+    *((name, "pad", None) for name in (_F + "pad", "aten.pad.default", "aten.constant_pad_nd.default")),
+    *(
+        (name, "conv", None)
+        for name in (_F + "conv1d", _F + "conv2d", _F + "conv3d", "aten.conv1d.default", "aten.conv2d.default",
+                     "aten.convolution.default")
+    ),
+    *((name, "dense", None) for name in (_F + "linear", "aten.linear.default")),
+    *((name, "bn", None) for name in (_F + "batch_norm", "aten._native_batch_norm_legit_no_training.default")),
+)  # fmt: skip
+
+# Keras class names (anywhere in the layer's MRO) -> kind; the first row that matches wins.
+KERAS_LAYERS: tuple[tuple[str, str], ...] = (
+    ("BaseConv", "conv"),
+    ("BaseDepthwiseConv", "conv"),
+    ("BaseSeparableConv", "conv"),
+    ("BaseConvTranspose", "conv"),
+    ("Dense", "dense"),
+    ("BatchNormalization", "bn"),
+    ("BaseGlobalPooling", "gpool"),
+    ("BaseAdaptivePooling", "gpool"),
+    ("BasePooling", "pool"),
+    ("Flatten", "flatten"),
+    ("Add", "add"),
+    ("Concatenate", "concat"),
+    ("ZeroPadding1D", "pad"),
+    ("ZeroPadding2D", "pad"),
+    ("ZeroPadding3D", "pad"),
+    ("Activation", "act"),
+    ("ReLU", "act"),
+    ("Softmax", "act"),
+    ("LeakyReLU", "act"),
+    ("ELU", "act"),
+    ("PReLU", "act"),
+)
+
+# Keras layers that are random in training (their masks cannot agree across frameworks): compare
+# calls them in inference mode. Matched like KERAS_LAYERS.
+KERAS_RANDOM_LAYERS: tuple[str, ...] = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+                                        "GaussianNoise", "GaussianDropout", "AlphaDropout")  # fmt: skip
+
+
+def kind_of(name: str) -> Kind:
+    """The :class:`Kind` called ``name``; an unknown name gets the defaults (element-wise)."""
+    return KINDS.get(name) or Kind(name)
