@@ -32,6 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# as the bnkit command sets it (bnkit.cli._passive_openmp_threads): PyTorch's OpenMP threads spinning
+# while another process holds a core make everything several times slower on a shared machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(TESTS), str(TESTS / "convert")]
 
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
     print(
         f"convert_cpu: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} conversions",
+        f"median of {args.repeats} conversions, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     print_table(run([NETWORKS[n] for n in args.networks.split(",")], args.repeats, threads=args.threads))

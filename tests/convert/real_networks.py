@@ -160,6 +160,7 @@ NETWORKS: dict[str, Network] = {
         torchvision_model("squeezenet1_0"),
         torchvision_model("vgg11_bn", size=224),  # AdaptiveAvgPool2d(7) is the identity only on 7x7 features
         torchvision_model("convnext_tiny"),
+        torchvision_model("alexnet"),  # not named by the issue: AdaptiveAvgPool2d(6) of 2x2 features at 96x96
     ]
 }
 

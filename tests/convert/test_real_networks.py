@@ -15,7 +15,7 @@ from torch import nn
 
 # Extension point: the networks of real_networks.NETWORKS that convert, by source framework. The
 # others are refused today (python benchmarks/convert_cpu.py says why); add each once it converts.
-KERAS_NETWORKS = ["ResNet50", "ConvNeXtTiny"]
+KERAS_NETWORKS = ["ResNet50", "ConvNeXtTiny", "MobileNetV2", "Xception", "EfficientNetB0", "MobileNetV3Small"]
 TORCH_NETWORKS = [
     "resnet18",
     "mobilenet_v2",
@@ -24,9 +24,13 @@ TORCH_NETWORKS = [
     "regnet_y_400mf",
     "shufflenet_v2_x0_5",
     "convnext_tiny",
+    "squeezenet1_0",
+    "vgg11_bn",
+    "alexnet",
 ]
-# ConvNeXt normalizes with layer norms only: its training forward is checked, there are no running statistics
-WITHOUT_BATCH_NORM = {"ConvNeXtTiny", "convnext_tiny"}
+# ConvNeXt normalizes with layer norms only: its training forward is checked, there are no running
+# statistics; SqueezeNet and AlexNet have no normalization
+WITHOUT_BATCH_NORM = {"ConvNeXtTiny", "convnext_tiny", "squeezenet1_0", "alexnet"}
 
 
 @pytest.mark.slow

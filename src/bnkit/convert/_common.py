@@ -138,11 +138,14 @@ def keras_to_torch_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) 
 
 
 def torch_to_keras_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of :func:`keras_to_torch_flat_order`: ``(C, *spatial)`` rows to ``(*spatial, C)``."""
-    c, *spatial = torch_shape
+    """The inverse of :func:`keras_to_torch_flat_order`: ``(C, *spatial)`` rows to ``(*spatial, C)``.
+
+    Done on the transpose, PyTorch's ``(out, C·spatial)`` layout, which a Linear weight's ``.T``
+    already is in memory: one transpose of ``C × spatial`` blocks, no transpose of the whole matrix."""
+    c = torch_shape[0]
     out = kernel.shape[-1]
-    k = kernel.reshape(c, *spatial, out)
-    return np.moveaxis(k, 0, -2).reshape(-1, out)
+    weight = kernel.T.reshape(out, c, -1)
+    return np.ascontiguousarray(weight.transpose(0, 2, 1)).reshape(out, -1).T
 
 
 def warn_at_caller(message: str) -> None:

@@ -18,7 +18,8 @@ import sys
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 import bnkit.convert.families  # noqa: F401 - registers the converters
 from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError, warn_at_caller
@@ -30,7 +31,7 @@ from bnkit.convert.registry import (
     torch_module_converter,
     torch_unsupported_reason,
 )
-from bnkit.convert.values import Constant, KerasValue, torch_array
+from bnkit.convert.values import Constant, KerasValue, call_with_weights, torch_array
 from bnkit.keras import keras
 
 __all__ = ["TorchToKeras", "torch_to_keras"]
@@ -97,7 +98,10 @@ class TorchToKeras:
 
     def __init__(self, module: nn.Module, input_shapes, semantics) -> None:
         self.semantics = SemanticsChoice(semantics)
-        self.module = copy.deepcopy(module).eval()  # tracing must not touch the running statistics
+        # Traced in eval() on a copy of the module that shares its parameters (the tracer reads them
+        # as graph inputs and never writes them; converters copy what they read): the user's module
+        # keeps its mode, and its buffers, which a forward may write in place while it is traced.
+        self.module = copy.deepcopy(module, memo={id(p): p for p in _parameters(module)}).eval()
         if torch_module_converter(self.module) is not None:  # fx traces into the root: give it a parent
             self.module = nn.Sequential(self.module)
         self.input_shapes = input_shapes
@@ -153,11 +157,9 @@ class TorchToKeras:
         return tuple(meta.shape[1:])
 
     def apply(self, node, layer, value: KerasValue, weights=None, pending=None) -> KerasValue:
-        """Call the Keras ``layer`` on ``value``, then set its ``weights`` (PyTorch's, transposed)."""
-        out = layer(value.tensor)
-        if weights is not None:
-            layer.set_weights(weights)
-        return KerasValue(out, self.out_shape(node), pending)
+        """Call the new Keras ``layer`` on ``value``, its weights holding ``weights`` (NumPy arrays in
+        ``layer.weights`` order, as ``set_weights`` takes them: PyTorch's, transposed)."""
+        return KerasValue(call_with_weights(layer, value.tensor, weights), self.out_shape(node), pending)
 
     def to_layout(self, value: KerasValue, layout, name: str) -> KerasValue:
         """``value`` with its Keras axes in ``layout`` (a Keras ``Permute`` named after ``name``, if needed)."""
@@ -223,8 +225,7 @@ class TorchToKeras:
         """Record every node's shape; the shapes are PyTorch's layout, but a channels-last
         (Keras-style) shape that only fits the module that way is accepted with a warning."""
         try:
-            with torch.no_grad():
-                ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in self.input_shapes))
+            _record_shapes(self.gm, self.input_shapes)
             return self.input_shapes
         except Exception as first_error:
             failure = ValueError(
@@ -235,8 +236,7 @@ class TorchToKeras:
             if moved == self.input_shapes:
                 raise failure from first_error
             try:
-                with torch.no_grad():
-                    ShapeProp(self.gm).propagate(*(torch.zeros(2, *s) for s in moved))
+                _record_shapes(self.gm, moved)
             except Exception:
                 raise failure from first_error
             warn_at_caller(
@@ -389,6 +389,58 @@ def _inplace_position(fn) -> int | None:
     except (TypeError, ValueError):  # builtins without a signature
         return None
     return parameters.index("inplace") if "inplace" in parameters else None
+
+
+def _parameters(module: nn.Module) -> list[torch.Tensor]:
+    return [p for _, p in module.named_parameters(remove_duplicate=False)]
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Records each node's output as ``node.meta["tensor_meta"]``, as ``torch.fx``'s ShapeProp does
+    (a tuple of them for a tuple of tensors), without printing a traceback when a node fails."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+class _Recording(nn.Module):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return _ShapeRecorder(self.gm).run(*args)
+
+
+def _record_shapes(gm: fx.GraphModule, shapes) -> None:
+    """Run ``gm`` on a batch of 2 of ``shapes`` and record every node's output shape, with stand-ins
+    for its parameters and buffers (the module's own are never written to): on the meta device
+    first (shapes only, no arithmetic), on the CPU with zeros where an operation has no meta
+    implementation."""
+    recording = _Recording(gm)
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    with torch.no_grad():
+        try:
+            stand_ins = {f"gm.{name}": torch.empty_like(t, device="meta") for name, t in tensors}
+            torch.func.functional_call(recording, stand_ins, tuple(torch.zeros(2, *s, device="meta") for s in shapes))
+        except Exception:
+            stand_ins = {f"gm.{name}": torch.zeros_like(t) for name, t in tensors}
+            torch.func.functional_call(recording, stand_ins, tuple(torch.zeros(2, *s) for s in shapes))
+
 
 def torch_to_keras(module: nn.Module, input_shape, *, semantics="source"):
     """Convert a PyTorch module to an equivalent Keras 3 functional model.

@@ -26,7 +26,17 @@ from torch import fx
 
 from bnkit.convert.layouts import Layout, inverse, mapped_layout
 
-__all__ = ["TorchValue", "KerasValue", "Constant", "Pieces", "BATCH", "keras_array", "torch_array"]
+__all__ = [
+    "TorchValue",
+    "KerasValue",
+    "Constant",
+    "Pieces",
+    "BATCH",
+    "keras_array",
+    "torch_array",
+    "call_with_weights",
+    "torch_module_holding",
+]
 
 
 @dataclass
@@ -145,6 +155,86 @@ def keras_array(variable) -> np.ndarray:
     return np.array(keras.ops.convert_to_numpy(variable.value))
 
 
+def torch_module_holding(factory, arrays: dict[str, np.ndarray]):
+    """The module ``factory()`` builds, its state (every parameter and buffer ``state_dict`` lists,
+    by name) holding ``arrays``: built on the meta device, so that nothing is initialised at random
+    only to be overwritten, then given the arrays in place of its tensors, without a copy where an
+    array is C-contiguous and of the tensor's dtype. The arrays must be the caller's own
+    (``keras_array`` returns a copy)."""
+    with torch.device("meta"):
+        module = factory()
+    dtypes = {name: t.dtype for name, t in module.state_dict(keep_vars=True).items()}
+    state = {name: _tensor(a, copy=False).to(dtypes.get(name)) for name, a in arrays.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(module).__name__} was given no values for {left}")
+    return module
+
+
+def _tensor(array: np.ndarray, copy: bool) -> torch.Tensor:
+    """``array`` as a C-contiguous tensor: its memory where it is C-contiguous and ``copy`` is false,
+    else a copy (PyTorch's, which transposes a large matrix several times faster than NumPy's)."""
+    if not isinstance(array, np.ndarray) or not array.flags.writeable or any(s < 0 for s in array.strides):
+        return torch.from_numpy(np.array(array, order="C"))  # what torch.from_numpy does not take
+    tensor = torch.from_numpy(array)
+    if not tensor.is_contiguous():
+        return tensor.contiguous()
+    return tensor.clone() if copy else tensor
+
+
 def torch_array(tensor: torch.Tensor) -> np.ndarray:
     """A PyTorch parameter or buffer as a float32 NumPy array."""
     return tensor.detach().cpu().to(torch.float32).numpy()
+
+
+class _WeightsFrom:
+    """While a Keras layer builds, the weights it creates hold the given arrays, in creation order,
+    instead of being initialised at random and then overwritten: each a fresh copy (never the
+    PyTorch module's memory). ``exact`` stays true while every weight created took the next array."""
+
+    def __init__(self, layer, weights) -> None:
+        self.layer, self.pending, self.created, self.exact = layer, list(weights), [], True
+
+    def __enter__(self) -> _WeightsFrom:
+        add_weight = self.layer.add_weight
+
+        def add_weight_from_array(*args, **kwargs):
+            if args:  # Keras 2's positional (shape, initializer, dtype)
+                kwargs.update(zip(("shape", "initializer", "dtype"), args, strict=False))
+            shape = tuple(kwargs.get("shape") or ())
+            self.exact = self.exact and bool(self.pending) and np.shape(self.pending[0]) == shape
+            if self.exact:  # a tensor, which Keras takes as it is (it copies a NumPy array)
+                value = _tensor(np.asarray(self.pending.pop(0)), copy=True)
+                kwargs["initializer"] = lambda shape, dtype=None: value
+            variable = add_weight(**kwargs)
+            self.created.append(variable)
+            return variable
+
+        object.__setattr__(self.layer, "add_weight", add_weight_from_array)  # past Keras' attribute tracking
+        return self
+
+    def __exit__(self, *exc) -> None:
+        object.__delattr__(self.layer, "add_weight")
+
+    def complete(self) -> bool:
+        """Whether the layer's weights, in ``layer.weights`` order, are exactly the given arrays."""
+        ids = [id(v) for v in self.layer.weights]
+        return self.exact and not self.pending and ids == [id(v) for v in self.created]
+
+
+def call_with_weights(layer, inputs, weights=None):
+    """Call a new Keras ``layer`` on symbolic ``inputs``; its weights hold ``weights`` (NumPy arrays
+    in ``layer.weights`` order, as ``set_weights`` takes them). Creating them with those values is
+    what makes converting a large network fast: no random initialisation, one copy per weight.
+    Where the layer creates its weights in another order or shape, ``set_weights`` sets them."""
+    if weights is None or layer.built:
+        out = layer(inputs)
+        if weights is not None:
+            layer.set_weights(weights)
+        return out
+    with _WeightsFrom(layer, weights) as preset:
+        out = layer(inputs)
+    if not preset.complete():
+        layer.set_weights(weights)
+    return out

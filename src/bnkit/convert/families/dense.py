@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from torch import nn
 
 from bnkit.convert._common import keras_to_torch_flat_order, torch_to_keras_flat_order
 from bnkit.convert.families.activation import has_non_negative_activation, with_activation
 from bnkit.convert.layouts import identity
 from bnkit.convert.registry import from_keras, from_torch
-from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
+from bnkit.convert.values import (
+    KerasValue,
+    TorchValue,
+    call_with_weights,
+    keras_array,
+    torch_array,
+    torch_module_holding,
+)
 from bnkit.keras import keras
 
 if TYPE_CHECKING:
@@ -39,11 +44,8 @@ def dense_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     kernel = keras_array(layer.kernel)
     if x.pending_flat is not None:
         kernel = keras_to_torch_flat_order(kernel, x.pending_flat)
-    linear = nn.Linear(kernel.shape[0], kernel.shape[1], bias=layer.use_bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
-        if layer.use_bias:
-            linear.bias.copy_(torch.from_numpy(keras_array(layer.bias)))
+    arrays = {"weight": kernel.T} | ({"bias": keras_array(layer.bias)} if layer.use_bias else {})
+    linear = torch_module_holding(lambda: nn.Linear(kernel.shape[0], kernel.shape[1], bias=layer.use_bias), arrays)
     out = TorchValue(b.add_module(layer.name, linear, x.node), x.rank, x.layout)
     return with_activation(b, layer, out)
 
@@ -59,6 +61,4 @@ def linear_to_keras(b: TorchToKeras, node, m) -> KerasValue:
         kernel = torch_to_keras_flat_order(kernel, x.pending_flat)
     layer = L.Dense(m.out_features, use_bias=m.bias is not None, name=name)
     weights = [kernel] + ([torch_array(m.bias)] if m.bias is not None else [])
-    out = layer(x.tensor)
-    layer.set_weights(weights)
-    return KerasValue(out, b.out_shape(node), layout=x.layout)
+    return KerasValue(call_with_weights(layer, x.tensor, weights), b.out_shape(node), layout=x.layout)

@@ -27,7 +27,7 @@ from torch import nn
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
 from bnkit.convert._common import warn_at_caller
 from bnkit.convert.registry import from_keras, from_torch
-from bnkit.convert.values import KerasValue, TorchValue, keras_array, torch_array
+from bnkit.convert.values import KerasValue, TorchValue, call_with_weights, keras_array, torch_array
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
 from bnkit.renorm import STATE_NAMES
@@ -142,10 +142,9 @@ def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str) -> Keras
     weights += [torch_array(m.running_mean), torch_array(m.running_var)]
     if renorm:
         weights += [torch_array(getattr(m, buffer)) for buffer in STATE_NAMES]
-    out = layer(x.tensor)
-    if getattr(layer, "num_batches_tracked", None) is not None:
-        weights.append(np.array(int(m.num_batches_tracked), dtype="int64"))
-    layer.set_weights(weights)
+    if isinstance(layer, BnkitKerasBN) and layer.convention.cumulative_average_when_none:
+        weights.append(np.array(int(m.num_batches_tracked), dtype="int64"))  # the counter, the last weight
+    out = call_with_weights(layer, x.tensor, weights)
     if isinstance(m, FrozenBatchNorm):
         if m.batch_stats_in_train:
             raise b.unsupported(

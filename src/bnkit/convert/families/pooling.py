@@ -1,13 +1,20 @@
 """Pooling, both ways: ``MaxPooling``/``AveragePooling`` 1D/2D ⇄ ``nn.MaxPool``/``nn.AvgPool`` 1d/2d
-(and ``F.max_pool*d``/``F.avg_pool*d``); global pooling ⇄ ``nn.Adaptive*Pool*d(1)``,
-``F.adaptive_avg_pool*d(x, 1)``, ``x.mean((2, 3))``, ``torch.amax``.
+(and ``F.max_pool*d``/``F.avg_pool*d``, ``ceil_mode`` included); global pooling ⇄
+``nn.Adaptive*Pool*d(1)``, ``F.adaptive_*_pool*d(x, 1)``, ``x.mean((2, 3))``, ``torch.amax``;
+adaptive pooling ⇄ ``AdaptiveAveragePooling``/``AdaptiveMaxPooling`` 1D/2D (Keras computes
+PyTorch's windows: from ``floor(i·n/out)`` to ``ceil((i+1)·n/out)``).
 
-Keras ``same`` pooling pads the odd element after; PyTorch pads symmetrically. Where they differ:
-a stride that pads one element after is PyTorch's ``ceil_mode`` (the last window overhangs,
-exact for max pooling and 2-wide averages: Keras' torch backend averages a replicated edge
-value where its TensorFlow backend averages real values only, and only 2-wide windows agree);
-max pooling of values ``>= 0`` (after a ReLU) may be padded with explicit zeros, which never win.
-Keras averages over real values only (``count_include_pad=False``).
+A pooling is its windows. PyTorch's start at ``-padding + i·stride``; with ``ceil_mode`` the last
+one may reach past the right padding (what lies outside is ignored). Keras' ``valid`` windows
+start at 0; ``same`` ones at ``-before`` with ``(before, after)`` Keras' padding (the odd element
+after), ``ceil(n / stride)`` of them. Where the windows agree the values do, with two caveats:
+
+* averages: Keras averages over real values only (PyTorch's ``count_include_pad=False``). Where
+  ``same`` pads asymmetrically on some axis, Keras' torch backend pads every axis by replicating
+  edge values (its TensorFlow backend ignores the padding), so only 2-wide windows padded by one
+  element after agree with PyTorch (both give the edge value); other such averages are refused;
+* max pooling of values ``>= 0`` (after a ReLU) may be padded with explicit zeros, which never
+  win: that converts any windows whose last one still holds a real value.
 """
 
 from __future__ import annotations
@@ -33,11 +40,22 @@ L = keras.layers
 
 _KERAS_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D)
 _KERAS_GLOBAL_MAX_POOLS = (L.GlobalMaxPooling1D, L.GlobalMaxPooling2D)
+_KERAS_ADAPTIVE_MAX_POOLS = (L.AdaptiveMaxPooling1D, L.AdaptiveMaxPooling2D)
 _TORCH_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_TORCH_ADAPTIVE_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _keras_averages_real_values(pads, ks) -> bool:
+    """Whether Keras' ``same`` average pooling with ``pads`` (before, after) per axis averages the
+    real values only on its torch backend, as PyTorch (``count_include_pad=False``) and TensorFlow do."""
+    if all(before == after for before, after in pads):
+        return True  # padding passed to avg_pool(count_include_pad=False)
+    # padded by replicating the edges on every axis: exact where a window holds one value and its copy
+    return all(pad == (0, 0) or (pad == (0, 1) and k == 2) for pad, k in zip(pads, ks, strict=True))
 
 
 # ---- Keras -> PyTorch ---------------------------------------------------------------------
@@ -56,31 +74,29 @@ def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     ceil_mode = False
     if layer.padding == "same":
         pads = [same_padding(in_shape[1 + i], ks[i], strides[i], 1) for i in range(spatial_rank)]
-        known = None not in pads  # None: a strided axis of unknown size
-        overhang = [
-            known and (before, after) == (0, 1) and s > 1 and (is_max or k == 2)
-            for (before, after), s, k in zip(pads if known else [(0, 0)] * spatial_rank, strides, ks, strict=True)
-        ]
-        if known and all(before == after or o for (before, after), o in zip(pads, overhang, strict=True)):
-            # padded one element after, with a stride: PyTorch's ceil_mode pools the same windows
-            # (from 0, every stride) and lets the last one overhang, ignoring what lies outside
-            ceil_mode = any(before != after for before, after in pads)
-            pads = [(before, before) for before, _ in pads]
-        elif is_max and known and any(bf != af for bf, af in pads) and b.input_non_negative(node):
-            # zeros never win a max over values >= 0 (after a ReLU): pad explicitly, pool 'valid'
-            source = zero_pad_torch(b, f"{layer.name}_pad", source, pads)
-            pads = [(0, 0)] * spatial_rank
         for i, pad in enumerate(pads):
             if pad is None:
                 raise b.unsupported(layer, f"padding='same' with strides on axis {i + 1}, whose size is not known")
-            if pad[0] != pad[1] or pad[0] > ks[i] // 2:
-                raise b.unsupported(
-                    layer,
-                    f"padding='same' pads axis {i + 1} by {pad} (before, after); PyTorch pooling pads "
-                    "symmetrically: use padding='valid' or an input size that pads evenly"
-                    + (" (or max-pool the output of a ReLU)" if is_max else ""),
-                )
-            padding[i] = pad[0]
+        # PyTorch's ceil_mode pools the same windows when Keras pads one element more after than
+        # before on a strided axis: the last window overhangs the right padding, which it ignores
+        overhangs = all(af == bf or (af == bf + 1 and s > 1) for (bf, af), s in zip(pads, strides, strict=True))
+        if all(bf == af for bf, af in pads) or (overhangs and (is_max or _keras_averages_real_values(pads, ks))):
+            ceil_mode = any(bf != af for bf, af in pads)
+            padding = [bf for bf, _ in pads]
+        elif is_max and b.input_non_negative(node):
+            # zeros never win a max over values >= 0 (after a ReLU): pad explicitly, pool 'valid'
+            source = zero_pad_torch(b, f"{layer.name}_pad", source, pads)
+        else:
+            i, pad = next((i, p) for i, p in enumerate(pads) if p[0] != p[1])
+            if is_max:
+                reason = "PyTorch pooling pads symmetrically (or max-pool the output of a ReLU)"
+            else:
+                reason = "Keras' torch backend then averages replicated edge values (TensorFlow's the real values only)"
+            raise b.unsupported(
+                layer,
+                f"padding='same' pads axis {i + 1} by {pad} (before, after); {reason}: "
+                "use padding='valid' or an input size that pads evenly",
+            )
     cls = {
         (True, 1): nn.MaxPool1d,
         (True, 2): nn.MaxPool2d,
@@ -103,7 +119,28 @@ def global_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     return TorchValue(out, x.rank if keepdims else 2)
 
 
+@from_keras(L.AdaptiveAveragePooling1D, L.AdaptiveAveragePooling2D, *_KERAS_ADAPTIVE_MAX_POOLS)
+def adaptive_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
+    b.check_channels_last(layer)
+    (x,) = inputs
+    is_max = isinstance(layer, _KERAS_ADAPTIVE_MAX_POOLS)
+    cls = {
+        (True, 3): nn.AdaptiveMaxPool1d,
+        (True, 4): nn.AdaptiveMaxPool2d,
+        (False, 3): nn.AdaptiveAvgPool1d,
+        (False, 4): nn.AdaptiveAvgPool2d,
+    }[(is_max, x.rank)]
+    size = tuple(layer.output_size)
+    return TorchValue(b.add_module(layer.name, cls(size[0] if x.rank == 3 else size), x.node), x.rank)
+
+
 # ---- PyTorch -> Keras ---------------------------------------------------------------------
+
+
+def _keras_pool_class(is_max: bool, n: int):
+    return {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
+        (is_max, n), L.AveragePooling2D
+    )
 
 
 def pool_keras(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue:
@@ -117,45 +154,43 @@ def pool_keras(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue
         raise b.unsupported(node, "dilation and return_indices have no Keras equivalent")
     if not is_max and getattr(m, "divisor_override", None) is not None:
         raise b.unsupported(node, "divisor_override has no Keras equivalent")
-    cls = {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
-        (is_max, n), L.AveragePooling2D
+    cls = _keras_pool_class(is_max, n)
+    sizes, outs = x.shape[1:], b.out_shape(node)[1:]
+    # how far the last window reaches past the right end of the input (< 0: values left unpooled)
+    afters = [(o - 1) * s + k - size - p for o, s, k, size, p in zip(outs, strides, ks, sizes, pads, strict=True)]
+    if not any(pads) and all(a <= 0 for a in afters):  # Keras' 'valid' windows (ceil_mode adds none here)
+        return b.apply(node, cls(ks, strides=strides, padding="valid", name=name), x)
+    keras_same = [same_padding(size, k, s, 1) for size, k, s in zip(sizes, ks, strides, strict=True)]
+    same_windows = all(
+        p == before and o == math.ceil(size / s)
+        for p, (before, _), o, size, s in zip(pads, keras_same, outs, sizes, strides, strict=True)
     )
+    counts_zeros = not is_max and m.count_include_pad and any(pads)  # Keras' 'same' averages real values only
+    if same_windows and not counts_zeros and (is_max or _keras_averages_real_values(keras_same, ks)):
+        return b.apply(node, cls(ks, strides=strides, padding="same", name=name), x)
+    valid_after_padding = all(
+        (size + 2 * p - k) // s + 1 == o for size, p, k, s, o in zip(sizes, pads, ks, strides, outs, strict=True)
+    )
+    if counts_zeros and all(a <= p for a, p in zip(afters, pads, strict=True)) and valid_after_padding:
+        # the padded zeros count in PyTorch's average, and no window reaches past them: pad explicitly
+        flat = tuple(p for q in reversed(pads) for p in (q, q))
+        source = zero_padding_keras(b, node, x, b.unique_name(f"{name}_pad"), flat)
+        return b.apply(node, cls(ks, strides=strides, padding="valid", name=name), source)
+    if is_max and b.non_negative(node.args[0]):
+        # zeros never win a max over values >= 0 (after a ReLU): pad explicitly as far as the windows reach
+        flat = tuple(v for p, a in zip(reversed(pads), reversed(afters), strict=True) for v in (p, max(a, 0)))
+        source = zero_padding_keras(b, node, x, b.unique_name(f"{name}_pad"), flat)
+        return b.apply(node, cls(ks, strides=strides, padding="valid", name=name), source)
     if m.ceil_mode:
-        return b.apply(node, cls(ks, strides=strides, padding=_ceil_mode_same(b, node, m, x), name=name), x)
-    padding = "valid"
-    source = x
-    if any(pads):
-        keras_same = [same_padding(x.shape[1 + i], ks[i], strides[i], 1) for i in range(n)]
-        counts_zeros = not is_max and m.count_include_pad  # Keras' 'same' averages real values only
-        if not counts_zeros and all(p == (q, q) for p, q in zip(keras_same, pads, strict=True)):
-            padding = "same"
-        elif counts_zeros or (is_max and b.non_negative(node.args[0])):
-            # counted zeros (average), or zeros that never win a max over values >= 0 (after a ReLU)
-            flat = tuple(p for q in reversed(pads) for p in (q, q))
-            source = zero_padding_keras(b, node, x, b.unique_name(f"{name}_pad"), flat)
-        else:
-            raise b.unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
-    return b.apply(node, cls(ks, strides=strides, padding=padding, name=name), source)
-
-
-def _ceil_mode_same(b: TorchToKeras, node, m, x: KerasValue) -> str:
-    """``"same"`` when a ``ceil_mode=True`` pooling pools Keras' 'same' windows: on every axis
-    the padding is Keras' (symmetric), or (max pooling) none where Keras pads one element
-    after (the last window overhangs), and the output has Keras' size ``ceil(n / stride)``."""
-    n = x.rank - 2
-    ks, pads = _tuple(m.kernel_size, n), _tuple(m.padding, n)
-    strides = _tuple(m.stride if m.stride is not None else m.kernel_size, n)
-    out = b.out_shape(node)[1:]
-    is_max = isinstance(m, _TORCH_MAX_POOLS)
-    for i in range(n):
-        size = x.shape[1 + i]
-        before, after = same_padding(size, ks[i], strides[i], 1)
-        overhang = (is_max or ks[i] == 2) and pads[i] == 0 and (before, after) == (0, 1)
-        fits = (before, after) == (pads[i], pads[i]) or overhang
-        counts_zeros = pads[i] and not is_max and m.count_include_pad
-        if not fits or counts_zeros or out[i] != math.ceil(size / strides[i]):
-            raise b.unsupported(node, "ceil_mode=True pools windows that Keras' 'same' padding does not")
-    return "same"
+        windows = ", ".join(
+            f"{o} from {-p} every {s} over {size}" for o, p, s, size in zip(outs, pads, strides, sizes, strict=True)
+        )
+        raise b.unsupported(
+            node,
+            f"ceil_mode=True pools windows ({windows}) that Keras' 'valid' and 'same' (padding {keras_same}) "
+            "do not; explicit zero padding would be exact only on values >= 0 (after a ReLU)",
+        )
+    raise b.unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
 
 
 @from_torch(*_TORCH_MAX_POOLS, nn.AvgPool1d, nn.AvgPool2d)
@@ -197,23 +232,48 @@ def global_pool_keras(b: TorchToKeras, node, x: KerasValue, is_max: bool, keepdi
     return KerasValue(out, shape)
 
 
-_ADAPTIVE_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+def adaptive_pool_keras(b: TorchToKeras, node, x: KerasValue, output_size, is_max: bool) -> KerasValue:
+    """PyTorch's adaptive pooling of ``x`` to ``output_size`` (``None`` entries: the input's size)
+    in Keras: global pooling (output 1), the identity (output = input), a pooling with kernel =
+    stride = input / output (where that divides), else Keras' own adaptive pooling."""
+    n = x.rank - 2
+    if n not in (1, 2):
+        raise b.unsupported(node, f"adaptive pooling of a rank-{x.rank} input")
+    sizes = x.shape[1:]
+    outs = tuple(size if o is None else int(o) for o, size in zip(_tuple(output_size, n), sizes, strict=True))
+    name = b.name(node)
+    if all(o == 1 for o in outs):
+        return global_pool_keras(b, node, x, is_max, keepdims=True)
+    if outs == tuple(sizes):
+        return KerasValue(L.Identity(name=name)(x.tensor), x.shape)
+    if all(size % o == 0 for size, o in zip(sizes, outs, strict=True)):
+        ks = tuple(size // o for size, o in zip(sizes, outs, strict=True))
+        return b.apply(node, _keras_pool_class(is_max, n)(ks, strides=ks, padding="valid", name=name), x)
+    cls = {
+        (False, 1): L.AdaptiveAveragePooling1D,
+        (False, 2): L.AdaptiveAveragePooling2D,
+        (True, 1): L.AdaptiveMaxPooling1D,
+        (True, 2): L.AdaptiveMaxPooling2D,
+    }[(is_max, n)]
+    return b.apply(node, cls(outs[0] if n == 1 else outs, name=name), x)
 
 
-@from_torch(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_ADAPTIVE_MAX_POOLS)
+@from_torch(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_TORCH_ADAPTIVE_MAX_POOLS)
 def adaptive_pool_module_to_keras(b: TorchToKeras, node, m) -> KerasValue:
-    x = b.input(node)
-    if set(_tuple(m.output_size, x.rank - 2)) != {1}:
-        raise b.unsupported(node, f"output_size={m.output_size!r}; only 1 (global pooling) converts")
-    return global_pool_keras(b, node, x, isinstance(m, _ADAPTIVE_MAX_POOLS), keepdims=True)
+    if getattr(m, "return_indices", False):
+        raise b.unsupported(node, "return_indices=True has no Keras equivalent")
+    return adaptive_pool_keras(b, node, b.input(node), m.output_size, isinstance(m, _TORCH_ADAPTIVE_MAX_POOLS))
 
 
-@from_torch(F.adaptive_avg_pool2d, F.adaptive_avg_pool1d)
+_ADAPTIVE_MAX_FUNCTIONS = (F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+
+
+@from_torch(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, *_ADAPTIVE_MAX_FUNCTIONS)
 def adaptive_pool_function_to_keras(b: TorchToKeras, node, fn) -> KerasValue:
-    x = b.input(node)
-    if set(_tuple(b.arg(node, 1, "output_size"), x.rank - 2)) != {1}:
-        raise b.unsupported(node, "only output_size=1 (global pooling) converts")
-    return global_pool_keras(b, node, x, False, keepdims=True)
+    if fn in _ADAPTIVE_MAX_FUNCTIONS and b.arg(node, 2, "return_indices", False):
+        raise b.unsupported(node, "return_indices=True has no Keras equivalent")
+    output_size = b.arg(node, 1, "output_size")
+    return adaptive_pool_keras(b, node, b.input(node), output_size, fn in _ADAPTIVE_MAX_FUNCTIONS)
 
 
 _MAX_REDUCTIONS = (torch.amax, torch.ops.aten.amax.default)
