@@ -179,6 +179,8 @@ class Report:
     inference_error: float
     training_error: float
     statistics_error: float  # running means and variances after the training forward, worst layer
+    round_trip_error: float = math.nan  # the converted model converted back, against the source (inference)
+    weights_lost: tuple[str, ...] = ()  # source weights whose values the model converted back lacks
 
 
 def _is_torch(model) -> bool:
@@ -256,10 +258,39 @@ def _run(model, x: np.ndarray, training: bool) -> np.ndarray:
         return _numpy(model(x, training=training))
 
 
-def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source") -> Report:
+def _weights(model) -> list[tuple[str, np.ndarray]]:
+    """(name, values) of every parameter and buffer of a PyTorch module, every weight of a Keras model."""
+    if _is_torch(model):
+        return [(name, _numpy(t)) for name, t in model.state_dict().items()]
+    return [(w.path, _numpy(w.value)) for w in model.weights]
+
+
+def _is_keras_normalization_variance(name: str) -> bool:
+    # a Keras Normalization's variance (and its sample count) come back as the constant its input is divided
+    # by, max(sqrt(variance), epsilon): same function, other values
+    leaf = name.rpartition("/")[2]
+    return "normalization" in name.rpartition("/")[0] and leaf in ("variance", "count")
+
+
+def lost_weights(source, back) -> tuple[str, ...]:
+    """The source's weights whose values, bit for bit, no weight of ``back`` holds. Shapes are not
+    compared: a weight may come back reshaped (ConvNeXt's layer scale of shape (C, 1, 1) becomes a
+    (C,) multiplier; a Keras Conv2D with groups equal to its channels, a DepthwiseConv2D), but
+    its values in order are the same."""
+    held = {(values.dtype.str, values.tobytes()) for _, values in _weights(back)}
+    return tuple(
+        name
+        for name, values in _weights(source)
+        if (values.dtype.str, values.tobytes()) not in held and not _is_keras_normalization_variance(name)
+    )
+
+
+def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source", round_trip=False) -> Report:
     """Convert ``net`` (``semantics="source"`` by default) and compare the converted model with the
     source: inference outputs, then one training forward (dropout off on both sides) — its outputs
-    and every batch norm's updated running statistics. Raises what the conversion raises."""
+    and every batch norm's updated running statistics. With ``round_trip``, the converted model is
+    also converted back, and its inference outputs and weights compared with the source's. Raises
+    what the conversion raises."""
     source = net.build()
     x = net.example_input(batch, seed)
     start = time.perf_counter()
@@ -274,7 +305,16 @@ def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source
     def to_source_layout(y):
         return _to_keras_layout(y) if net.framework == "keras" else _to_torch_layout(y)
 
-    inference = relative_error(to_source_layout(_run(target, x_target, False)), _run(source, x, False))
+    expected = _run(source, x, False)
+    inference = relative_error(to_source_layout(_run(target, x_target, False)), expected)
+    round_trip_error, lost = math.nan, ()
+    if round_trip:
+        if net.framework == "keras":
+            back = torch_to_keras(target, x_target.shape[1:], semantics=semantics)
+        else:
+            back = keras_to_torch(target, semantics=semantics)
+        round_trip_error, lost = relative_error(_run(back, x, False), expected), lost_weights(source, back)
+        del back
     pairs = _pair_batch_norms(source, target)
     _without_dropout(source), _without_dropout(target)
     expected = _run(source, x, True)
@@ -284,7 +324,7 @@ def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source
     for model in (source, target):
         if _is_torch(model):
             model.eval()
-    return Report(net.name, direction, len(pairs), seconds, inference, training, statistics)
+    return Report(net.name, direction, len(pairs), seconds, inference, training, statistics, round_trip_error, lost)
 
 
 def format_error(error: float) -> str:
