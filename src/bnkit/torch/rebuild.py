@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import fx, nn
 
+from bnkit.torch.eager_ops import eager_graph
+
 __all__ = ["rebuild_exported", "layer_metadata"]
 
 
@@ -201,6 +203,7 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
         _set_submodule(unflat, path, layer)
     graph = unflat.graph
     _plain_graph(graph)
+    _eager_sub_programs(unflat)
     root_name = (bnkit_meta or {}).get("model") or "ExportedModel"
     module = fx.GraphModule(unflat, graph, class_name=root_name if root_name.isidentifier() else "ExportedModel")
     # the classes the program was exported from, for the layers left as sub-programs (summaries, compare)
@@ -208,32 +211,24 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
     return module.eval()
 
 
-def _aten_to_torch() -> dict:
-    """Top-level operators as the torch functions a traced eager model would call."""
-    import operator
-
-    aten = torch.ops.aten
-    return {
-        aten.add.Tensor: operator.add,
-        aten.mul.Tensor: operator.mul,
-        aten.cat.default: torch.cat,
-        aten.flatten.using_ints: torch.flatten,
-        aten.relu.default: torch.relu,
-        aten.sigmoid.default: torch.sigmoid,
-        aten.tanh.default: torch.tanh,
-        aten.mean.dim: torch.mean,
-    }
-
-
 def _plain_graph(graph: fx.Graph) -> None:
     """Eager-style operators and a single output instead of a 1-tuple, in place."""
-    mapping = _aten_to_torch()
+    eager_graph(graph)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in mapping:
-            node.target = mapping[node.target]
         if node.op == "output" and isinstance(node.args[0], (tuple, list)) and len(node.args[0]) == 1:
             node.args = (node.args[0][0],)
     graph.lint()
+
+
+def _eager_sub_programs(root: nn.Module) -> None:
+    """The operators of every sub-program left in ``root`` (a layer not rebuilt) as eager calls."""
+    from torch.export.unflatten import InterpreterModule
+
+    for module in root.modules():
+        if isinstance(module, InterpreterModule) and module is not root:
+            eager_graph(module.graph)
+            module.graph.lint()
+            module.finalize()  # its generated code, for when it does not run through fx.Interpreter
 
 
 class FlatProgram(nn.Module):
