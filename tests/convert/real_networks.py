@@ -1,7 +1,7 @@
 """Real classification networks for the conversion tests and benchmarks/convert_cpu.py.
 
-:data:`NETWORKS` holds every network issue 8 names, both families: keras.applications and
-torchvision models with random weights (nothing is downloaded), small inputs, a 10-class head
+:data:`NETWORKS` holds every network issue 8 names and further ones it does not, both families:
+keras.applications and torchvision models with random weights (nothing is downloaded), small inputs, a 10-class head
 giving logits, and every normalization layer given non-trivial statistics and affine parameters
 (:func:`randomize_normalization`), so that a mix-up of mean and variance, gamma and beta, or a
 lost layer scale shows in the outputs. :func:`check_network` converts one and measures how far
@@ -134,7 +134,7 @@ def randomize_normalization(model, seed: int = 1) -> None:
                     w.assign(rng.uniform(*ranges[key], tuple(w.shape)).astype("float32"))
 
 
-# Every network issue 8 names. Extension point: add a network here, and its name to the lists in
+# Every network issue 8 names, then further ones. Extension point: add a network here, and its name to the lists in
 # tests/convert/test_real_networks.py once it converts; benchmarks/convert_cpu.py times them all.
 NETWORKS: dict[str, Network] = {
     net.name: net
@@ -161,6 +161,22 @@ NETWORKS: dict[str, Network] = {
         torchvision_model("vgg11_bn", size=224),  # AdaptiveAvgPool2d(7) is the identity only on 7x7 features
         torchvision_model("convnext_tiny"),
         torchvision_model("alexnet"),  # not named by the issue: AdaptiveAvgPool2d(6) of 2x2 features at 96x96
+        # not named by the issue
+        keras_application("ResNet50V2"),
+        keras_application("MobileNet"),
+        keras_application("MobileNetV3Large", pixel_input=True),
+        keras_application("EfficientNetV2B0", pixel_input=True),
+        keras_application("DenseNet169"),
+        # its last blocks see 1x1 features at 96x96: a training forward's batch norms then normalise 2 values
+        keras_application("InceptionResNetV2", size=160),
+        torchvision_model("mnasnet0_5"),
+        torchvision_model("mobilenet_v3_large"),
+        torchvision_model("shufflenet_v2_x1_0"),
+        torchvision_model("regnet_x_400mf"),
+        torchvision_model("resnext50_32x4d"),
+        torchvision_model("efficientnet_v2_s"),
+        torchvision_model("wide_resnet50_2"),
+        torchvision_model("inception_v3", size=160, aux_logits=False, init_weights=True),  # as InceptionResNetV2
     ]
 }
 

@@ -25,9 +25,10 @@ from torch import nn
 
 from bnkit.convert import keras_to_torch, torch_to_keras
 
-# Extension point: the networks of real_networks.NETWORKS that convert, by source framework. The
-# others are refused today (python benchmarks/convert_cpu.py says why); add each once it converts.
+# Extension point: the networks of real_networks.NETWORKS checked here, by source framework (every one
+# of NETWORKS converts: python benchmarks/convert_cpu.py).
 KERAS_NETWORKS = ["ResNet50", "ConvNeXtTiny", "MobileNetV2", "Xception", "EfficientNetB0", "MobileNetV3Small"]
+KERAS_NETWORKS += ["ResNet50V2", "MobileNet", "MobileNetV3Large", "EfficientNetV2B0"]  # not named by the issue
 TORCH_NETWORKS = [
     "resnet18",
     "mobilenet_v2",
@@ -40,6 +41,18 @@ TORCH_NETWORKS = [
     "vgg11_bn",
     "alexnet",
 ]
+TORCH_NETWORKS += [  # not named by the issue
+    "mnasnet0_5",
+    "mobilenet_v3_large",
+    "shufflenet_v2_x1_0",
+    "regnet_x_400mf",
+    "resnext50_32x4d",
+    "efficientnet_v2_s",
+    "inception_v3",
+]
+# Converted by benchmarks/convert_cpu.py only, for time: larger networks of the layers of networks above
+# (Keras DenseNet121/169, InceptionV3, VGG16; torchvision resnet50, wide_resnet50_2, densenet121, googlenet),
+# and InceptionResNetV2, whose one layer of its own (CustomScaleLayer) test_convert_elementwise.py checks.
 # ConvNeXt normalizes with layer norms only: its training forward is checked, there are no running
 # statistics; SqueezeNet and AlexNet have no normalization
 WITHOUT_BATCH_NORM = {"ConvNeXtTiny", "convnext_tiny", "squeezenet1_0", "alexnet"}
