@@ -38,10 +38,12 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
             continue
         if explained_a & ctx.ancestors_a(ctx.pairs[k][0]):
             continue  # downstream of a layer another cause names (an eps whose effect grows further on)
-        if row.kind in ("conv", "dense"):
+        if row.kind in ("conv", "dense", "scale"):
             _conv_or_dense(ctx, k, row, add)
         elif row.kind == "bn":
             _batchnorm(ctx, k, row, add)
+        elif row.kind == "ln":
+            _layer_norm(ctx, k, row, add)
 
 
 def _conv_or_dense(ctx, k: int, row: LayerDiff, add) -> None:
@@ -108,6 +110,51 @@ def _batchnorm(ctx, k: int, row: LayerDiff, add) -> None:
     )
 
 
+def _layer_norm(ctx, k: int, row: LayerDiff, add) -> None:
+    """A layer norm whose inputs agree: its eps, gamma or beta differ (compared directly: both
+    frameworks hold them over the normalized axes), or, where they are equal, its axes."""
+    ea, eb = ctx.entries(k)
+    eps_a, eps_b = (float(e.weights["eps"]) if "eps" in e.weights else None for e in (ea, eb))
+    differing = []
+    for key, label in (("gamma", "gamma (weight)"), ("beta", "beta (bias)")):
+        wa, wb = ea.weights.get(key), eb.weights.get(key)
+        if wa is None and wb is None:
+            continue
+        if wa is None or wb is None:
+            differing.append(f"{label} (on one side only)")
+        elif wa.size != wb.size or not np.allclose(wa.reshape(-1), wb.reshape(-1), rtol=1e-6, atol=0):
+            delta = (
+                float(np.max(np.abs(wa.astype(np.float64).reshape(-1) - wb.reshape(-1))))
+                if wa.size == wb.size
+                else math.inf
+            )
+            differing.append(f"{label} (max difference {delta:.3g})")
+    if eps_a is not None and eps_b is not None and eps_a != eps_b and not differing:
+        add(
+            "eps",
+            f"{row.name}: the layer norms add a different eps to the variance ({eps_a:g} in model A, "
+            f"{eps_b:g} in model B): Keras' LayerNormalization(epsilon=...) is nn.LayerNorm(eps=...).",
+            row.name,
+            "weights: gamma and beta equal, eps compared directly",
+        )
+        return
+    if differing:
+        add(
+            "weights",
+            f"{row.name}: the layer norms' {', '.join(differing)} differ: copy them over when porting.",
+            row.name,
+            "weights: the parameters compared directly",
+        )
+        return
+    add(
+        "weights",
+        f"{row.name}: this {row.type_a} / {row.type_b} gives different outputs although the layers before it "
+        "agree and its eps, gamma and beta are equal: it normalizes over other axes in the two models.",
+        row.name,
+        "observed: inputs agree, outputs differ",
+    )
+
+
 def _weight_difference(ctx, k: int) -> str:
     """Where the kernels can be compared directly (not a dense after a flatten, whose rows are
     reordered between the frameworks), how far apart they are."""
@@ -168,6 +215,8 @@ def _same_input(ctx, k: int) -> tuple[bool, str] | None:
     f = flatten_feeding(ctx, k)
     if fa == fb:
         x = ea.input_raw[0]
+    elif ea.canonical.shape != eb.canonical.shape and ea.raw.shape == eb.raw.shape:
+        x = ea.input_raw[0]  # both work on channels-last data (ConvNeXt's Linear after a permute)
     elif f is not None:
         prev, prev_b = ctx.entries(f)
         if prev.flat_order == "hwc":
