@@ -199,3 +199,24 @@ def test_batch_norm_left_in_training_mode_is_named(pair):
     layer = _first(model, lambda m: isinstance(m, nn.BatchNorm2d), 0.4)
     model.get_submodule(layer).train()
     _check_named(pair.compare(model), "training-mode", layer)
+
+
+@pytest.mark.parametrize("pair", ["shufflenet_v2_x0_5"], indirect=True)
+def test_wrong_channel_shuffle_is_named_where_its_output_is_read(pair):
+    """A port whose channel shuffle reads the groups the wrong way round in one block: the values are
+    moved, not computed, so the first traced layer to read them receives other inputs than its twin."""
+    model = pair.faulty_torch()
+    block = model.stage3[1]
+
+    def forward(x):
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, block.branch2(x2)), dim=1)
+        n, c, h, w = out.shape
+        return out.view(n, c // 2, 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # (2, c/2), not (c/2, 2)
+
+    block.forward = forward
+    report = pair.compare(model)
+    assert report.cause_codes == ["layout"], str(report)
+    assert report.causes[0].layers == [report.first_divergence.name]
+    assert report.first_divergence.name == _rows_of(report, "stage3.2.branch2.0")[0]
+    assert "receives different inputs" in report.causes[0].explanation

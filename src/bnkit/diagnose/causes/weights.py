@@ -38,6 +38,18 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
             continue
         if explained_a & ctx.ancestors_a(ctx.pairs[k][0]):
             continue  # downstream of a layer another cause names (an eps whose effect grows further on)
+        moved = _inputs_differ(ctx, report, k)
+        if moved is not None:
+            add(
+                "layout",
+                f"{row.name}: the {row.type_a} / {row.type_b} receives different inputs although the traced "
+                "layers feeding it agree: the operations between them, which move values without computing "
+                "(reshape, view, permute, transpose, slice, chunk — a channel shuffle), rearrange them "
+                "differently in the two models.",
+                row.name,
+                f"observed: the layer's inputs as it received them differ ({moved})",
+            )
+            continue
         if row.kind in ("conv", "dense", "scale"):
             _conv_or_dense(ctx, k, row, add)
         elif row.kind == "bn":
@@ -108,6 +120,24 @@ def _batchnorm(ctx, k: int, row: LayerDiff, add) -> None:
         row.name,
         "weights: the parameters and statistics compared directly",
     )
+
+
+def _inputs_differ(ctx, report: CompareReport, k: int) -> str | None:
+    """Where both sides kept the operand a layer received (parametric kinds), and it differs by
+    more than the tolerance of the paired layers it came from: how far (else None)."""
+    ea, eb = ctx.entries(k)
+    if not ea.input_raw or not eb.input_raw or flatten_feeding(ctx, k) is not None:
+        return None
+    xa, xb = ea.input_raw[0], eb.input_raw[0]
+    if not (ea.canonical.shape != eb.canonical.shape and ea.raw.shape == eb.raw.shape):  # else: both channels-last
+        xa = to_layout(xa, ctx.framework_a, "torch", copy=False)
+        xb = to_layout(xb, ctx.framework_b, "torch", copy=False)
+    if xa.shape != xb.shape:
+        return None
+    feeding = [report.rows[i] for i in (ctx.input_pairs(k) or []) if i >= 0]
+    atol = max((r.atol for r in feeding), default=ctx.atol)
+    max_abs, _, _, diverges = diff(xa, xb, atol, ctx.rtol)
+    return f"max |difference| {max_abs:.3g}, allowed {atol:.3g}" if diverges else None
 
 
 def _layer_norm(ctx, k: int, row: LayerDiff, add) -> None:
