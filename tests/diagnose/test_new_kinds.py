@@ -20,6 +20,7 @@ from torch import nn
 from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.convert.torch_modules import SeparableConv1d, SeparableConv2d
 from bnkit.diagnose.compare import compare
+from bnkit.io import load_model, save_model
 from convert.real_networks import NETWORKS
 
 pytestmark = pytest.mark.slow
@@ -123,6 +124,18 @@ def test_exact_conversion_gets_no_cause_and_every_layer_pairs(pair):
     assert paired == _recorded_modules(pair.torch_model)
     if report.rounding_measured:
         assert max(r.tolerance_ratio for r in report.rows) < 0.5
+
+
+@pytest.mark.parametrize("pair", KERAS, indirect=True)
+def test_exact_conversion_written_to_pt2_gets_no_cause(pair, tmp_path):
+    """Read back from a .pt2 program, the PyTorch side's layers are sub-programs calling aten
+    operators (a separable convolution one sub-program holding two): traced as the same layers."""
+    h, w, c = pair.net.input_shape
+    path = save_model(pair.converted, tmp_path / f"{pair.name}.pt2", input_shape=(c, h, w))
+    report = pair.compare(load_model(path))
+    assert report.agree and report.causes == [], str(report)
+    assert report.unmatched_a == report.unmatched_b == []
+    assert NEW_KINDS[pair.name] <= {r.kind for r in report.rows}
 
 
 def _first(model: nn.Module, test, index: float = 0.5, suffix: str | None = None) -> str:

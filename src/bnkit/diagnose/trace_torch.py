@@ -83,6 +83,15 @@ def _tables():
     return tuple(modules), functions
 
 
+@functools.cache
+def _composite_kinds() -> dict[str, str]:
+    """Class name -> kind of the known modules that hold other known modules (a separable
+    convolution's two convolutions)."""
+    from torch import nn
+
+    return {cls.__name__: kind for cls, kind in _tables()[0] if issubclass(cls, nn.Sequential)}
+
+
 def module_kind(module) -> str | None:
     for cls, kind in _tables()[0]:
         if isinstance(module, cls):
@@ -122,7 +131,7 @@ def _module_weights(module, kind: str) -> dict[str, np.ndarray]:
 
     weights: dict[str, np.ndarray] = {}
     depthwise, pointwise = getattr(module, "depthwise", None), getattr(module, "pointwise", None)
-    if kind == "conv" and isinstance(depthwise, nn.Conv1d | nn.Conv2d) and isinstance(pointwise, nn.Module):
+    if kind == "conv" and getattr(depthwise, "weight", None) is not None and hasattr(pointwise, "weight"):
         weights["depthwise"] = to_numpy(depthwise.weight)
         w = to_numpy(pointwise.weight)
         weights["weight"] = w.reshape(w.shape[0], -1)
@@ -239,6 +248,14 @@ class _Recorder:
         # the model's parameters and buffers: the constants of "constant" checks
         self.constants = {id(t) for t in (*work.parameters(), *work.buffers())}
 
+    def module_kind(self, module) -> str | None:
+        """The kind of a module; in a loaded ``.pt2`` program, also of a sub-program that stands
+        for a composite layer of a known class (bnkit's SeparableConv2d: one layer, as in Keras)."""
+        kind = module_kind(module)
+        if kind is None and next(module.children(), None) is not None:
+            kind = _composite_kinds().get(self.type_names.get(self.names.get(module, ""), ""))
+        return kind
+
     # ---- provenance -----------------------------------------------------------------
     def source(self, tensor, producers: tuple[int, ...]) -> None:
         self.provenance[id(tensor)] = producers
@@ -333,7 +350,7 @@ class _Recorder:
         self.stack.append(self.names.get(module, ""))
         if self.active is not None:
             return
-        kind = module_kind(module)
+        kind = self.module_kind(module)
         if kind is not None:
             self.active = module
             if kind == "bn":
@@ -354,7 +371,7 @@ class _Recorder:
         out = _first_tensor(output, self.torch)
         if out is None:
             return
-        kind = module_kind(module)
+        kind = self.module_kind(module)
         self.busy = True
         try:
             path = self.names.get(module, type(module).__name__)
