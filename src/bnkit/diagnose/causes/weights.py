@@ -40,15 +40,27 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
             continue  # downstream of a layer another cause names (an eps whose effect grows further on)
         moved = _inputs_differ(ctx, report, k)
         if moved is not None:
-            add(
-                "layout",
-                f"{row.name}: the {row.type_a} / {row.type_b} receives different inputs although the traced "
-                "layers feeding it agree: the operations between them, which move values without computing "
-                "(reshape, view, permute, transpose, slice, chunk — a channel shuffle), rearrange them "
-                "differently in the two models.",
-                row.name,
-                f"observed: the layer's inputs as it received them differ ({moved})",
-            )
+            figures, rearranged = moved
+            if rearranged:
+                add(
+                    "layout",
+                    f"{row.name}: the {row.type_a} / {row.type_b} receives the same values in another order "
+                    "although the traced layers feeding it agree: the operations between them, which move "
+                    "values without computing (reshape, view, permute, transpose, slice, chunk — a channel "
+                    "shuffle), rearrange them differently in the two models.",
+                    row.name,
+                    f"observed: the layer's inputs as it received them differ ({figures}); sorted, they agree",
+                )
+            else:
+                add(
+                    "unexplained",
+                    f"{row.name}: the {row.type_a} / {row.type_b} receives different inputs although the traced "
+                    "layers feeding it agree: an operation between them that compare does not trace "
+                    "(arithmetic with a number, a layer of a kind it does not know) computes differently in the "
+                    "two models.",
+                    row.name,
+                    f"observed: the layer's inputs as it received them differ ({figures}), also sorted",
+                )
             continue
         if row.kind in ("conv", "dense", "scale"):
             _conv_or_dense(ctx, k, row, add)
@@ -122,9 +134,10 @@ def _batchnorm(ctx, k: int, row: LayerDiff, add) -> None:
     )
 
 
-def _inputs_differ(ctx, report: CompareReport, k: int) -> str | None:
+def _inputs_differ(ctx, report: CompareReport, k: int) -> tuple[str, bool] | None:
     """Where both sides kept the operand a layer received (parametric kinds), and it differs by
-    more than the tolerance of the paired layers it came from: how far (else None)."""
+    more than the tolerance of the paired layers it came from: (how far, whether the same values
+    sorted agree — a rearrangement), else None."""
     ea, eb = ctx.entries(k)
     if not ea.input_raw or not eb.input_raw or flatten_feeding(ctx, k) is not None:
         return None
@@ -137,7 +150,13 @@ def _inputs_differ(ctx, report: CompareReport, k: int) -> str | None:
     feeding = [report.rows[i] for i in (ctx.input_pairs(k) or []) if i >= 0]
     atol = max((r.atol for r in feeding), default=ctx.atol)
     max_abs, _, _, diverges = diff(xa, xb, atol, ctx.rtol)
-    return f"max |difference| {max_abs:.3g}, allowed {atol:.3g}" if diverges else None
+    if not diverges:
+        return None
+    import torch
+
+    sorted_a, sorted_b = (torch.sort(torch.from_numpy(np.ascontiguousarray(x)).reshape(-1)).values for x in (xa, xb))
+    rearranged = not diff(sorted_a.numpy(), sorted_b.numpy(), atol, ctx.rtol)[3]
+    return f"max |difference| {max_abs:.3g}, allowed {atol:.3g}", rearranged
 
 
 def _layer_norm(ctx, k: int, row: LayerDiff, add) -> None:
