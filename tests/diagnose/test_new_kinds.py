@@ -64,11 +64,11 @@ class Pair:
         """A copy of the PyTorch side to put a fault in."""
         return copy.deepcopy(self.torch_model)
 
-    def compare(self, torch_model=None):
+    def compare(self, torch_model=None, training: bool = False):
         torch_model = self.torch_model if torch_model is None else torch_model
         if self.keras_first:
-            return compare(self.source, torch_model, self.x)
-        return compare(torch_model, self.converted, self.x)
+            return compare(self.source, torch_model, self.x, training=training)
+        return compare(torch_model, self.converted, self.x, training=training)
 
 
 @pytest.fixture(scope="module")
@@ -232,4 +232,39 @@ def test_wrong_channel_shuffle_is_named_where_its_output_is_read(pair):
     assert report.cause_codes == ["layout"], str(report)
     assert report.causes[0].layers == [report.first_divergence.name]
     assert report.first_divergence.name == _rows_of(report, "stage3.2.branch2.0")[0]
-    assert "same values in another order" in report.causes[0].explanation
+    assert "other values in other places" in report.causes[0].explanation
+
+
+@pytest.mark.parametrize("pair", ["convnext_tiny", "efficientnet_b0", "EfficientNetB0"], indirect=True)
+def test_exact_conversion_agrees_in_a_training_step(pair):
+    """Stochastic depth (torchvision's, bnkit's Keras layer) and dropout are random in training: run in
+    inference on both sides; layer norms and batch statistics agree."""
+    report = pair.compare(training=True)
+    assert report.agree and report.causes == [], str(report)
+
+
+@pytest.mark.parametrize("pair", ["EfficientNetB0", "ConvNeXtTiny"], indirect=True)
+def test_changed_constant_of_a_preprocessing_or_layer_scale_is_named(pair):
+    """The PyTorch side's buffer or parameter read by `x - mean` / `x * gamma`: a `scale` row."""
+    model = pair.faulty_torch()
+    constants = (*model.named_buffers(), *model.named_parameters())
+    _, tensor = next((n, t) for n, t in constants if "normalization_mean" in n or "layer_scale_gamma" in n)
+    with torch.no_grad():
+        tensor.add_(1.0)
+    report = pair.compare(model)
+    assert report.cause_codes == ["weights"], str(report)
+    (row,) = report.causes[0].layers
+    assert report.first_divergence.name == row
+    assert next(r for r in report.rows if r.name == row).kind == "scale"
+
+
+@pytest.mark.parametrize("pair", ["mobilenet_v3_small"], indirect=True)
+def test_an_activation_swapped_is_named_as_a_different_function(pair):
+    model = pair.faulty_torch()
+    layer = _first(model, lambda m: isinstance(m, nn.Hardswish))
+    parent, _, leaf = layer.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, nn.ReLU())
+    report = pair.compare(model)
+    _check_named(report, "unexplained", layer)
+    assert "different functions" in report.causes[0].explanation
+    assert "this ReLU / Activation(hard_silu)" in report.causes[0].explanation  # Keras names hard_swish so

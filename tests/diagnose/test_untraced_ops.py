@@ -58,7 +58,7 @@ def test_values_rearranged_between_two_traced_layers_are_a_layout_cause(referenc
     report = compare(a, b, X)
     assert report.cause_codes == ["layout"], str(report)
     assert report.causes[0].layers == ["conv2"] and report.first_divergence.name == "conv2"
-    assert "sorted, they agree" in report.causes[0].evidence
+    assert "every value it received is one the layers feeding it produced" in report.causes[0].evidence
 
 
 def test_a_different_untraced_computation_is_unexplained_with_what_was_observed():

@@ -239,8 +239,8 @@ class _Recorder:
         inputs = [self.of(t) for t in operands]
         type_name = type(layer).__name__
         act = _activation_name(layer)
-        if act is not None and kind in ("conv", "dense"):
-            type_name += f"({act})"
+        if act is not None and (kind in ("conv", "dense") or type_name == "Activation"):
+            type_name += f"({act})"  # Activation(hard_swish): which one, as PyTorch's class names say
         p = folds_into(self.entries, kind, inputs)
         if p is not None and self.output_ids.get(p) == id(operands[0]) and p not in self.consumed:
             # an activation layer applied to a convolution's or dense layer's output alone, or a

@@ -30,6 +30,11 @@ _BN_PARAMETERS = (("gamma", "gamma (weight)"), ("beta", "beta (bias)"), ("mean",
                   ("var", "moving/running variance"))  # fmt: skip
 
 
+#: How many times its tolerance a layer without parameters must be off, its inputs agreeing, to be
+#: called a different function rather than rounding its inputs' small differences grew through.
+_FAR = 10.0
+
+
 def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
     """Name ``weights`` (or what it is instead) at every source row no other cause explains."""
     explained_a = {ctx.pairs[k][0] for k, row in enumerate(report.rows) if row.name in explained}
@@ -44,12 +49,13 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
             if rearranged:
                 add(
                     "layout",
-                    f"{row.name}: the {row.type_a} / {row.type_b} receives the same values in another order "
+                    f"{row.name}: the {row.type_a} / {row.type_b} receives other values in other places "
                     "although the traced layers feeding it agree: the operations between them, which move "
                     "values without computing (reshape, view, permute, transpose, slice, chunk — a channel "
                     "shuffle), rearrange them differently in the two models.",
                     row.name,
-                    f"observed: the layer's inputs as it received them differ ({figures}); sorted, they agree",
+                    f"observed: the layer's inputs as it received them differ ({figures}); on each side every "
+                    "value it received is one the layers feeding it produced",
                 )
             else:
                 add(
@@ -59,7 +65,8 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
                     "(arithmetic with a number, a layer of a kind it does not know) computes differently in the "
                     "two models.",
                     row.name,
-                    f"observed: the layer's inputs as it received them differ ({figures}), also sorted",
+                    f"observed: the layer's inputs as it received them differ ({figures}), and not all of "
+                    "them are values the layers feeding it produced",
                 )
             continue
         if row.kind in ("conv", "dense", "scale"):
@@ -68,6 +75,15 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
             _batchnorm(ctx, k, row, add)
         elif row.kind == "ln":
             _layer_norm(ctx, k, row, add)
+        elif row.tolerance_ratio >= _FAR:  # no parameters, far beyond rounding: different functions
+            add(
+                "unexplained",
+                f"{row.name}: this {row.type_a} / {row.type_b} gives different outputs although the layers "
+                "before it agree, and it has no parameters: the two compute different functions (another "
+                "activation, pooling window, stride or padding, another operation).",
+                row.name,
+                "observed: inputs agree, outputs differ",
+            )
 
 
 def _conv_or_dense(ctx, k: int, row: LayerDiff, add) -> None:
@@ -136,8 +152,8 @@ def _batchnorm(ctx, k: int, row: LayerDiff, add) -> None:
 
 def _inputs_differ(ctx, report: CompareReport, k: int) -> tuple[str, bool] | None:
     """Where both sides kept the operand a layer received (parametric kinds), and it differs by
-    more than the tolerance of the paired layers it came from: (how far, whether the same values
-    sorted agree — a rearrangement), else None."""
+    more than the tolerance of the paired layers it came from: (how far, whether on both sides it
+    holds only values its producers output — moved, not computed), else None."""
     ea, eb = ctx.entries(k)
     if not ea.input_raw or not eb.input_raw or flatten_feeding(ctx, k) is not None:
         return None
@@ -152,11 +168,20 @@ def _inputs_differ(ctx, report: CompareReport, k: int) -> tuple[str, bool] | Non
     max_abs, _, _, diverges = diff(xa, xb, atol, ctx.rtol)
     if not diverges:
         return None
+    rearranged = _only_moved(ea, ctx.entries_a) and _only_moved(eb, ctx.entries_b)
+    return f"max |difference| {max_abs:.3g}, allowed {atol:.3g}", rearranged
+
+
+def _only_moved(entry, entries) -> bool:
+    """Every value the layer received is, bit for bit, one that the traced layers feeding it output."""
     import torch
 
-    sorted_a, sorted_b = (torch.sort(torch.from_numpy(np.ascontiguousarray(x)).reshape(-1)).values for x in (xa, xb))
-    rearranged = not diff(sorted_a.numpy(), sorted_b.numpy(), atol, ctx.rtol)[3]
-    return f"max |difference| {max_abs:.3g}, allowed {atol:.3g}", rearranged
+    producers = entry.producers
+    if not producers or any(p < 0 for p in producers):  # the model input is not kept
+        return False
+    received = torch.from_numpy(np.ascontiguousarray(entry.input_raw[0])).reshape(-1)
+    made = torch.cat([torch.from_numpy(np.ascontiguousarray(entries[p].raw)).reshape(-1) for p in producers])
+    return bool(torch.isin(received, made).all())
 
 
 def _layer_norm(ctx, k: int, row: LayerDiff, add) -> None:
