@@ -64,3 +64,12 @@ def test_keras_rows_name_classes_of_this_keras():
     missing = [name for name, _ in KERAS_LAYERS if name not in names]
     missing += [name for name in (*KERAS_RANDOM_LAYERS, *KERAS_RANDOM_CUSTOM_LAYERS) if name not in names]
     assert missing == []
+
+
+def test_every_kind_is_documented_with_its_tolerance():
+    """docs/compare.md's table of kinds has a row per kind of the table the tracers read."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "compare.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")}
+    assert set(KINDS) <= rows, set(KINDS) - rows

@@ -248,7 +248,9 @@ def test_changed_constant_of_a_preprocessing_or_layer_scale_is_named(pair):
     """The PyTorch side's buffer or parameter read by `x - mean` / `x * gamma`: a `scale` row."""
     model = pair.faulty_torch()
     constants = (*model.named_buffers(), *model.named_parameters())
-    _, tensor = next((n, t) for n, t in constants if "normalization_mean" in n or "layer_scale_gamma" in n)
+    _, tensor = next(
+        (n, t) for n, t in constants if "normalization" in n and n.endswith("_mean") or "layer_scale_gamma" in n
+    )
     with torch.no_grad():
         tensor.add_(1.0)
     report = pair.compare(model)
