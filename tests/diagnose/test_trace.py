@@ -83,7 +83,7 @@ def test_every_keras_layer_keras_to_torch_converts_is_traced_and_paired():
         types = {r.name_a: r.type_a for r in report.rows}
         for activation, layer in folded.items():
             if activation in expected:
-                assert types[layer].endswith(f"+{type(model.get_layer(activation)).__name__}")
+                assert f"+{type(model.get_layer(activation)).__name__}" in types[layer]  # +Activation(tanh)
         # only the zero padding PyTorch needs where Keras pads inside a strided 'same' convolution
         assert report.unmatched_a == [] and all(name.endswith("_pad") for name in report.unmatched_b)
 

@@ -45,7 +45,9 @@ def _shape_key(entry: Entry) -> tuple:
 
 def _param_key(entry: Entry):
     w = entry.weights
-    if entry.kind == "bn":
+    if entry.kind == "scale":  # Keras may hold a variance where PyTorch holds a standard deviation
+        return None
+    if entry.kind in ("bn", "ln"):
         for key in ("mean", "gamma", "beta"):
             if key in w:
                 return int(w[key].size)
@@ -66,8 +68,11 @@ def raw_token(entry: Entry) -> tuple:
 
 
 def token(entry: Entry) -> tuple:
-    """Kind, output shape and the size of the weights."""
-    return (*loose_token(entry), _param_key(entry))
+    """Kind, output shape (its sizes in increasing order: the same whether a layer works on
+    channels-first or channels-last data, as ConvNeXt's Linear and layer scale do in PyTorch) and
+    the size of the weights."""
+    kind, shape = loose_token(entry)
+    return (kind, tuple(sorted(shape)), _param_key(entry))
 
 
 def _normalized(name: str) -> str:

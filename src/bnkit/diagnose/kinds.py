@@ -36,8 +36,11 @@ class Kind:
     (``"full"``, ``"squeeze"``: size-1 axes dropped, ``"numel"``: the element count).
     ``reduction``: how many terms each output value sums, for the rounding estimate (``"fan_in"``,
     ``"window"``: input elements per output element, ``"inputs"``: operands, ``"channels"``,
-    ``None``: element-wise). ``combine``: how errors of several inputs add up (``"rss"``: root of the
-    sum of squares, for sums; ``"max"``: for concatenations, whose elements come from one input).
+    ``"normalized"``: the values normalized together, ``None``: element-wise). ``combine``: how errors
+    of several inputs add up (``"rss"``: root of the sum of squares, for sums; ``"max"``: for
+    concatenations, whose elements come from one input). ``chains``: a layer of this kind applied to
+    the output of another alone is folded into it (``(x - mean) / std`` is one entry on both sides,
+    whether a framework computes it in one layer or two).
     """
 
     name: str
@@ -47,6 +50,7 @@ class Kind:
     shape_key: str = "full"
     reduction: str | None = None
     combine: str = "rss"
+    chains: bool = False
     description: str = ""
 
 
@@ -56,10 +60,18 @@ KINDS: dict[str, Kind] = {
         Kind("conv", parametric=True, folds_activation=True, reduction="fan_in", description="convolution"),
         Kind("dense", parametric=True, folds_activation=True, reduction="fan_in", description="dense / linear"),
         Kind("bn", parametric=True, description="batch normalization"),
+        Kind("ln", parametric=True, reduction="normalized", description="layer / group normalization"),
         Kind("pool", reduction="window", description="pooling"),
         Kind("gpool", shape_key="squeeze", reduction="window", description="global pooling"),
         Kind("flatten", shape_key="numel", description="flatten"),
-        Kind("add", reduction="inputs", description="element-wise sum"),
+        Kind("add", reduction="inputs", description="element-wise sum or difference of layers' outputs"),
+        Kind("mul", description="element-wise product or quotient of layers' outputs (a squeeze-excitation gate)"),
+        Kind(
+            "scale",
+            parametric=True,
+            chains=True,
+            description="element-wise arithmetic with a constant tensor (layer scale, per-channel normalization)",
+        ),
         Kind("concat", combine="max", description="concatenation"),
         Kind("act", description="activation"),
         Kind("pad", optional=True, description="zero padding"),
@@ -69,12 +81,17 @@ KINDS: dict[str, Kind] = {
 # torch.nn classes -> kind. Subclasses match too (bnkit's batch norms are _BatchNorm subclasses).
 TORCH_MODULES: tuple[tuple[str, str], ...] = (
     ("torch.nn.modules.conv._ConvNd", "conv"),
+    # Keras' SeparableConv*D as bnkit converts it: one layer (depthwise then pointwise), as in Keras
+    ("bnkit.convert.torch_modules.SeparableConv1d", "conv"),
+    ("bnkit.convert.torch_modules.SeparableConv2d", "conv"),
     ("torch.nn.Linear", "dense"),
     ("torch.nn.modules.batchnorm._BatchNorm", "bn"),
     ("torch.nn.modules.pooling._AdaptiveAvgPoolNd", "gpool"),
     ("torch.nn.modules.pooling._AdaptiveMaxPoolNd", "gpool"),
     ("torch.nn.modules.pooling._MaxPoolNd", "pool"),
     ("torch.nn.modules.pooling._AvgPoolNd", "pool"),
+    ("torch.nn.LayerNorm", "ln"),  # torchvision's LayerNorm2d is a subclass
+    ("torch.nn.GroupNorm", "ln"),
     ("torch.nn.Flatten", "flatten"),
     ("torch.nn.modules.padding._ConstantPadNd", "pad"),
     *(
@@ -88,11 +105,24 @@ TORCH_MODULES: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 
 # Functions, Tensor methods ("Tensor.x") and aten operators ("aten.op.overload") -> (kind, check).
-# The check, when given, must hold for the call to count (see trace_torch._CHECKS):
+# A function may have several rows: the first whose check holds gives the kind.
+# The check, when given, must hold for the call to count (see trace_torch._check):
 #   "operands": at least two tensor operands (x + y, not x + 1; a concatenation of one tensor is a copy);
+#   "constant": one tensor operand and a parameter or buffer of the model (x * layer_scale; x * 0.5 is
+#     not recorded: a Python number is part of the operation, as in Keras);
 #   "to_2d": the result is (N, features) from an input of rank 3 or more (a flattening view);
 #   "spatial": every axis after the channels is reduced (global pooling by mean/amax).
 _F = "torch.nn.functional."
+# fmt: off
+_ADD = ("torch.add", "Tensor.add", "Tensor.add_", "Tensor.__add__", "Tensor.__iadd__", "Tensor.__radd__",
+        "aten.add.Tensor", "aten.add_.Tensor")
+_SUB = ("torch.sub", "torch.subtract", "Tensor.sub", "Tensor.sub_", "Tensor.subtract", "Tensor.__sub__",
+        "Tensor.__isub__", "Tensor.__rsub__", "aten.sub.Tensor", "aten.sub_.Tensor")
+_MUL = ("torch.mul", "torch.multiply", "Tensor.mul", "Tensor.mul_", "Tensor.multiply", "Tensor.__mul__",
+        "Tensor.__imul__", "Tensor.__rmul__", "aten.mul.Tensor", "aten.mul_.Tensor")
+_DIV = ("torch.div", "torch.divide", "torch.true_divide", "Tensor.div", "Tensor.div_", "Tensor.divide",
+        "Tensor.true_divide", "Tensor.__truediv__", "Tensor.__itruediv__", "Tensor.__rtruediv__",
+        "aten.div.Tensor", "aten.div_.Tensor")
 TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
     *(
         (name, "act", None)
@@ -113,13 +143,9 @@ TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
             "aten._log_softmax.default", "aten.log_softmax.int",
         )
     ),
-    *(
-        (name, "add", "operands")
-        for name in (
-            "torch.add", "Tensor.add", "Tensor.add_", "Tensor.__add__", "Tensor.__iadd__", "Tensor.__radd__",
-            "aten.add.Tensor", "aten.add_.Tensor",
-        )
-    ),
+    *((name, "add", "operands") for name in _ADD + _SUB),
+    *((name, "mul", "operands") for name in _MUL + _DIV),
+    *((name, "scale", "constant") for name in _ADD + _SUB + _MUL + _DIV),
     *((name, "concat", "operands") for name in ("torch.cat", "torch.concat", "torch.concatenate", "aten.cat.default")),
     *((name, "flatten", "to_2d") for name in ("torch.flatten", "Tensor.flatten", "aten.flatten.using_ints")),
     *(
@@ -148,6 +174,12 @@ TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
                      "aten.convolution.default")
     ),
     *((name, "dense", None) for name in (_F + "linear", "aten.linear.default")),
+    *(
+        (name, "ln", None)
+        for name in (_F + "layer_norm", _F + "group_norm", "torch.layer_norm", "torch.group_norm",
+                     "aten.layer_norm.default", "aten.native_layer_norm.default", "aten.group_norm.default",
+                     "aten.native_group_norm.default")
+    ),
     *((name, "bn", None) for name in (_F + "batch_norm", "aten._native_batch_norm_legit_no_training.default")),
 )  # fmt: skip
 
@@ -159,11 +191,21 @@ KERAS_LAYERS: tuple[tuple[str, str], ...] = (
     ("BaseConvTranspose", "conv"),
     ("Dense", "dense"),
     ("BatchNormalization", "bn"),
+    ("LayerNormalization", "ln"),
+    ("GroupNormalization", "ln"),
     ("BaseGlobalPooling", "gpool"),
     ("BaseAdaptivePooling", "gpool"),
     ("BasePooling", "pool"),
     ("Flatten", "flatten"),
-    ("Add", "add"),
+    ("Add", "add"),  # the layer, and the op of `x + y` in a functional model (a sum of two layers only)
+    ("Subtract", "add"),
+    ("Multiply", "mul"),
+    ("TrueDivide", "mul"),
+    ("Divide", "mul"),
+    ("ElementwiseConstant", "scale"),  # bnkit's (a PyTorch parameter or buffer in arithmetic)
+    ("LayerScale", "scale"),  # keras.applications ConvNeXt's
+    ("Normalization", "scale"),  # (x - mean) / std with its stored statistics
+    ("Rescaling", "scale"),  # recorded when its scale or offset is per channel (numbers are part of the op)
     ("Concatenate", "concat"),
     ("ZeroPadding1D", "pad"),
     ("ZeroPadding2D", "pad"),
@@ -180,6 +222,13 @@ KERAS_LAYERS: tuple[tuple[str, str], ...] = (
 # calls them in inference mode. Matched like KERAS_LAYERS.
 KERAS_RANDOM_LAYERS: tuple[str, ...] = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
                                         "GaussianNoise", "GaussianDropout", "AlphaDropout")  # fmt: skip
+# Layers outside keras.layers that are random in training: keras.applications ConvNeXt's and bnkit's
+# stochastic depth.
+KERAS_RANDOM_CUSTOM_LAYERS: tuple[str, ...] = ("StochasticDepth",)
+
+# PyTorch modules (class names anywhere in the MRO) that are random in training: compare runs them
+# in eval() (torch.nn's dropouts, torchvision's and bnkit's StochasticDepth).
+TORCH_RANDOM_MODULES: tuple[str, ...] = ("_DropoutNd", "StochasticDepth")
 
 
 def kind_of(name: str) -> Kind:

@@ -29,7 +29,7 @@ CAUSES: dict[str, str] = {
     "and the other does not, or their renorm_clipping or renorm_momentum differ",
     "layout": "a Dense/Linear after Flatten expects the other framework's flatten order "
     "(H·W·C vs C·H·W): its weights were not permuted; or a convolution kernel ported NHWC/NCHW "
-    "with its spatial axes swapped",
+    "with its spatial axes swapped; or the reshapes/permutations between two layers (a channel shuffle) differ",
     "weights": "a layer gives different outputs from matching inputs: its parameters differ",
     "unexplained": "the models disagree for a reason bnkit could not identify",
 }

@@ -65,6 +65,33 @@ def _bn_gain(entry: Entry, framework: str) -> tuple[float, int]:
     return (float(np.max(gains)) if gains.size else 1.0), n
 
 
+def _ln_gain(entry: Entry) -> tuple[float, int]:
+    """(gain, reduction length) of a layer norm: ``max |gamma| / min std`` over the samples, the
+    normalized axes found from gamma's shape (the trailing axes, or the channel axis of an NCHW
+    layer norm such as torchvision's LayerNorm2d); without gamma, every axis but the batch."""
+    w = entry.weights
+    gamma = w.get("gamma")
+    eps = float(w["eps"]) if "eps" in w else 0.0
+    largest = float(np.abs(gamma).max()) if gamma is not None and gamma.size else 1.0
+    if not entry.input_raw:
+        return largest, int(gamma.size) if gamma is not None else 1
+    x = _float(entry.input_raw[0])
+    shape = tuple(x.shape)
+    if gamma is not None and shape[len(shape) - gamma.ndim :] == gamma.shape:
+        axes = tuple(range(len(shape) - gamma.ndim, len(shape)))
+    elif gamma is not None and gamma.ndim == 1 and len(shape) > 1 and shape[1] == gamma.size:
+        axes = (1,)
+    else:
+        axes = tuple(range(1, len(shape)))
+    if not axes or x.numel() == 0:
+        return largest, 1
+    var = x.var(dim=axes, unbiased=False).double()
+    smallest = float(var.min()) if var.numel() else 0.0
+    gain = largest / math.sqrt(smallest + eps) if smallest + eps > 0 else largest
+    n = int(np.prod([shape[a] for a in axes]))
+    return (gain if math.isfinite(gain) else largest), n
+
+
 def local_terms(entry: Entry, framework: str, scale_in: float) -> tuple[float, int, float]:
     """(gain on an error of the input, terms summed per output value, magnitude of those terms)."""
     key = ("terms", framework, scale_in)
@@ -88,6 +115,9 @@ def _local_terms(entry: Entry, framework: str, scale_in: float) -> tuple[float, 
         gain, n = _bn_gain(entry, framework)
         mean = float(np.abs(entry.weights["mean"]).max()) if entry.weights.get("mean") is not None else 0.0
         return gain, n, max(scale_out, gain * max(scale_in, mean))
+    if entry.kind == "ln":
+        gain, n = _ln_gain(entry)
+        return gain, n, max(scale_out, gain * scale_in)
     if kind.reduction == "window":
         size_out = int(np.prod(entry.canonical.shape[1:])) or 1
         size_in = int(np.prod(entry.input_shapes[0][1:])) if entry.input_shapes else size_out

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnkit.diagnose.kinds import kind_of
 from bnkit.diagnose.report import BatchNormState
 
-__all__ = ["INPUT", "Entry", "Trace", "to_layout", "to_numpy", "magnitude", "rerun", "renorm_state"]
+__all__ = ["INPUT", "Entry", "Trace", "folds_into", "to_layout", "to_numpy", "magnitude", "rerun", "renorm_state"]
 
 #: The producer index that stands for the model's input.
 INPUT = -1
@@ -88,6 +89,21 @@ class Trace:
     dtype_eps: float  # machine epsilon of the dtype the model computed in
     input_nonfinite: int = 0  # NaN/Inf values in the input
     model: object = None  # the model as run (PyTorch: the working copy)
+
+
+def folds_into(entries: list[Entry], kind: str, inputs: list[tuple[int, ...]]) -> int | None:
+    """The traced layer that a new layer of ``kind`` with operands from ``inputs`` folds into, or
+    None: an activation applied to a convolution's or dense layer's output (as Keras fuses
+    ``Conv2D(..., activation="relu")``), arithmetic with a constant applied to such arithmetic
+    (``(x - mean) / std`` is one layer in Keras, two operations in PyTorch). The caller checks that
+    the operand is that layer's latest output and that nothing else consumed it."""
+    if len(inputs) != 1 or len(inputs[0]) != 1 or inputs[0][0] == INPUT:
+        return None
+    p = inputs[0][0]
+    before = entries[p].kind
+    if (kind == "act" and kind_of(before).folds_activation) or (kind_of(kind).chains and before == kind):
+        return p
+    return None
 
 
 def renorm_state(layer, conv) -> dict:

@@ -12,9 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 from bnkit.conventions import KERAS, get_convention
-from bnkit.diagnose.kinds import KERAS_LAYERS, KERAS_RANDOM_LAYERS, kind_of
+from bnkit.diagnose.kinds import KERAS_LAYERS, KERAS_RANDOM_CUSTOM_LAYERS, KERAS_RANDOM_LAYERS, kind_of
 from bnkit.diagnose.report import BatchNormState
-from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, renorm_state, to_layout, to_numpy
+from bnkit.diagnose.trace import (
+    INPUT,
+    Entry,
+    Trace,
+    describe_operands,
+    folds_into,
+    magnitude,
+    renorm_state,
+    to_layout,
+    to_numpy,
+)
 
 __all__ = ["trace_keras", "keras_kind", "keras_bn_state"]
 
@@ -29,6 +39,8 @@ def keras_kind(layer) -> str | None:
         if class_name in names:
             if kind == "act" and "Activation" in names and _activation_name(layer) is None:
                 return None  # Activation("linear") changes nothing
+            if class_name == "Rescaling" and all(np.size(v) == 1 for v in (layer.scale, layer.offset)):
+                return None  # x * 0.5 + 1: numbers are part of the operation, as in PyTorch
             return kind
     return None
 
@@ -94,6 +106,17 @@ def _layer_weights(layer, kind: str) -> dict[str, np.ndarray]:
             if value is not None:
                 weights[key] = to_numpy(value).copy()
         weights["eps"] = np.asarray(float(layer.epsilon))
+    elif kind == "ln":
+        for key in ("gamma", "beta"):
+            if getattr(layer, key, None) is not None:
+                weights[key] = to_numpy(getattr(layer, key)).copy()
+        weights["eps"] = np.asarray(float(layer.epsilon))
+    elif kind == "scale":
+        for k, w in enumerate(layer.weights):
+            weights["constant" if k == 0 else f"constant_{k}"] = to_numpy(w).copy()
+        for key in ("scale", "offset"):  # Rescaling's per-channel numbers
+            if np.size(getattr(layer, key, 0)) > 1:
+                weights[key] = np.asarray(getattr(layer, key), dtype="float32")
     return weights
 
 
@@ -165,7 +188,7 @@ class _Recorder:
                 inputs = inner._standardize_inputs(inputs) if hasattr(inner, "_standardize_inputs") else inputs
                 return inner._run_through_graph(inputs, operation_fn=self.wrap)
             names = _class_names(op)
-            if names & set(KERAS_RANDOM_LAYERS):
+            if names & {*KERAS_RANDOM_LAYERS, *KERAS_RANDOM_CUSTOM_LAYERS}:
                 kwargs["training"] = False  # random masks cannot agree across frameworks
             elif "training" in getattr(op, "_call_context_args", ()):
                 kwargs["training"] = self.training
@@ -175,8 +198,18 @@ class _Recorder:
             operands = _flat_tensors((args, kwargs), self.keras)
             data = [t for t in operands if self.of(t)]
             out = _flat_tensors(result, self.keras)
-            if kind in ("add", "concat") and len(data) < 2:
+            if kind in ("add", "mul", "concat") and len(data) < 2:
                 kind = None  # keras.ops.add(x, 1.0): not a sum of two layers' outputs
+            elif kind == "scale" and len(data) != 1:
+                kind = None
+            elif (
+                kind in ("pool", "gpool")
+                and len(data) == 1
+                and len(out) == 1
+                and tuple(data[0].shape) == tuple(out[0].shape)
+                and np.array_equal(to_numpy(data[0]), to_numpy(out[0]))
+            ):
+                kind = None  # an identity pooling (adaptive to its input's size): a converter may drop it
             if kind is None or not data or not out:
                 self.pass_on(operands, result)
                 return result
@@ -206,26 +239,24 @@ class _Recorder:
         inputs = [self.of(t) for t in operands]
         type_name = type(layer).__name__
         act = _activation_name(layer)
-        if act is not None and kind in ("conv", "dense"):
-            type_name += f"({act})"
-        if kind == "act" and len(inputs) == 1 and len(inputs[0]) == 1:
-            p = inputs[0][0]
-            if (
-                p != INPUT
-                and kind_of(self.entries[p].kind).folds_activation
-                and self.output_ids.get(p) == id(operands[0])
-                and p not in self.consumed
-            ):  # an activation layer applied to a convolution's or dense layer's output alone: fold it in
-                prev = self.entries[p]
-                output = self.perturbed(prev, kind, output)
-                raw = to_numpy(output).copy()
-                prev.type = f"{prev.type}+{type_name}"
-                prev.set_output(raw, to_layout(raw, "keras", "torch", copy=False))
-                prev.callables.append(layer)
-                self.consumed.add(p)
-                self.output_ids[p] = id(output)
-                self.source(output, (p,))
-                return output
+        if act is not None and (kind in ("conv", "dense") or type_name == "Activation"):
+            type_name += f"({act})"  # Activation(hard_swish): which one, as PyTorch's class names say
+        p = folds_into(self.entries, kind, inputs)
+        if p is not None and self.output_ids.get(p) == id(operands[0]) and p not in self.consumed:
+            # an activation layer applied to a convolution's or dense layer's output alone, or a
+            # chain of arithmetic with constants: folded in
+            prev = self.entries[p]
+            output = self.perturbed(prev, kind, output)
+            raw = to_numpy(output).copy()
+            prev.type = f"{prev.type}+{type_name}"
+            prev.set_output(raw, to_layout(raw, "keras", "torch", copy=False))
+            prev.callables.append(layer)
+            for key, value in _layer_weights(layer, kind).items():
+                prev.weights[f"{key}_{len(prev.callables) - 1}"] = value
+            self.consumed.add(p)
+            self.output_ids[p] = id(output)
+            self.source(output, (p,))
+            return output
         for operand in inputs:
             self.consumed.update(operand)
         index = len(self.entries)

@@ -24,9 +24,18 @@ import importlib
 import numpy as np
 
 from bnkit.conventions import TORCH, Convention
-from bnkit.diagnose.kinds import TORCH_FUNCTIONS, TORCH_MODULES, kind_of
+from bnkit.diagnose.kinds import TORCH_FUNCTIONS, TORCH_MODULES, TORCH_RANDOM_MODULES, kind_of
 from bnkit.diagnose.report import BatchNormState
-from bnkit.diagnose.trace import INPUT, Entry, Trace, describe_operands, magnitude, renorm_state, to_numpy
+from bnkit.diagnose.trace import (
+    INPUT,
+    Entry,
+    Trace,
+    describe_operands,
+    folds_into,
+    magnitude,
+    renorm_state,
+    to_numpy,
+)
 
 __all__ = ["trace_torch", "torch_bn_state"]
 
@@ -56,7 +65,7 @@ def _resolve(path: str):
 
 @functools.cache
 def _tables():
-    """(module classes and kinds, {function: (kind, check)}), resolved once."""
+    """(module classes and kinds, {function: [(kind, check), ...]}), resolved once."""
     modules = []
     for path, kind in TORCH_MODULES:
         try:
@@ -66,10 +75,21 @@ def _tables():
     functions = {}
     for path, kind, check in TORCH_FUNCTIONS:
         try:
-            functions.setdefault(_resolve(path), (kind, check))
+            specs = functions.setdefault(_resolve(path), [])
+            if (kind, check) not in specs:
+                specs.append((kind, check))
         except (AttributeError, ImportError, RuntimeError):
             continue
     return tuple(modules), functions
+
+
+@functools.cache
+def _composite_kinds() -> dict[str, str]:
+    """Class name -> kind of the known modules that hold other known modules (a separable
+    convolution's two convolutions)."""
+    from torch import nn
+
+    return {cls.__name__: kind for cls, kind in _tables()[0] if issubclass(cls, nn.Sequential)}
 
 
 def module_kind(module) -> str | None:
@@ -104,11 +124,20 @@ def torch_bn_state(module) -> BatchNormState:
 
 
 def _module_weights(module, kind: str) -> dict[str, np.ndarray]:
-    """Canonical parameters: ``weight`` as (out, in per group, *kernel); batch-norm statistics."""
+    """Canonical parameters: ``weight`` as (out, in per group, *kernel) (a separable convolution's
+    ``depthwise`` kernel and its pointwise ``weight`` as (out, in), as Keras holds them); batch-norm
+    statistics; a layer norm's ``gamma``, ``beta`` and ``eps``."""
     from torch import nn
 
     weights: dict[str, np.ndarray] = {}
-    if kind in ("conv", "dense") and getattr(module, "weight", None) is not None:
+    depthwise, pointwise = getattr(module, "depthwise", None), getattr(module, "pointwise", None)
+    if kind == "conv" and getattr(depthwise, "weight", None) is not None and hasattr(pointwise, "weight"):
+        weights["depthwise"] = to_numpy(depthwise.weight)
+        w = to_numpy(pointwise.weight)
+        weights["weight"] = w.reshape(w.shape[0], -1)
+        if pointwise.bias is not None:
+            weights["bias"] = to_numpy(pointwise.bias)
+    elif kind in ("conv", "dense") and getattr(module, "weight", None) is not None:
         w = to_numpy(module.weight)
         if isinstance(module, nn.modules.conv._ConvTransposeNd):  # (in, out per group, *k)
             w = np.swapaxes(w, 0, 1)
@@ -121,6 +150,29 @@ def _module_weights(module, kind: str) -> dict[str, np.ndarray]:
             if value is not None:
                 weights[key] = to_numpy(value).copy()
         weights["eps"] = np.asarray(float(module.eps))
+    elif kind == "ln":
+        for key, attr in (("gamma", "weight"), ("beta", "bias")):
+            if getattr(module, attr, None) is not None:
+                weights[key] = to_numpy(getattr(module, attr)).copy()
+        weights["eps"] = np.asarray(float(module.eps))
+    return weights
+
+
+def _function_weights(kind: str, args: tuple, kwargs: dict, torch) -> dict[str, np.ndarray]:
+    """The parameters a functional call was given: a convolution's or linear's ``weight``;
+    ``F.layer_norm(x, shape, weight, bias, eps)``'s (``aten.native_layer_norm`` takes the same)."""
+    weights: dict[str, np.ndarray] = {}
+    if kind in ("conv", "dense"):
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if isinstance(w, torch.Tensor):
+            weights["weight"] = to_numpy(w)
+    elif kind == "ln":
+        named = dict(zip(("input", "shape", "weight", "bias", "eps"), args, strict=False)) | kwargs
+        for key, name in (("gamma", "weight"), ("beta", "bias")):
+            if isinstance(named.get(name), torch.Tensor):
+                weights[key] = to_numpy(named[name]).copy()
+        if isinstance(named.get("eps"), float):
+            weights["eps"] = np.asarray(named["eps"])
     return weights
 
 
@@ -145,11 +197,13 @@ def _first_tensor(value, torch):
     return None
 
 
-def _check(check: str | None, operands: list, result) -> bool:
+def _check(check: str | None, operands: list, result, constants: list) -> bool:
     if check is None:
         return True
     if check == "operands":
         return len(operands) >= 2
+    if check == "constant":
+        return len(operands) == 1 and len(constants) >= 1
     first = operands[0] if operands else None
     if first is None or first.ndim < 3:
         return False
@@ -191,6 +245,16 @@ class _Recorder:
         self.stack: list[str] = []  # the module paths now running, for naming functional entries
         self.used_names: dict[str, int] = {}
         self.bn_states: dict[int, BatchNormState] = {}
+        # the model's parameters and buffers: the constants of "constant" checks
+        self.constants = {id(t) for t in (*work.parameters(), *work.buffers())}
+
+    def module_kind(self, module) -> str | None:
+        """The kind of a module; in a loaded ``.pt2`` program, also of a sub-program that stands
+        for a composite layer of a known class (bnkit's SeparableConv2d: one layer, as in Keras)."""
+        kind = module_kind(module)
+        if kind is None and next(module.children(), None) is not None:
+            kind = _composite_kinds().get(self.type_names.get(self.names.get(module, ""), ""))
+        return kind
 
     # ---- provenance -----------------------------------------------------------------
     def source(self, tensor, producers: tuple[int, ...]) -> None:
@@ -232,24 +296,30 @@ class _Recorder:
         with simulated rounding noise)."""
         operands = [t for t in operands if self.of(t)]  # constants and parameters carry no data flow
         inputs = [self.of(t) for t in operands]
-        if kind == "act" and len(inputs) == 1 and len(inputs[0]) == 1:
-            p = inputs[0][0]
-            if (
-                p != INPUT
-                and kind_of(self.entries[p].kind).folds_activation
-                and self.output_ids.get(p) == id(operands[0])
-                and p not in self.consumed
-            ):  # an activation applied to a convolution's or dense layer's output alone: fold it in
-                prev = self.entries[p]
-                output = self.perturbed(prev, kind, output)
-                prev.type = f"{prev.type}+{type_name}"
-                raw = to_numpy(output).copy()
-                prev.set_output(raw, raw)
-                prev.callables.append(callable_)
-                self.consumed.add(p)
-                self.output_ids[p] = id(output)
-                self.source(output, (p,))
-                return output
+        if (
+            kind in ("pool", "gpool")
+            and len(operands) == 1
+            and operands[0].shape == output.shape
+            and self.torch.equal(operands[0], output)
+        ):  # an identity pooling (adaptive to its input's size)
+            self.pass_on(operands, output)
+            return output
+        p = folds_into(self.entries, kind, inputs)
+        if p is not None and self.output_ids.get(p) == id(operands[0]) and p not in self.consumed:
+            # an activation applied to a convolution's or dense layer's output alone, or a chain of
+            # arithmetic with constants: folded in
+            prev = self.entries[p]
+            output = self.perturbed(prev, kind, output)
+            prev.type = f"{prev.type}+{type_name}"
+            raw = to_numpy(output).copy()
+            prev.set_output(raw, raw)
+            prev.callables.append(callable_)
+            for key, value in (weights or {}).items():
+                prev.weights[f"{key}_{len(prev.callables) - 1}"] = value
+            self.consumed.add(p)
+            self.output_ids[p] = id(output)
+            self.source(output, (p,))
+            return output
         for operand in inputs:
             self.consumed.update(operand)
         index = len(self.entries)
@@ -280,7 +350,7 @@ class _Recorder:
         self.stack.append(self.names.get(module, ""))
         if self.active is not None:
             return
-        kind = module_kind(module)
+        kind = self.module_kind(module)
         if kind is not None:
             self.active = module
             if kind == "bn":
@@ -301,7 +371,7 @@ class _Recorder:
         out = _first_tensor(output, self.torch)
         if out is None:
             return
-        kind = module_kind(module)
+        kind = self.module_kind(module)
         self.busy = True
         try:
             path = self.names.get(module, type(module).__name__)
@@ -320,43 +390,50 @@ class _Recorder:
     def function(self, func, args, kwargs, result):
         torch = self.torch
         operands = _tensors(args, torch) + _tensors(tuple(kwargs.values()), torch)
-        spec = _tables()[1].get(func)
+        specs = _tables()[1].get(func, ())
         out = _first_tensor(result, torch)
-        if spec is not None and out is not None and operands and any(self.of(t) for t in operands):
-            kind, check = spec
-            data = [t for t in operands if self.of(t)]
-            if _check(check, data, out):
-                op = _op_name(func)
-                where = self.stack[-1] if self.stack else ""
-                if where in self.leaf_types:  # a .pt2 sub-program standing for one layer: named as it
-                    name, op = self.unique(where), self.leaf_types[where]
-                else:
-                    name = self.unique(f"{where}.{op}" if where else op)
-                weights = {}
-                if kind in ("conv", "dense") and len(args) > 1 and isinstance(args[1], torch.Tensor):
-                    weights["weight"] = to_numpy(args[1])
-                rest, kw = tuple(args[1:]), dict(kwargs)
-                if kind == "concat":  # torch.cat([a, b], dim): re-run on new operands
+        data = [t for t in operands if self.of(t)]
+        constants = [t for t in operands if id(t) in self.constants and not self.of(t)]
+        spec = next((s for s in specs if _check(s[1], data, out, constants)), None) if out is not None else None
+        if spec is not None and data:
+            kind, _ = spec
+            op = _op_name(func)
+            where = self.stack[-1] if self.stack else ""
+            if where in self.leaf_types:  # a .pt2 sub-program standing for one layer: named as it
+                name, op = self.unique(where), self.leaf_types[where]
+            else:
+                name = self.unique(f"{where}.{op}" if where else op)
+            weights = _function_weights(kind, args, kwargs, torch)
+            if kind == "scale":
+                weights["constant"] = to_numpy(constants[0]).copy()
+            rest, kw = tuple(args[1:]), dict(kwargs)
+            if kind == "concat":  # torch.cat([a, b], dim): re-run on new operands
 
-                    def rerun(*ts, func=func, rest=rest, kw=kw):
-                        return func(list(ts), *rest, **kw)
+                def rerun(*ts, func=func, rest=rest, kw=kw):
+                    return func(list(ts), *rest, **kw)
 
-                elif kind == "add":
+            elif kind in ("add", "mul"):
 
-                    def rerun(*ts, func=func, kw=kw):
-                        return func(*ts, **kw)
+                def rerun(*ts, func=func, kw=kw):
+                    return func(*ts, **kw)
 
-                else:
+            elif kind == "scale":  # the data operand may come second (layer_scale * x)
+                slot = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self.of(a))
 
-                    def rerun(t, func=func, rest=rest, kw=kw):
-                        r = func(t, *rest, **kw)
-                        return r[0] if isinstance(r, (tuple, list)) else r
+                def rerun(t, func=func, args=args, slot=slot, kw=kw):
+                    return func(*args[:slot], t, *args[slot + 1 :], **kw)
 
-                went_on = self.record(name, op, kind, data, out, rerun, weights)
-                if out is not result:
-                    self.pass_on([out], result)
-                    return result
-                return went_on
+            else:
+
+                def rerun(t, func=func, rest=rest, kw=kw):
+                    r = func(t, *rest, **kw)
+                    return r[0] if isinstance(r, (tuple, list)) else r
+
+            went_on = self.record(name, op, kind, data, out, rerun, weights)
+            if out is not result:
+                self.pass_on([out], result)
+                return result
+            return went_on
         self.pass_on(operands, result)
         return result
 
@@ -368,13 +445,12 @@ def trace_torch(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
     output as the model goes on (:func:`bnkit.diagnose.tolerance.measure_rounding` adds simulated
     rounding noise this way)."""
     import torch
-    from torch import nn
 
     with _restored(model, torch):
         if training:
             model.train()
         for m in model.modules():  # random masks cannot agree across frameworks
-            if isinstance(m, nn.modules.dropout._DropoutNd):
+            if {c.__name__ for c in type(m).__mro__} & set(TORCH_RANDOM_MODULES):
                 m.eval()
         return _run(model, x, perturb, torch)
 

@@ -30,6 +30,11 @@ _BN_PARAMETERS = (("gamma", "gamma (weight)"), ("beta", "beta (bias)"), ("mean",
                   ("var", "moving/running variance"))  # fmt: skip
 
 
+#: How many times its tolerance a layer without parameters must be off, its inputs agreeing, to be
+#: called a different function rather than rounding its inputs' small differences grew through.
+_FAR = 10.0
+
+
 def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
     """Name ``weights`` (or what it is instead) at every source row no other cause explains."""
     explained_a = {ctx.pairs[k][0] for k, row in enumerate(report.rows) if row.name in explained}
@@ -38,10 +43,47 @@ def find(report: CompareReport, ctx, add, explained: set[str]) -> None:
             continue
         if explained_a & ctx.ancestors_a(ctx.pairs[k][0]):
             continue  # downstream of a layer another cause names (an eps whose effect grows further on)
-        if row.kind in ("conv", "dense"):
+        moved = _inputs_differ(ctx, report, k)
+        if moved is not None:
+            figures, rearranged = moved
+            if rearranged:
+                add(
+                    "layout",
+                    f"{row.name}: the {row.type_a} / {row.type_b} receives other values in other places "
+                    "although the traced layers feeding it agree: the operations between them, which move "
+                    "values without computing (reshape, view, permute, transpose, slice, chunk — a channel "
+                    "shuffle), rearrange them differently in the two models.",
+                    row.name,
+                    f"observed: the layer's inputs as it received them differ ({figures}); on each side every "
+                    "value it received is one the layers feeding it produced",
+                )
+            else:
+                add(
+                    "unexplained",
+                    f"{row.name}: the {row.type_a} / {row.type_b} receives different inputs although the traced "
+                    "layers feeding it agree: an operation between them that compare does not trace "
+                    "(arithmetic with a number, a layer of a kind it does not know) computes differently in the "
+                    "two models.",
+                    row.name,
+                    f"observed: the layer's inputs as it received them differ ({figures}), and not all of "
+                    "them are values the layers feeding it produced",
+                )
+            continue
+        if row.kind in ("conv", "dense", "scale"):
             _conv_or_dense(ctx, k, row, add)
         elif row.kind == "bn":
             _batchnorm(ctx, k, row, add)
+        elif row.kind == "ln":
+            _layer_norm(ctx, k, row, add)
+        elif row.tolerance_ratio >= _FAR:  # no parameters, far beyond rounding: different functions
+            add(
+                "unexplained",
+                f"{row.name}: this {row.type_a} / {row.type_b} gives different outputs although the layers "
+                "before it agree, and it has no parameters: the two compute different functions (another "
+                "activation, pooling window, stride or padding, another operation).",
+                row.name,
+                "observed: inputs agree, outputs differ",
+            )
 
 
 def _conv_or_dense(ctx, k: int, row: LayerDiff, add) -> None:
@@ -108,6 +150,85 @@ def _batchnorm(ctx, k: int, row: LayerDiff, add) -> None:
     )
 
 
+def _inputs_differ(ctx, report: CompareReport, k: int) -> tuple[str, bool] | None:
+    """Where both sides kept the operand a layer received (parametric kinds), and it differs by
+    more than the tolerance of the paired layers it came from: (how far, whether on both sides it
+    holds only values its producers output — moved, not computed), else None."""
+    ea, eb = ctx.entries(k)
+    if not ea.input_raw or not eb.input_raw or flatten_feeding(ctx, k) is not None:
+        return None
+    xa, xb = ea.input_raw[0], eb.input_raw[0]
+    if not (ea.canonical.shape != eb.canonical.shape and ea.raw.shape == eb.raw.shape):  # else: both channels-last
+        xa = to_layout(xa, ctx.framework_a, "torch", copy=False)
+        xb = to_layout(xb, ctx.framework_b, "torch", copy=False)
+    if xa.shape != xb.shape:
+        return None
+    feeding = [report.rows[i] for i in (ctx.input_pairs(k) or []) if i >= 0]
+    atol = max((r.atol for r in feeding), default=ctx.atol)
+    max_abs, _, _, diverges = diff(xa, xb, atol, ctx.rtol)
+    if not diverges:
+        return None
+    rearranged = _only_moved(ea, ctx.entries_a) and _only_moved(eb, ctx.entries_b)
+    return f"max |difference| {max_abs:.3g}, allowed {atol:.3g}", rearranged
+
+
+def _only_moved(entry, entries) -> bool:
+    """Every value the layer received is, bit for bit, one that the traced layers feeding it output."""
+    import torch
+
+    producers = entry.producers
+    if not producers or any(p < 0 for p in producers):  # the model input is not kept
+        return False
+    received = torch.from_numpy(np.ascontiguousarray(entry.input_raw[0])).reshape(-1)
+    made = torch.cat([torch.from_numpy(np.ascontiguousarray(entries[p].raw)).reshape(-1) for p in producers])
+    return bool(torch.isin(received, made).all())
+
+
+def _layer_norm(ctx, k: int, row: LayerDiff, add) -> None:
+    """A layer norm whose inputs agree: its eps, gamma or beta differ (compared directly: both
+    frameworks hold them over the normalized axes), or, where they are equal, its axes."""
+    ea, eb = ctx.entries(k)
+    eps_a, eps_b = (float(e.weights["eps"]) if "eps" in e.weights else None for e in (ea, eb))
+    differing = []
+    for key, label in (("gamma", "gamma (weight)"), ("beta", "beta (bias)")):
+        wa, wb = ea.weights.get(key), eb.weights.get(key)
+        if wa is None and wb is None:
+            continue
+        if wa is None or wb is None:
+            differing.append(f"{label} (on one side only)")
+        elif wa.size != wb.size or not np.allclose(wa.reshape(-1), wb.reshape(-1), rtol=1e-6, atol=0):
+            delta = (
+                float(np.max(np.abs(wa.astype(np.float64).reshape(-1) - wb.reshape(-1))))
+                if wa.size == wb.size
+                else math.inf
+            )
+            differing.append(f"{label} (max difference {delta:.3g})")
+    if eps_a is not None and eps_b is not None and eps_a != eps_b and not differing:
+        add(
+            "eps",
+            f"{row.name}: the layer norms add a different eps to the variance ({eps_a:g} in model A, "
+            f"{eps_b:g} in model B): Keras' LayerNormalization(epsilon=...) is nn.LayerNorm(eps=...).",
+            row.name,
+            "weights: gamma and beta equal, eps compared directly",
+        )
+        return
+    if differing:
+        add(
+            "weights",
+            f"{row.name}: the layer norms' {', '.join(differing)} differ: copy them over when porting.",
+            row.name,
+            "weights: the parameters compared directly",
+        )
+        return
+    add(
+        "weights",
+        f"{row.name}: this {row.type_a} / {row.type_b} gives different outputs although the layers before it "
+        "agree and its eps, gamma and beta are equal: it normalizes over other axes in the two models.",
+        row.name,
+        "observed: inputs agree, outputs differ",
+    )
+
+
 def _weight_difference(ctx, k: int) -> str:
     """Where the kernels can be compared directly (not a dense after a flatten, whose rows are
     reordered between the frameworks), how far apart they are."""
@@ -168,6 +289,8 @@ def _same_input(ctx, k: int) -> tuple[bool, str] | None:
     f = flatten_feeding(ctx, k)
     if fa == fb:
         x = ea.input_raw[0]
+    elif ea.canonical.shape != eb.canonical.shape and ea.raw.shape == eb.raw.shape:
+        x = ea.input_raw[0]  # both work on channels-last data (ConvNeXt's Linear after a permute)
     elif f is not None:
         prev, prev_b = ctx.entries(f)
         if prev.flat_order == "hwc":
