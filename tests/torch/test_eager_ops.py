@@ -30,12 +30,17 @@ def _graph(*calls):
 def test_in_place_operators_become_out_of_place_only_when_their_input_is_not_read_after():
     graph, x, (relu,) = _graph((aten.relu_.default, (), {}))
     graph.output(relu)
-    eager_graph(graph)
+    eager_graph(graph, unsafe_inputs=frozenset())  # the caller does not read x again
     assert relu.target is torch.relu
 
     graph, x, (relu,) = _graph((aten.relu_.default, (), {}))
+    graph.output(relu)
+    eager_graph(graph)  # by default, the caller may read x again
+    assert relu.target is aten.relu_.default
+
+    graph, x, (relu,) = _graph((aten.relu_.default, (), {}))
     graph.output(graph.call_function(aten.add.Tensor, (relu, x)))  # reads x, which relu_ wrote
-    eager_graph(graph)
+    eager_graph(graph, unsafe_inputs=frozenset())
     assert relu.target is aten.relu_.default
 
 
@@ -100,3 +105,47 @@ def test_an_operator_without_a_converter_is_refused_by_its_name_and_its_layer(tm
     ) as e:
         torch_to_keras(load_model(tmp_path / "cumsum.pt2"), (3, 4))
     assert "\n" not in str(e.value)
+
+
+class _WritesViews(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y[:, :2].relu_()  # writes y through a slice
+        y.view(y.size(0), -1).mul_(2)  # and through a view
+        return y + 1
+
+
+class _Sigmoid(nn.Module):
+    def forward(self, x):
+        return x.sigmoid_()
+
+
+class _CallerReadsAgain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.act = _WritesViews(), _Sigmoid()
+
+    def forward(self, x):
+        y = self.block(x)
+        z = self.act(y[:, 1:])  # a sub-program writes a view of y, which is read below
+        return y * 2 + z.sum()
+
+
+def test_writes_through_views_and_by_a_called_layer_stay_in_place(tmp_path):
+    torch.manual_seed(0)
+    module = _CallerReadsAgain().eval()
+    save_model(module, tmp_path / "views.pt2", input_shape=(3, 2, 2))
+    program = load_model(tmp_path / "views.pt2")
+    x = torch.randn(2, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(program(x), module(x))
+    targets = {n.target for sub in (program.block, program.act) for n in sub.graph.nodes}
+    assert {aten.relu_.default, aten.mul_.Tensor, aten.sigmoid_.default} <= targets
+    with pytest.raises(
+        UnsupportedLayerError, match=r"aten\.\w+\.\w+\(\) in the forward of 'block' \(_WritesViews\)"
+    ):
+        torch_to_keras(program, (3, 2, 2))

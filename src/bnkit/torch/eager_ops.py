@@ -6,7 +6,8 @@ A ``torch.export`` graph calls ATen operators (``aten.hardswish_.default``,
 rebuilt model (bnkit's converter, ``summary``, ``compare``) sees the functions it knows. Each
 replacement computes the same values with the same kernel: the rebuilt model's outputs do not
 change. An in-place operator (``add_``, ``relu_``) becomes its out-of-place twin only where
-nothing reads its input afterwards, so that no reader can see the difference; an operator this
+nothing reads the memory it writes afterwards (the tensor, a view of it or its base, or, through
+the caller, the tensor passed in), so that no reader can see the difference; an operator this
 table does not hold, or one called with arguments its eager twin would read differently, is
 left as it is (the converter then refuses it by its ATen name).
 """
@@ -17,7 +18,7 @@ import operator
 from collections.abc import Callable
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.nn import functional as F
 
 __all__ = ["eager_graph"]
@@ -110,24 +111,119 @@ def _tables() -> tuple[dict[object, Replacement], dict[object, Replacement]]:
     return table, {op: table[twin] for op, twin in in_place.items()}
 
 
-def _read_later(node: fx.Node, position: dict[fx.Node, int]) -> bool:
-    """Whether the tensor an in-place ``node`` writes (its first argument) is read after it."""
-    written = node.args[0] if node.args else None
-    if not isinstance(written, fx.Node):
+class _Aliases:
+    """Which nodes of a graph may share memory: a view (``view``, ``slice``, ``transpose``, a piece of
+    ``chunk``...) with its base, by the operators' own alias annotations; a module's output with its
+    inputs unless the module is known to return new tensors (a convolution, a sub-program whose
+    outputs are none of its inputs' memory). An in-place operator's result is not joined to what it
+    wrote: its readers read the written values, which the out-of-place twin gives them."""
+
+    def __init__(self, graph: fx.Graph, in_place: dict, owner: nn.Module | None) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
+        self.position = {n: i for i, n in enumerate(graph.nodes)}
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in in_place:
+                continue
+            if node.op == "call_module":
+                module = owner.get_submodule(node.target) if owner is not None else None
+                if module is not None and not _may_return_an_input(module, in_place):
+                    continue
+                sources = node.all_input_nodes
+            elif node.target is operator.getitem or _returns_alias(node.target):
+                sources = node.args[:1]
+            else:
+                continue
+            for arg in sources:
+                if isinstance(arg, fx.Node):
+                    self.parent[self.find(node)] = self.find(arg)
+        self.groups: dict[fx.Node, list[fx.Node]] = {}
+        for node in graph.nodes:
+            self.groups.setdefault(self.find(node), []).append(node)
+
+    def find(self, node: fx.Node) -> fx.Node:
+        while node in self.parent:
+            node = self.parent[node]
+        return node
+
+    def read_after(self, node: fx.Node, value: fx.Node, unsafe_inputs: set[fx.Node]) -> bool:
+        """Whether ``value``'s memory is read after ``node`` (by another node), or is state or an input
+        that the caller reads again (``unsafe_inputs``)."""
+        for member in self.groups[self.find(value)]:
+            if member.op == "get_attr" or member in unsafe_inputs:
+                return True
+            if any(user is not node and self.position[user] > self.position[node] for user in member.users):
+                return True
+        return False
+
+
+# rebuilt layers (bnkit.torch.rebuild) that always return a new tensor
+_NEW_TENSOR_LAYERS = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.ReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softmax,
+)
+
+
+def _may_return_an_input(module: nn.Module, in_place: dict) -> bool:
+    """Whether a called module's output may be (a view of) one of its inputs."""
+    from torch.export.unflatten import InterpreterModule
+
+    if isinstance(module, _NEW_TENSOR_LAYERS) and not getattr(module, "inplace", False):
+        return False
+    if not isinstance(module, InterpreterModule):
         return True
-    return any(user is not node and position[user] > position[node] for user in written.users)
+    aliases = _Aliases(module.graph, in_place, module)
+    outputs = [n for n in module.graph.nodes if n.op == "output"]
+    returned = [a for o in outputs for a in o.all_input_nodes]
+    inputs = {aliases.find(n) for n in module.graph.nodes if n.op in ("placeholder", "get_attr")}
+    return any(aliases.find(a) in inputs for a in returned)
 
 
-def eager_graph(graph: fx.Graph) -> None:
-    """Rewrite ``graph``'s ATen calls to their eager twins, in place (see the module's docstring)."""
+def _returns_alias(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def eager_graph(
+    graph: fx.Graph, unsafe_inputs: frozenset[int] | None = None, owner: nn.Module | None = None
+) -> dict[fx.Node, frozenset[int]]:
+    """Rewrite ``graph``'s ATen calls to their eager twins, in place (see the module's docstring).
+
+    ``owner``: the module whose submodules the graph calls (None: every call may return its input).
+    ``unsafe_inputs``: the positions of the graph's inputs that its caller reads again after the call
+    (through an alias), so that they must still be written in place; all of them when None. Returns,
+    for each module the graph calls, the positions of its arguments that are unsafe in that sense.
+    """
     table, in_place = _tables()
-    position = {n: i for i, n in enumerate(graph.nodes)}
+    aliases = _Aliases(graph, in_place, owner)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    unsafe = {p for i, p in enumerate(placeholders) if unsafe_inputs is None or i in unsafe_inputs}
+    calls = {
+        node: frozenset(
+            i for i, arg in enumerate(node.args) if isinstance(arg, fx.Node) and aliases.read_after(node, arg, unsafe)
+        )
+        for node in graph.nodes
+        if node.op == "call_module"
+    }
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         replacement = table.get(node.target)
-        if replacement is None and node.target in in_place and not _read_later(node, position):
-            replacement = in_place[node.target]
+        if replacement is None and node.target in in_place:
+            written = node.args[0] if node.args else None
+            if isinstance(written, fx.Node) and not aliases.read_after(node, written, unsafe):
+                replacement = in_place[node.target]
         if replacement is None:
             continue
         op, target, adapt = replacement
@@ -136,3 +232,4 @@ def eager_graph(graph: fx.Graph) -> None:
             continue
         node.op, node.target = op, target
         node.args, node.kwargs = args_kwargs
+    return calls

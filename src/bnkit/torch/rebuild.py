@@ -202,8 +202,7 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
         layer.eval()
         _set_submodule(unflat, path, layer)
     graph = unflat.graph
-    _plain_graph(graph)
-    _eager_sub_programs(unflat)
+    _eager_sub_programs(unflat, _plain_graph(graph, unflat))
     root_name = (bnkit_meta or {}).get("model") or "ExportedModel"
     module = fx.GraphModule(unflat, graph, class_name=root_name if root_name.isidentifier() else "ExportedModel")
     # the classes the program was exported from, for the layers left as sub-programs (summaries, compare)
@@ -211,22 +210,41 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
     return module.eval()
 
 
-def _plain_graph(graph: fx.Graph) -> None:
-    """Eager-style operators and a single output instead of a 1-tuple, in place."""
-    eager_graph(graph)
+def _plain_graph(graph: fx.Graph, owner: nn.Module) -> dict:
+    """Eager-style operators and a single output instead of a 1-tuple, in place; returns what
+    :func:`eager_graph` returns. The program's inputs are the caller's: no later read of them in
+    the graph, which is all that writing them in place could change."""
+    calls = eager_graph(graph, frozenset(), owner)
     for node in graph.nodes:
         if node.op == "output" and isinstance(node.args[0], (tuple, list)) and len(node.args[0]) == 1:
             node.args = (node.args[0][0],)
     graph.lint()
+    return calls
 
 
-def _eager_sub_programs(root: nn.Module) -> None:
-    """The operators of every sub-program left in ``root`` (a layer not rebuilt) as eager calls."""
+def _eager_sub_programs(root: nn.Module, calls: dict) -> None:
+    """The operators of every sub-program left in ``root`` (a layer not rebuilt) as eager calls.
+
+    ``calls``: what :func:`eager_graph` returned for ``root``'s graph, the arguments of each module
+    call that the module must not write in place; a sub-program reached otherwise (one of the
+    several calls of a shared module) is given none of its inputs to write."""
     from torch.export.unflatten import InterpreterModule
 
+    done = set()
+
+    def visit(module: nn.Module, calls: dict) -> None:
+        for node, unsafe in calls.items():
+            sub = module.get_submodule(node.target)
+            if isinstance(sub, InterpreterModule) and id(sub) not in done:
+                done.add(id(sub))
+                visit(sub, eager_graph(sub.graph, unsafe, sub))
+
+    visit(root, calls)
+    for module in root.modules():
+        if isinstance(module, InterpreterModule) and module is not root and id(module) not in done:
+            eager_graph(module.graph, None, module)
     for module in root.modules():
         if isinstance(module, InterpreterModule) and module is not root:
-            eager_graph(module.graph)
             module.graph.lint()
             module.finalize()  # its generated code, for when it does not run through fx.Interpreter
 
