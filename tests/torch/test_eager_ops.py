@@ -93,6 +93,32 @@ def test_a_loaded_program_runs_as_exported_on_any_batch_and_converts_exactly(tmp
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected.numpy(), rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
+class _Slices(nn.Module):
+    """Slices (aten.slice) and an integer index (aten.select) on several axes, negative bounds, ``...``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        picked = torch.cat([y[:, 1:4], y[:, -2:]], 1) * x[:, 0:1] + y[:, 2, 1:2].unsqueeze(1)
+        return picked + y[..., 1:3, :4].mean((2, 3), keepdim=True)[:, :1]
+
+
+def test_slices_and_indices_of_a_loaded_program_convert_exactly(tmp_path):
+    torch.manual_seed(0)
+    module = _Slices().eval()
+    save_model(module, tmp_path / "slices.pt2", input_shape=(3, 4, 5))
+    program = load_model(tmp_path / "slices.pt2")
+    x = torch.randn(3, 3, 4, 5)
+    with torch.no_grad():
+        expected = module(x)
+        assert torch.equal(program(x), expected)
+    got = keras.ops.convert_to_numpy(torch_to_keras(program, (3, 4, 5))(x.permute(0, 2, 3, 1).numpy()))
+    np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected.numpy(), rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
 class _Cumulative(nn.Module):
     def forward(self, x):
         return torch.cumsum(x, dim=1)
@@ -145,7 +171,5 @@ def test_writes_through_views_and_by_a_called_layer_stay_in_place(tmp_path):
         assert torch.equal(program(x), module(x))
     targets = {n.target for sub in (program.block, program.act) for n in sub.graph.nodes}
     assert {aten.relu_.default, aten.mul_.Tensor, aten.sigmoid_.default} <= targets
-    with pytest.raises(
-        UnsupportedLayerError, match=r"aten\.\w+\.\w+\(\) in the forward of 'block' \(_WritesViews\)"
-    ):
+    with pytest.raises(UnsupportedLayerError, match=r"aten\.\w+\.\w+\(\) in the forward of 'block' \(_WritesViews\)"):
         torch_to_keras(program, (3, 2, 2))

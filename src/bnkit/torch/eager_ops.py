@@ -40,6 +40,34 @@ def _drop_memory_format(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return (args, {}) if not rest and kwargs.get("memory_format") in (None, torch.contiguous_format) else None
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _index(dim, item) -> tuple | None:
+    """The ``x[...]`` index that picks ``item`` along ``dim``."""
+    if not isinstance(dim, int):
+        return None
+    return (*(slice(None),) * dim, item) if dim >= 0 else (Ellipsis, item, *(slice(None),) * (-dim - 1))
+
+
+def _slice(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    # aten.slice.Tensor(x, dim=0, start=None, end=None, step=1) is x[..., start:end:step] along dim
+    x, dim, start, end, step = (*args, *(0, None, None, 1)[len(args) - 1 :])[:5]
+    if kwargs or not all(v is None or isinstance(v, int) for v in (start, end, step)):
+        return None
+    start = None if start == 0 else start
+    end = None if end is not None and end >= _INT64_MAX else end
+    index = _index(dim, slice(start, end, None if step == 1 else step))
+    return ((x, index), {}) if index is not None else None
+
+
+def _select(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    # aten.select.int(x, dim, index) is x[..., index] along dim
+    x, dim, item = args
+    index = _index(dim, item) if isinstance(item, int) and not kwargs else None
+    return ((x, index), {}) if index is not None else None
+
+
 def _first(count: int):
     """Keeps the first ``count`` positional arguments (aten's layer_norm also takes cudnn_enable)."""
     return lambda args, kwargs: (args[:count], kwargs) if not kwargs else None
@@ -67,6 +95,8 @@ def _tables() -> tuple[dict[object, Replacement], dict[object, Replacement]]:
         aten.flatten.using_ints: (fn, torch.flatten, None),
         aten.reshape.default: (fn, torch.reshape, None),
         aten.view.default: ("call_method", "view", None),
+        aten.slice.Tensor: (fn, operator.getitem, _slice),
+        aten.select.int: (fn, operator.getitem, _select),
         aten.sym_size.int: ("call_method", "size", None),
         aten.transpose.int: (fn, torch.transpose, None),
         aten.squeeze.dim: (fn, torch.squeeze, None),
