@@ -302,7 +302,8 @@ def save_model(model, path: str | os.PathLike, *, force: bool = False, input_sha
         model.eval()
         try:
             example = torch.zeros((2, *input_shape))
-            program = torch.export.export(model, (example,))
+            # the batch size stays free: a program fixed to the example's batch runs on no other
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
         except Exception as e:
             raise ModelFileError(f"{path}: torch.export failed ({_one_line(e)})") from e
         finally:

@@ -1,7 +1,7 @@
 """Real classification networks for the conversion tests and benchmarks/convert_cpu.py.
 
-:data:`NETWORKS` holds every network issue 8 names, both families: keras.applications and
-torchvision models with random weights (nothing is downloaded), small inputs, a 10-class head
+:data:`NETWORKS` holds every network issue 8 names and further ones it does not, both families:
+keras.applications and torchvision models with random weights (nothing is downloaded), small inputs, a 10-class head
 giving logits, and every normalization layer given non-trivial statistics and affine parameters
 (:func:`randomize_normalization`), so that a mix-up of mean and variance, gamma and beta, or a
 lost layer scale shows in the outputs. :func:`check_network` converts one and measures how far
@@ -134,7 +134,7 @@ def randomize_normalization(model, seed: int = 1) -> None:
                     w.assign(rng.uniform(*ranges[key], tuple(w.shape)).astype("float32"))
 
 
-# Every network issue 8 names. Extension point: add a network here, and its name to the lists in
+# Every network issue 8 names, then further ones. Extension point: add a network here, and its name to the lists in
 # tests/convert/test_real_networks.py once it converts; benchmarks/convert_cpu.py times them all.
 NETWORKS: dict[str, Network] = {
     net.name: net
@@ -161,6 +161,22 @@ NETWORKS: dict[str, Network] = {
         torchvision_model("vgg11_bn", size=224),  # AdaptiveAvgPool2d(7) is the identity only on 7x7 features
         torchvision_model("convnext_tiny"),
         torchvision_model("alexnet"),  # not named by the issue: AdaptiveAvgPool2d(6) of 2x2 features at 96x96
+        # not named by the issue
+        keras_application("ResNet50V2"),
+        keras_application("MobileNet"),
+        keras_application("MobileNetV3Large", pixel_input=True),
+        keras_application("EfficientNetV2B0", pixel_input=True),
+        keras_application("DenseNet169"),
+        # its last blocks see 1x1 features at 96x96: a training forward's batch norms then normalise 2 values
+        keras_application("InceptionResNetV2", size=160),
+        torchvision_model("mnasnet0_5"),
+        torchvision_model("mobilenet_v3_large"),
+        torchvision_model("shufflenet_v2_x1_0"),
+        torchvision_model("regnet_x_400mf"),
+        torchvision_model("resnext50_32x4d"),
+        torchvision_model("efficientnet_v2_s"),
+        torchvision_model("wide_resnet50_2"),
+        torchvision_model("inception_v3", size=160, aux_logits=False, init_weights=True),  # as InceptionResNetV2
     ]
 }
 
@@ -179,6 +195,8 @@ class Report:
     inference_error: float
     training_error: float
     statistics_error: float  # running means and variances after the training forward, worst layer
+    round_trip_error: float = math.nan  # the converted model converted back, against the source (inference)
+    weights_lost: tuple[str, ...] = ()  # source weights whose values the model converted back lacks
 
 
 def _is_torch(model) -> bool:
@@ -256,10 +274,39 @@ def _run(model, x: np.ndarray, training: bool) -> np.ndarray:
         return _numpy(model(x, training=training))
 
 
-def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source") -> Report:
+def _weights(model) -> list[tuple[str, np.ndarray]]:
+    """(name, values) of every parameter and buffer of a PyTorch module, every weight of a Keras model."""
+    if _is_torch(model):
+        return [(name, _numpy(t)) for name, t in model.state_dict().items()]
+    return [(w.path, _numpy(w.value)) for w in model.weights]
+
+
+def _is_keras_normalization_variance(name: str) -> bool:
+    # a Keras Normalization's variance (and its sample count) come back as the constant its input is divided
+    # by, max(sqrt(variance), epsilon): same function, other values
+    leaf = name.rpartition("/")[2]
+    return "normalization" in name.rpartition("/")[0] and leaf in ("variance", "count")
+
+
+def lost_weights(source, back) -> tuple[str, ...]:
+    """The source's weights whose values, bit for bit, no weight of ``back`` holds. Shapes are not
+    compared: a weight may come back reshaped (ConvNeXt's layer scale of shape (C, 1, 1) becomes a
+    (C,) multiplier; a Keras Conv2D with groups equal to its channels, a DepthwiseConv2D), but
+    its values in order are the same."""
+    held = {(values.dtype.str, values.tobytes()) for _, values in _weights(back)}
+    return tuple(
+        name
+        for name, values in _weights(source)
+        if (values.dtype.str, values.tobytes()) not in held and not _is_keras_normalization_variance(name)
+    )
+
+
+def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source", round_trip=False) -> Report:
     """Convert ``net`` (``semantics="source"`` by default) and compare the converted model with the
     source: inference outputs, then one training forward (dropout off on both sides) — its outputs
-    and every batch norm's updated running statistics. Raises what the conversion raises."""
+    and every batch norm's updated running statistics. With ``round_trip``, the converted model is
+    also converted back, and its inference outputs and weights compared with the source's. Raises
+    what the conversion raises."""
     source = net.build()
     x = net.example_input(batch, seed)
     start = time.perf_counter()
@@ -274,7 +321,16 @@ def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source
     def to_source_layout(y):
         return _to_keras_layout(y) if net.framework == "keras" else _to_torch_layout(y)
 
-    inference = relative_error(to_source_layout(_run(target, x_target, False)), _run(source, x, False))
+    expected = _run(source, x, False)
+    inference = relative_error(to_source_layout(_run(target, x_target, False)), expected)
+    round_trip_error, lost = math.nan, ()
+    if round_trip:
+        if net.framework == "keras":
+            back = torch_to_keras(target, x_target.shape[1:], semantics=semantics)
+        else:
+            back = keras_to_torch(target, semantics=semantics)
+        round_trip_error, lost = relative_error(_run(back, x, False), expected), lost_weights(source, back)
+        del back
     pairs = _pair_batch_norms(source, target)
     _without_dropout(source), _without_dropout(target)
     expected = _run(source, x, True)
@@ -284,7 +340,7 @@ def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source
     for model in (source, target):
         if _is_torch(model):
             model.eval()
-    return Report(net.name, direction, len(pairs), seconds, inference, training, statistics)
+    return Report(net.name, direction, len(pairs), seconds, inference, training, statistics, round_trip_error, lost)
 
 
 def format_error(error: float) -> str:

@@ -138,6 +138,30 @@ def test_keras_applications_layer_scale_is_a_per_channel_parameter():
     assert parameter.shape == (4, 1, 1) and parameter.requires_grad
 
 
+def test_keras_applications_custom_scale_layer_is_a_scaled_residual_sum():
+    """Inception-ResNet's ``x + r * scale``; back to Keras as arithmetic on a number."""
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    inputs = keras.Input((5, 7, 3))
+    residual = L.Conv2D(3, 3, padding="same")(inputs)
+    model = keras.Model(inputs, CustomScaleLayer(0.17, name="scaled_sum")([inputs, residual]))
+    x = random_array((2, 5, 7, 3))
+    torch_model = check_keras(model, x)
+    assert not any("scaled_sum" in name for name, _ in torch_model.named_parameters())  # a number, no weight
+    back = torch_to_keras(torch_model, (3, 5, 7))
+    np.testing.assert_array_equal(to_numpy(back(x)), to_numpy(model(x)))  # the same float32 operations
+
+
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")  # NumPy on Keras building the model
+def test_a_custom_scale_layer_without_a_number_as_scale_is_refused():
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    inputs = keras.Input((4, 3))
+    model = keras.Model(inputs, CustomScaleLayer(np.ones(3, "float32"), name="odd")([inputs, inputs]))
+    with pytest.raises(UnsupportedLayerError, match=r"'odd' \(CustomScaleLayer\).*a number as scale"):
+        keras_to_torch(model)
+
+
 class _InPlace(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -102,6 +102,7 @@ class TorchToKeras:
         # as graph inputs and never writes them; converters copy what they read): the user's module
         # keeps its mode, and its buffers, which a forward may write in place while it is traced.
         self.module = copy.deepcopy(module, memo={id(p): p for p in _parameters(module)}).eval()
+        self.layer_types = getattr(module, "_bnkit_layer_types", None) or {}  # a loaded .pt2's original classes
         if torch_module_converter(self.module) is not None:  # fx traces into the root: give it a parent
             self.module = nn.Sequential(self.module)
         self.input_shapes = input_shapes
@@ -180,9 +181,12 @@ class TorchToKeras:
             return UnsupportedLayerError(str(node.target), type(self.gm.get_submodule(node.target)).__name__, reason)
         stack = node.meta.get("nn_module_stack") or {}
         path, cls = next(reversed(stack.values())) if stack else ("", type(self.module))
+        cls_name = getattr(cls, "__name__", str(cls))
+        # a layer of a loaded .pt2 program that was not rebuilt runs as a sub-program: name its class
+        cls_name = self.layer_types.get(path, cls_name) if isinstance(self.layer_types, dict) else cls_name
         return UnsupportedLayerError(
             path,
-            getattr(cls, "__name__", str(cls)),
+            cls_name,
             reason,
             operation=describe_operation(node),
             location=node.meta.get("bnkit_source"),

@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import fx, nn
 
+from bnkit.torch.eager_ops import eager_graph
+
 __all__ = ["rebuild_exported", "layer_metadata"]
 
 
@@ -200,7 +202,7 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
         layer.eval()
         _set_submodule(unflat, path, layer)
     graph = unflat.graph
-    _plain_graph(graph)
+    _eager_sub_programs(unflat, _plain_graph(graph, unflat))
     root_name = (bnkit_meta or {}).get("model") or "ExportedModel"
     module = fx.GraphModule(unflat, graph, class_name=root_name if root_name.isidentifier() else "ExportedModel")
     # the classes the program was exported from, for the layers left as sub-programs (summaries, compare)
@@ -208,32 +210,43 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
     return module.eval()
 
 
-def _aten_to_torch() -> dict:
-    """Top-level operators as the torch functions a traced eager model would call."""
-    import operator
-
-    aten = torch.ops.aten
-    return {
-        aten.add.Tensor: operator.add,
-        aten.mul.Tensor: operator.mul,
-        aten.cat.default: torch.cat,
-        aten.flatten.using_ints: torch.flatten,
-        aten.relu.default: torch.relu,
-        aten.sigmoid.default: torch.sigmoid,
-        aten.tanh.default: torch.tanh,
-        aten.mean.dim: torch.mean,
-    }
-
-
-def _plain_graph(graph: fx.Graph) -> None:
-    """Eager-style operators and a single output instead of a 1-tuple, in place."""
-    mapping = _aten_to_torch()
+def _plain_graph(graph: fx.Graph, owner: nn.Module) -> dict:
+    """Eager-style operators and a single output instead of a 1-tuple, in place; returns what
+    :func:`eager_graph` returns. The program's inputs are the caller's: no later read of them in
+    the graph, which is all that writing them in place could change."""
+    calls = eager_graph(graph, frozenset(), owner)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in mapping:
-            node.target = mapping[node.target]
         if node.op == "output" and isinstance(node.args[0], (tuple, list)) and len(node.args[0]) == 1:
             node.args = (node.args[0][0],)
     graph.lint()
+    return calls
+
+
+def _eager_sub_programs(root: nn.Module, calls: dict) -> None:
+    """The operators of every sub-program left in ``root`` (a layer not rebuilt) as eager calls.
+
+    ``calls``: what :func:`eager_graph` returned for ``root``'s graph, the arguments of each module
+    call that the module must not write in place; a sub-program reached otherwise (one of the
+    several calls of a shared module) is given none of its inputs to write."""
+    from torch.export.unflatten import InterpreterModule
+
+    done = set()
+
+    def visit(module: nn.Module, calls: dict) -> None:
+        for node, unsafe in calls.items():
+            sub = module.get_submodule(node.target)
+            if isinstance(sub, InterpreterModule) and id(sub) not in done:
+                done.add(id(sub))
+                visit(sub, eager_graph(sub.graph, unsafe, sub))
+
+    visit(root, calls)
+    for module in root.modules():
+        if isinstance(module, InterpreterModule) and module is not root and id(module) not in done:
+            eager_graph(module.graph, None, module)
+    for module in root.modules():
+        if isinstance(module, InterpreterModule) and module is not root:
+            module.graph.lint()
+            module.finalize()  # its generated code, for when it does not run through fx.Interpreter
 
 
 class FlatProgram(nn.Module):

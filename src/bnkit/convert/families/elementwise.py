@@ -186,6 +186,15 @@ def layer_scale_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     return torch_operation(b, layer, "multiply", [inputs[0], gamma])
 
 
+@from_keras("keras.src.applications.inception_resnet_v2.CustomScaleLayer", permuted_input=True)
+def custom_scale_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
+    """keras.applications Inception-ResNet's residual sum ``x + r * scale`` (``scale`` a number)."""
+    if len(inputs) != 2 or not isinstance(layer.scale, (int, float)) or isinstance(layer.scale, bool):
+        raise b.unsupported(layer, f"expected two inputs and a number as scale, got {len(inputs)} and {layer.scale!r}")
+    x, residual = inputs
+    return torch_operation(b, layer, "add", [x, torch_operation(b, layer, "multiply", [residual, layer.scale])])
+
+
 @from_keras(L.Concatenate, permuted_input=True)
 def concatenate_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     inputs = same_layout(b, inputs)
