@@ -23,7 +23,7 @@ KERAS_ACTIVATIONS = (
 ).split() + [gelu_tanh]
 
 
-@pytest.mark.parametrize("activation", KERAS_ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("activation", KERAS_ACTIVATIONS, ids=lambda a: getattr(a, "__name__", a))
 def test_keras_activations(activation):
     inputs = keras.Input((4, 4, 3))
     x = L.Conv2D(3, 1, activation=activation)(inputs)
