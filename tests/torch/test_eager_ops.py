@@ -89,6 +89,7 @@ def test_a_loaded_program_runs_as_exported_on_any_batch_and_converts_exactly(tmp
         expected = module(x)
         assert torch.equal(program(x), expected)
     converted = torch_to_keras(program, (4, 5, 7))
+    assert converted.name == "_Block"  # the user's class, not the loaded program's GraphModule
     got = keras.ops.convert_to_numpy(converted(x.permute(0, 2, 3, 1).numpy()))
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected.numpy(), rtol=1e-5, atol=1e-5 * expected.abs().max())
 

@@ -98,6 +98,8 @@ class TorchToKeras:
 
     def __init__(self, module: nn.Module, input_shapes, semantics) -> None:
         self.semantics = SemanticsChoice(semantics)
+        # the Keras model is named after the user's class (a GraphModule's copy is named GraphModule)
+        self.model_name = re.sub(r"\W", "_", type(module).__name__)
         # Traced in eval() on a copy of the module that shares its parameters (the tracer reads them
         # as graph inputs and never writes them; converters copy what they read): the user's module
         # keeps its mode, and its buffers, which a forward may write in place while it is traced.
@@ -273,9 +275,10 @@ class TorchToKeras:
             else:
                 self.env[node] = self._convert(node)
         self.semantics.check_all_found()
-        name = re.sub(r"\W", "_", type(self.module).__name__)
         return keras.Model(
-            inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(outputs) == 1 else outputs, name=name
+            inputs[0] if len(inputs) == 1 else inputs,
+            outputs[0] if len(outputs) == 1 else outputs,
+            name=self.model_name,
         )
 
     def _convert(self, node: fx.Node):
