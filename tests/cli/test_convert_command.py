@@ -37,6 +37,7 @@ def test_keras_to_pt2_and_back(run_cli, tmp_path, keras_file):
     report = json.loads(proc.stdout)
     assert (report["from"], report["to"], report["input_shape_torch"]) == ("keras", "torch", [3, 8, 8])
     assert report["max_abs_difference"] <= 1e-5
+    assert report["relative_difference"] == report["max_abs_difference"] / report["max_abs_output"] <= 1e-5
     (bn,) = report["batch_norms"]
     assert bn["target"] == {"name": "bn", "type": "BatchNorm2d", "convention": "keras", "momentum": 0.9, "eps": 1e-3}
 
@@ -92,3 +93,24 @@ def test_conversion_warnings_are_one_line_each(run_cli, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnkit convert: warning: frozen_bn: a frozen Keras")
     assert json.loads(proc.stdout)["to"] == "torch"
+
+
+def test_the_verification_is_relative_to_the_outputs(keras_file):
+    """A network whose outputs are ~1e-12 (torchvision's efficientnet_b1 at its initialisation gives
+    3e-13) passed any absolute bar: a conversion off by 10% of every output must still fail."""
+    from bnkit.cli.commands.convert import _PARITY_TOLERANCE, _max_difference, _relative
+    from bnkit.convert import keras_to_torch
+
+    model, _ = keras_file
+    head = model.get_layer("head")
+    head.kernel.assign(head.kernel * 1e-12)
+    head.bias.assign(head.bias * 1e-12)
+    converted = keras_to_torch(model)
+    difference, largest = _max_difference(model, converted, "keras", (3, 8, 8))
+    assert 0 < largest < 1e-10 and _relative(difference, largest) <= 1e-5
+    with torch.no_grad():
+        converted.head.weight.mul_(1.1)
+        converted.head.bias.mul_(1.1)
+    difference, largest = _max_difference(model, converted, "keras", (3, 8, 8))
+    assert difference < 1e-11  # nothing an absolute tolerance would see
+    assert _relative(difference, largest) > 100 * _PARITY_TOLERANCE

@@ -22,8 +22,10 @@ HELP = "Convert a model between Keras and PyTorch (batch-norm semantics included
 
 _TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
 _KERAS_SUFFIXES = (".keras",)
-# float32 inference of the same weights in two frameworks: sums in another order, a few ulp
-# per layer; the issue's bar is 1e-5 for small nets, deep ones accumulate more.
+# Relative to the largest output (max |difference| / max |source output|): float32 inference of the
+# same weights in two frameworks sums in another order, a few ulp per layer; exact conversions of
+# real networks stay within 4e-6 (docs/conversion.md), deep ones accumulate more. Relative, as an
+# absolute bar would pass anything on a network whose outputs are tiny and fail large logits.
 _PARITY_TOLERANCE = 1e-4
 
 
@@ -127,7 +129,8 @@ def _key(name: str) -> str:
     return f"_{key}" if key[:1].isdigit() else key
 
 
-def _max_difference(source, target, source_framework: str, torch_shape) -> float:
+def _max_difference(source, target, source_framework: str, torch_shape) -> tuple[float, float]:
+    """max |target - source| over the outputs on a random batch in inference, and max |source|."""
     import numpy as np
     import torch
 
@@ -146,14 +149,21 @@ def _max_difference(source, target, source_framework: str, torch_shape) -> float
     k_out = keras_model(x_keras, training=False)
     t_list = list(t_out) if isinstance(t_out, (tuple, list)) else [t_out]
     k_list = list(k_out) if isinstance(k_out, (tuple, list)) else [k_out]
-    worst = 0.0
+    worst = largest = 0.0
     for t, k in zip(t_list, k_list, strict=True):
         t_np = t.detach().numpy()
         k_np = np.asarray(keras.ops.convert_to_numpy(k))
         if t_np.ndim > 2:
             t_np = np.moveaxis(t_np, 1, -1)
-        worst = max(worst, float(np.max(np.abs(t_np - k_np))) if t_np.size else 0.0)
-    return worst
+        if t_np.size:
+            worst = max(worst, float(np.max(np.abs(t_np - k_np))))
+            largest = max(largest, float(np.max(np.abs(t_np if source_framework == "torch" else k_np))))
+    return worst, largest
+
+
+def _relative(difference: float, largest: float) -> float:
+    """``difference / largest``; an all-zero source output compares absolutely (nan stays nan)."""
+    return difference / largest if largest > 0 else difference
 
 
 def run(args) -> int:
@@ -195,13 +205,15 @@ def run(args) -> int:
             raise CLIError(str(e)) from None
         steps.step("verifying on a random batch")
         try:
-            difference = _max_difference(model, converted, source_framework, torch_shape)
+            difference, largest = _max_difference(model, converted, source_framework, torch_shape)
         except Exception as e:  # a shape the model does not take, typically
             raise CLIError(f"could not run the models on a batch of shape {(2, *torch_shape)}: {e}") from None
-        if not difference <= _PARITY_TOLERANCE:
+        relative = _relative(difference, largest)
+        if not relative <= _PARITY_TOLERANCE:
             raise CLIError(
-                f"the converted model disagrees with {args.input}: max |difference| {difference:.3g} > "
-                f"{_PARITY_TOLERANCE:g} on a random batch; nothing was written",
+                f"the converted model disagrees with {args.input}: max |difference| {difference:.3g} is "
+                f"{relative:.3g} of the largest output {largest:.3g} (tolerance {_PARITY_TOLERANCE:g}) on a random "
+                "batch; nothing was written",
                 status=1,
             )
         steps.step(f"writing {args.output}")
@@ -225,7 +237,9 @@ def run(args) -> int:
         "semantics": args.semantics,
         "input_shape_torch": list(torch_shape),
         "max_abs_difference": difference,
-        "tolerance": _PARITY_TOLERANCE,
+        "max_abs_output": largest,
+        "relative_difference": relative,
+        "tolerance": _PARITY_TOLERANCE,  # on relative_difference
         "batch_norms": [{"source": a, "target": b} for a, b in pairs],
     }
     if args.json:
@@ -262,6 +276,7 @@ def _render(report: dict) -> None:
             )
         console.print(table)
     console.print(
-        f"verified: max |difference| {report['max_abs_difference']:.2g} on a random batch in inference "
+        f"verified on a random batch in inference: max |difference| {report['max_abs_difference']:.2g}, "
+        f"{report['relative_difference']:.2g} of the largest output {report['max_abs_output']:.2g} "
         f"(tolerance {report['tolerance']:g})"
     )
