@@ -301,6 +301,38 @@ def test_weights_differ():
     assert report.first_divergence.kind == "conv"
 
 
+def test_outputs_below_atol_are_flagged_and_a_smaller_atol_compares_them():
+    """atol is absolute: a network whose outputs are ~1e-12 agrees within it whatever its head holds
+    (as torchvision's efficientnet_b1 at initialisation, outputs 3e-13). The report says so, and a
+    smaller atol finds the changed head."""
+    from rich.console import Console
+
+    from bnkit.convert import keras_to_torch
+    from bnkit.diagnose.render import render_rich
+
+    kmodel = keras_net()
+    assert compare(kmodel, torch_port(kmodel, faithful_bn()), nhwc_batch()).below_atol is False
+    x = keras.layers.Flatten()(kmodel.get_layer("bn").output)
+    tiny = keras.Model(kmodel.input, keras.layers.Dense(3, name="tiny_head")(x))
+    head = tiny.get_layer("tiny_head")
+    head.kernel.assign(head.kernel * 1e-12)
+    tmodel = keras_to_torch(tiny)
+    report = compare(tiny, tmodel, nhwc_batch())
+    assert report.agree and report.below_atol and 0 < report.output_max_abs < 1e-10
+    console = Console(record=True, width=100)
+    render_rich(report, console)
+    assert "below atol 1e-05" in console.export_text()
+    assert report.to_dict()["output"]["below_atol"] is True
+
+    (linear,) = [m for m in tmodel.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        linear.weight.mul_(1.1)
+    assert compare(tiny, tmodel, nhwc_batch()).agree  # the limit: 10% of 1e-12 is below atol
+    report = compare(tiny, tmodel, nhwc_batch(), atol=1e-20)
+    assert not report.agree and not report.below_atol
+    assert codes(report) == ["weights"] and report.first_divergence.name.startswith("tiny_head")
+
+
 def test_weights_and_training_mode_are_both_named():
     kmodel = keras_net()
     tmodel = torch_port(kmodel, faithful_bn()).train()

@@ -92,6 +92,7 @@ def compare(
         rows, bn_pairs, output = _rows(trace_a, trace_b, pairs, atol, rtol, training, (measured, noisy_is_b))
     out_abs, out_rel, out_div, output_atol = output
     output_nonfinite = not (np.isfinite(trace_a.output).all() and np.isfinite(trace_b.output).all())
+    finite_a = np.abs(trace_a.output[np.isfinite(trace_a.output)])
     matched_a = {ia for ia, _ in pairs}
     matched_b = {ib for _, ib in pairs}
     report = CompareReport(
@@ -112,6 +113,7 @@ def compare(
         unmatched_b=[e.name for k, e in enumerate(trace_b.entries) if k not in matched_b],
         batch_norms=bn_pairs,
         output_atol=output_atol,
+        output_max_abs=float(finite_a.max()) if finite_a.size else None,
         output_nonfinite=bool(output_nonfinite or bad_input),
         rounding_measured=measured is not None,
     )

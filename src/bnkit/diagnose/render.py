@@ -142,6 +142,8 @@ def render_rich(report, console=None, *, all_rows: bool = False) -> None:
         )
     if report.agree:
         console.print("[bold green]The models agree.[/]")
+        if report.atol_note:
+            console.print(f"[yellow]Note: {escape(report.atol_note)}[/]", highlight=False)
         return
     console.print("[bold red]The models disagree.[/]" + (f" First divergence: {escape(first.name)}." if first else ""))
     for c in report.causes:

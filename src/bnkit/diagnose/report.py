@@ -219,6 +219,24 @@ class CompareReport:
     batch_norms: list[BatchNormPair] = field(default_factory=list, repr=False)
     output_atol: float | None = None  # the absolute tolerance the final outputs were held to
     output_nonfinite: bool = False
+    output_max_abs: float | None = None  # the largest finite |value| of model A's output
+
+    @property
+    def below_atol(self) -> bool:
+        """Model A's outputs are all smaller than ``atol``: any difference that small passes (``atol``
+        is absolute), so an agreement says little; a smaller ``atol`` compares such a network."""
+        return self.output_max_abs is not None and self.output_max_abs < self.atol
+
+    @property
+    def atol_note(self) -> str | None:
+        """What :attr:`below_atol` means for the reader, or None."""
+        if not self.below_atol:
+            return None
+        return (
+            f"model A's outputs are at most {self.output_max_abs:.3g}, below atol {self.atol:g}: differences "
+            "that small pass unseen. Compare again with an atol well below the values (the measured "
+            "rounding is still added)."
+        )
     rounding_measured: bool = True  # False: every layer was within atol alone, rounding not measured
 
     @property
@@ -251,6 +269,8 @@ class CompareReport:
                 "diverges": self.output_diverges,
                 "atol": json_float(self.output_atol if self.output_atol is not None else self.atol),
                 "nonfinite": self.output_nonfinite,
+                "max_abs": json_float(self.output_max_abs),
+                "below_atol": self.below_atol,
             },
             "first_divergence": first.to_dict() if first else None,
             "causes": [c.to_dict() for c in self.causes],

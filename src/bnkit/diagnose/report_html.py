@@ -223,6 +223,8 @@ def html_page(report) -> str:
     ]
     if report.output_nonfinite:
         out.append(" The outputs hold NaN/Inf.")
+    if report.atol_note:
+        out.append(f" <b>Note:</b> {escape(report.atol_note)}")
     if first is not None:
         out.append(f" First divergence: <b>{escape(first.name)}</b> ({escape(first.type_a)} / {escape(first.type_b)}).")
     out.append("</p>")
