@@ -17,7 +17,18 @@ import numpy as np
 from bnkit.diagnose.kinds import kind_of
 from bnkit.diagnose.report import BatchNormState
 
-__all__ = ["INPUT", "Entry", "Trace", "folds_into", "to_layout", "to_numpy", "magnitude", "rerun", "renorm_state"]
+__all__ = [
+    "INPUT",
+    "Entry",
+    "Trace",
+    "Recorder",
+    "folds_into",
+    "to_layout",
+    "to_numpy",
+    "magnitude",
+    "rerun",
+    "renorm_state",
+]
 
 #: The producer index that stands for the model's input.
 INPUT = -1
@@ -180,6 +191,49 @@ def magnitude(x: np.ndarray) -> float:
 
 def all_finite(x: np.ndarray) -> bool:
     return not _scan(x)[1]
+
+
+class Recorder:
+    """What both tracers keep while a model runs: the entries recorded so far, which traced layers
+    each live tensor came from (its provenance, by ``id``), and the names given out.
+
+    A tracer subclasses it and says, in :meth:`results`, which tensors of an untraced operation's
+    result are new (they inherit the provenance of its operands)."""
+
+    def __init__(self, perturb=None) -> None:
+        self.perturb = perturb
+        self.entries: list[Entry] = []
+        self.provenance: dict[int, tuple[int, ...]] = {}
+        self.keep: list = []  # tensors stay alive, so their ids are not reused
+        self.output_ids: dict[int, int] = {}  # entry -> id of the tensor it returned
+        self.consumed: set[int] = set()  # entries whose output some recorded layer has read
+        self.used_names: dict[str, int] = {}
+
+    def results(self, operands, result) -> list:
+        raise NotImplementedError
+
+    def source(self, tensor, producers: tuple[int, ...]) -> None:
+        self.provenance[id(tensor)] = producers
+        self.keep.append(tensor)
+
+    def of(self, tensor) -> tuple[int, ...]:
+        return self.provenance.get(id(tensor), ())
+
+    def pass_on(self, operands, result) -> None:
+        """An untraced operation: its new tensors came from whatever its operands came from."""
+        merged: list[int] = []
+        for t in operands:
+            for p in self.of(t):
+                if p not in merged:
+                    merged.append(p)
+        if merged:
+            for out in self.results(operands, result):
+                self.source(out, tuple(sorted(merged)))
+
+    def unique(self, name: str) -> str:
+        count = self.used_names.get(name, 0)
+        self.used_names[name] = count + 1
+        return name if count == 0 else f"{name}_{count}"
 
 
 def describe_operands(recorder, operands, keep: bool):

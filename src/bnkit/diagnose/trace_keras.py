@@ -17,6 +17,7 @@ from bnkit.diagnose.report import BatchNormState
 from bnkit.diagnose.trace import (
     INPUT,
     Entry,
+    Recorder,
     Trace,
     describe_operands,
     folds_into,
@@ -142,41 +143,16 @@ def _flat_tensors(value, keras) -> list:
     return [t for t in keras.tree.flatten(value) if keras.ops.is_tensor(t)]
 
 
-class _Recorder:
+class _Recorder(Recorder):
     def __init__(self, training: bool, keras, perturb=None) -> None:
+        super().__init__(perturb)
         self.training = training
-        self.perturb = perturb
         self.keras = keras
-        self.entries: list[Entry] = []
-        self.provenance: dict[int, tuple[int, ...]] = {}
-        self.keep: list = []
-        self.output_ids: dict[int, int] = {}
-        self.consumed: set[int] = set()
-        self.used_names: dict[str, int] = {}
         self.bn_layers: list = []
 
-    def source(self, tensor, producers) -> None:
-        self.provenance[id(tensor)] = producers
-        self.keep.append(tensor)
-
-    def of(self, tensor) -> tuple[int, ...]:
-        return self.provenance.get(id(tensor), ())
-
-    def pass_on(self, operands, result) -> None:
-        merged: list[int] = []
-        for t in operands:
-            for p in self.of(t):
-                if p not in merged:
-                    merged.append(p)
-        if merged:
-            for out in _flat_tensors(result, self.keras):
-                if all(out is not t for t in operands):  # an identity returns its operand: nothing new
-                    self.source(out, tuple(sorted(merged)))
-
-    def unique(self, name: str) -> str:
-        count = self.used_names.get(name, 0)
-        self.used_names[name] = count + 1
-        return name if count == 0 else f"{name}_{count}"
+    def results(self, operands, result) -> list:
+        # an identity returns its operand: nothing new
+        return [out for out in _flat_tensors(result, self.keras) if all(out is not t for t in operands)]
 
     def wrap(self, op):
         """The operation_fn of ``_run_through_graph``: run ``op`` and record what it did."""

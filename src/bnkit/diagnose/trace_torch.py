@@ -29,6 +29,7 @@ from bnkit.diagnose.report import BatchNormState
 from bnkit.diagnose.trace import (
     INPUT,
     Entry,
+    Recorder,
     Trace,
     describe_operands,
     folds_into,
@@ -223,10 +224,10 @@ def _op_name(func) -> str:
     return name.strip("_") or name
 
 
-class _Recorder:
+class _Recorder(Recorder):
     def __init__(self, work, torch, perturb=None) -> None:
+        super().__init__(perturb)
         self.torch = torch
-        self.perturb = perturb
         self.names = {m: n for n, m in work.named_modules()}
         self.type_names = getattr(work, "_bnkit_layer_types", {}) or {}
         # leaves of a .pt2 program left as sub-programs: their operators are the layer they came from
@@ -235,15 +236,9 @@ class _Recorder:
             for m, path in self.names.items()
             if path in self.type_names and next(m.children(), None) is None and module_kind(m) is None
         }
-        self.entries: list[Entry] = []
-        self.provenance: dict[int, tuple[int, ...]] = {}
-        self.keep: list = []  # tensors stay alive, so their ids are not reused
-        self.output_ids: dict[int, int] = {}  # entry -> id of the tensor it returned
-        self.consumed: set[int] = set()  # entries whose output some recorded layer has read
         self.active = None  # the recognised module now running (its insides are not looked at)
         self.busy = False
         self.stack: list[str] = []  # the module paths now running, for naming functional entries
-        self.used_names: dict[str, int] = {}
         self.bn_states: dict[int, BatchNormState] = {}
         # the model's parameters and buffers: the constants of "constant" checks
         self.constants = {id(t) for t in (*work.parameters(), *work.buffers())}
@@ -256,34 +251,10 @@ class _Recorder:
             kind = _composite_kinds().get(self.type_names.get(self.names.get(module, ""), ""))
         return kind
 
-    # ---- provenance -----------------------------------------------------------------
-    def source(self, tensor, producers: tuple[int, ...]) -> None:
-        self.provenance[id(tensor)] = producers
-        self.keep.append(tensor)
-
-    def of(self, tensor) -> tuple[int, ...]:
-        return self.provenance.get(id(tensor), ())
-
-    def pass_on(self, operands, result) -> None:
-        merged: list[int] = []
-        for t in operands:
-            for p in self.of(t):
-                if p not in merged:
-                    merged.append(p)
-        if not merged:
-            return
+    def results(self, operands, result) -> list:
         outputs = result if isinstance(result, (list, tuple)) else (result,)
-        for out in outputs:
-            if isinstance(out, self.torch.Tensor):
-                self.source(out, tuple(sorted(merged)))
+        return [out for out in outputs if isinstance(out, self.torch.Tensor)]
 
-    # ---- naming -----------------------------------------------------------------------
-    def unique(self, name: str) -> str:
-        count = self.used_names.get(name, 0)
-        self.used_names[name] = count + 1
-        return name if count == 0 else f"{name}_{count}"
-
-    # ---- recording --------------------------------------------------------------------
     def perturbed(self, entry: Entry, kind: str, output):
         """``output``, with simulated rounding noise when this run measures its propagation."""
         if self.perturb is None or not isinstance(output, self.torch.Tensor):
