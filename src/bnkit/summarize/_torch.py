@@ -144,26 +144,16 @@ def _zeros_like_inputs(model: nn.Module, input_shapes, dtype) -> list[torch.Tens
     return [torch.zeros((1, *shape), dtype=dtype, device=device) for shape in input_shapes]
 
 
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
-    return []
-
-
 def _trace_outputs(model: nn.Module, layers, inputs) -> tuple[dict, dict]:
     """Run ``model`` once in eval mode without gradients: every layer's first output's shapes and
     bytes, and the bytes of all its calls' outputs together."""
-    from bnkit.torch.probe import probing
+    from bnkit.torch.probe import probing, tensors_in
 
     outputs: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {}
     call_bytes: dict[str, int] = {}
 
     def record(name, module, args, output):
-        tensors = _tensors(output)
+        tensors = tensors_in(output)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         call_bytes[name] = call_bytes.get(name, 0) + nbytes
         if name not in outputs:  # a layer called twice shows its first call

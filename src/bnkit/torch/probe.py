@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["probing", "fake_run"]
+__all__ = ["probing", "fake_run", "tensors_in"]
 
 
 @contextlib.contextmanager
@@ -62,7 +62,7 @@ def fake_run(model: nn.Module, input_shapes, batch: int) -> int | None:
         nonlocal total
         if running and running[-1] == name:
             running.pop()
-        total += sum(t.numel() * t.element_size() for t in _tensors(output))
+        total += sum(t.numel() * t.element_size() for t in tensors_in(output))
 
     handles = [m.register_forward_pre_hook(lambda m, args, name=name: running.append(name)) for name, m in leaves]
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a traceback before it raises
@@ -89,11 +89,12 @@ def fake_run(model: nn.Module, input_shapes, batch: int) -> int | None:
     return int(total)
 
 
-def _tensors(value) -> list:
+def tensors_in(value) -> list[torch.Tensor]:
+    """The tensors in a module's output: a tensor, or nested lists, tuples and dicts of them."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in tensors_in(item)]
     return []
