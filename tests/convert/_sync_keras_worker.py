@@ -10,11 +10,12 @@ synchronise over torch.distributed on the torch backend. It saves what it saw.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from _gloo import join_world
 
 SHAPE = (4, 4, 3)  # NHWC, one sample
 STEPS = 2
@@ -61,12 +62,7 @@ def run(rank, world_size, init_file, out_dir, sizes, model_path):
     from bnkit.convert import keras_to_torch
     from bnkit.io import load_model
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    join_world(rank, world_size, init_file)
     try:
         start = sum(sizes[:rank])
         x_all, target_all = make_data(sizes)

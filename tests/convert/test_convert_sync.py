@@ -14,15 +14,14 @@ are merged two-pass moments, so they agree to float32 rounding of values of orde
 from __future__ import annotations
 
 import json
-import time
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from _sync_keras_worker import STEPS, keras_steps, make_data, run, torch_steps
 
+from _gloo import spawn_world
 from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.io import load_model
 from bnkit.keras import BatchNormalization, keras
@@ -73,17 +72,7 @@ def saved(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(saved, tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    context = mp.start_processes(
-        run, args=(len(SIZES), str(out / "init"), str(out), SIZES, str(saved)), nprocs=len(SIZES), join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{len(SIZES)} gloo processes did not finish within {TIMEOUT_S} s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(len(SIZES))]
+    return spawn_world(run, len(SIZES), out, SIZES, str(saved), timeout_s=TIMEOUT_S)
 
 
 def test_keras_refuses_the_file_and_bnkit_loads_it(saved):

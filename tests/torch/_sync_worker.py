@@ -8,11 +8,12 @@ saw; the test process compares with single-process batch norm over the concatena
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from _gloo import join_world
 
 CHANNELS = 3
 
@@ -61,16 +62,25 @@ def make_model():
     )
 
 
+def train_steps(layer, x, target, steps):
+    """``steps`` training steps of ``layer`` on the same batch: each step's output and the gradients
+    of the input, weight and bias (the loss ``sum(y * target)``)."""
+    outputs, grads = [], []
+    for _step in range(steps):
+        x_step = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        y = layer(x_step)
+        (y * target).sum().backward()
+        outputs.append(y.detach())
+        grads.append((x_step.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    return outputs, grads
+
+
 def run(rank, world_size, init_file, out_dir, sizes):
     import bnkit
     import bnkit.torch as bt
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    join_world(rank, world_size, init_file)
     try:
         start = sum(sizes[:rank])
         x_all, target_all = make_data(sizes)
@@ -79,14 +89,7 @@ def run(rank, world_size, init_file, out_dir, sizes):
         result = {}
         for convention in ("torch", "keras"):
             layer = make_layer(bt.SyncBatchNorm, convention).train()
-            outputs, grads = [], []
-            for _step in range(2):  # two steps: the running update compounds
-                x = x_local.clone().requires_grad_(True)
-                layer.zero_grad()
-                y = layer(x)
-                (y * target_local).sum().backward()
-                outputs.append(y.detach())
-                grads.append((x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+            outputs, grads = train_steps(layer, x_local, target_local, steps=2)  # the running update compounds
             result[convention] = {
                 "outputs": outputs,
                 "grads": grads,
@@ -97,14 +100,7 @@ def run(rank, world_size, init_file, out_dir, sizes):
         # batch renormalization: r and d from the group's statistics, the same on every rank
         for convention in ("torch", "keras"):
             layer = make_layer(renorm_layer(bt.SyncBatchNorm), convention).train()
-            outputs, grads = [], []
-            for _step in range(3):
-                x = x_local.clone().requires_grad_(True)
-                layer.zero_grad()
-                y = layer(x)
-                (y * target_local).sum().backward()
-                outputs.append(y.detach())
-                grads.append((x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+            outputs, grads = train_steps(layer, x_local, target_local, steps=3)
             result[f"renorm-{convention}"] = {
                 "outputs": outputs,
                 "grads": grads,

@@ -10,47 +10,40 @@ runs in float64, where the convolutions' own float32 summation order would domin
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from _sync_worker import make_data, make_layer, make_model, renorm_layer, run
+from _sync_worker import make_data, make_layer, make_model, renorm_layer, run, train_steps
 from torch import nn
 
 import bnkit.torch as bt
+from _gloo import spawn_world
 
 TIMEOUT_S = 120
 WORLDS = {2: [5, 3], 3: [4, 0, 7]}
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def _spawn(world_size, sizes, tmp_path):
-    context = mp.start_processes(
-        run,
-        args=(world_size, str(tmp_path / "init"), str(tmp_path), sizes),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} gloo processes did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
-
-
 @pytest.fixture(scope="module", params=sorted(WORLDS), ids=lambda w: f"world{w}")
 def world(request, tmp_path_factory):
     world_size = request.param
     sizes = WORLDS[world_size]
-    return sizes, _spawn(world_size, sizes, tmp_path_factory.mktemp(f"world{world_size}"))
+    out = tmp_path_factory.mktemp(f"world{world_size}")
+    return sizes, spawn_world(run, world_size, out, sizes, timeout_s=TIMEOUT_S)
 
 
 def _slices(tensor, sizes):
     return list(torch.split(tensor, sizes))
+
+
+def _assert_ranks_make_one_process(ranks, outputs, grads):
+    """Each step's outputs and input gradients of the ranks, concatenated, are one process's over the
+    whole batch; weight and bias gradients are each rank's contribution (DDP or an all_reduce sums them)."""
+    assert all(len(r["outputs"]) == len(outputs) for r in ranks)
+    for step, (y, (x_grad, weight_grad, bias_grad)) in enumerate(zip(outputs, grads, strict=True)):
+        torch.testing.assert_close(torch.cat([r["outputs"][step] for r in ranks]), y, **TOL)
+        torch.testing.assert_close(torch.cat([r["grads"][step][0] for r in ranks]), x_grad, **TOL)
+        torch.testing.assert_close(sum(r["grads"][step][1] for r in ranks), weight_grad, **TOL)
+        torch.testing.assert_close(sum(r["grads"][step][2] for r in ranks), bias_grad, **TOL)
 
 
 @pytest.mark.parametrize("convention", ["torch", "keras"])
@@ -61,18 +54,7 @@ def test_sync_batchnorm_equals_single_process_batchnorm(world, convention):
         single = make_layer(lambda channels, convention: nn.BatchNorm2d(channels), convention)
     else:
         single = make_layer(bt.BatchNorm2d, convention)
-    single.train()
-    for step in range(2):
-        x = x_all.clone().requires_grad_(True)
-        single.zero_grad()
-        y = single(x)
-        (y * target_all).sum().backward()
-        ranks = [r[convention] for r in results]
-        torch.testing.assert_close(torch.cat([r["outputs"][step] for r in ranks]), y.detach(), **TOL)
-        torch.testing.assert_close(torch.cat([r["grads"][step][0] for r in ranks]), x.grad, **TOL)
-        # weight/bias gradients are each rank's contribution; DDP or an all_reduce sums them
-        torch.testing.assert_close(sum(r["grads"][step][1] for r in ranks), single.weight.grad, **TOL)
-        torch.testing.assert_close(sum(r["grads"][step][2] for r in ranks), single.bias.grad, **TOL)
+    _assert_ranks_make_one_process([r[convention] for r in results], *train_steps(single.train(), x_all, target_all, 2))
     for r in results:
         torch.testing.assert_close(r[convention]["running_mean"], single.running_mean, **TOL)
         torch.testing.assert_close(r[convention]["running_var"], single.running_var, **TOL)
@@ -86,16 +68,8 @@ def test_renorm_sync_batchnorm_equals_single_process_renorm(world, convention):
     sizes, results = world
     x_all, target_all = make_data(sizes)
     single = make_layer(renorm_layer(bt.BatchNorm2d), convention).train()
-    for step in range(3):
-        x = x_all.clone().requires_grad_(True)
-        single.zero_grad()
-        y = single(x)
-        (y * target_all).sum().backward()
-        ranks = [r[f"renorm-{convention}"] for r in results]
-        torch.testing.assert_close(torch.cat([r["outputs"][step] for r in ranks]), y.detach(), **TOL)
-        torch.testing.assert_close(torch.cat([r["grads"][step][0] for r in ranks]), x.grad, **TOL)
-        torch.testing.assert_close(sum(r["grads"][step][1] for r in ranks), single.weight.grad, **TOL)
-        torch.testing.assert_close(sum(r["grads"][step][2] for r in ranks), single.bias.grad, **TOL)
+    ranks = [r[f"renorm-{convention}"] for r in results]
+    _assert_ranks_make_one_process(ranks, *train_steps(single, x_all, target_all, 3))
     for r in results:
         for key, value in single.state_dict().items():
             torch.testing.assert_close(r[f"renorm-{convention}"]["state"][key], value, **TOL)
