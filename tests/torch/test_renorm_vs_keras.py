@@ -30,6 +30,8 @@ import torch
 
 keras = pytest.importorskip("keras")
 
+from _keras_pairs import AFFINE, keras_pair  # noqa: E402
+
 import bnkit.torch as bt  # noqa: E402
 from bnkit import reference as ref  # noqa: E402
 
@@ -38,14 +40,8 @@ ULPS = 4
 ATOL_MEAN = 4e-7
 LEARNING_RATE = 0.05
 SHAPES = {"N,C": (8, 3), "N,C,L": (4, 3, 5), "N,C,H,W": (3, 3, 4, 5), "N,C,D,H,W": (2, 3, 3, 2, 4)}
-OURS = {2: bt.BatchNorm1d, 3: bt.BatchNorm1d, 4: bt.BatchNorm2d, 5: bt.BatchNorm3d}
 BINDING = {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2}
 CLIPPINGS = {"unclipped": None, "clipped": BINDING, "rmin-only": {"rmin": 0.95}}
-AFFINE = {
-    "affine": ({"affine": True}, {"center": True, "scale": True}),
-    "no-affine": ({"affine": False}, {"center": False, "scale": False}),
-    "no-bias": ({"affine": True, "bias": False}, {"center": False, "scale": True}),
-}
 STATS = {
     "running_mean": "moving_mean",
     "running_var": "moving_variance",
@@ -56,22 +52,8 @@ STATS = {
 
 
 def _pair(shape, momentum, renorm_momentum, clipping, eps=1e-3, affine="affine"):
-    ours_kwargs, keras_kwargs = AFFINE[affine]
     renorm = {"renorm": True, "renorm_clipping": clipping, "renorm_momentum": renorm_momentum}
-    channels = shape[1]
-    ours = OURS[len(shape)](channels, eps=eps, momentum=momentum, convention="keras", **renorm, **ours_kwargs)
-    theirs = keras.layers.BatchNormalization(axis=1, momentum=momentum, epsilon=eps, **renorm, **keras_kwargs)
-    theirs.build(shape)
-    g = torch.Generator().manual_seed(7)
-    gamma, beta = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
-    with torch.no_grad():
-        if ours.weight is not None:
-            ours.weight.copy_(gamma)
-            theirs.gamma.assign(gamma.numpy())
-        if ours.bias is not None:
-            ours.bias.copy_(beta)
-            theirs.beta.assign(beta.numpy())
-    return ours, theirs
+    return keras_pair(shape, momentum, eps, affine, **renorm)
 
 
 def _close(actual, expected, atol, what):

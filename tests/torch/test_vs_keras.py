@@ -26,6 +26,8 @@ import torch
 
 keras = pytest.importorskip("keras")
 
+from _keras_pairs import AFFINE, keras_pair  # noqa: E402
+
 import bnkit.torch as bt  # noqa: E402
 
 RTOL = 1e-6
@@ -34,37 +36,10 @@ ULPS = 4  # atol for outputs and dx: 4 float32 ulps of the tensor's largest magn
 ATOL_MEAN = 4e-7  # a mean of values of size ~3 rounds by ~eps32 * 3, however close to 0 it is
 
 SHAPES = {"N,C": (6, 3), "N,C,L": (4, 3, 5), "N,C,H,W": (3, 3, 4, 5), "N,C,D,H,W": (2, 3, 3, 2, 4)}
-OURS = {2: bt.BatchNorm1d, 3: bt.BatchNorm1d, 4: bt.BatchNorm2d, 5: bt.BatchNorm3d}
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 LAYOUTS = [(name, "contiguous") for name in SHAPES] + [
     (name, "channels_last") for name, shape in SHAPES.items() if len(shape) in CHANNELS_LAST
 ]
-# ours -> keras
-AFFINE = {
-    "affine": ({"affine": True}, {"center": True, "scale": True}),
-    "no-affine": ({"affine": False}, {"center": False, "scale": False}),
-    "no-bias": ({"affine": True, "bias": False}, {"center": False, "scale": True}),
-}
-
-
-def _pair(shape, momentum, eps, affine="affine"):
-    ours_kwargs, keras_kwargs = AFFINE[affine]
-    channels = shape[1]
-    ours = OURS[len(shape)](channels, eps=eps, momentum=momentum, convention="keras", **ours_kwargs)
-    theirs = keras.layers.BatchNormalization(axis=1, momentum=momentum, epsilon=eps, **keras_kwargs)
-    theirs.build(shape)
-    g = torch.Generator().manual_seed(7)
-    gamma, beta = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
-    with torch.no_grad():
-        if ours.weight is not None:
-            ours.weight.copy_(gamma)
-            theirs.gamma.assign(gamma.numpy())
-        if ours.bias is not None:
-            ours.bias.copy_(beta)
-            theirs.beta.assign(beta.numpy())
-    return ours, theirs
-
-
 def _input(shape, layout, g, loc=0.0):
     x = torch.randn(shape, generator=g) * 3 + loc
     return x.to(memory_format=CHANNELS_LAST[len(shape)]) if layout == "channels_last" else x
@@ -136,7 +111,7 @@ def _train_then_infer(ours, theirs, shape, layout, steps=3):
 @pytest.mark.parametrize("shape_name, layout", LAYOUTS, ids=[f"{s}-{lay}" for s, lay in LAYOUTS])
 def test_matches_keras_over_steps(shape_name, layout, momentum):
     shape = SHAPES[shape_name]
-    ours, theirs = _pair(shape, momentum, eps=1e-3)
+    ours, theirs = keras_pair(shape, momentum, eps=1e-3)
     _train_then_infer(ours, theirs, shape, layout)
 
 
@@ -144,7 +119,7 @@ def test_matches_keras_over_steps(shape_name, layout, momentum):
 @pytest.mark.parametrize("affine", list(AFFINE))
 def test_matches_keras_center_scale_eps(affine, eps):
     shape = SHAPES["N,C,H,W"]
-    ours, theirs = _pair(shape, 0.9, eps, affine)
+    ours, theirs = keras_pair(shape, 0.9, eps, affine)
     assert len(_ours_params(ours)) == len(_keras_params(theirs))
     _train_then_infer(ours, theirs, shape, "contiguous")
 
@@ -176,7 +151,7 @@ def test_without_running_stats_matches_keras_training_mode():
 def test_weights_transfer_from_keras_reproduce_its_inference():
     """Keras' four weights copied into ours by name give Keras' inference output."""
     shape = SHAPES["N,C,H,W"]
-    _, theirs = _pair(shape, 0.8, 1e-3)
+    _, theirs = keras_pair(shape, 0.8, 1e-3)
     g = torch.Generator().manual_seed(5)
     for step in range(2):
         theirs(_input(shape, "contiguous", g, loc=step + 1), training=True)
@@ -216,12 +191,12 @@ def test_settings_keras_accepts_give_keras_results(eps, momentum):
     """Keras builds and trains with eps <= 0 and a momentum outside [0, 1]: so does the Keras convention
     (eps <= 0 by Keras' own formula term by term: PyTorch's kernel refuses it)."""
     shape = SHAPES["N,C,H,W"]
-    ours, theirs = _pair(shape, momentum, eps)
+    ours, theirs = keras_pair(shape, momentum, eps)
     _train_then_infer(ours, theirs, shape, "contiguous")
 
 
 def test_zero_variance_with_eps_zero_is_nan_as_in_keras():
-    ours, theirs = _pair((4, 3), 0.9, 0.0)
+    ours, theirs = keras_pair((4, 3), 0.9, 0.0)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
     x[:, 1] = 2.5  # a constant channel
     y, y_keras = ours(x), theirs(x, training=True)
