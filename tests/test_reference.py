@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _numeric import finite_difference
 from bnkit import reference as ref
 from bnkit.conventions import KERAS, TORCH
 
@@ -182,17 +183,6 @@ def test_backward_eval_matches_autograd(shape):
         np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
-def _finite_difference(f, a, h=1e-6):
-    """Central differences of the scalar f at every entry of a (float64; error ~h^2)."""
-    grad = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        plus, minus = a.copy(), a.copy()
-        plus[i] += h
-        minus[i] -= h
-        grad[i] = (f(plus) - f(minus)) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_backward_matches_finite_differences(train):
     shape, eps = (4, 2, 3), 1e-3
@@ -212,9 +202,9 @@ def test_backward_matches_finite_differences(train):
     else:
         grads = ref.backward_eval(dy, x, *running, gamma, eps)
     numeric = (
-        _finite_difference(lambda a: loss(a, gamma, beta), x),
-        _finite_difference(lambda a: loss(x, a, beta), gamma),
-        _finite_difference(lambda a: loss(x, gamma, a), beta),
+        finite_difference(lambda a: loss(a, gamma, beta), x),
+        finite_difference(lambda a: loss(x, a, beta), gamma),
+        finite_difference(lambda a: loss(x, gamma, a), beta),
     )
     for ours, fd in zip(grads, numeric, strict=True):
         # central differences with h=1e-6: truncation ~h^2, rounding ~eps64/h ~ 1e-10

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _numeric import finite_difference
 from bnkit import reference as ref
 
 RTOL, ATOL = 1e-12, 1e-12
@@ -87,16 +88,6 @@ def test_channel_axis_last_equals_channel_axis_one():
     np.testing.assert_array_equal(d1, d2)
 
 
-def _finite_difference(f, a, h=1e-6):
-    grad = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        plus, minus = a.copy(), a.copy()
-        plus[i] += h
-        minus[i] -= h
-        grad[i] = (f(plus) - f(minus)) / (2 * h)
-    return grad
-
-
 def test_backward_is_the_gradient_with_r_and_d_held_constant():
     """Batch norm with the weight r*gamma and bias d*gamma + beta, r and d frozen at this batch's."""
     shape, eps = (4, 2, 3), 1e-3
@@ -111,9 +102,9 @@ def test_backward_is_the_gradient_with_r_and_d_held_constant():
 
     grads = ref.backward_renorm_train(dy, x, renorm_mean, renorm_stddev, gamma, eps, 1, clipping)
     numeric = (
-        _finite_difference(lambda a: loss(a, gamma, beta), x),
-        _finite_difference(lambda a: loss(x, a, beta), gamma),
-        _finite_difference(lambda a: loss(x, gamma, a), beta),
+        finite_difference(lambda a: loss(a, gamma, beta), x),
+        finite_difference(lambda a: loss(x, a, beta), gamma),
+        finite_difference(lambda a: loss(x, gamma, a), beta),
     )
     for ours, fd in zip(grads, numeric, strict=True):
         np.testing.assert_allclose(ours, fd, rtol=1e-6, atol=1e-7)
