@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bnkit.inputs import InputError
     from bnkit.io import ModelFileError
+    from bnkit.text import printable
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
@@ -134,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in Python's exit handler
         return status
     except (CLIError, ModelFileError, InputError) as e:
-        print(f"bnkit {args.command}: error: {e}", file=sys.stderr)
+        # the message may quote a model file (names, a framework's error): one printable line
+        print(f"bnkit {args.command}: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            for line in getattr(e, "framework_warnings", ()):
+                print(f"bnkit {args.command}: while reading: {line}", file=sys.stderr)
         return e.status if isinstance(e, CLIError) else 2
     except BrokenPipeError:
         _quiet_stdout()

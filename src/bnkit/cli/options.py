@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import re
 
-__all__ = ["parse_shape", "parse_shapes", "parse_seed", "parse_positive", "parse_tolerance", "add_model"]
+__all__ = [
+    "parse_shape",
+    "parse_shapes",
+    "parse_seed",
+    "parse_positive",
+    "parse_tolerance",
+    "parse_size",
+    "add_model",
+    "add_reading_options",
+    "reading",
+]
 
 _EXAMPLE = "64,64,1"
 
@@ -76,3 +86,63 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     """The ``FILE`` argument and its ``--weights``, as every one-model command takes them."""
     parser.add_argument("model", metavar="FILE", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="WEIGHTS", help=".pt or .safetensors weights for a factory spec")
+    add_reading_options(parser)
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes: ``8G``, ``512M``, ``8GiB``, ``8GB`` or a plain number of bytes."""
+    from bnkit.formats.limits import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_reading_options(parser: argparse.ArgumentParser) -> None:
+    """The limits on reading a model file, and ``--verbose``, as every command that reads one takes them."""
+    from bnkit.formats.limits import DEFAULT_MAX_MODEL_BYTES, DEFAULT_MAX_SECONDS, format_bytes
+
+    group = parser.add_argument_group("reading model files (see docs/security.md)")
+    group.add_argument(
+        "--max-model-bytes",
+        metavar="SIZE",
+        type=parse_size,
+        default=DEFAULT_MAX_MODEL_BYTES,
+        help=f"memory a model file may take to read, e.g. 8G (default {format_bytes(DEFAULT_MAX_MODEL_BYTES)})",
+    )
+    group.add_argument(
+        "--max-read-seconds",
+        metavar="S",
+        type=_parse_seconds,
+        default=DEFAULT_MAX_SECONDS,
+        help=f"time reading one model file may take (default {DEFAULT_MAX_SECONDS:g})",
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="show what PyTorch, Keras and h5py warned while reading"
+    )
+
+
+def reading(args: argparse.Namespace) -> dict:
+    """``load_model`` keywords from the options of :func:`add_reading_options`."""
+    import sys
+
+    from bnkit.formats.limits import ReadLimits
+
+    prefix = f"bnkit {args.command}"
+
+    def show(line: str) -> None:
+        print(f"{prefix}: while reading: {line}", file=sys.stderr)
+
+    limits = ReadLimits(args.max_model_bytes, args.max_read_seconds, stuck_exit_prefix=prefix)
+    return {"limits": limits, "on_warning": show if args.verbose else None}

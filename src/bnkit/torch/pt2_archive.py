@@ -48,7 +48,7 @@ class UnsafeArchiveError(ArchiveError):
     """An archive with a part that would run code (a pickle, a callable, a Python expression)."""
 
 
-def read_exported_program(path) -> tuple[object, dict[str, str]]:
+def read_exported_program(path, budget=None) -> tuple[object, dict[str, str]]:
     """The ``torch.export.ExportedProgram`` in the archive at ``path``, and its extra files.
 
     Raises :class:`UnsafeArchiveError` for a part that needs pickle or would run code, and

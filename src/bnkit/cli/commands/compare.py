@@ -9,7 +9,7 @@ import json
 import sys
 
 from bnkit.cli import CLIError
-from bnkit.cli.options import parse_seed, parse_shape, parse_tolerance
+from bnkit.cli.options import add_reading_options, parse_seed, parse_shape, parse_tolerance, reading
 from bnkit.cli.progress import Steps
 
 NAME = "compare"
@@ -56,6 +56,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--report", metavar="HTML", help="also write a self-contained HTML report here")
     parser.add_argument("--force", action="store_true", help="replace an existing --report file")
+    add_reading_options(parser)
 
 
 def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> tuple[int, ...]:
@@ -110,11 +111,8 @@ def run(args) -> int:
             raise CLIError(str(e)) from None
     with Steps(2, enabled=not args.json) as steps:
         steps.step("loading the models")
-        try:
-            model_a = load_model(args.model_a, args.weights_a)
-            model_b = load_model(args.model_b, args.weights_b)
-        except ModelFileError as e:
-            raise CLIError(str(e)) from None
+        model_a = load_model(args.model_a, args.weights_a, **reading(args))
+        model_b = load_model(args.model_b, args.weights_b, **reading(args))
         framework_a, framework_b = framework_of(model_a), framework_of(model_b)
         shape = _input_shape(args, model_a, model_b, framework_a, framework_b)
         _check_input(model_a, model_b, framework_a, framework_b, shape, args.batch_size)

@@ -14,7 +14,7 @@ import re
 import sys
 
 from bnkit.cli import CLIError
-from bnkit.cli.options import parse_shape
+from bnkit.cli.options import add_reading_options, parse_shape, reading
 from bnkit.cli.progress import Steps
 
 NAME = "convert"
@@ -49,6 +49,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+    add_reading_options(parser)
 
 
 def _direction(output: str) -> str:
@@ -177,11 +178,8 @@ def run(args) -> int:
     given_shape = args.input_shape
     with Steps(4, enabled=not args.json) as steps:
         steps.step(f"loading {args.input}")
-        try:
-            check_writable(args.output, args.force)  # refuse before the slow part
-            model = load_model(args.input, args.weights)
-        except ModelFileError as e:
-            raise CLIError(str(e)) from None
+        check_writable(args.output, args.force)  # refuse before the slow part
+        model = load_model(args.input, args.weights, **reading(args))
         source_framework = framework_of(model)
         if source_framework == target_framework:
             raise CLIError(

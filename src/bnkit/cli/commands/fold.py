@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bnkit.cli import CLIError
-from bnkit.cli.options import parse_shape
+from bnkit.cli.options import add_reading_options, parse_shape, reading
 
 NAME = "fold"
 HELP = "Fold batch norms into the preceding Conv/ConvTranspose/Linear (Dense) layers for inference."
@@ -19,6 +19,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print what became of each batch norm, and why, as JSON")
+    add_reading_options(parser)
 
 
 def _recorded_input_shape(model):
@@ -43,11 +44,8 @@ def run(args) -> int:
     shape = args.input_shape
     with Steps(3, enabled=not args.json) as steps:
         steps.step(f"loading {args.input}")
-        try:
-            check_writable(args.output, args.force)  # fail before the (slow) load and fold
-            model = load_model(args.input, weights=args.weights)
-        except ModelFileError as e:
-            raise CLIError(str(e)) from e
+        check_writable(args.output, args.force)  # fail before the (slow) load and fold
+        model = load_model(args.input, weights=args.weights, **reading(args))
         framework = framework_of(model)
         if shape is not None and framework == "torch":  # a .pt2 output is exported on a batch of 2
             from bnkit.inputs import check_model_input

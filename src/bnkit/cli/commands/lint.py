@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bnkit.cli import CLIError
+    from bnkit.cli.options import reading
     from bnkit.cli.progress import Steps
     from bnkit.diagnose.lint import lint
     from bnkit.io import load_model
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-size must be a positive int, got {args.batch_size}")
     with Steps(2, enabled=not args.json) as steps:
         steps.step(f"loading {args.model}")
-        model = load_model(args.model, args.weights)
+        model = load_model(args.model, args.weights, **reading(args))
         if args.input_shape:
             from bnkit.io import framework_of
 

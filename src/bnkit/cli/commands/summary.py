@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from bnkit.cli.options import add_model, parse_shapes
+from bnkit.cli.options import add_model, parse_shapes, reading
 
 NAME = "summary"
 HELP = "Show a model's layers and parameter counts, counted both as Keras and as PyTorch do."
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     with Steps(2, enabled=not args.json) as steps:
         steps.step(f"loading {args.model}")
-        model = load_model(args.model, args.weights)
+        model = load_model(args.model, args.weights, **reading(args))
         if args.input_shape and framework_of(model) == "torch":  # summary runs it once on zeros
             from bnkit.inputs import check_model_input
 

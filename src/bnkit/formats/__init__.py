@@ -1,0 +1,67 @@
+"""Model file formats: one module per format, each a reader and/or a writer, registered by suffix.
+
+A reader takes ``(path, budget)`` and returns a model; it treats the file as data (nothing in it
+is unpickled, evaluated or run), charges what it allocates to the :class:`~bnkit.formats.limits.Budget`
+before allocating it, and raises :class:`ModelFileError` (or :class:`~bnkit.formats.limits.LimitExceeded`)
+naming the part of the file that is wrong. A writer takes ``(model, tmp_path, input_shape)`` and
+writes the file a :func:`~bnkit.formats.atomic.atomic_path` renames into place.
+
+A new format is a new module here and a line in :data:`_FORMATS`; :mod:`bnkit.io` dispatches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from bnkit.text import printable
+
+__all__ = ["ModelFileError", "Format", "format_for", "formats"]
+
+
+class ModelFileError(ValueError):
+    """A model file or spec that cannot be read or written; the message is one printable line.
+
+    ``framework_warnings``: what the frameworks warned while the file was read (the command line
+    shows them with ``--verbose``).
+    """
+
+    def __init__(self, message: str, framework_warnings: list[str] | None = None) -> None:
+        super().__init__(printable(" ".join(str(message).split())))
+        self.framework_warnings = list(framework_warnings or [])
+
+
+@dataclass(frozen=True)
+class Format:
+    """A file format: which suffixes, which framework's models, and the module that reads/writes it."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    framework: str  # "torch" or "keras": the models it holds
+    module: str  # defines read(path, budget) and/or write(model, path, input_shape)
+    model_file: bool = True  # False: weights only, for a package.module:factory spec
+
+    def reader(self):
+        return getattr(importlib.import_module(self.module), "read", None)
+
+    def writer(self):
+        return getattr(importlib.import_module(self.module), "write", None)
+
+
+_FORMATS = (
+    Format("Keras 3 archive", (".keras",), "keras", "bnkit.formats.keras_archive"),
+    Format("legacy Keras HDF5", (".h5", ".hdf5"), "keras", "bnkit.formats.keras_h5"),
+    Format("torch.export program", (".pt2",), "torch", "bnkit.formats.pt2"),
+    Format("PyTorch state dict", (".pt", ".pth", ".bin"), "torch", "bnkit.formats.state_dict", model_file=False),
+    Format("safetensors", (".safetensors",), "torch", "bnkit.formats.safetensors_file", model_file=False),
+)
+
+
+def formats() -> tuple[Format, ...]:
+    return _FORMATS
+
+
+def format_for(suffix: str) -> Format | None:
+    """The format of files ending in ``suffix`` (case-insensitive), or None."""
+    suffix = suffix.lower()
+    return next((f for f in _FORMATS if suffix in f.suffixes), None)
