@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def torchvision():
     return import_torchvision()
 
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+# the sources this test process imports (``-o pythonpath=OTHER/src`` runs the tests on another tree,
+# subprocesses included: how a new test is shown to fail on the code before a change)
+SRC = Path(importlib.util.find_spec("bnkit").origin).resolve().parents[1]
 
 
 def _console_script() -> str:

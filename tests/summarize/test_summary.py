@@ -320,3 +320,13 @@ def test_summary_table_fits_80_columns_with_whole_layer_names(torchvision):
         assert any(name in line for line in lines), name
     header = next(line for line in lines if "Layer (type)" in line)
     assert "Output Shape" in header and "Param #" in header and "Keras #" in header
+
+
+def test_names_from_a_model_are_shown_as_text_not_rich_markup():
+    """A model file names its model and layers; rich would read ``[bold]`` or ``[link=...]`` in them
+    as markup (hiding text, or making a hyperlink) unless they are passed as Text."""
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2, name="fc[red]x")(inputs)
+    text = rendered(bnkit.summary(keras.Model(inputs, outputs, name="net[bold]y")))
+    assert 'Model: "net[bold]y" (Keras)' in text
+    assert "fc[red]x (Dense)" in text

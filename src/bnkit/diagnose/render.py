@@ -71,8 +71,10 @@ def render_rich(report, console=None, *, all_rows: bool = False) -> None:
 
     console = console or Console()
     table = Table(
-        title=f"{report.name_a} ({report.framework_a}) vs {report.name_b} ({report.framework_b}) — "
-        f"{'one training step' if report.training else 'inference'}",
+        title=Text(  # a Text: the models' names are not markup
+            f"{report.name_a} ({report.framework_a}) vs {report.name_b} ({report.framework_b}) — "
+            f"{'one training step' if report.training else 'inference'}"
+        ),
         title_justify="left",
         box=box.SIMPLE_HEAD,
         padding=(0, 1, 0, 0),

@@ -75,7 +75,7 @@ def layer_table(s: ModelSummary) -> Table:
     """
     own, other = (_FRAMEWORKS[s.framework], _FRAMEWORKS["torch" if s.framework == "keras" else "keras"])
     table = Table(
-        title=f'Model: "{s.name}" ({own})',
+        title=Text(f'Model: "{s.name}" ({own})'),  # a Text: a model's name is not markup
         box=box.SIMPLE_HEAD,
         title_justify="left",
         caption=f"Param #: {own}'s own count; {other} #: as {other} counts the same layer "
@@ -153,4 +153,4 @@ def render(s: ModelSummary, console: Console | None = None) -> None:
     console.print(ACCOUNTING_NOTE)
     console.print(why_counts_differ(s), highlight=False)
     for note in s.notes:
-        console.print(f"[dim]{note}[/dim]")
+        console.print(Text(note, style="dim"))

@@ -249,12 +249,14 @@ def run(args) -> int:
 
 def _render(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     names = {"keras": "Keras", "torch": "PyTorch"}
     console = Console()
     console.print(
-        f"[bold]{report['input']}[/] ({names[report['from']]}) → [bold]{report['output']}[/] "
+        f"[bold]{escape(report['input'])}[/] ({names[report['from']]}) → [bold]{escape(report['output'])}[/] "
         f"({names[report['to']]}), batch-norm semantics: {report['semantics']}"
     )
     if report["batch_norms"]:
@@ -265,10 +267,10 @@ def _render(report: dict) -> None:
             a, b = row["source"], row["target"]
             if b is None:
                 continue
-            table.add_row(
-                a["name"],
-                f"{a['type']} ({a['convention']})",
-                f"{b['type']} ({b['convention']})",
+            table.add_row(  # Text: names and types come from the model, they are not markup
+                Text(a["name"]),
+                Text(f"{a['type']} ({a['convention']})"),
+                Text(f"{b['type']} ({b['convention']})"),
                 f"{a['momentum']} → {b['momentum']}",
                 f"{a['eps']:g} → {b['eps']:g}",
             )
