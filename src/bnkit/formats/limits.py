@@ -47,7 +47,7 @@ DEFAULT_MAX_SECONDS = 600.0
 TENSOR_OVERHEAD = 16 * 2**10  # measured: ~9 KiB of Python and torch objects per tensor of a program
 JSON_EXPANSION = 16  # bytes of Python objects per byte of JSON, and more once a program is built from it
 MAX_JSON_DEPTH = 256  # a Keras config of nested functional models is ~10 deep per level
-_STUCK_GRACE = 10.0  # seconds a reader gets, after the deadline, to reach Python code and stop
+_STUCK_GRACE = 10.0  # at most this long (and at least 1 s) after the deadline, a reader may still stop by itself
 
 
 class LimitExceeded(ValueError):
@@ -62,9 +62,8 @@ class ReadTimeout(LimitExceeded):
 class ReadLimits:
     """Limits for reading one model (see the module doc).
 
-    ``stuck_exit_prefix``: set by the command line only; when a reader has not stopped
-    ``_STUCK_GRACE`` seconds after the deadline, the process prints ``{prefix}: error: ...``
-    and exits with status 2.
+    ``stuck_exit_prefix``: set by the command line only; when a reader has not stopped a few
+    seconds after the deadline, the process prints ``{prefix}: error: ...`` and exits with status 2.
     """
 
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
@@ -211,7 +210,7 @@ def deadline(limits: ReadLimits, what: str):
     watchdog = None
     if limits.stuck_exit_prefix is not None:
         line = f"{limits.stuck_exit_prefix}: error: {message}"
-        watchdog = threading.Timer(seconds + _STUCK_GRACE, _exit_stuck, (line,))
+        watchdog = threading.Timer(seconds + min(_STUCK_GRACE, max(seconds, 1.0)), _exit_stuck, (line,))
         watchdog.daemon = True
         watchdog.start()
     if use_alarm:

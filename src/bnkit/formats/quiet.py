@@ -26,7 +26,13 @@ class _Keep(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self.kept.append(one_line(f"{record.levelname.lower()} ({record.name}): {record.getMessage()}", 500))
+            _keep_once(self.kept, f"{record.levelname.lower()} ({record.name}): {record.getMessage()}")
+
+
+def _keep_once(kept: list[str], text: str) -> None:
+    line = one_line(text, 500)
+    if line not in kept:  # a warning repeated for every layer is shown once
+        kept.append(line)
 
 
 @contextlib.contextmanager
@@ -48,7 +54,7 @@ def captured():
         original_showwarning = warnings.showwarning
 
         def keep(message, category, filename, lineno, file=None, line=None):
-            kept.append(one_line(f"{category.__name__}: {message}", 500))
+            _keep_once(kept, f"{category.__name__}: {message}")
 
         warnings.showwarning = keep
         try:

@@ -33,6 +33,16 @@ class ZipMemberError(ValueError):
     """An archive, or one of its members, that cannot be read as data; the message names it."""
 
 
+def _quoted(name: str) -> str:
+    """``name`` in quotes, control characters escaped (``repr`` does), cut when long."""
+    text = repr(name)
+    return text if len(text) <= 120 else text[:116] + "...'"
+
+
+def _member(name: str) -> str:
+    return f"member {_quoted(name)}"
+
+
 def is_zip(path) -> bool:
     try:
         return zipfile.is_zipfile(path)
@@ -62,15 +72,15 @@ class SafeZip:
     def _check_directory(self) -> None:
         seen = set()
         for info in self.zip.infolist():
-            name = one_line(info.filename, 120)
+            name = _quoted(info.filename)
             if info.filename in seen:
-                raise ZipMemberError(f"{self.what} holds two members named {name!r}")
+                raise ZipMemberError(f"{self.what} holds two members named {name}")
             seen.add(info.filename)
             if info.flag_bits & 0x1:
-                raise ZipMemberError(f"{self.what}: member {name!r} is encrypted")
+                raise ZipMemberError(f"{self.what}: member {name} is encrypted")
             if info.compress_type not in _METHODS:
                 raise ZipMemberError(
-                    f"{self.what}: member {name!r} uses compression method {info.compress_type}, which bnkit "
+                    f"{self.what}: member {name} uses compression method {info.compress_type}, which bnkit "
                     f"does not read ({', '.join(_METHODS.values())})"
                 )
 
@@ -94,7 +104,7 @@ class SafeZip:
 
     def read(self, name: str, limit: int, what: str | None = None) -> bytearray:
         """The member ``name``, refused if it holds more than ``limit`` bytes."""
-        what = what or f"member {one_line(name, 120)!r}"
+        what = what or _member(name)
         info = self.zip.getinfo(name)
         if info.file_size > limit:
             raise LimitExceeded(
@@ -104,7 +114,7 @@ class SafeZip:
 
     def read_prefix(self, name: str, nbytes: int, what: str | None = None) -> bytearray:
         """The first ``nbytes`` of member ``name``, decompressing no more (the whole of it checks its CRC)."""
-        what = what or f"member {one_line(name, 120)!r}"
+        what = what or _member(name)
         buffer = bytearray(nbytes)
         got = self.readinto(name, memoryview(buffer), what)
         if got < nbytes:
@@ -113,7 +123,7 @@ class SafeZip:
 
     def readinto(self, name: str, buffer: memoryview, what: str | None = None) -> int:
         """Fill ``buffer`` from the start of member ``name``; returns the bytes read (fewer at its end)."""
-        what = what or f"member {one_line(name, 120)!r}"
+        what = what or _member(name)
         total = 0
         try:
             with self.zip.open(name) as member:
