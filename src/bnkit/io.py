@@ -183,10 +183,14 @@ def _load_weights(model, path: Path, limits: ReadLimits, on_warning) -> None:
         raise ModelFileError(f"{path}: weights files are for PyTorch factories; a Keras model carries its own")
     reader = importlib.import_module(fmt.module).read_state_dict
     state = _read_file(path, lambda budget: reader(path, budget), limits, on_warning, "weights file")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelFileError(f"{path}: weights do not fit the model ({one_line(e)})") from e
+    with captured() as kept:  # torch warns here too (a complex tensor cast to real)
+        try:
+            model.load_state_dict(state)
+        except Exception as e:  # RuntimeError from torch; a module's own loading code raises what it likes
+            shown = printable(str(path))
+            raise ModelFileError(f"{shown}: weights do not fit the model ({one_line(e)})", kept[:]) from e
+    for line in kept if on_warning is not None else ():
+        on_warning(line)
 
 
 # ---------------------------------------------------------------------------- writing

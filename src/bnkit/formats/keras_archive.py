@@ -1,24 +1,152 @@
 """``.keras``: a Keras 3 archive (a zip of ``config.json``, ``metadata.json`` and the weights),
-loaded by Keras in safe mode (no ``Lambda`` or other code from the file runs)."""
+loaded by Keras in safe mode (no ``Lambda`` or other code from the file runs).
+
+Keras trusts the archive's directory and the sizes its members claim; before Keras opens it, bnkit
+checks it as data (:class:`~bnkit.formats.zipfiles.SafeZip`: no encrypted member, no unknown
+compression method, no name twice) and charges to the budget what Keras will take:
+
+* ``config.json`` and ``metadata.json``: read bounded and parsed with a size and depth limit (a
+  3 GiB run of spaces deflates to 3 MB; 100,000 nested lists break Python's parser);
+* ``model.weights.h5``: its size (Keras reads it into memory), then every dataset's declared size,
+  with the checks of :mod:`bnkit.formats.h5_checks` (no link or storage outside the file, no
+  filter plugin);
+* every member, when the archive holds more than the three: Keras then extracts all of them to a
+  temporary folder (its assets).
+
+An archive whose weights are ``model.weights.npz`` is refused: Keras 3 writes them as pickled NumPy
+objects and cannot load them without ``allow_pickle``.
+"""
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
 from bnkit.formats._keras_loading import load_with_keras
 from bnkit.formats.atomic import atomic_path
-from bnkit.formats.limits import Budget
-from bnkit.formats.zipfiles import is_zip
+from bnkit.formats.h5_checks import H5FileError, check_h5, no_filter_plugins
+from bnkit.formats.limits import Budget, format_bytes, parse_json
+from bnkit.formats.zipfiles import SafeZip, ZipMemberError, is_zip
+from bnkit.text import one_line, printable
 
 __all__ = ["read", "write"]
+
+CONFIG = "config.json"
+METADATA = "metadata.json"
+WEIGHTS_H5 = "model.weights.h5"
+WEIGHTS_NPZ = "model.weights.npz"
+_KERAS_MEMBERS = 3  # config, metadata, weights: with more, Keras extracts the whole archive (its assets)
 
 
 def read(path: Path, budget: Budget):
     # Keras answers "File not found" for a .keras file that is not a zip archive: say what is wrong
     if not is_zip(path):
         raise ModelFileError(f"{path}: not a Keras .keras archive (not a zip file: truncated, or another format?)")
-    return load_with_keras(path)
+    with no_filter_plugins():
+        config = check_archive(path, budget)
+        return load_with_keras(path, config)
+
+
+def check_archive(path: Path, budget: Budget) -> dict:
+    """Check the archive as data and charge what Keras will take (see the module doc); return its config."""
+    shown = printable(str(path))
+    try:
+        with SafeZip(path, "the archive") as archive:
+            names = archive.names()
+            if CONFIG not in names:
+                raise ModelFileError(f"{shown}: the archive holds no {CONFIG}: not a Keras 3 model archive")
+            config = parse_json(archive.read(CONFIG, budget.json_limit(), CONFIG), CONFIG, budget)
+            if not isinstance(config, dict):
+                raise ModelFileError(f"{shown}: {CONFIG} is not a JSON object but a {type(config).__name__}")
+            if METADATA in names:
+                parse_json(archive.read(METADATA, budget.json_limit(), METADATA), METADATA, budget)
+            if WEIGHTS_H5 in names:
+                _check_weights(archive, budget)
+            elif WEIGHTS_NPZ in names:
+                raise ModelFileError(
+                    f"{shown}: the weights are {WEIGHTS_NPZ} (pickled NumPy objects, which Keras loads only "
+                    f"with allow_pickle); bnkit reads archives whose weights are {WEIGHTS_H5}"
+                )
+            else:
+                raise ModelFileError(f"{shown}: the archive holds no weights ({WEIGHTS_H5})")
+            if len(names) > _KERAS_MEMBERS:
+                for name in names:
+                    budget.charge(
+                        archive.size(name), f"member {one_line(name, 120)!r} (Keras extracts the archive to disk)"
+                    )
+    except (ZipMemberError, H5FileError) as e:
+        raise ModelFileError(f"{shown}: {e}") from e
+    except ValueError as e:  # parse_json: not JSON (LimitExceeded, also a ValueError, goes on to the caller)
+        if type(e) is not ValueError:
+            raise
+        raise ModelFileError(f"{shown}: {e}") from e
+    return config
+
+
+def _check_weights(archive: SafeZip, budget: Budget) -> None:
+    import h5py
+
+    size = archive.size(WEIGHTS_H5)
+    budget.charge(size, f"{WEIGHTS_H5} ({format_bytes(size)}, read into memory by Keras)")
+    with _member_file(archive, WEIGHTS_H5) as member:
+        try:
+            weights = h5py.File(member, "r")
+        except OSError as e:
+            raise H5FileError(f"{WEIGHTS_H5} is not a readable HDF5 file ({one_line(e, 200)})") from e
+        with weights:
+            check_h5(weights, budget, WEIGHTS_H5)
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of a file: a member stored uncompressed, read in place.
+
+    ``zipfile`` (Python 3.11) rewinds to the member's start on every backward seek, and h5py
+    seeks back and forth.
+    """
+
+    def __init__(self, file, start: int, size: int) -> None:
+        super().__init__()
+        self.file, self.start, self.size, self.position = file, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        wanted = max(0, min(len(buffer), self.size - self.position))
+        self.file.seek(self.start + self.position)
+        got = self.file.readinto(memoryview(buffer)[:wanted])
+        self.position += got
+        return got
+
+
+def _member_file(archive: SafeZip, name: str):
+    """A seekable file of member ``name``: in place when stored, else decompressed into memory
+    (its size is charged already: Keras does the same)."""
+    import zipfile
+
+    info = archive.zip.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return io.BytesIO(archive.read(name, info.file_size))
+    file = archive.zip.fp
+    file.seek(info.header_offset)
+    header = file.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise ZipMemberError(f"member {one_line(name, 120)!r}: its local header is damaged")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return _Window(file, info.header_offset + 30 + name_length + extra_length, info.file_size)
 
 
 def write(model, path: Path, *, force: bool = False, input_shape=None) -> None:

@@ -1,4 +1,11 @@
-"""``.h5``/``.hdf5``: a legacy Keras (TF 2.x) model file, loaded by Keras in safe mode."""
+"""``.h5``/``.hdf5``: a legacy Keras (TF 2.x) model file, loaded by Keras in safe mode.
+
+Before Keras opens it, h5py checks the whole file (:mod:`bnkit.formats.h5_checks`: no link or
+storage outside the file, no filter plugin, variable-length names bounded) and charges to the
+budget what Keras will read: the ``model_config`` attribute (bounded, parsed with a size and depth
+limit) and every dataset under ``model_weights``. The ``training_config`` attribute and the
+``optimizer_weights`` group are checked but not charged: Keras reads neither without compiling.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,13 @@ from pathlib import Path
 
 from bnkit.formats import ModelFileError
 from bnkit.formats._keras_loading import load_with_keras
+from bnkit.formats.h5_checks import H5FileError, check_h5, no_filter_plugins, read_json_attribute
 from bnkit.formats.limits import Budget
+from bnkit.text import one_line, printable
 
 __all__ = ["read"]
+
+WEIGHTS_GROUP = "model_weights"
 
 
 def read(path: Path, budget: Budget):
@@ -16,4 +27,25 @@ def read(path: Path, budget: Budget):
 
     if not h5py.is_hdf5(path):
         raise ModelFileError(f"{path}: not a legacy Keras .h5 model (not an HDF5 file: truncated, or another format?)")
-    return load_with_keras(path)
+    shown = printable(str(path))
+    with no_filter_plugins():
+        try:
+            with h5py.File(path, "r") as f:
+                check_h5(f, budget, "the file", charge_under=WEIGHTS_GROUP)
+                if "model_config" not in f.attrs:
+                    raise ModelFileError(
+                        f"{shown}: holds no model_config attribute: not a Keras model file (weights only, "
+                        "from save_weights?)"
+                    )
+                config = read_json_attribute(f, "model_config", "the model_config attribute", budget)
+        except H5FileError as e:
+            raise ModelFileError(f"{shown}: {e}") from e
+        except OSError as e:  # HDF5's own error for a damaged file
+            raise ModelFileError(f"{shown}: not a readable HDF5 file ({one_line(e)})") from e
+        except ValueError as e:  # parse_json: not JSON (LimitExceeded, also a ValueError, goes on to the caller)
+            if type(e) is not ValueError:
+                raise
+            raise ModelFileError(f"{shown}: {e}") from e
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{shown}: the model_config attribute is not a JSON object")
+        return load_with_keras(path, config)

@@ -7,18 +7,22 @@ from pathlib import Path
 from bnkit.formats import ModelFileError
 from bnkit.formats.atomic import atomic_path
 from bnkit.formats.limits import Budget
-from bnkit.text import one_line
+from bnkit.formats.state_checks import check_safetensors_header, checked_state_dict
+from bnkit.text import one_line, printable
 
 __all__ = ["read_state_dict", "write"]
 
 
 def read_state_dict(path: Path, budget: Budget) -> dict:
+    """The tensors in ``path``: its header bounded and its tensors charged first (:mod:`bnkit.formats.state_checks`)."""
     from safetensors.torch import load_file
 
+    check_safetensors_header(path, budget)
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as e:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
+        raise ModelFileError(f"{printable(str(path))}: not a readable safetensors file ({one_line(e)})") from e
+    return checked_state_dict(state, printable(str(path)))
 
 
 def write(model, path: Path, *, force: bool = False, input_shape=None) -> None:

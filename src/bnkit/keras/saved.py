@@ -48,9 +48,14 @@ def reroute_synchronized(config, *, legacy: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def routed_to_bnkit(path: Path) -> Iterator[Path]:
+def routed_to_bnkit(path: Path, config=None) -> Iterator[Path]:
     """``path`` itself, or (where it holds a synchronised Keras batch norm and the backend is not
-    TensorFlow) a temporary copy whose config names bnkit's layer for them."""
+    TensorFlow) a temporary copy whose config names bnkit's layer for them.
+
+    ``config``: the file's model config (``config.json`` of a ``.keras``, the ``model_config``
+    attribute of an ``.h5``) as its reader parsed and checked it; without it, it is read here with
+    the same bounds (:mod:`bnkit.formats`). It is changed in place.
+    """
     import keras
 
     import bnkit.keras.batchnorm  # noqa: F401 - registers bnkit>BatchNormalization
@@ -59,43 +64,50 @@ def routed_to_bnkit(path: Path) -> Iterator[Path]:
         yield path
         return
     suffix = path.suffix.lower()
-    if suffix == ".keras":
-        with zipfile.ZipFile(path) as archive:
-            try:
-                config = json.loads(archive.read("config.json"))
-            except (KeyError, ValueError):
-                config = None  # not a model archive: Keras says so
-        if config is None or not reroute_synchronized(config):
-            yield path
-            return
-        with tempfile.TemporaryDirectory(prefix="bnkit-") as folder:
-            copy = Path(folder) / path.name
-            with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
-                for item in source.infolist():
-                    if item.filename == "config.json":
-                        target.writestr(item, json.dumps(config))
-                        continue
-                    with source.open(item) as reader, target.open(item, "w") as writer:
-                        shutil.copyfileobj(reader, writer)
-            yield copy
+    if suffix not in (".keras", ".h5", ".hdf5"):
+        yield path
         return
-    if suffix in (".h5", ".hdf5"):
-        import h5py
+    legacy = suffix != ".keras"
+    if config is None:
+        config = _read_config(path, legacy)
+    if config is None or not reroute_synchronized(config, legacy=legacy):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="bnkit-") as folder:
+        copy = Path(folder) / path.name
+        if legacy:
+            import h5py
 
-        with h5py.File(path, "r") as f:
-            raw = f.attrs.get("model_config")
-        try:
-            config = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else None
-        except ValueError:
-            config = None
-        if config is None or not reroute_synchronized(config, legacy=True):
-            yield path
-            return
-        with tempfile.TemporaryDirectory(prefix="bnkit-") as folder:
-            copy = Path(folder) / path.name
             shutil.copyfile(path, copy)
             with h5py.File(copy, "r+") as f:
                 f.attrs["model_config"] = json.dumps(config)
-            yield copy
-        return
-    yield path
+        else:
+            from bnkit.formats.zipfiles import SafeZip
+
+            with SafeZip(path) as source, zipfile.ZipFile(copy, "w") as target:
+                for item in source.zip.infolist():
+                    if item.filename == "config.json":
+                        target.writestr(item, json.dumps(config))
+                        continue
+                    with source.zip.open(item) as reader, target.open(item, "w") as writer:
+                        shutil.copyfileobj(reader, writer)
+        yield copy
+
+
+def _read_config(path: Path, legacy: bool):
+    """The model config of a Keras file, read bounded; None where there is none (Keras then says so)."""
+    from bnkit.formats.limits import ReadLimits
+
+    budget = ReadLimits().budget()
+    if legacy:
+        import h5py
+
+        from bnkit.formats.h5_checks import read_json_attribute
+
+        with h5py.File(path, "r") as f:
+            if "model_config" not in f.attrs:
+                return None
+            return read_json_attribute(f, "model_config", "the model_config attribute", budget)
+    from bnkit.formats.keras_archive import check_archive
+
+    return check_archive(path, budget)
