@@ -1,16 +1,45 @@
-"""Writing a file so that nothing is lost: never over an existing file without ``force``, always
-through a temporary file beside it, renamed into place once complete."""
+"""Writing a file so that nothing is lost and nothing is left behind.
+
+Never over an existing file without ``force``. A writer writes into a private folder beside the
+target, ``.<stem>.bnkit-<host>-<pid>-<random><suffix>``, in a file with the target's own name (Keras
+insists on ``.keras``); once complete, the file gets the permissions a new file gets here, is
+flushed to disk and is renamed into place. The frameworks' own temporary files land in that folder
+too (safetensors writes a ``.tmpXXXXXX`` beside its target and renames it; Keras a ``tmpXXXXXX``
+for weights that do not fit in memory), so they go with it.
+
+A failure of the writer — a full disk (``ENOSPC``), a file-size limit (``EFBIG``), whatever a
+framework raises — becomes one :class:`ModelFileError`, ``<target>: cannot write the file
+(<reason>)``, the reason in the OS's words when the error or one it came from carries an errno,
+and removes the partial file. A stop signal (see :mod:`bnkit.interrupts`) received during the
+write, even one the framework's code swallowed, stops the rename; the clean-up itself is not cut
+short by a signal.
+
+A run killed outright (SIGKILL, a power cut) leaves its folder behind. Its name says whose it is:
+the next write to the same target removes those of this host whose process is gone (same host name
+and PID namespace, no process with that PID). Others — another machine, a live process, names
+bnkit did not make — are left alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import stat
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
+from bnkit.interrupts import deferred, raise_if_stop_requested
+from bnkit.text import one_line, printable
 
-__all__ = ["atomic_path", "check_writable"]
+__all__ = ["atomic_path", "check_writable", "write_error"]
+
+_MARK = "bnkit"
+_NAME_MAX = 255  # bytes in a file name, on every common file system
+_PID_DIGITS = 7  # Linux's pid_max is at most 2**22
 
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
@@ -29,33 +58,178 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
         raise ModelFileError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise ModelFileError(f"{folder}: is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".probe", dir=folder)
-    except OSError as e:
-        raise ModelFileError(f"{folder}: cannot write in this folder ({e.strerror or e})") from e
-    os.close(fd)
-    os.unlink(probe)
+    with deferred():  # a signal must not leave the probe behind
+        try:
+            probe = _unique(folder, _prefix(path), ".probe", lambda p: os.close(os.open(p, _NEW_FILE, 0o600)))
+        except OSError as e:
+            raise ModelFileError(f"{folder}: cannot write in this folder ({e.strerror or e})") from e
+        os.unlink(probe)
     return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool = False):
-    """Yield a temporary path beside ``path``; on success flush it to disk and rename it into place.
-
-    The writer creates the temporary file itself, so it gets the usual permissions (not
-    ``mkstemp``'s private 0600).
+    """Yield a path for the writer to create; on success give the file the usual permissions,
+    flush it to disk and rename it to ``path``. See the module doc for failures, signals and leftovers.
     """
     path = check_writable(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # some writers refuse an existing file
+    _remove_stale(path)
+    work = None
     try:
-        yield Path(tmp)
-        if path.exists() and not force:  # appeared meanwhile
-            raise ModelFileError(f"{path}: already exists; pass --force to replace it")
-        with open(tmp, "rb") as written:  # a crash after the rename must not leave an empty file
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
+        with deferred():
+            work = _unique(path.parent, _prefix(path), path.suffix, lambda p: os.mkdir(p, 0o700))
+            mode = _usual_mode(work)
+        written = work / (path.stem + path.suffix.lower())  # Keras insists on ".keras"
+        yield written
+        with deferred():
+            _finish(written, path, force, mode)
+    except ModelFileError:
+        raise
+    except Exception as e:
+        raise write_error(path, e) from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if work is not None:
+            with deferred():
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> ModelFileError:
+    """``<path>: cannot write the file (<reason>)``: the OS's words (``No space left on device``) when
+    ``error`` or one it came from carries an errno — torch's zip writer raises ``RuntimeError``
+    with the ``OSError`` as its context, safetensors says ``(os error 28)`` — else the error itself."""
+    return ModelFileError(f"{printable(str(path))}: cannot write the file ({_reason(error)})")
+
+
+# ---------------------------------------------------------------------------- the steps
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+
+
+def _finish(written: Path, path: Path, force: bool, mode: int) -> None:
+    if not written.is_file():
+        raise ModelFileError(f"{path}: cannot write the file (the writer left no file)")
+    if stat.S_IMODE(written.stat().st_mode) != mode:  # safetensors makes its file 0600
+        os.chmod(written, mode)
+    with open(written, "rb") as f:  # a crash after the rename must not leave an empty file
+        os.fsync(f.fileno())
+    raise_if_stop_requested()  # a signal swallowed by the writer's code (Keras' bare except:)
+    _place(written, path, force)
+    _sync_folder(path.parent)
+
+
+def _place(written: Path, path: Path, force: bool) -> None:
+    if force:
+        os.replace(written, path)
+        return
+    try:
+        os.link(written, path)  # fails on an existing name: no window between a check and the rename
+    except FileExistsError:
+        raise ModelFileError(f"{path}: already exists; pass --force to replace it") from None
+    except OSError:  # no hard links on this file system (FAT, some network mounts)
+        if path.exists():
+            raise ModelFileError(f"{path}: already exists; pass --force to replace it") from None
+        os.replace(written, path)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (not possible everywhere: then the file system's word stands)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _usual_mode(folder: Path) -> int:
+    """The permissions a new file gets here (umask, default ACLs), from a file made as writers do."""
+    probe = folder / ".mode"
+    os.close(os.open(probe, _NEW_FILE, 0o666))
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        os.unlink(probe)
+
+
+def _reason(error: BaseException) -> str:
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.strerror or os.strerror(e.errno)
+        found = re.search(r"\(os error (\d+)\)", str(e))  # Rust's io::Error
+        if found:
+            return os.strerror(int(found[1]))
+        e = e.__cause__ or e.__context__
+    return f"{type(error).__name__}: {one_line(error)}"
+
+
+# ---------------------------------------------------------------------------- whose leftovers
+
+
+def _machine() -> str:
+    """This host, and its PID namespace where there is one: a PID says something only within it."""
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "localhost"
+    try:
+        return f"{host}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+def _prefix(path: Path) -> str:
+    """``.<stem>.bnkit-``, the stem shortened if need be so that a whole temporary name fits."""
+    suffix = max(path.suffix, ".probe", key=len)
+    longest = f".{_MARK}-{_machine()}-{'9' * _PID_DIGITS}-{'f' * 8}{suffix}"
+    room = _NAME_MAX - len(longest.encode()) - 2
+    stem = path.stem
+    while stem and len(stem.encode()) > room:
+        stem = stem[:-1]
+    return f".{stem}.{_MARK}-"
+
+
+def _unique(folder: Path, prefix: str, suffix: str, make) -> Path:
+    """``make(name)`` for a new ``<prefix><host>-<pid>-<random><suffix>`` in ``folder``; its path."""
+    for _ in range(100):
+        candidate = folder / f"{prefix}{_machine()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+        try:
+            make(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{folder}: no free temporary name")
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what killed runs of bnkit on this host left while writing ``path`` (see the module doc)."""
+    pattern = re.compile(
+        re.escape(_prefix(path)) + r"(?P<machine>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{8}"
+        f"(?:{re.escape(path.suffix)}|\\.probe)"
+    )
+    here = _machine()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if not found or found["machine"] != here or _alive(int(found["pid"])):
+            continue
+        with deferred(), contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` may exist here (when in doubt, yes: then nothing is removed)."""
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True

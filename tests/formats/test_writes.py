@@ -1,0 +1,420 @@
+"""Writing model files and reports: a full disk, a signal or a killed run loses nothing and leaves nothing.
+
+Every case runs the real ``bnkit`` command (``convert``, ``fold``, ``compare --report``) in a
+subprocess on real PyTorch and Keras models. A full disk is a real write error: a file-size limit
+(``RLIMIT_FSIZE``; Python ignores SIGXFSZ, so ``write`` fails with ``EFBIG``) everywhere, and a full
+tmpfs (``ENOSPC``) where this machine lets a user namespace mount one. Signals are real signals,
+sent while the command is inside the write: the test's own Keras layer (a ``package.module:factory``
+model, as a user's would be) says when its weights are being saved, and swallows the exception
+there as Keras' own saving code does with a bare ``except:``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import SRC, _console_script
+
+SIZE_LIMIT = 4096  # bytes: every output below is larger (the smallest, the HTML report, is ~10 KB)
+
+# The models, as a user's module: small networks, and a Keras layer that swallows an exception
+# while its weights are saved (what Keras' saving code does with a bare ``except:``).
+MODELS = r'''
+import time
+from pathlib import Path
+
+import keras
+import torch
+
+MARKS = Path(__file__).parent / "marks"
+
+
+def torch_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10),
+    )
+
+
+def keras_net(*extra):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    for layer in extra:
+        x = layer(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+@keras.saving.register_keras_serializable(package="test_writes")
+class Stubborn(keras.layers.Layer):
+    """Saving its weights: marks "saving", sleeps; an exception there (a signal's) is swallowed;
+    marks "swallowed", then sleeps ``then_wait`` seconds more."""
+
+    def __init__(self, then_wait=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.then_wait = then_wait
+
+    def get_config(self):
+        return {**super().get_config(), "then_wait": self.then_wait}
+
+    def call(self, x):
+        return x
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        MARKS.mkdir(exist_ok=True)
+        (MARKS / "saving").touch()
+        try:
+            time.sleep(60)
+        except BaseException:  # as keras.src.saving.saving_lib does around its weights store
+            pass
+        (MARKS / "swallowed").touch()
+        time.sleep(self.then_wait)
+
+
+def swallowing():
+    return keras_net(Stubborn())
+
+
+def swallowing_then_waiting():
+    return keras_net(Stubborn(then_wait=60.0))
+'''
+
+# Several command lines in one interpreter (the imports are most of a small command's time), each
+# through bnkit.cli.main as the console script runs it; after each, what its output folder holds.
+# An exception out of main is recorded with its traceback; a crash (abort) ends the whole run.
+DRIVER = r"""
+import contextlib, io, json, os, sys, traceback
+from bnkit.cli import main
+
+results = []
+for argv, folder in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            status = "raised"
+            traceback.print_exc()
+    listing = {
+        name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in sorted(os.listdir(folder))
+    }
+    results.append({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue(), "listing": listing})
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    """``tmp_path`` holding the models' module (``models:torch_net``...), the commands' working folder."""
+    (tmp_path / "models.py").write_text(MODELS)
+    return tmp_path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env.setdefault("KERAS_BACKEND", "torch")
+    env["COLUMNS"] = "160"
+    return env
+
+
+def _commands(out: Path) -> list[list[str]]:
+    """A write of every kind bnkit makes, into ``out``."""
+    shape = ["--input-shape", "3,8,8"]
+    return [
+        ["convert", "models:torch_net", out / "torch.keras", *shape],
+        ["convert", "models:keras_net", out / "keras.pt2"],
+        ["convert", "models:keras_net", out / "keras.pt"],
+        ["convert", "models:keras_net", out / "keras.safetensors"],
+        ["fold", "models:keras_net", out / "folded.keras"],
+        ["fold", "models:torch_net", out / "folded.pt2", *shape],
+        ["compare", "models:torch_net", "models:torch_net", *shape, "--report", out / "report.html"],
+    ]
+
+
+def _run_batch(commands, cwd: Path, folder: Path, wrap: list[str] | None = None, preexec_fn=None):
+    argvs = [[[str(a) for a in command], str(folder)] for command in commands]
+    proc = subprocess.run(
+        [*(wrap or []), sys.executable, "-c", DRIVER, json.dumps(argvs)],
+        capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300, stdin=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
+    )  # fmt: skip
+    return proc
+
+
+def _usual_umask():
+    os.umask(0o022)
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+def _assert_cannot_write(proc, commands, reason: str) -> None:
+    """Every write ended in one line naming the file and the reason, exit 2, and left nothing."""
+    assert proc.returncode == 0, f"the run crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for command, result in zip(commands, json.loads(proc.stdout), strict=True):
+        target = Path(command[command.index("--report") + 1] if "--report" in command else command[2])
+        lines = result["stderr"].splitlines()
+        assert result["status"] == 2, (command, result["status"], result["stderr"][-3000:])
+        assert lines == [f"bnkit {command[0]}: error: {target}: cannot write the file ({reason})"], (command, lines)
+        assert result["listing"] == {}, (command, "left behind:", result["listing"])
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_every_write_in_one_line_and_leaves_nothing(models):
+    """A file-size limit (EFBIG) under each writer: one line, exit 2, no output, no temporary file.
+
+    Before, each format gave a traceback (torch: "iostream error" or "unexpected pos"; safetensors:
+    "os error 27"), and the .pt2 writer's C++ destructor threw: "terminate called", exit 134.
+    """
+    out = models / "out"
+    out.mkdir()
+    commands = _commands(out)
+
+    def limited():
+        _usual_umask()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (SIZE_LIMIT, SIZE_LIMIT))
+
+    proc = _run_batch(commands, models, out, preexec_fn=limited)
+    _assert_cannot_write(proc, commands, os.strerror(27))  # EFBIG: "File too large"
+
+
+def _can_mount_tmpfs(folder: Path) -> bool:
+    if shutil.which("unshare") is None or sys.platform != "linux":
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{folder}'"],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_tmpfs_ends_every_write_in_one_line_and_leaves_nothing(models):
+    """The same on a real full file system (ENOSPC): a small tmpfs, filled up, in a private mount namespace."""
+    disk = models / "disk"
+    disk.mkdir()
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("this machine does not let a user namespace mount a tmpfs")
+    out = disk / "out"  # made inside the namespace, on the tmpfs, which a file then fills
+    commands = _commands(out)
+    fill = f"mount -t tmpfs -o size=64k tmpfs '{disk}' && mkdir '{out}' && {{ cat /dev/zero > '{disk}/full'; true; }}"
+    mount = ["unshare", "-rm", "sh", "-c", f"{fill} 2>/dev/null && exec \"$@\"", "sh"]
+    proc = _run_batch(commands, models, out, wrap=mount, preexec_fn=_usual_umask)
+    _assert_cannot_write(proc, commands, os.strerror(28))  # ENOSPC: "No space left on device"
+
+
+# ---------------------------------------------------------------------------- what a write keeps
+
+
+@pytest.mark.slow
+def test_every_write_makes_a_usual_file_and_refuses_to_replace_one_without_force(models):
+    """Mode 0644 under umask 022 for every format (safetensors made its own 0600 file), nothing
+    hidden left beside it, a .pt2 archive not named after a temporary file, no replacing without --force."""
+    out = models / "out"
+    out.mkdir()
+    commands = _commands(out)
+    again = commands[1]  # keras.pt2, once more: refused
+    proc = _run_batch([*commands, again], models, out, preexec_fn=_usual_umask)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *results, refused = json.loads(proc.stdout)
+    for command, result in zip(commands, results, strict=True):
+        assert result["status"] in (0, 1) if command[0] == "compare" else result["status"] == 0, result["stderr"]
+    names = {Path(c[c.index("--report") + 1] if "--report" in c else c[2]).name for c in commands}
+    assert refused["listing"] == dict.fromkeys(sorted(names), "0o644")
+    assert refused["status"] == 2 and "already exists; pass --force" in refused["stderr"], refused
+    with zipfile.ZipFile(out / "keras.pt2") as archive:
+        roots = {name.split("/")[0] for name in archive.namelist()}
+    assert roots == {"archive"}, roots  # before: ".keras.<random>", the temporary file's name
+
+
+# ---------------------------------------------------------------------------- signals inside the write
+
+
+def _start(models: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [_console_script(), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=models,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _wait_for(mark: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not mark.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {mark.name}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {mark.name} after {timeout} s")
+        time.sleep(0.01)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"still running {timeout} s after the signal: it was ignored") from None
+    return proc.returncode, stderr
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "status", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_swallowed_inside_the_keras_saving_code_still_stops_the_write(models, signum, status, word):
+    """Before, the exception was swallowed, the file written and the command exited 0."""
+    out = models / "out"
+    out.mkdir()
+    proc = _start(models, "fold", "models:swallowing", out / "folded.keras")
+    _wait_for(models / "marks" / "saving", proc)
+    proc.send_signal(signum)
+    returncode, stderr = _finish(proc, 60)
+    assert (models / "marks" / "swallowed").exists()  # the writer's code did swallow it
+    assert (returncode, stderr) == (status, f"{word}\n")
+    assert list(out.iterdir()) == [], "a file was written after the signal, or a partial one left"
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_after_a_swallowed_one_is_not_ignored(models):
+    """Before, the first SIGTERM set SIGTERM to be ignored: swallowed, it left the command unstoppable."""
+    out = models / "out"
+    out.mkdir()
+    proc = _start(models, "fold", "models:swallowing_then_waiting", out / "folded.keras")
+    _wait_for(models / "marks" / "saving", proc)
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(models / "marks" / "swallowed", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert _finish(proc, 30) == (143, "terminated\n")
+    assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- a killed run's leftovers
+
+
+@pytest.mark.slow
+def test_what_a_killed_write_left_is_removed_by_the_next_write_to_the_same_file(models):
+    """SIGKILL inside the write leaves the hidden temporary behind; the next run removes it, as it is
+    provably a dead bnkit's on this host, and leaves what it cannot prove dead or its own."""
+    out = models / "out"
+    out.mkdir()
+    proc = _start(models, "fold", "models:swallowing", out / "folded.keras")
+    _wait_for(models / "marks" / "saving", proc)
+    proc.kill()
+    proc.communicate()
+    (left,) = _hidden(out)  # the killed run's, e.g. .folded.bnkit-<host>-<pid>-<random>.keras
+    assert left.startswith(".folded.") and left.endswith(".keras"), left
+    mark, _, rest = left[len(".folded.") :].partition("-")
+    assert mark == "bnkit", left  # before: ".folded.<random>.keras", nobody's in particular
+    machine = rest.split("-")[0]
+    others = [
+        f".folded.bnkit-elsewhere-{proc.pid}-0123abcd.keras",  # another host: its PIDs are not ours
+        f".folded.bnkit-{machine}-{os.getpid()}-0123abcd.keras",  # a live process
+        ".folded.zzzzzzzz.keras",  # not bnkit's name
+        f".other.bnkit-{machine}-{proc.pid}-0123abcd.keras",  # another target's
+    ]
+    for name in others:
+        (out / name).write_bytes(b"")
+
+    again = subprocess.run(
+        [_console_script(), "fold", "models:keras_net", out / "folded.keras"],
+        capture_output=True, text=True, env=_env(), cwd=models, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert _hidden(out) == sorted(others)
+    assert (out / "folded.keras").is_file()
+
+
+# ---------------------------------------------------------------------------- the library
+
+
+def test_the_library_installs_no_signal_handler_and_writes_from_a_thread(tmp_path):
+    """``import bnkit`` and ``save_model`` leave a program's signal handlers alone; ``atomic_path``
+    works outside the main thread (where no signal handler can be installed)."""
+    script = r"""
+import signal, sys, threading, torch
+before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+import bnkit, bnkit.io
+errors = []
+def write():
+    try:
+        bnkit.io.save_model(torch.nn.BatchNorm1d(3), sys.argv[1])
+        with bnkit.io.atomic_path(sys.argv[2]) as tmp:
+            tmp.write_text("report")
+    except BaseException as e:
+        errors.append(repr(e))
+thread = threading.Thread(target=write)
+thread.start()
+thread.join()
+assert not errors, errors
+assert before == {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+"""
+    env = _env()
+    proc = subprocess.run(
+        [sys.executable, "-c", script, tmp_path / "bn.safetensors", tmp_path / "r.txt"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bn.safetensors", "r.txt"]
+    assert (tmp_path / "r.txt").read_text() == "report"
+
+
+def test_a_write_error_names_the_os_reason_behind_a_framework_error():
+    from bnkit.formats.atomic import write_error
+
+    def chained() -> RuntimeError:
+        try:
+            try:
+                raise OSError(28, os.strerror(28))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+        except RuntimeError as e:
+            e.__suppress_context__ = False  # torch raises it during the OSError's handling: its context
+            return e
+
+    assert str(write_error("m.pt", chained())) == "m.pt: cannot write the file (No space left on device)"
+    rust = ValueError("Error while serializing: I/O error: File too large (os error 27)")
+    assert str(write_error("m.safetensors", rust)) == "m.safetensors: cannot write the file (File too large)"
+    other = ValueError("unable to serialize\nlayer 'x'")
+    expected = "m.keras: cannot write the file (ValueError: unable to serialize layer 'x')"
+    assert str(write_error("m.keras", other)) == expected
+
+
+def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
+    """The clean-up sections of a write are not cut short: the signal waits for their end."""
+    from bnkit import interrupts
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread")
+    steps = []
+    with pytest.raises(interrupts.Terminated), interrupts.stop_signals_handled():
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("cleaned up")
+        steps.append("not reached")
+    assert steps == ["cleaned up"]
+    assert interrupts.stop_requested() is None  # forgotten once the command's handling ends
