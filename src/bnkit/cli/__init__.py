@@ -83,15 +83,6 @@ def _attach_negative_values(argv: list[str], options: set[str]) -> list[str]:
     return joined
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that ``finally`` blocks remove partial files, as on Ctrl-C."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
-    raise _Terminated()
-
-
 def _quiet_stdout() -> None:
     """The reader of stdout is gone (``| head -1``): send what is left, and Python's last flush, nowhere."""
     with contextlib.suppress(OSError, ValueError):
@@ -126,43 +117,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from bnkit.inputs import InputError
+    from bnkit.interrupts import Terminated, raise_if_stop_requested, stop_signals_handled
     from bnkit.io import ModelFileError
     from bnkit.text import printable
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
-    try:
-        status = int(args._run(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit handler
-        return status
-    except (CLIError, ModelFileError, InputError) as e:
-        # the message may quote a model file (names, a framework's error): one printable line
-        print(f"bnkit {args.command}: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
-        if getattr(args, "verbose", False):
-            for line in getattr(e, "framework_warnings", ()):
-                print(f"bnkit {args.command}: while reading: {line}", file=sys.stderr)
-        return e.status if isinstance(e, CLIError) else 2
-    except BrokenPipeError:
-        _quiet_stdout()
-        return 128 + signal.SIGPIPE
-    except SystemExit as e:  # rich's Console exits with 1 on a closed pipe, after the same redirection
-        if e.code == 1 and _stdout_is_devnull():
+    # SIGINT and SIGTERM raise in the main thread and are remembered, so that code which swallows
+    # the exception (Keras' bare except:) neither gets a file written nor the command to exit 0
+    with stop_signals_handled():
+        try:
+            status = int(args._run(args) or 0)
+            raise_if_stop_requested()
+            sys.stdout.flush()  # a closed pipe shows here, not in Python's exit handler
+            return status
+        except (CLIError, ModelFileError, InputError) as e:
+            # the message may quote a model file (names, a framework's error): one printable line
+            print(f"bnkit {args.command}: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
+            if getattr(args, "verbose", False):
+                for line in getattr(e, "framework_warnings", ()):
+                    print(f"bnkit {args.command}: while reading: {line}", file=sys.stderr)
+            return e.status if isinstance(e, CLIError) else 2
+        except BrokenPipeError:
+            _quiet_stdout()
             return 128 + signal.SIGPIPE
-        raise
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+        except SystemExit as e:  # rich's Console exits with 1 on a closed pipe, after the same redirection
+            if e.code == 1 and _stdout_is_devnull():
+                return 128 + signal.SIGPIPE
+            raise
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Terminated:
+            print("terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":  # pragma: no cover

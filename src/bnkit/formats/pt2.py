@@ -8,6 +8,7 @@ stores bnkit's layer conventions beside the program (``extra/bnkit.json``).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -66,4 +67,9 @@ def write(model, path: Path, *, force: bool = False, input_shape=None) -> None:
 
     meta = json.dumps({"layers": layer_metadata(model), "model": type(model).__name__})
     with atomic_path(path, force) as tmp:
-        torch.export.save(program, str(tmp), extra_files={BNKIT_META: meta})
+        # in memory first: torch's C++ zip writer aborts the whole process (exit 134) when the disk
+        # fills up under it, and names the archive's root folder after the temporary file
+        archive = io.BytesIO()
+        torch.export.save(program, archive, extra_files={BNKIT_META: meta})
+        with open(tmp, "wb") as f:
+            f.write(archive.getbuffer())

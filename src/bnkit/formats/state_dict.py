@@ -39,5 +39,7 @@ def read_state_dict(path: Path, budget: Budget) -> dict:
 def write(model, path: Path, *, force: bool = False, input_shape=None) -> None:
     import torch
 
-    with atomic_path(path, force) as tmp:
-        torch.save(model.state_dict(), tmp)
+    # through a Python file: a failed write then says why (No space left on device) behind torch's
+    # RuntimeError; given a path, torch's C++ stream says only "iostream error"
+    with atomic_path(path, force) as tmp, open(tmp, "wb") as f:
+        torch.save(model.state_dict(), f)
