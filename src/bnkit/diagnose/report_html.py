@@ -277,7 +277,10 @@ def html_page(report) -> str:
 
 
 def write_html(report, path, *, force: bool = False) -> str:
-    """Write :func:`html_page` to ``path`` atomically; refuse to replace a file unless ``force``."""
+    """Write :func:`html_page` to ``path`` atomically; refuse to replace a file unless ``force``.
+
+    A failed write (a full disk) raises :class:`bnkit.io.ModelFileError`, one line, leaving nothing.
+    """
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory; give a file name such as {target / 'report.html'}")
@@ -287,6 +290,7 @@ def write_html(report, path, *, force: bool = False) -> str:
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {target}: the folder {folder} does not exist")
     text = html_page(report)
-    with atomic_path(target, force=True) as tmp:  # existence was checked above, in this module's words
+    # existence was checked above, in this module's words; a file appearing meanwhile is still not replaced
+    with atomic_path(target, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return str(target)
