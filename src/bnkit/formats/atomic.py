@@ -17,7 +17,8 @@ short by a signal.
 A run killed outright (SIGKILL, a power cut) leaves its folder behind. Its name says whose it is:
 the next write to the same target removes those of this host whose process is gone (same host name
 and PID namespace, no process with that PID). Others — another machine, a live process, names
-bnkit did not make — are left alone.
+bnkit did not make — are left alone, and named in the error when a write fails (they may be
+what fills the disk).
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ def atomic_path(path: str | os.PathLike, force: bool = False):
     except ModelFileError:
         raise
     except Exception as e:
-        raise write_error(path, e) from e
+        error = write_error(path, e)
+        leftovers = _leftovers(path, work)
+        if leftovers:  # what earlier runs left may be what fills the disk
+            error = ModelFileError(f"{error}; beside it, hidden files of earlier writes: {leftovers}")
+        raise error from e
     finally:
         if work is not None:
             with deferred():
@@ -220,6 +225,20 @@ def _remove_stale(path: Path) -> None:
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
+
+
+def _leftovers(path: Path, own: Path | None, shown: int = 3) -> str:
+    """The hidden temporary names of earlier writes of ``path`` still beside it, bnkit's or an older
+    version's (``.<stem>.<random><suffix>``), named so that the user can remove them."""
+    starts = (f".{path.stem}.", _prefix(path))
+    ends = (path.suffix, path.suffix.lower(), ".probe")
+    try:
+        names = sorted(n for n in os.listdir(path.parent) if n.startswith(starts) and n.endswith(ends))
+    except OSError:
+        return ""
+    names = [n for n in names if own is None or n != own.name]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(printable(n) for n in names[:shown]) + more
 
 
 def _alive(pid: int) -> bool:
