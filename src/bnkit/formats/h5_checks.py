@@ -7,8 +7,10 @@ What HDF5 reads on Keras' behalf need not be in the file, nor be as small as the
   reads other files' bytes, which would become weights (a conversion would copy a file of this
   machine into the model it writes): each is refused, naming the object;
 * a dataset's shape is only a declaration: chunks never written read as the fill value, so a few
-  bytes of file become gigabytes of array. Every dataset's declared size (and, for a chunked one,
-  the chunk HDF5 decompresses) is charged to the :class:`~bnkit.formats.limits.Budget`;
+  bytes of file become gigabytes of array. Keras reads a layer's datasets (an HDF5 group) at a time
+  and drops them once copied into the variables: the declared size of the largest group's datasets
+  (and, for a chunked one, the chunk HDF5 decompresses) is charged to the
+  :class:`~bnkit.formats.limits.Budget`;
 * the elements of a variable-length attribute point into a heap, and nothing stops them all
   pointing at the same large object (4,000 names of 4 MB each from a 4 MB file): the elements of
   an attribute array are read first into fixed-size strings, bounded, and a name over
@@ -60,8 +62,10 @@ def no_filter_plugins():
 def check_h5(h5file, budget: Budget, what: str, charge_under: str = "/") -> None:
     """Check every link, dataset and attribute of the open ``h5file`` (see the module doc).
 
-    Datasets below ``charge_under`` are charged to ``budget`` (those Keras will read); every other
-    check applies to the whole file. ``what`` names the file in messages.
+    Keras reads the weights a layer (an HDF5 group) at a time into arrays it drops once they are
+    copied into the model's variables (charged apart, :mod:`bnkit.formats.keras_variables`): the
+    datasets below ``charge_under`` (those Keras reads) of the largest group are charged to
+    ``budget``. Every other check applies to the whole file. ``what`` names the file in messages.
     """
     import h5py
 
@@ -74,20 +78,29 @@ def check_h5(h5file, budget: Budget, what: str, charge_under: str = "/") -> None
 
     h5file.visititems_links(on_link)  # links only: no object, no other file, is opened
     prefix = "/" + charge_under.strip("/")
+    groups: dict[str, tuple[int, int]] = {}  # group name -> (bytes its datasets declare, how many)
 
     def on_object(name: str, obj) -> None:
         for attribute in obj.attrs:
             _check_attribute(obj, attribute, f"{what}: {_shown(name)} attribute {one_line(attribute, 80)!r}", budget)
         if isinstance(obj, h5py.Dataset):
-            charged = ("/" + name).startswith(prefix.rstrip("/") + "/") or prefix == "/"
-            _check_dataset(obj, f"{what}: dataset {_shown(name)}", budget if charged else None)
+            nbytes = _check_dataset(obj, f"{what}: dataset {_shown(name)}", budget.total)
+            if prefix == "/" or ("/" + name).startswith(prefix + "/"):
+                group = name.rpartition("/")[0]
+                total, count = groups.get(group, (0, 0))
+                groups[group] = (total + nbytes, count + 1)
 
     for attribute in h5file.attrs:
         _check_attribute(h5file, attribute, f"{what}: attribute {one_line(attribute, 80)!r}", budget)
     h5file.visititems(on_object)  # each object once, through hard links only
+    if groups:
+        group, (nbytes, count) = max(groups.items(), key=lambda item: item[1][0])
+        budget.charge(nbytes, f"{what}: the {count} dataset(s) in {_shown(group)}, as declared,")
 
 
-def _check_dataset(dataset, what: str, budget: Budget | None) -> None:
+def _check_dataset(dataset, what: str, ceiling: int) -> int:
+    """Refuse what HDF5 would read from elsewhere or with a plugin; return the bytes reading it takes
+    (the array, and the chunk a filter decompresses into), counted up to past ``ceiling``."""
     from h5py import h5z
 
     if dataset.is_virtual:
@@ -105,12 +118,21 @@ def _check_dataset(dataset, what: str, budget: Budget | None) -> None:
                 f"{what} is compressed with HDF5 filter {code} ({one_line(name.decode('utf-8', 'replace'), 60)}), "
                 "which is not built in (bnkit loads no HDF5 filter plugins)"
             )
-    if budget is None:
-        return
-    shape = dataset.shape or ()  # None: an empty dataspace
-    budget.charge_tensor(shape, dataset.dtype.itemsize, what)
-    if dataset.chunks and plist.get_nfilters():  # the chunk buffer a filter decompresses into
-        budget.charge(math.prod(dataset.chunks) * dataset.dtype.itemsize, f"{what} (its chunks)")
+    itemsize = dataset.dtype.itemsize
+    nbytes = _product(dataset.shape or (), itemsize, ceiling)  # shape None: an empty dataspace
+    if dataset.chunks and plist.get_nfilters():
+        nbytes += _product(dataset.chunks, itemsize, ceiling)
+    return nbytes
+
+
+def _product(shape, itemsize: int, ceiling: int) -> int:
+    """``itemsize × prod(shape)``, stopped once past ``ceiling`` (a shape of 10**9 dimensions stays cheap)."""
+    nbytes = 0 if 0 in shape else itemsize
+    for size in shape if nbytes else ():
+        nbytes *= size
+        if nbytes > ceiling:
+            break
+    return nbytes
 
 
 def _check_attribute(obj, name: str, what: str, budget: Budget) -> None:

@@ -7,9 +7,10 @@ compression method, no name twice) and charges to the budget what Keras will tak
 
 * ``config.json`` and ``metadata.json``: read bounded and parsed with a size and depth limit (a
   3 GiB run of spaces deflates to 3 MB; 100,000 nested lists break Python's parser);
-* ``model.weights.h5``: its size (Keras reads it into memory), then every dataset's declared size,
+* ``model.weights.h5``: its size (Keras reads it into memory), then its datasets' declared sizes,
   with the checks of :mod:`bnkit.formats.h5_checks` (no link or storage outside the file, no
-  filter plugin);
+  filter plugin); the variables the config declares are charged before Keras creates them
+  (:mod:`bnkit.formats.keras_variables`);
 * every member, when the archive holds more than the three: Keras then extracts all of them to a
   temporary folder (its assets).
 
@@ -46,7 +47,7 @@ def read(path: Path, budget: Budget):
         raise ModelFileError(f"{path}: not a Keras .keras archive (not a zip file: truncated, or another format?)")
     with no_filter_plugins():
         config = check_archive(path, budget)
-        return load_with_keras(path, config)
+        return load_with_keras(path, config, budget, legacy=False)
 
 
 def check_archive(path: Path, budget: Budget) -> dict:
@@ -132,14 +133,57 @@ class _Window(io.RawIOBase):
         return got
 
 
+class _Decompressed(io.RawIOBase):
+    """A compressed member, decompressed only as far as it is read, and kept: random access at the
+    price of the prefix read so far (at most the member's size, charged already). A member of
+    zeros that is no HDF5 file stops after a few kilobytes."""
+
+    def __init__(self, member) -> None:
+        super().__init__()
+        self.member, self.data, self.position = member, bytearray(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            self._fill(None)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.data)}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def close(self) -> None:
+        self.member.close()
+        super().close()
+
+    def _fill(self, end: int | None) -> None:
+        while end is None or len(self.data) < end:
+            chunk = self.member.read(1 << 20)
+            if not chunk:
+                return
+            self.data += chunk
+
+    def readinto(self, buffer) -> int:
+        self._fill(self.position + len(buffer))
+        got = self.data[self.position : self.position + len(buffer)]
+        memoryview(buffer)[: len(got)] = got
+        self.position += len(got)
+        return len(got)
+
+
 def _member_file(archive: SafeZip, name: str):
-    """A seekable file of member ``name``: in place when stored, else decompressed into memory
-    (its size is charged already: Keras does the same)."""
+    """A seekable file of member ``name``: in place when stored, else decompressed as it is read."""
     import zipfile
 
     info = archive.zip.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
-        return io.BytesIO(archive.read(name, info.file_size))
+        return _Decompressed(archive.zip.open(info))
     file = archive.zip.fp
     file.seek(info.header_offset)
     header = file.read(30)

@@ -2,9 +2,10 @@
 
 Before Keras opens it, h5py checks the whole file (:mod:`bnkit.formats.h5_checks`: no link or
 storage outside the file, no filter plugin, variable-length names bounded) and charges to the
-budget what Keras will read: the ``model_config`` attribute (bounded, parsed with a size and depth
-limit) and every dataset under ``model_weights``. The ``training_config`` attribute and the
-``optimizer_weights`` group are checked but not charged: Keras reads neither without compiling.
+budget what Keras will take: the ``model_config`` attribute (bounded, parsed with a size and depth
+limit), the variables it declares (:mod:`bnkit.formats.keras_variables`) and the datasets under
+``model_weights``. The ``training_config`` attribute and the ``optimizer_weights`` group are
+checked but not charged: Keras reads neither without compiling.
 """
 
 from __future__ import annotations
@@ -48,4 +49,4 @@ def read(path: Path, budget: Budget):
             raise ModelFileError(f"{shown}: {e}") from e
         if not isinstance(config, dict):
             raise ModelFileError(f"{shown}: the model_config attribute is not a JSON object")
-        return load_with_keras(path, config)
+        return load_with_keras(path, config, budget, legacy=True)
