@@ -87,6 +87,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False):
     except ModelFileError:
         raise
     except Exception as e:
+        raise_if_stop_requested()  # a signal a framework turned into an error of its own
         error = write_error(path, e)
         leftovers = _leftovers(path, work)
         if leftovers:  # what earlier runs left may be what fills the disk
