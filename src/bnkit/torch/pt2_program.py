@@ -167,6 +167,12 @@ def _check_string_argument(value, what: str) -> None:
         raise UnsafeArchiveError(f"{what} {_show(value)} holds a control character")
 
 
+def _positional_argument(item: dict) -> bool:
+    """A node's positional argument (kind 1): torch writes a higher-order operator's with no name, and
+    the generated code does not name it; a keyword argument's name is written into the code."""
+    return "arg" in item and item.get("kind") == 1
+
+
 def _check_node_metadata(node: dict) -> None:
     metadata = node.get("metadata")
     if not isinstance(metadata, dict):
@@ -217,7 +223,8 @@ def _check_program(program: dict) -> None:
                             f"{e}: torch would evaluate it as Python (sympy.sympify), without bound"
                         ) from e
                 elif key in _IDENTIFIER_KEYS and isinstance(value, str):
-                    check_identifier(value, key.replace("_", " "))
+                    if not (value == "" and _positional_argument(item)):
+                        check_identifier(value, key.replace("_", " "))
                 elif key in _PATH_KEYS:
                     check_text(value, key.replace("_", " "))
                 elif key == "forward_arg_names" and isinstance(value, list):

@@ -228,9 +228,9 @@ class _Checker:
         exponent = _small_integer(node.args[1])
         least = 0 if name in _SHIFTS else -MAX_EXPONENT
         if exponent is None or not least <= exponent <= MAX_EXPONENT:
-            what = "shift count" if name in _SHIFTS else "exponent"
+            what = "a shift count" if name in _SHIFTS else "an exponent"
             raise ExpressionError(
-                f"a shape expression calls {name} with an {what} that is not a small integer literal "
+                f"a shape expression calls {name} with {what} that is not a small integer literal "
                 f"({least}..{MAX_EXPONENT}): it could compute a number of any size"
             )
         base, bits = self.expression(node.args[0], depth + 1)
