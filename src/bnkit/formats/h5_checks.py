@@ -11,11 +11,12 @@ What HDF5 reads on Keras' behalf need not be in the file, nor be as small as the
   and drops them once copied into the variables: the declared size of the largest group's datasets
   (and, for a chunked one, the chunk HDF5 decompresses) is charged to the
   :class:`~bnkit.formats.limits.Budget`;
-* the elements of a variable-length attribute point into a heap, and nothing stops them all
-  pointing at the same large object (4,000 names of 4 MB each from a 4 MB file): the elements of
-  an attribute array are read first into fixed-size strings, bounded, and a name over
-  :data:`MAX_NAME_BYTES` is refused. Datasets of variable-length or reference data (Keras' weights
-  are numbers) are refused;
+* the elements of variable-length data point into a heap, and nothing stops them all pointing at
+  the same large object (3,000 names of 1.5 MB each from a 1.6 MB file). Datasets of
+  variable-length or reference data (Keras' weights are numbers) are refused, and so are
+  attributes of variable-length sequences other than text. An array of texts (Keras' layer and
+  weight names) cannot be bounded before it is read: HDF5 reads every element to convert even one
+  (see ``docs/security.md``);
 * a filter HDF5 does not have built in is looked up in its plugin folders, which loads shared
   libraries into the process: :func:`no_filter_plugins` empties the plugin search path while a file
   is read, and a dataset whose filter is not available is refused by name.
@@ -29,9 +30,9 @@ import math
 from bnkit.formats.limits import Budget, LimitExceeded, format_bytes
 from bnkit.text import one_line
 
-__all__ = ["H5FileError", "MAX_NAME_BYTES", "check_h5", "no_filter_plugins", "read_json_attribute"]
+__all__ = ["H5FileError", "check_h5", "no_filter_plugins", "read_json_attribute"]
 
-MAX_NAME_BYTES = 4096  # a layer or weight name; Keras' own are tens of bytes
+SLACK = 2**16  # bytes a weight may declare past its model's variables (a chunk of a tiny model's dataset)
 
 
 class H5FileError(ValueError):
@@ -59,24 +60,26 @@ def no_filter_plugins():
             h5pl.append(path)
 
 
-def check_h5(h5file, budget: Budget, what: str, charge_under: str = "/") -> None:
+def check_h5(h5file, budget: Budget, what: str, variables: int, charge_under: str = "/") -> int:
     """Check every link, dataset and attribute of the open ``h5file`` (see the module doc).
 
     Keras reads the weights a layer (an HDF5 group) at a time into arrays it drops once they are
     copied into the model's variables (charged apart, :mod:`bnkit.formats.keras_variables`): the
     datasets below ``charge_under`` (those Keras reads) of the largest group are charged to
-    ``budget``. Every other check applies to the whole file. ``what`` names the file in messages.
+    ``budget``, and one that declares more than twice the ``variables`` bytes of the whole model
+    (a float64 copy of them all) is refused. Every other check applies to the whole file. ``what``
+    names the file in messages. Returns the bytes all those datasets declare.
     """
     import h5py
 
-    def on_link(name: str, link) -> None:
-        if isinstance(link, h5py.ExternalLink):
-            raise H5FileError(
-                f"{what}: {_shown(name)} is an external link to {one_line(link.filename, 160)!r}: "
-                "it would read another file; refused"
-            )
-
-    h5file.visititems_links(on_link)  # links only: no object, no other file, is opened
+    # h5py turns an exception raised in this callback into a SystemError: stop by returning the name
+    external = h5file.visititems_links(lambda name, link: name if isinstance(link, h5py.ExternalLink) else None)
+    if external is not None:  # links only were visited: no object, no other file, is opened
+        target = h5file.get(external, getlink=True)
+        raise H5FileError(
+            f"{what}: {_shown(external)} is an external link to {one_line(target.filename, 160)!r}: "
+            "it would read another file; refused"
+        )
     prefix = "/" + charge_under.strip("/")
     groups: dict[str, tuple[int, int]] = {}  # group name -> (bytes its datasets declare, how many)
 
@@ -86,6 +89,12 @@ def check_h5(h5file, budget: Budget, what: str, charge_under: str = "/") -> None
         if isinstance(obj, h5py.Dataset):
             nbytes = _check_dataset(obj, f"{what}: dataset {_shown(name)}", budget.total)
             if prefix == "/" or ("/" + name).startswith(prefix + "/"):
+                if nbytes > 2 * variables + SLACK:
+                    raise LimitExceeded(
+                        f"{what}: dataset {_shown(name)} of shape {obj.shape} declares "
+                        f"{format_bytes(nbytes)}, more than the model's variables take together "
+                        f"({format_bytes(variables)}, as its config declares them)"
+                    )
                 group = name.rpartition("/")[0]
                 total, count = groups.get(group, (0, 0))
                 groups[group] = (total + nbytes, count + 1)
@@ -96,6 +105,7 @@ def check_h5(h5file, budget: Budget, what: str, charge_under: str = "/") -> None
     if groups:
         group, (nbytes, count) = max(groups.items(), key=lambda item: item[1][0])
         budget.charge(nbytes, f"{what}: the {count} dataset(s) in {_shown(group)}, as declared,")
+    return sum(nbytes for nbytes, _ in groups.values())
 
 
 def _check_dataset(dataset, what: str, ceiling: int) -> int:
@@ -114,8 +124,9 @@ def _check_dataset(dataset, what: str, ceiling: int) -> int:
     for index in range(plist.get_nfilters()):
         code, _flags, _values, name = plist.get_filter(index)
         if not h5z.filter_avail(code):
+            label = one_line(name.decode("utf-8", "replace"), 60)
             raise H5FileError(
-                f"{what} is compressed with HDF5 filter {code} ({one_line(name.decode('utf-8', 'replace'), 60)}), "
+                f"{what} is compressed with HDF5 filter {code}{f' ({label})' if label else ''}, "
                 "which is not built in (bnkit loads no HDF5 filter plugins)"
             )
     itemsize = dataset.dtype.itemsize
@@ -136,9 +147,8 @@ def _product(shape, itemsize: int, ceiling: int) -> int:
 
 
 def _check_attribute(obj, name: str, what: str, budget: Budget) -> None:
-    """Charge the attribute's declared size; bound its variable-length elements before anyone reads them."""
+    """Charge the attribute's declared size; refuse variable-length data other than text."""
     import h5py
-    import numpy as np
 
     attribute = obj.attrs.get_id(name)
     shape = attribute.shape
@@ -152,17 +162,6 @@ def _check_attribute(obj, name: str, what: str, budget: Budget) -> None:
         if h5py.check_ref_dtype(dtype) is not None:
             return  # references are read as numbers; nothing dereferences them
         raise H5FileError(f"{what} holds variable-length data other than text ({dtype}); Keras writes none")
-    if count <= 1:
-        return  # one string: its bytes are in the file (HDF5 checks the length against its heap object)
-    # each element may point at the same large heap object: read them cut to MAX_NAME_BYTES + 1 first
-    cut_bytes = count * (MAX_NAME_BYTES + 1)
-    if cut_bytes > budget.left:  # checked, not kept: the array is dropped at once
-        budget.charge(cut_bytes, f"{what} ({count} names)")
-    cut = np.zeros(shape, dtype=f"S{MAX_NAME_BYTES + 1}")
-    attribute.read(cut, mtype=h5py.h5t.py_create(cut.dtype))
-    longest = max((len(item) for item in cut.flat), default=0)
-    if longest > MAX_NAME_BYTES:
-        raise H5FileError(f"{what} holds a name longer than {format_bytes(MAX_NAME_BYTES)}; Keras' names are short")
 
 
 def read_json_attribute(obj, name: str, what: str, budget: Budget):
@@ -177,6 +176,8 @@ def read_json_attribute(obj, name: str, what: str, budget: Budget):
 
     attribute = obj.attrs.get_id(name)
     dtype = attribute.dtype
+    if attribute.shape != ():  # an array's elements could all point at one large heap object
+        raise H5FileError(f"{what} is not one text but an array of shape {attribute.shape}")
     if dtype.hasobject and h5py.check_string_dtype(dtype) is None:
         raise H5FileError(f"{what} is not text ({dtype})")
     if not dtype.hasobject and attribute.get_storage_size() > budget.json_limit():

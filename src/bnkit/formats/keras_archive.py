@@ -28,6 +28,7 @@ from bnkit.formats import ModelFileError
 from bnkit.formats._keras_loading import load_with_keras
 from bnkit.formats.atomic import atomic_path
 from bnkit.formats.h5_checks import H5FileError, check_h5, no_filter_plugins
+from bnkit.formats.keras_variables import charge_variables, check_weights_cover
 from bnkit.formats.limits import Budget, format_bytes, parse_json
 from bnkit.formats.zipfiles import SafeZip, ZipMemberError, is_zip
 from bnkit.text import one_line, printable
@@ -38,6 +39,7 @@ CONFIG = "config.json"
 METADATA = "metadata.json"
 WEIGHTS_H5 = "model.weights.h5"
 WEIGHTS_NPZ = "model.weights.npz"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _KERAS_MEMBERS = 3  # config, metadata, weights: with more, Keras extracts the whole archive (its assets)
 
 
@@ -47,7 +49,7 @@ def read(path: Path, budget: Budget):
         raise ModelFileError(f"{path}: not a Keras .keras archive (not a zip file: truncated, or another format?)")
     with no_filter_plugins():
         config = check_archive(path, budget)
-        return load_with_keras(path, config, budget, legacy=False)
+        return load_with_keras(path, config)
 
 
 def check_archive(path: Path, budget: Budget) -> dict:
@@ -63,15 +65,15 @@ def check_archive(path: Path, budget: Budget) -> dict:
                 raise ModelFileError(f"{shown}: {CONFIG} is not a JSON object but a {type(config).__name__}")
             if METADATA in names:
                 parse_json(archive.read(METADATA, budget.json_limit(), METADATA), METADATA, budget)
-            if WEIGHTS_H5 in names:
-                _check_weights(archive, budget)
-            elif WEIGHTS_NPZ in names:
+            if WEIGHTS_NPZ in names and WEIGHTS_H5 not in names:
                 raise ModelFileError(
                     f"{shown}: the weights are {WEIGHTS_NPZ} (pickled NumPy objects, which Keras loads only "
                     f"with allow_pickle); bnkit reads archives whose weights are {WEIGHTS_H5}"
                 )
-            else:
+            if WEIGHTS_H5 not in names:
                 raise ModelFileError(f"{shown}: the archive holds no weights ({WEIGHTS_H5})")
+            variables = charge_variables(config, budget, shown, legacy=False)
+            check_weights_cover(variables, _check_weights(archive, budget, variables), shown)
             if len(names) > _KERAS_MEMBERS:
                 for name in names:
                     budget.charge(
@@ -86,18 +88,24 @@ def check_archive(path: Path, budget: Budget) -> dict:
     return config
 
 
-def _check_weights(archive: SafeZip, budget: Budget) -> None:
+def _check_weights(archive: SafeZip, budget: Budget, variables: int) -> int:
+    """Check and charge ``model.weights.h5``; return the bytes its datasets declare."""
     import h5py
 
     size = archive.size(WEIGHTS_H5)
     budget.charge(size, f"{WEIGHTS_H5} ({format_bytes(size)}, read into memory by Keras)")
     with _member_file(archive, WEIGHTS_H5) as member:
+        # Keras writes the superblock first; elsewhere, HDF5 would look for it at every power of two
+        # up to the member's end, decompressing all that way
+        if member.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+            raise H5FileError(f"{WEIGHTS_H5} is not an HDF5 file (no HDF5 signature at its start)")
+        member.seek(0)
         try:
             weights = h5py.File(member, "r")
         except OSError as e:
             raise H5FileError(f"{WEIGHTS_H5} is not a readable HDF5 file ({one_line(e, 200)})") from e
         with weights:
-            check_h5(weights, budget, WEIGHTS_H5)
+            return check_h5(weights, budget, WEIGHTS_H5, variables)
 
 
 class _Window(io.RawIOBase):
@@ -138,9 +146,9 @@ class _Decompressed(io.RawIOBase):
     price of the prefix read so far (at most the member's size, charged already). A member of
     zeros that is no HDF5 file stops after a few kilobytes."""
 
-    def __init__(self, member) -> None:
+    def __init__(self, member, size: int) -> None:
         super().__init__()
-        self.member, self.data, self.position = member, bytearray(), 0
+        self.member, self.size, self.data, self.position = member, size, bytearray(), 0
 
     def readable(self) -> bool:
         return True
@@ -152,9 +160,7 @@ class _Decompressed(io.RawIOBase):
         return self.position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_END:
-            self._fill(None)
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.data)}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
         self.position = max(0, base + offset)
         return self.position
 
@@ -162,8 +168,8 @@ class _Decompressed(io.RawIOBase):
         self.member.close()
         super().close()
 
-    def _fill(self, end: int | None) -> None:
-        while end is None or len(self.data) < end:
+    def _fill(self, end: int) -> None:
+        while len(self.data) < end:
             chunk = self.member.read(1 << 20)
             if not chunk:
                 return
@@ -183,7 +189,7 @@ def _member_file(archive: SafeZip, name: str):
 
     info = archive.zip.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
-        return _Decompressed(archive.zip.open(info))
+        return _Decompressed(archive.zip.open(info), info.file_size)
     file = archive.zip.fp
     file.seek(info.header_offset)
     header = file.read(30)

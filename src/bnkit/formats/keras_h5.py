@@ -15,6 +15,7 @@ from pathlib import Path
 from bnkit.formats import ModelFileError
 from bnkit.formats._keras_loading import load_with_keras
 from bnkit.formats.h5_checks import H5FileError, check_h5, no_filter_plugins, read_json_attribute
+from bnkit.formats.keras_variables import charge_variables, check_weights_cover
 from bnkit.formats.limits import Budget
 from bnkit.text import one_line, printable
 
@@ -32,13 +33,17 @@ def read(path: Path, budget: Budget):
     with no_filter_plugins():
         try:
             with h5py.File(path, "r") as f:
-                check_h5(f, budget, "the file", charge_under=WEIGHTS_GROUP)
                 if "model_config" not in f.attrs:
                     raise ModelFileError(
                         f"{shown}: holds no model_config attribute: not a Keras model file (weights only, "
                         "from save_weights?)"
                     )
                 config = read_json_attribute(f, "model_config", "the model_config attribute", budget)
+                if not isinstance(config, dict):
+                    raise ModelFileError(f"{shown}: the model_config attribute is not a JSON object")
+                variables = charge_variables(config, budget, shown, legacy=True)
+                weights = check_h5(f, budget, "the file", variables, charge_under=WEIGHTS_GROUP)
+                check_weights_cover(variables, weights, shown)
         except H5FileError as e:
             raise ModelFileError(f"{shown}: {e}") from e
         except OSError as e:  # HDF5's own error for a damaged file
@@ -47,6 +52,4 @@ def read(path: Path, budget: Budget):
             if type(e) is not ValueError:
                 raise
             raise ModelFileError(f"{shown}: {e}") from e
-        if not isinstance(config, dict):
-            raise ModelFileError(f"{shown}: the model_config attribute is not a JSON object")
-        return load_with_keras(path, config, budget, legacy=True)
+        return load_with_keras(path, config)

@@ -9,8 +9,9 @@ Before the loader runs, what it will allocate is charged to the
   (a tensor costs kilobytes and can be pickled in a few bytes). The legacy format (before PyTorch
   1.6) is refused: its pickle declares storage sizes that are allocated before they are read;
 * a ``.safetensors`` (:func:`check_safetensors_header`) is an 8-byte length, a JSON header that
-  gives each tensor's dtype, shape and byte range, and the bytes: the header is read bounded and
-  checked (every range inside the file and as long as its shape says), and each tensor charged.
+  gives each tensor's dtype, shape and byte range, and the bytes, which safetensors copies into
+  memory: the header is read bounded, parsed with a size and depth limit and checked (every range
+  inside the file and as long as its shape says), and each tensor charged.
 
 After loading, :func:`checked_state_dict` refuses what ``Module.load_state_dict`` would trip over
 with an error other than its own (an ``AttributeError`` for an integer key or a ``_metadata`` that
@@ -24,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
-from bnkit.formats.limits import JSON_EXPANSION, TENSOR_OVERHEAD, Budget, LimitExceeded, format_bytes
+from bnkit.formats.limits import TENSOR_OVERHEAD, Budget, LimitExceeded, format_bytes, parse_json
 from bnkit.formats.zipfiles import SafeZip, ZipMemberError, is_zip
 from bnkit.text import one_line, printable
 
@@ -67,7 +68,7 @@ def check_pt_archive(path: Path, budget: Budget) -> None:
                 name = one_line(info.filename, 120)
                 if info.compress_type not in _TORCH_METHODS:
                     raise ModelFileError(
-                        f"{shown}: record {name!r} is compressed with method {info.compress_type}, which "
+                        f"{shown}: record {name!r} uses compression method {info.compress_type}, which "
                         "PyTorch's reader does not read (stored or deflate)"
                     )
                 size = info.file_size
@@ -83,40 +84,63 @@ def check_pt_archive(path: Path, budget: Budget) -> None:
 
 
 def check_safetensors_header(path: Path, budget: Budget) -> None:
-    """Bound a ``.safetensors`` header, let safetensors parse and check it, and charge its tensors.
+    """Read a ``.safetensors`` header bounded, check it against the file, and charge its tensors.
 
-    The header's length is checked here, before anything reads it; safetensors' own parser then
-    checks the JSON (its depth too) and that every tensor's byte range lies in the file and is as
-    long as its dtype and shape say, without reading the data.
+    Read here rather than by safetensors, which maps the whole file into memory first.
     """
-    from safetensors import SafetensorError, safe_open
-
     shown = printable(str(path))
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
-    if len(prefix) < 8:
-        raise ModelFileError(f"{shown}: not a safetensors file ({file_size} bytes: no header length)")
-    (length,) = struct.unpack("<Q", prefix)
-    if length > file_size - 8:
-        raise ModelFileError(
-            f"{shown}: the header claims {length} bytes, more than the file holds (truncated, or not safetensors?)"
-        )
-    limit = min(MAX_SAFETENSORS_HEADER, budget.json_limit())
-    if length > limit:
-        raise LimitExceeded(f"the header is {format_bytes(length)}, over the limit of {format_bytes(limit)} for it")
-    budget.charge(length * JSON_EXPANSION, f"the header ({format_bytes(length)} of JSON)")
+        if len(prefix) < 8:
+            raise ModelFileError(f"{shown}: not a safetensors file ({file_size} bytes: no header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > file_size - 8:
+            raise ModelFileError(
+                f"{shown}: the header claims {length} bytes, more than the file holds (truncated, or not safetensors?)"
+            )
+        limit = min(MAX_SAFETENSORS_HEADER, budget.json_limit())
+        if length > limit:
+            raise LimitExceeded(f"the header is {format_bytes(length)}, over the limit of {format_bytes(limit)} for it")
+        header = f.read(length)
     try:
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                view = f.get_slice(name)
-                dtype = view.get_dtype()
-                itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
-                if itemsize is None:
-                    raise ModelFileError(f"{shown}: tensor {_key(name)} has a dtype bnkit does not read: {dtype}")
-                budget.charge_tensor(view.get_shape(), itemsize, f"tensor {_key(name)}")
-    except SafetensorError as e:
-        raise ModelFileError(f"{shown}: not a readable safetensors file ({one_line(e)})") from e
+        entries = parse_json(header, "the header", budget)
+    except LimitExceeded:
+        raise
+    except ValueError as e:
+        raise ModelFileError(f"{shown}: not a readable safetensors file ({e})") from e
+    if not isinstance(entries, dict):
+        raise ModelFileError(f"{shown}: not a readable safetensors file (the header is not a JSON object)")
+    data_size = file_size - 8 - length
+    for name, entry in entries.items():
+        if name != "__metadata__":
+            _check_tensor_entry(shown, f"tensor {_key(name)}", entry, data_size, budget)
+
+
+def _check_tensor_entry(shown: str, what: str, entry, data_size: int, budget: Budget) -> None:
+    """One tensor of a safetensors header: a known dtype, a shape, a byte range in the file as long as they say."""
+    if not isinstance(entry, dict):
+        raise ModelFileError(f"{shown}: {what}: expected dtype, shape and data_offsets in the header")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    itemsize = _SAFETENSORS_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+    if itemsize is None:
+        raise ModelFileError(f"{shown}: {what} has a dtype bnkit does not read: {one_line(repr(dtype), 40)}")
+    if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)):
+        raise ModelFileError(f"{shown}: {what} has a shape that is not a list of sizes: {one_line(repr(shape), 80)}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(offset) is int for offset in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        given = one_line(repr(offsets), 80)
+        raise ModelFileError(f"{shown}: {what} has data_offsets {given} outside the {data_size} bytes of data")
+    nbytes = budget.charge_tensor(shape, itemsize, what)
+    if nbytes != offsets[1] - offsets[0]:
+        raise ModelFileError(
+            f"{shown}: {what} of shape {one_line(repr(shape), 80)} ({dtype}) takes {nbytes} bytes, its "
+            f"data_offsets give {offsets[1] - offsets[0]}"
+        )
 
 
 # ------------------------------------------------------------------------------ after loading
