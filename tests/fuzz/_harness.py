@@ -21,7 +21,9 @@ A case ends *clean* (:func:`problems` is empty) when
 * the case's ``marker`` file (what a payload would write) does not exist afterwards, and none of
   its ``forbidden`` strings, nor the harness's canary, appears in stdout or stderr. The canary is
   the value of ``BNKIT_FUZZ_CANARY`` in the worker's environment: a file that makes bnkit print
-  the environment shows it.
+  the environment shows it;
+* it leaves nothing in the temporary folder (the worker's own ``TMPDIR``): a reader that unpacks
+  a file there must remove what it unpacked, failed or not (a worker killed mid-case cannot).
 
 A case may also name a *reference* reader, ``("module:function", args)``, called in the worker
 (after the command, with its output discarded) when the command exits 0: an independent reading
@@ -41,6 +43,7 @@ import os
 import re
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +95,7 @@ class Outcome:
     seconds: float
     rss_growth: int  # bytes the worker's peak RSS grew by during the command
     peak_address_space: int = 0  # the worker's peak virtual size (VmPeak) after the command, in bytes
+    temporary_files: list[str] = field(default_factory=list)  # what the command left in its TMPDIR
     killed: str | None = None
     reference: object = None  # the reference reader's result, or {"error": ...}; None when not run
     problems: list[str] = field(default_factory=list)
@@ -148,6 +152,8 @@ def problems(outcome: Outcome, canary: str, seconds: float, max_rss_growth: int)
         )
     if outcome.status not in (0, None) and _ALLOCATION_FAILED.search(outcome.stderr):
         found.append("memory: an allocation failed (the worker's address-space limit stopped a blow-up)")
+    if outcome.temporary_files:
+        found.append(f"left temporary files: {', '.join(outcome.temporary_files)}")
     if case.marker is not None and Path(case.marker).exists():
         found.append(f"the payload ran: {case.marker} exists")
     for text in (*case.forbidden, canary):
@@ -197,6 +203,10 @@ class Harness:
         env["COLUMNS"] = "160"
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env[CANARY_VARIABLE] = self.canary
+        scratch = self.folder / "tmp"  # the worker's TMPDIR: what a command leaves there is seen
+        shutil.rmtree(scratch, ignore_errors=True)  # what a killed worker left
+        scratch.mkdir()
+        env["TMPDIR"] = str(scratch)
         commands_r, commands_w = os.pipe()
         results_r, results_w = os.pipe()
         self.log = self.folder / f"worker-{self.workers_started}.log"
@@ -258,9 +268,7 @@ class Harness:
             except (OSError, subprocess.TimeoutExpired):
                 pass
             self._kill()
-        for path in self.folder.iterdir():
-            path.unlink()
-        self.folder.rmdir()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Harness:
         return self
@@ -312,6 +320,7 @@ class Harness:
             seconds=result["seconds"],
             rss_growth=result["rss_growth"],
             peak_address_space=result.get("vm_peak", 0),
+            temporary_files=result.get("temporary_files", []),
             killed=result.get("killed"),
         )
         if self._proc is not None and result.get("reference_follows"):
@@ -381,6 +390,8 @@ def _worker(commands_fd: int, results_fd: int, address_space: int, warm: list[st
         if request is None:
             break
         saved = redirected(request["stdout"], request["stderr"])
+        scratch = tempfile.gettempdir()
+        present = set(os.listdir(scratch))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.monotonic()
         try:
@@ -398,7 +409,15 @@ def _worker(commands_fd: int, results_fd: int, address_space: int, warm: list[st
         growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # KiB on Linux
         reference = request.get("reference")
         follows = bool(reference) and status == 0
+        left = sorted(set(os.listdir(scratch)) - present)
+        for name in left:  # reported, then removed: the next command starts from a clean folder
+            path = os.path.join(scratch, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
         message = {"status": status, "seconds": seconds, "rss_growth": growth, "vm_peak": _vm_peak()}
+        message["temporary_files"] = left
         send({**message, "reference_follows": follows})
         if follows:
             saved = redirected(os.devnull, os.devnull)

@@ -62,6 +62,11 @@ def main(argv: list[str]) -> int:
         with open(arg, "w") as f:
             f.write("the payload ran")
         return 0
+    if behaviour == "temporary":  # a file left behind, as an unpacked archive would be
+        import tempfile
+
+        tempfile.mkstemp(prefix="unpacked-")
+        return 0
     if behaviour == "crash":
         ctypes.string_at(0)  # a segmentation fault
     if behaviour == "watchdog":  # what bnkit does when a reader is stuck in C code past its deadline

@@ -42,6 +42,7 @@ def test_a_clean_end_has_no_problem(harness, behaviour):
         ("grow", "200", "memory: peak RSS grew by"),
         ("allocate", "2048", "memory: an allocation failed"),
         ("environment", "", "printed forbidden text: the environment canary"),
+        ("temporary", "", "left temporary files: unpacked-"),
         ("crash", "", "the worker died of signal 11"),
         ("sigterm", "", "the worker died of signal 15"),
         ("hang", "60", f"hang: still running after {SECONDS:g} s"),
