@@ -24,6 +24,7 @@ from crafted import Crafted
 MiB = 2**20
 GiB = 2**30
 ENVIRON_FORMAT = "{0.__repr__.__func__.__globals__[torch].os.environ}"
+RUNS_THE_PROGRAM = ("--input-shape", "3,8,8")  # summary then runs the program on an input of that shape
 
 
 # --------------------------------------------------------------------------------------- zip helpers
@@ -299,6 +300,7 @@ def cases(folder: Path, sources: dict[str, Path]) -> list[Crafted]:
         _with_json(source, path("print-environ"), "models/model.json", _print_environment),
         text="higher-order operator torch.ops.higher_order.print",
         forbidden=("environ({",),
+        extra=RUNS_THE_PROGRAM,
     )
     add(
         "aten-print",
@@ -306,6 +308,7 @@ def cases(folder: Path, sources: dict[str, Path]) -> list[Crafted]:
         _with_json(source, path("aten-print"), "models/model.json", _aten_print),
         text="aten._print",
         forbidden=("PRINTED-BY-THE-PROGRAM",),
+        extra=RUNS_THE_PROGRAM,
     )
     add(
         "while-loop-forever",

@@ -205,11 +205,11 @@ def _check_program(program: dict) -> None:
     if isinstance(program.get("graph_module"), dict):
         program["graph_module"]["metadata"] = {}
     _check_range_constraints(program.get("range_constraints"))
-    stack: list = [(program, "")]
+    stack: list = [(program, "")]  # (a value, the key it is under: named in a refusal)
     while stack:
-        item, key = stack.pop()
+        item, under = stack.pop()
         if isinstance(item, dict):
-            if {"target", "inputs", "outputs"} <= item.keys():
+            if "target" in item:  # a graph node (the only object with a target), complete or not
                 check_target(item["target"])
                 _check_node_metadata(item)
             for key, value in item.items():
@@ -238,9 +238,9 @@ def _check_program(program: dict) -> None:
                 else:
                     stack.append((value, key))
         elif isinstance(item, list):
-            stack.extend((value, key) for value in item)
+            stack.extend((value, under) for value in item)
         elif type(item) is int and not _INT64[0] <= item <= _INT64[1]:
-            raise ArchiveError(f"the integer {_show(item)} (in {_show(key)}) is outside int64: no size or index is")
+            raise ArchiveError(f"the integer {_show(item)} (in {_show(under)}) is outside int64: no size or index is")
 
 
 # ------------------------------------------------------------------------------ deserialising
