@@ -7,7 +7,8 @@ mutants of the same source files; without it a random seed, printed), each read 
 ``bnkit summary --json`` under small limits through tests/fuzz/_harness.py's worker and judged by
 tests/fuzz/fuzzing.py: "exit 0 correct", "exit 2 one line", or a failure ("exit 0 wrong",
 "not clean"), kept with its reproduction under /tmp/fuzz-failures/ (or $BNKIT_FUZZ_FAILURES).
-Printed: one table of counts per format and verdict, every failure, and the times.
+Printed: one table of counts per format and verdict, every failure, the times, and the slowest
+mutants (a refusal that takes seconds is a near-hang worth a look).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ FUZZ = Path(__file__).resolve().parents[1] / "tests" / "fuzz"
 sys.path.insert(0, str(FUZZ))
 
 from _harness import Harness  # noqa: E402
-from fuzzing import CASE_SECONDS, FAILURES, generate, original_summary, run_mutants, table  # noqa: E402
+from fuzzing import (  # noqa: E402
+    CASE_SECONDS,
+    FAILURES,
+    SOURCE_ONLY,
+    generate,
+    original_summary,
+    run_mutants,
+    table,
+)
 from make_corpus import valid_sources  # noqa: E402
 from mutate import FORMATS  # noqa: E402
 
@@ -48,6 +57,8 @@ def main() -> int:
         sources = valid_sources(args.sources or Path(tmp) / "valid")
         counts: dict[str, collections.Counter] = {}
         failures = []
+        source_only = collections.Counter()
+        everything = []
         times = {}
         with Harness(seconds=CASE_SECONDS) as harness:
             for fmt in formats:
@@ -62,16 +73,31 @@ def main() -> int:
                 t2 = time.monotonic()
                 counts[fmt] = collections.Counter(v.verdict for v in verdicts)
                 failures += [v for v in verdicts if v.failed]
+                everything += verdicts
+                source_only[fmt] = sum(v.detail == SOURCE_ONLY for v in verdicts)
                 times[fmt] = (t1 - t0, t2 - t1)
                 print(f"\r{fmt}: {len(batch)} mutants, made in {t1 - t0:.1f} s, run in {t2 - t1:.1f} s" + " " * 20)
             workers = harness.workers_started
     print()
     print(table(counts))
+    if sum(source_only.values()):
+        shown = ", ".join(f"{fmt} {n}" for fmt, n in source_only.items() if n)
+        print(f"exit 0 correct by the source's summary alone (the independent reader refused the file): {shown}")
     print()
     for fmt, (made, ran) in times.items():
         n = sum(counts[fmt].values())
         print(f"{fmt:<12} made {made:6.1f} s, run {ran:6.1f} s ({1000 * ran / max(n, 1):.0f} ms a mutant)")
     print(f"total {time.monotonic() - started:.1f} s, {workers} worker process(es) started")
+    print("\nslowest mutants (bnkit's time, peak RSS growth):")
+    for verdict in sorted(everything, key=lambda v: -v.outcome.seconds)[:5]:
+        outcome = verdict.outcome
+        print(
+            f"  {outcome.seconds:6.2f} s {outcome.rss_growth / 2**20:6.0f} MiB  {outcome.case.name}: {verdict.verdict}"
+        )
+        print(f"      steps: {'; '.join(verdict.mutant.steps)}")
+    most = max(everything, key=lambda v: v.outcome.rss_growth, default=None)
+    if most is not None:
+        print(f"largest peak RSS growth: {most.outcome.rss_growth / 2**20:.0f} MiB ({most.outcome.case.name})")
     if failures:
         print(f"\n{len(failures)} failure(s), kept under {FAILURES}/:")
         for verdict in failures:

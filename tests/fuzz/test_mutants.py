@@ -125,7 +125,8 @@ def test_the_judge_names_a_model_read_wrongly():
     assert judge(mutant, _outcome(SUMMARY, right), SUMMARY).verdict == "exit 0 correct"
     other = {**SUMMARY, "torch": {"params": 600, "buffers": 8, "counters": 1}}
     assert "independent reader" in judge(mutant, _outcome(other, right), SUMMARY).detail
-    assert "does not read it" in judge(mutant, _outcome(SUMMARY, {"error": "x"}), SUMMARY).detail
+    assert judge(mutant, _outcome(SUMMARY, {"error": "x"}), SUMMARY).verdict == "exit 0 correct"  # as the source
+    assert "does not read it" in judge(mutant, _outcome(other, {"error": "x"}), SUMMARY).detail
     huge = {**SUMMARY, "torch": {"params": 2**40, "buffers": 8, "counters": 1}}
     assert "more than" in judge(mutant, _outcome(huge, {"params": 2**40, "buffers": 9}), SUMMARY).detail
     assert judge(mutant, _outcome("not json"), SUMMARY).verdict == "exit 0 wrong"
