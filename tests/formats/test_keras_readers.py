@@ -229,6 +229,20 @@ def test_the_plugin_path_is_restored_after_reading(saved):
     assert [h5pl.get(i) for i in range(h5pl.size())] == before
 
 
+# ------------------------------------------------------------------------------------ hangs
+
+
+def test_a_global_heap_hdf5_would_loop_on_is_refused(saved, tmp_path, run_cli):
+    """model_config lives in a global heap whose free-space object says 0 bytes: HDF5 2.0 loops
+    forever reading it, holding Python's lock (SIGTERM, SIGALRM and watchdog threads wait on it)."""
+    path = tmp_path / "loop.h5"
+    path.write_bytes(h5_craft.looping_heap(saved["h5"].read_bytes()))
+    proc = run_cli("summary", path, timeout=60)  # the subprocess is killed past it
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    heap = saved["h5"].read_bytes().rindex(b"GCOL")
+    assert f"the global heap at byte {heap} is damaged" in proc.stderr and "would loop on it forever" in proc.stderr
+
+
 # ------------------------------------------------------------------------- terminal escapes
 
 

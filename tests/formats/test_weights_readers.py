@@ -6,6 +6,7 @@ changed as an attacker would (the builders of ``tests/fuzz/crafted_weights.py``)
 from __future__ import annotations
 
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,20 @@ def test_records_are_charged_before_torch_reads_them(tmp_path):
     )
     with pytest.raises(ModelFileError, match=r"record '.*data/\d+' would take 256 MiB.*over the limit of 64 MiB"):
         load_model(FACTORY, weights=path, limits=ReadLimits(max_model_bytes=64 * 2**20))
+
+
+def test_an_error_quoting_megabytes_of_control_characters_is_cut_before_it_is_escaped(tmp_path):
+    """The byteorder record is 16 MiB of NUL bytes, which torch's error quotes whole."""
+    import time
+
+    source = tmp_path / "w.pt"
+    torch.save(_state(), source)
+    byteorder = next(name for name in zipfile.ZipFile(source).namelist() if name.endswith("/byteorder"))
+    path = copy_zip(source, tmp_path / "nul.pt", replace={byteorder: repeated(16 * 2**20)})
+    started = time.monotonic()
+    with pytest.raises(ModelFileError, match=r"Unknown endianness type: (\\x00)+\.\.\.") as caught:
+        load_model(FACTORY, weights=path)
+    assert time.monotonic() - started < 5 and len(str(caught.value)) < 1000 and "\x00" not in str(caught.value)
 
 
 def test_the_legacy_format_is_refused(tmp_path):

@@ -131,6 +131,17 @@ def cases(folder: Path, sources: dict[str, Path]) -> list[Crafted]:
         "HDF5 filter 32004",
     )
 
+    # ---------------------------------------------------------------------------------- hangs
+    path = folder / "heap-loop.h5"
+    path.write_bytes(h5_craft.looping_heap(source.read_bytes()))
+    case(
+        "heap-loop",
+        "the global heap holding model_config has a free-space object of size 0: HDF5 loops forever reading it, "
+        "in C code no signal handler or watchdog thread interrupts (a byte inserted into the file does it)",
+        path,
+        "HDF5 would loop on it forever",
+    )
+
     # ------------------------------------------------------------------------ terminal escapes
     path = _with_config(source, folder / "escape-class.h5", lambda c: _layer(c, "conv").update(class_name=ESCAPES))
     case(

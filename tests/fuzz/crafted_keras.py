@@ -165,6 +165,18 @@ def cases(folder: Path, sources: dict[str, Path]) -> list[Crafted]:
         "HDF5 filter 32004",
     )
 
+    # ---------------------------------------------------------------------------------- hangs
+    with zipfile.ZipFile(source) as archive:
+        weights = h5_craft.edited(archive.read(WEIGHTS), lambda f: f[KERNEL].attrs.__setitem__("dtype", "float32"))
+    path = copy_zip(source, folder / "weights-heap-loop.keras", replace={WEIGHTS: h5_craft.looping_heap(weights)})
+    case(
+        "weights-heap-loop",
+        "the kernel's 'dtype' attribute, which Keras reads, lives in a global heap whose free-space object has the "
+        "size 0: HDF5 loops forever reading it, in C code no signal handler or watchdog thread interrupts",
+        path,
+        "HDF5 would loop on it forever",
+    )
+
     # ------------------------------------------------------------------------ terminal escapes
     path = _with_config(source, folder / "escape-class.keras", lambda c: _layer(c, "conv").update(class_name=ESCAPES))
     case(

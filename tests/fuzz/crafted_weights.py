@@ -134,6 +134,15 @@ def cases(folder: Path, sources: dict[str, Path]) -> list[Crafted]:
         path,
         "over the limit",
     )
+    byteorder = next(name for name in zipfile.ZipFile(source).namelist() if name.endswith("/byteorder"))
+    path = copy_zip(source, folder / "byteorder-zeros.pt", replace={byteorder: repeated(16 * MiB)})
+    case(
+        "byteorder-zeros",
+        "the byteorder record is 16 MiB of NUL bytes: torch's error quotes them all (control characters, and "
+        "20 s and 1 GB to escape them one by one)",
+        path,
+        "Unknown endianness type",
+    )
     path = _legacy_storage_bomb(folder / "legacy-storage.pt")
     case(
         "legacy-storage",

@@ -143,3 +143,18 @@ def shared_heap_names(data: bytes, owner: str, attribute: str, count: int, lengt
     for element in range(1, count):
         data[at + 16 * element : at + 16 * element + 16] = data[at : at + 16]
     return bytes(data)
+
+
+def looping_heap(data: bytes) -> bytes:
+    """``data`` (an HDF5 file) with its last global heap's free-space object given the size 0: HDF5
+    2.0 then loops forever reading any variable-length data in that heap (a config, a name; an
+    edit with h5py writes its new ones in a heap of its own, the last)."""
+    data = bytearray(data)
+    heap = data.rindex(b"GCOL\x01\x00\x00\x00")
+    end = heap + int.from_bytes(data[heap + 8 : heap + 16], "little")
+    at = heap + 16
+    while int.from_bytes(data[at : at + 2], "little") != 0:  # objects until the free space (index 0)
+        at += 16 + (int.from_bytes(data[at + 8 : at + 16], "little") + 7) // 8 * 8
+        assert at < end, "a heap without free space"
+    data[at + 8 : at + 16] = bytes(8)
+    return bytes(data)

@@ -19,7 +19,12 @@ What HDF5 reads on Keras' behalf need not be in the file, nor be as small as the
   (see ``docs/security.md``);
 * a filter HDF5 does not have built in is looked up in its plugin folders, which loads shared
   libraries into the process: :func:`no_filter_plugins` empties the plugin search path while a file
-  is read, and a dataset whose filter is not available is refused by name.
+  is read, and a dataset whose filter is not available is refused by name;
+* HDF5 (2.0) loops forever, in C code that holds Python's lock (no signal handler or watchdog
+  thread runs), on a global heap (where variable-length data lives: every Keras config and name)
+  whose objects do not tile it: a free-space object of size 0 never advances. A byte inserted
+  into a Keras file is enough. :func:`check_global_heaps` walks every heap as HDF5 does, in
+  Python, before anything reads one.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 from bnkit.formats.limits import Budget, LimitExceeded, format_bytes
 from bnkit.text import one_line
 
-__all__ = ["H5FileError", "check_h5", "no_filter_plugins", "read_json_attribute"]
+__all__ = ["H5FileError", "check_global_heaps", "check_h5", "no_filter_plugins", "read_json_attribute"]
 
 SLACK = 2**16  # bytes a weight may declare past its model's variables (a chunk of a tiny model's dataset)
 
@@ -58,6 +63,38 @@ def no_filter_plugins():
             h5pl.remove(0)
         for path in paths:
             h5pl.append(path)
+
+
+_HEAP_SIGNATURE = b"GCOL\x01\x00\x00\x00"  # a global heap collection, version 1, then its size
+_HEAP_MIN_SIZE = 4096  # H5HG_MINSIZE
+_OBJECT_HEADER = 16  # an object's index (2 bytes), reference count (2), reserved (4), size (8)
+
+
+def check_global_heaps(data, start: int, end: int, what: str) -> None:
+    """Refuse a global heap in ``data[start:end]`` (the file's bytes: ``bytes`` or an ``mmap``) whose
+    objects would not advance HDF5's walk through it to its end (see the module doc).
+
+    A valid heap is tiled exactly by its objects, the last the free space; a heap's signature and
+    header (8 fixed bytes, a size of at least 4 KiB) do not occur by chance in weights.
+    """
+    at = data.find(_HEAP_SIGNATURE, start, end)
+    while at >= 0:
+        size = int.from_bytes(data[at + 8 : at + 16], "little")
+        heap_end = at + size
+        if size >= _HEAP_MIN_SIZE and heap_end <= end:
+            position = at + 16
+            while position + _OBJECT_HEADER <= heap_end:
+                index = int.from_bytes(data[position : position + 2], "little")
+                object_size = int.from_bytes(data[position + 8 : position + 16], "little")
+                # as HDF5 steps: an object's header and its data padded to 8 bytes; the free space (index 0) as is
+                step = (_OBJECT_HEADER + (object_size + 7) // 8 * 8 if index else object_size) % 2**64
+                if step == 0 or position + step > heap_end:
+                    raise H5FileError(
+                        f"{what}: the global heap at byte {at - start} is damaged (an object of {object_size} bytes "
+                        f"at byte {position - start} does not fit it): HDF5 would loop on it forever"
+                    )
+                position += step
+        at = data.find(_HEAP_SIGNATURE, at + 1, end)
 
 
 def check_h5(h5file, budget: Budget, what: str, variables: int, charge_under: str = "/") -> int:

@@ -21,13 +21,14 @@ objects and cannot load them without ``allow_pickle``.
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
 from bnkit.formats._keras_loading import load_with_keras
 from bnkit.formats.atomic import atomic_path
-from bnkit.formats.h5_checks import H5FileError, check_h5, no_filter_plugins
+from bnkit.formats.h5_checks import H5FileError, check_global_heaps, check_h5, no_filter_plugins
 from bnkit.formats.keras_variables import charge_variables, check_weights_cover
 from bnkit.formats.limits import Budget, format_bytes, parse_json
 from bnkit.formats.zipfiles import SafeZip, ZipMemberError, is_zip
@@ -100,6 +101,7 @@ def _check_weights(archive: SafeZip, budget: Budget, variables: int) -> int:
         if member.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
             raise H5FileError(f"{WEIGHTS_H5} is not an HDF5 file (no HDF5 signature at its start)")
         member.seek(0)
+        check_global_heaps(*member.contents(), WEIGHTS_H5)
         try:
             weights = h5py.File(member, "r")
         except OSError as e:
@@ -118,6 +120,18 @@ class _Window(io.RawIOBase):
     def __init__(self, file, start: int, size: int) -> None:
         super().__init__()
         self.file, self.start, self.size, self.position = file, start, size, 0
+        self.map = None
+
+    def contents(self):
+        """``(bytes-like, start, end)``: the member's bytes, mapped, not read."""
+        if self.map is None:
+            self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        return self.map, self.start, min(self.start + self.size, len(self.map))
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -163,6 +177,11 @@ class _Decompressed(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
         self.position = max(0, base + offset)
         return self.position
+
+    def contents(self):
+        """``(bytes-like, start, end)``: the whole member, decompressed (its size is charged)."""
+        self._fill(self.size)
+        return self.data, 0, len(self.data)
 
     def close(self) -> None:
         self.member.close()

@@ -1,7 +1,7 @@
 """``.h5``/``.hdf5``: a legacy Keras (TF 2.x) model file, loaded by Keras in safe mode.
 
-Before Keras opens it, h5py checks the whole file (:mod:`bnkit.formats.h5_checks`: no link or
-storage outside the file, no filter plugin, variable-length names bounded) and charges to the
+Before Keras opens it, bnkit checks the whole file (:mod:`bnkit.formats.h5_checks`: global heaps
+HDF5 would loop on, then with h5py: no link or storage outside the file, no filter plugin) and charges to the
 budget what Keras will take: the ``model_config`` attribute (bounded, parsed with a size and depth
 limit), the variables it declares (:mod:`bnkit.formats.keras_variables`) and the datasets under
 ``model_weights``. The ``training_config`` attribute and the ``optimizer_weights`` group are
@@ -10,11 +10,18 @@ checked but not charged: Keras reads neither without compiling.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
 from bnkit.formats._keras_loading import load_with_keras
-from bnkit.formats.h5_checks import H5FileError, check_h5, no_filter_plugins, read_json_attribute
+from bnkit.formats.h5_checks import (
+    H5FileError,
+    check_global_heaps,
+    check_h5,
+    no_filter_plugins,
+    read_json_attribute,
+)
 from bnkit.formats.keras_variables import charge_variables, check_weights_cover
 from bnkit.formats.limits import Budget
 from bnkit.text import one_line, printable
@@ -32,6 +39,8 @@ def read(path: Path, budget: Budget):
     shown = printable(str(path))
     with no_filter_plugins():
         try:
+            with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                check_global_heaps(data, 0, len(data), "the file")
             with h5py.File(path, "r") as f:
                 if "model_config" not in f.attrs:
                     raise ModelFileError(
