@@ -218,6 +218,7 @@ def test_older_and_other_archives_are_named(tmp_path):
         ("torch.os.system", "which is not a PyTorch operator"),
         ("torch.ops.load_library", "which is not a PyTorch operator"),
         ("torch.ops.aten.no_such_operator.default", "not a registered operator"),
+        ("torch.ops.aten.mul", "an operator without its overload"),  # its overloads include mul.left_t
     ],
 )
 def test_operators_that_act_outside_the_model_or_loop_without_bound_are_refused(target, message):
@@ -452,3 +453,31 @@ def test_the_scan_is_bounded(payload, message):
 
     with pytest.raises(UnsafeArchiveError, match=message):
         list(pickle_globals(payload, "inputs"))
+
+
+# ------------------------------------------------------------------------ found by the .pt2 mutants
+
+
+def test_an_extra_file_that_is_not_utf8_is_refused_as_torch_refuses_it(small, tmp_path):
+    def bad_byte(name: str, data: bytes) -> bytes:
+        return data.replace(b'"model": "', b'"model": "\xff', 1) if name == "extra/bnkit.json" else data
+
+    crafted = rewrite(small, tmp_path / "crafted.pt2", bad_byte)
+    with pytest.raises(ModelFileError, match="extra/bnkit.json is not UTF-8 text"):
+        load_model(crafted)
+
+
+def test_a_record_whose_directory_says_empty_is_not_read_as_zeros(small, tmp_path):
+    """The central directory's size of weight_0 set to 0: its 432 bytes are there (as its CRC says)."""
+    data = bytearray(small.read_bytes())
+    with zipfile.ZipFile(small) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data/weights/weight_0"))
+        start = archive.start_dir
+    entry = start  # the central directory's entries, until this member's
+    while data[entry + 46 : entry + 46 + len(info.filename)] != info.filename.encode():
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    data[entry + 24 : entry + 28] = (0).to_bytes(4, "little")  # uncompressed size
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"data/weights/weight_0 claims to hold nothing, but 432 bytes"):
+        load_model(crafted)

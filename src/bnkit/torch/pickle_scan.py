@@ -46,7 +46,7 @@ def _tensor_global(name: str) -> bool:
     if name in _PLAIN_GLOBALS or name in _TORCH_REBUILD or _TORCH_STORAGE.fullmatch(name):
         return True
     module, _, attr = name.rpartition(".")  # a dtype, which _rebuild_tensor_v3 names
-    return module == "torch" and isinstance(getattr(torch, attr, None), torch.dtype)
+    return module == "torch" and isinstance(vars(torch).get(attr), torch.dtype)  # vars: no lazy import
 
 
 def scan_tensor_pickle(data: bytes, part: str) -> None:

@@ -51,6 +51,7 @@ MAX_SAMPLE_INPUTS = 64 * 2**20  # the sample inputs' torch.save zip (real ones: 
 MAX_EXTRA_FILE = 16 * 2**20  # extra/bnkit.json: a line per layer
 MAX_DIMENSIONS = 64  # torch's own limit for most operators
 _INT64_MAX = 2**63 - 1
+_EMPTY_STREAM = 32  # the most bytes any compression method makes of nothing
 
 
 def read_exported_program(path, budget: Budget | None = None) -> tuple[object, dict[str, str]]:
@@ -190,6 +191,11 @@ class _Reader:
             raise ArchiveError(f"{mixed.what}: {record} is shared by tensors of different dtypes")
         declared = self.size(record)
         if declared == 0:  # torch writes an empty record for a fake or empty tensor, and reads zeros
+            info = self.archive.zip.getinfo(self.root + record)
+            if info.CRC != 0 or info.compress_size > _EMPTY_STREAM:  # the directory's size was changed
+                raise ArchiveError(
+                    f"{record} claims to hold nothing, but {info.compress_size} bytes with CRC {info.CRC:#010x}"
+                )
             return None
         itemsize = first.itemsize
         if declared % itemsize:
@@ -233,7 +239,10 @@ class _Reader:
             if name.startswith("extra/"):
                 limit = min(MAX_EXTRA_FILE, self.budget.json_limit())
                 self.budget.charge(min(self.size(name), limit), name)
-                extra[name[len("extra/") :]] = self.read(name, limit).decode("utf-8", errors="replace")
+                try:  # torch's own reader fails on one that is not UTF-8 too
+                    extra[name[len("extra/") :]] = self.read(name, limit).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ArchiveError(f"{one_line(name, 120)} is not UTF-8 text ({one_line(e)})") from e
         return extra
 
 

@@ -28,7 +28,7 @@ import keyword
 import logging
 import re
 
-from bnkit.text import has_control_characters
+from bnkit.text import has_control_characters, one_line
 from bnkit.torch.pt2_errors import ArchiveError, UnsafeArchiveError
 from bnkit.torch.shape_expressions import ExpressionError, check_expression
 
@@ -77,8 +77,6 @@ def _show(value) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    from bnkit.text import one_line
-
     return one_line(e, 200)
 
 
@@ -110,7 +108,9 @@ def check_target(target) -> None:
             f"a graph node calls {target}: operators of {namespace!r} are not computations on tensors "
             f"bnkit runs (it reads {', '.join(sorted(TENSOR_NAMESPACES))})"
         )
-    operator = _registered(namespace, name, overload or "default")
+    if overload is None:  # torch writes an operator with its overload; a packet dispatches on its own
+        raise UnsafeArchiveError(f"a graph node calls {target}, an operator without its overload")
+    operator = _registered(namespace, name, overload)
     if operator is None:
         raise ArchiveError(f"a graph node calls {target}, which is not a registered operator of this torch")
     schema = operator._schema
