@@ -14,7 +14,7 @@ A case ends *clean* (:func:`problems` is empty) when
   no traceback, no C library's message);
 * it ends within ``seconds``: past it, the worker is killed (a hang), the case recorded, and a
   new worker started for the cases left;
-* the worker's peak RSS (``ru_maxrss``) grows by less than ``max_rss_growth`` during it, and no
+* the worker's peak RSS (``VmHWM``) grows by less than ``max_rss_growth`` during it, and no
   allocation failed: the worker runs under an address-space limit (``RLIMIT_AS``), so that a
   blow-up fails the case instead of the machine, and a ``MemoryError`` or a refused allocation,
   which bnkit would otherwise report as one tidy line, is caught by its text;
@@ -392,7 +392,7 @@ def _worker(commands_fd: int, results_fd: int, address_space: int, warm: list[st
         saved = redirected(request["stdout"], request["stderr"])
         scratch = tempfile.gettempdir()
         present = set(os.listdir(scratch))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _status("VmHWM")
         started = time.monotonic()
         try:
             status = main(request["argv"])
@@ -406,7 +406,7 @@ def _worker(commands_fd: int, results_fd: int, address_space: int, warm: list[st
         finally:
             restore(saved)
         seconds = time.monotonic() - started
-        growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # KiB on Linux
+        growth = _status("VmHWM") - before
         reference = request.get("reference")
         follows = bool(reference) and status == 0
         left = sorted(set(os.listdir(scratch)) - present)
@@ -416,7 +416,7 @@ def _worker(commands_fd: int, results_fd: int, address_space: int, warm: list[st
                 shutil.rmtree(path)
             else:
                 os.unlink(path)
-        message = {"status": status, "seconds": seconds, "rss_growth": growth, "vm_peak": _vm_peak()}
+        message = {"status": status, "seconds": seconds, "rss_growth": growth, "vm_peak": _status("VmPeak")}
         message["temporary_files"] = left
         send({**message, "reference_follows": follows})
         if follows:
@@ -432,10 +432,15 @@ def _worker(commands_fd: int, results_fd: int, address_space: int, warm: list[st
             send(result)
 
 
-def _vm_peak() -> int:
+def _status(field: str) -> int:
+    """A size from /proc/self/status, in bytes: ``VmHWM`` (peak RSS), ``VmPeak`` (peak address space).
+
+    Not ``ru_maxrss``: Linux keeps a process's peak RSS across exec, so a worker started by a test
+    process that holds torch (1 GB resident) would show no growth below that.
+    """
     try:
         with open("/proc/self/status") as status:
-            line = next(x for x in status if x.startswith("VmPeak:"))
+            line = next(x for x in status if x.startswith(field + ":"))
     except (OSError, StopIteration):
         return 0
     return int(line.split()[1]) * 1024

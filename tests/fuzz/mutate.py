@@ -28,6 +28,7 @@ same mutants of the same source files.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -99,7 +100,7 @@ def hostile_values():
         st.sampled_from(HOSTILE_FLOATS),
         st.sampled_from(HOSTILE_STRINGS),
         st.text(max_size=12),
-        st.sampled_from((None, True, False, [], {}, [[]], [1, 2], {"a": 1})),
+        st.sampled_from((None, True, False, [], {}, [[]], [1, 2], {"a": 1})).map(copy.deepcopy),  # edited later
         st.lists(st.sampled_from(HOSTILE_INTS), min_size=1, max_size=6),
         st.sampled_from(RAW_VALUES),
     )
@@ -203,7 +204,10 @@ def json_step(draw, doc):
         value = draw(hostile_values())
         return _set(doc, path, value), f"{where} = {_short(value)}"
     if op == "near":
-        value = draw(st.sampled_from((node + 1, node - 1, node * 2, -node, node + 0.5, node * 2**20)))
+        near = [node + 1, node - 1, node * 2, -node, node * 2**20]
+        if abs(node) < 1e300:  # a float beside it (larger ints have none)
+            near.append(node + 0.5)
+        value = draw(st.sampled_from(near))
         return _set(doc, path, value), f"{where} = {_short(value)}"
     if op == "as string":
         return _set(doc, path, str(node)), f"{where} as the string {str(node)!r}"
@@ -268,15 +272,16 @@ EXPRESSIONS = (
 )  # fmt: skip
 
 
-def shape_expressions():
+_FUNCTIONS = ("Add", "Mul", "Pow", "Mod", "FloorDiv", "Max", "Min", "CeilDiv", "PowByNatural", "LShift")
+
+
+@st.composite
+def shape_expressions(draw, depth: int = 3):
     """Integer arithmetic over the program's batch size, nested a few levels: what torch would write, and worse."""
-    leaves = st.sampled_from(HOSTILE_INTS).map(lambda n: f"Integer({n})") | st.just(SYMBOL)
-    functions = ("Add", "Mul", "Pow", "Mod", "FloorDiv", "Max", "Min", "CeilDiv", "PowByNatural", "LShift")
-    return st.recursive(
-        leaves,
-        lambda inner: st.builds(lambda f, a, b: f"{f}({a}, {b})", st.sampled_from(functions), inner, inner),
-        max_leaves=6,
-    )
+    if depth == 0 or draw(st.booleans()):
+        return draw(st.sampled_from(HOSTILE_INTS).map(lambda n: f"Integer({n})") | st.just(SYMBOL))
+    function = draw(st.sampled_from(_FUNCTIONS))
+    return f"{function}({draw(shape_expressions(depth - 1))}, {draw(shape_expressions(depth - 1))})"
 
 
 def _nodes_with(doc, keys) -> list:
@@ -305,7 +310,7 @@ def program_step(draw, doc):
         _get(doc, path)["target"] = target
         return doc, f"node {_show_path(path)} calls {target!r}"
     if kind == "argument":
-        paths = [p for p in _nodes_with(doc, ("arg",)) if isinstance(_get(doc, p)["arg"], dict)]
+        paths = [p for p in _nodes_with(doc, ("arg",)) if isinstance(_get(doc, p)["arg"], dict) and _get(doc, p)["arg"]]
         if not paths:
             return None
         path = draw(st.sampled_from(paths))
@@ -332,7 +337,9 @@ def program_step(draw, doc):
         entry = _get(doc, path)
         field = draw(st.sampled_from(("path_name", "use_pickle", "is_param")))
         if field == "path_name":
-            names = sorted({_get(doc, p)["path_name"] for p in _nodes_with(doc, ("path_name",))})
+            names = sorted(
+                {n for p in _nodes_with(doc, ("path_name",)) if isinstance(n := _get(doc, p)["path_name"], str)}
+            )
             value = draw(st.sampled_from(names) | st.sampled_from(("weight_99", "../weight_0", "", "data.pkl")))
         else:
             value = not entry.get(field)
