@@ -293,7 +293,12 @@ class Harness:
             self._start()
         out, err = self.folder / "stdout", self.folder / "stderr"
         request = {"argv": list(case.argv), "stdout": str(out), "stderr": str(err), "reference": case.reference}
-        self._commands.write(json.dumps(request) + "\n")
+        try:
+            self._commands.write(json.dumps(request) + "\n")
+        except BrokenPipeError:  # the worker ended between two cases: the case runs in a new one
+            self._kill()
+            self._start()
+            self._commands.write(json.dumps(request) + "\n")
         started = time.monotonic()
         result = self._receive(self.seconds)
         if result is None:  # a hang, or the worker died (a crash, or bnkit's stuck-reader exit)
