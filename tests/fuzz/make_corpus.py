@@ -5,13 +5,16 @@
 The valid files every crafted one starts from are made here too, by the real tools: a small
 conv → BN → ReLU → linear network saved by ``bnkit.io.save_model`` (``.pt2``) and by Keras 3
 (``.keras``, legacy ``.h5``), and its state dict (``.pt``, ``.safetensors``) for the
-``fuzz_models:small`` factory.
+``fuzz_models:small`` factory. They are the same bytes on every run (Keras' time stamps are
+fixed: see :func:`_reproducible`), so a seed gives the same mutants.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,23 +44,36 @@ def valid_sources(folder: Path) -> dict[str, Path]:
         path = folder / name
         if not path.exists():
             keras_model.save(path)
+            if key == "keras":
+                _reproducible(path)
         sources[key] = path
     return sources
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
-    out = Path(argv[0])
-    sys.path.insert(0, str(HERE))
-    from crafted import all_cases
+def _reproducible(path: Path) -> None:
+    """Keras writes into a ``.keras`` archive the time it was saved (``metadata.json``'s
+    ``date_saved``, the weights member's zip date) and the memory addresses of shared objects
+    (``shared_object_id`` in ``config.json``): rewritten with fixed dates and ids numbered in order
+    (the same sharing), as Keras writes the archive (Python's zipfile, the same entries), so that
+    the file is the same bytes on every run."""
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in members:
+            if info.filename == "metadata.json":
+                data = json.dumps({**json.loads(data), "date_saved": "2000-01-01@00:00:00"}).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_renumbered(json.loads(data), {})).encode()
+            info.date_time = (1980, 1, 1, 0, 0, 0)
+            archive.writestr(info, data)
 
-    cases = all_cases(out, valid_sources(out / "valid"))
-    for case in cases:
-        print(f"{case.name}: bnkit {' '.join(case.argv)}  [{case.expect}] {case.finding}")
-    return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def _renumbered(value, ids: dict):
+    if isinstance(value, dict):
+        return {
+            k: ids.setdefault(v, len(ids) + 1) if k == "shared_object_id" else _renumbered(v, ids)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_renumbered(v, ids) for v in value]
+    return value
