@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 
-from bnkit.formats.limits import Budget, LimitExceeded, format_bytes
+from bnkit.formats.limits import JSON_EXPANSION, Budget, LimitExceeded, format_bytes
 from bnkit.text import one_line
 
 __all__ = ["H5FileError", "check_global_heaps", "check_h5", "no_filter_plugins", "read_json_attribute"]
@@ -217,11 +217,10 @@ def read_json_attribute(obj, name: str, what: str, budget: Budget):
         raise H5FileError(f"{what} is not one text but an array of shape {attribute.shape}")
     if dtype.hasobject and h5py.check_string_dtype(dtype) is None:
         raise H5FileError(f"{what} is not text ({dtype})")
-    if not dtype.hasobject and attribute.get_storage_size() > budget.json_limit():
-        raise LimitExceeded(
-            f"{what} is {format_bytes(attribute.get_storage_size())}, over the limit of "
-            f"{format_bytes(budget.json_limit())} for it (raise it with --max-model-bytes)"
-        )
+    if not dtype.hasobject:  # a fixed-length text: its storage is its size
+        size = attribute.get_storage_size()
+        budget.charge(size * JSON_EXPANSION, f"{what} ({format_bytes(size)} of JSON)")
+        budget = None  # charged
     value = obj.attrs[name]
     if not isinstance(value, (str, bytes)):
         raise H5FileError(f"{what} is not a text but {type(value).__name__} {getattr(value, 'shape', '')}")

@@ -30,7 +30,7 @@ from bnkit.formats._keras_loading import load_with_keras
 from bnkit.formats.atomic import atomic_path
 from bnkit.formats.h5_checks import H5FileError, check_global_heaps, check_h5, no_filter_plugins
 from bnkit.formats.keras_variables import charge_variables, check_weights_cover
-from bnkit.formats.limits import Budget, format_bytes, parse_json
+from bnkit.formats.limits import JSON_EXPANSION, Budget, format_bytes, parse_json
 from bnkit.formats.zipfiles import SafeZip, ZipMemberError, is_zip
 from bnkit.text import one_line, printable
 
@@ -61,11 +61,11 @@ def check_archive(path: Path, budget: Budget) -> dict:
             names = archive.names()
             if CONFIG not in names:
                 raise ModelFileError(f"{shown}: the archive holds no {CONFIG}: not a Keras 3 model archive")
-            config = parse_json(archive.read(CONFIG, budget.json_limit(), CONFIG), CONFIG, budget)
+            config = _read_json(archive, CONFIG, budget)
             if not isinstance(config, dict):
                 raise ModelFileError(f"{shown}: {CONFIG} is not a JSON object but a {type(config).__name__}")
             if METADATA in names:
-                parse_json(archive.read(METADATA, budget.json_limit(), METADATA), METADATA, budget)
+                _read_json(archive, METADATA, budget)
             if WEIGHTS_NPZ in names and WEIGHTS_H5 not in names:
                 raise ModelFileError(
                     f"{shown}: the weights are {WEIGHTS_NPZ} (pickled NumPy objects, which Keras loads only "
@@ -87,6 +87,13 @@ def check_archive(path: Path, budget: Budget) -> dict:
             raise
         raise ModelFileError(f"{shown}: {e}") from e
     return config
+
+
+def _read_json(archive: SafeZip, name: str, budget: Budget):
+    """Member ``name`` parsed as JSON: charged from the size it declares before a byte is decompressed."""
+    size = archive.size(name)
+    budget.charge(size * JSON_EXPANSION, f"{name} ({format_bytes(size)} of JSON)")
+    return parse_json(archive.read(name, size, name), name)
 
 
 def _check_weights(archive: SafeZip, budget: Budget, variables: int) -> int:

@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
-from bnkit.formats.limits import TENSOR_OVERHEAD, Budget, LimitExceeded, format_bytes, parse_json
+from bnkit.formats.limits import JSON_EXPANSION, TENSOR_OVERHEAD, Budget, LimitExceeded, format_bytes, parse_json
 from bnkit.formats.zipfiles import SafeZip, ZipMemberError, is_zip
 from bnkit.text import one_line, printable
 
@@ -99,12 +99,13 @@ def check_safetensors_header(path: Path, budget: Budget) -> None:
             raise ModelFileError(
                 f"{shown}: the header claims {length} bytes, more than the file holds (truncated, or not safetensors?)"
             )
-        limit = min(MAX_SAFETENSORS_HEADER, budget.json_limit())
-        if length > limit:
-            raise LimitExceeded(f"the header is {format_bytes(length)}, over the limit of {format_bytes(limit)} for it")
+        if length > MAX_SAFETENSORS_HEADER:
+            limit = format_bytes(MAX_SAFETENSORS_HEADER)
+            raise LimitExceeded(f"the header is {format_bytes(length)}, over safetensors' own limit of {limit}")
+        budget.charge(length * JSON_EXPANSION, f"the header ({format_bytes(length)} of JSON)")
         header = f.read(length)
     try:
-        entries = parse_json(header, "the header", budget)
+        entries = parse_json(header, "the header")
     except LimitExceeded:
         raise
     except ValueError as e:
