@@ -8,9 +8,9 @@ compression method, no name twice) and charges to the budget what Keras will tak
 * ``config.json`` and ``metadata.json``: read bounded and parsed with a size and depth limit (a
   3 GiB run of spaces deflates to 3 MB; 100,000 nested lists break Python's parser);
 * ``model.weights.h5``: its size (Keras reads it into memory), then its datasets' declared sizes,
-  with the checks of :mod:`bnkit.formats.h5_checks` (no link or storage outside the file, no
-  filter plugin); the variables the config declares are charged before Keras creates them
-  (:mod:`bnkit.formats.keras_variables`);
+  with the checks of :mod:`bnkit.formats.h5_checks` (no global heap HDF5 would loop on, no link
+  or storage outside the file, no filter plugin); the variables the config declares are charged
+  before Keras creates them, and must be what the weights hold (:mod:`bnkit.formats.keras_variables`);
 * every member, when the archive holds more than the three: Keras then extracts all of them to a
   temporary folder (its assets).
 
