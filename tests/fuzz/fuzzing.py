@@ -9,9 +9,10 @@ large allocation cannot hurt the machine. Its *verdict* is one of
   gives exactly the source's summary; any other gives the counts of an independent reader
   (``references.py``: Keras' own loader, ``torch.export.load``, ``torch.load``/``safetensors``),
   and no more values than the memory limit can hold (the issue's 2**40-element bias over 4 bytes).
-  Where the independent reader refuses the file, bnkit's summary must be the source's: the
+  Where the independent reader refuses a model file, bnkit's summary must be the source's: the
   frameworks also stumble on parts bnkit does not use (a weight's ``device``, a damaged
-  bookkeeping member), and a summary that differs then has nothing to be checked against;
+  bookkeeping member), and a summary that differs then has nothing to be checked against. A
+  weights file must be read by the independent reader too (its summary is the factory's);
 * ``exit 2 one line``: refused with one clean line;
 * ``exit 0 wrong``: read, but as a model the file does not hold (or one its own framework cannot
   load), or the summary is not JSON;
@@ -126,7 +127,7 @@ def judge(mutant: Mutant, outcome: Outcome, original: dict) -> Verdict:
         return Verdict(mutant, outcome, "exit 0 wrong", wrong)
     reference = outcome.reference
     refused = not isinstance(reference, dict) or "error" in reference
-    return Verdict(mutant, outcome, "exit 0 correct", SOURCE_ONLY if refused and mutant.fmt not in WEIGHTS else "")
+    return Verdict(mutant, outcome, "exit 0 correct", SOURCE_ONLY if refused else "")
 
 
 def _differences(mutant: Mutant, summary: dict, original: dict, reference) -> str:
@@ -139,8 +140,8 @@ def _differences(mutant: Mutant, summary: dict, original: dict, reference) -> st
             return f"read as another model than the source (differs in {', '.join(changed)})"
     if not isinstance(reference, dict) or "error" in reference:
         error = reference.get("error") if isinstance(reference, dict) else reference
-        if summary == original:  # the framework stumbles on a part bnkit does not use; nothing else differs
-            return ""
+        if summary == original and mutant.fmt not in WEIGHTS:  # the framework stumbles on a part bnkit
+            return ""  # does not use; a weights file's summary is the factory's, whatever the file holds
         return f"read as another model than the source, and the independent reader does not read it: {error}"
     if mutant.fmt in WEIGHTS:
         return ""

@@ -130,5 +130,7 @@ def test_the_judge_names_a_model_read_wrongly():
     huge = {**SUMMARY, "torch": {"params": 2**40, "buffers": 8, "counters": 1}}
     assert "more than" in judge(mutant, _outcome(huge, {"params": 2**40, "buffers": 9}), SUMMARY).detail
     assert judge(mutant, _outcome("not json"), SUMMARY).verdict == "exit 0 wrong"
+    weights = Mutant("safetensors", b"", ("a step",), inert=False)
+    assert "does not read it" in judge(weights, _outcome(SUMMARY, {"error": "x"}), SUMMARY).detail
     inert = Mutant("pt2", b"", ("a zip comment",), inert=True)
     assert "another model" in judge(inert, _outcome({**SUMMARY, "name": "x"}, right), SUMMARY).detail
