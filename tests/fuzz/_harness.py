@@ -25,6 +25,13 @@ A case ends *clean* (:func:`problems` is empty) when
 * it leaves nothing in the temporary folder (the worker's own ``TMPDIR``): a reader that unpacks
   a file there must remove what it unpacked, failed or not (a worker killed mid-case cannot).
 
+A case that hangs or crashes the worker is run again alone, as the console script (``python -m
+bnkit``), and judged by that run: the worker calls ``bnkit.cli.main`` inside a program, where bnkit
+can stop a stuck reader only from a thread, which C code holding Python's lock never lets run; the
+console script runs the command in a supervised child process that it stops from outside, with one
+line (``bnkit.cli.supervisor``). What the worker saw is kept (:attr:`Outcome.worker`). Memory is
+judged by the worker's run (the console run is not measured; ``RLIMIT_AS`` applies to it too).
+
 A case may also name a *reference* reader, ``("module:function", args)``, called in the worker
 (after the command, with its output discarded) when the command exits 0: an independent reading
 of the same file that a test compares with bnkit's output. It is bounded by the same time limit;
@@ -37,6 +44,7 @@ script starts fresh. A problem found here is reproduced with the command line al
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -96,6 +104,7 @@ class Outcome:
     rss_growth: int  # bytes the worker's peak RSS grew by during the command
     peak_address_space: int = 0  # the worker's peak virtual size (VmPeak) after the command, in bytes
     temporary_files: list[str] = field(default_factory=list)  # what the command left in its TMPDIR
+    worker: str | None = None  # set when the console script judged the case: what the worker saw
     killed: str | None = None
     reference: object = None  # the reference reader's result, or {"error": ...}; None when not run
     problems: list[str] = field(default_factory=list)
@@ -109,6 +118,8 @@ class Outcome:
         lines = [f"{self.case.name or '(case)'}: bnkit {' '.join(self.case.argv)}"]
         lines += [f"    {p}" for p in self.problems]
         lines.append(f"    exit {self.status}, {self.seconds:.2f} s, peak RSS +{self.rss_growth / MiB:.0f} MiB")
+        if self.worker:
+            lines.append(f"    (judged as the console script; in the worker: {self.worker})")
         for label, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             if text:
                 shown = text if len(text) < 600 else text[:300] + " [...] " + text[-300:]
@@ -172,6 +183,9 @@ class Harness:
     ``warm``: modules the worker imports before its first case, so that the first case's time and
     memory are its own. ``entry``: the ``module:function`` that takes an argv list and returns the
     exit status (bnkit's command line; the harness's own tests give one that misbehaves on purpose).
+    ``console``: the command line of the same program as its users run it (``python -m bnkit``),
+    which judges a case that hung, crashed or grew too much in the worker (see the module doc);
+    None judges the worker's run.
     """
 
     def __init__(
@@ -182,6 +196,7 @@ class Harness:
         cwd: Path = HERE,
         warm: tuple[str, ...] = ("torch", "bnkit.keras", "h5py", "bnkit.cli"),
         entry: str = "bnkit.cli:main",
+        console: tuple[str, ...] | None = (sys.executable, "-m", "bnkit"),
     ) -> None:
         self.seconds = seconds
         self.max_rss_growth = max_rss_growth
@@ -189,6 +204,7 @@ class Harness:
         self.cwd = Path(cwd)
         self.warm = warm
         self.entry = entry
+        self.console = console
         self.canary = secrets.token_hex(16)
         self.folder = Path(tempfile.mkdtemp(prefix="bnkit-harness-"))
         self.workers_started = 0
@@ -196,17 +212,21 @@ class Harness:
 
     # ------------------------------------------------------------------------- the worker
 
-    def _start(self) -> None:
+    def _environment(self, scratch: Path) -> dict:
+        """The environment of a worker or a console script: this tree's bnkit, the canary, its own TMPDIR."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), str(HERE), env.get("PYTHONPATH")]))
         env["KERAS_BACKEND"] = "torch"
         env["COLUMNS"] = "160"
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env[CANARY_VARIABLE] = self.canary
-        scratch = self.folder / "tmp"  # the worker's TMPDIR: what a command leaves there is seen
-        shutil.rmtree(scratch, ignore_errors=True)  # what a killed worker left
+        shutil.rmtree(scratch, ignore_errors=True)  # what a killed process left
         scratch.mkdir()
-        env["TMPDIR"] = str(scratch)
+        env["TMPDIR"] = str(scratch)  # what a command leaves there is seen
+        return env
+
+    def _start(self) -> None:
+        env = self._environment(self.folder / "tmp")
         commands_r, commands_w = os.pipe()
         results_r, results_w = os.pipe()
         self.log = self.folder / f"worker-{self.workers_started}.log"
@@ -334,8 +354,52 @@ class Harness:
                 status = self._kill()
                 reference = {"error": f"the reference reader hung or died (status {status})"}
             outcome.reference = reference.get("result", reference)
+        if self.console is not None and self._needs_console(outcome):
+            judged = self._run_console(case, outcome)
+            judged.reference = outcome.reference if judged.status == 0 else None
+            outcome = judged
         outcome.problems = problems(outcome, self.canary, self.seconds, self.max_rss_growth)
         return outcome
+
+    def _needs_console(self, outcome: Outcome) -> bool:
+        return outcome.killed is not None  # a hang or a crash; memory is the worker's to measure
+
+    def _run_console(self, case: Case, seen: Outcome) -> Outcome:
+        """``case`` run again alone, as the console script, under the same limits; its outcome, with
+        what the worker saw in :attr:`Outcome.worker`."""
+        out, err = self.folder / "stdout", self.folder / "stderr"
+        scratch = self.folder / "console-tmp"
+        env = self._environment(scratch)
+        # RLIMIT_AS set by a small launcher that then becomes the console script (no preexec_fn:
+        # this process may run threads)
+        launcher = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); " \
+            "os.execv(sys.argv[2], sys.argv[2:])"  # fmt: skip
+        argv = [sys.executable, "-c", launcher, str(self.address_space), *self.console, *case.argv]
+        started = time.monotonic()
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            proc = subprocess.Popen(argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=stderr, start_new_session=True)  # fmt: skip
+            try:
+                status, killed = proc.wait(timeout=self.seconds), None
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                status, killed = None, f"hang: still running after {self.seconds:g} s (the console script was killed)"
+        if status is not None and status < 0:
+            status, killed = None, f"the console script died of signal {-status}"
+        left = sorted(os.listdir(scratch)) if killed is None else []
+        return Outcome(
+            case=case,
+            status=status,
+            stdout=_read_text(out),
+            stderr=_read_text(err),
+            seconds=time.monotonic() - started,
+            rss_growth=0,  # not measured: the console script's supervisor bounds its own memory
+            killed=killed,
+            temporary_files=left,
+            worker=seen.killed,
+        )
 
 
 def _read_text(path: Path) -> str:

@@ -75,6 +75,11 @@ def main(argv: list[str]) -> int:
         os._exit(2)
     if behaviour == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    if behaviour == "stuck in the worker":  # as C code holding Python's lock: only the console script ends it
+        if __name__ == "__main__":
+            print(error + "reading took longer than 1 s", file=sys.stderr)
+            return 2
+        time.sleep(3600)
     raise ValueError(f"unknown behaviour {behaviour!r}")
 
 
@@ -85,3 +90,7 @@ def view(answer: str) -> dict:
     if answer == "hang":
         time.sleep(3600)
     return {"answer": answer}
+
+
+if __name__ == "__main__":  # the console script of this stand-in
+    sys.exit(main(sys.argv[1:]))

@@ -6,16 +6,19 @@ No torch here: the worker imports nothing but the stand-in, so these take a seco
 
 from __future__ import annotations
 
+import sys
+
 import pytest
-from _harness import Case, Harness, MiB
+from _harness import HERE, Case, Harness, MiB
 
 SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
 def harness():
+    console = (sys.executable, str(HERE / "_misbehave.py"))
     with Harness(seconds=SECONDS, max_rss_growth=64 * MiB, address_space=1024 * MiB, warm=(),
-                 entry="_misbehave:main") as h:  # fmt: skip
+                 entry="_misbehave:main", console=console) as h:  # fmt: skip
         yield h
 
 
@@ -43,15 +46,22 @@ def test_a_clean_end_has_no_problem(harness, behaviour):
         ("allocate", "2048", "memory: an allocation failed"),
         ("environment", "", "printed forbidden text: the environment canary"),
         ("temporary", "", "left temporary files: unpacked-"),
-        ("crash", "", "the worker died of signal 11"),
-        ("sigterm", "", "the worker died of signal 15"),
-        ("hang", "60", f"hang: still running after {SECONDS:g} s"),
+        ("crash", "", "the console script died of signal 11"),
+        ("sigterm", "", "the console script died of signal 15"),
+        ("hang", "60", f"hang: still running after {SECONDS:g} s (the console script was killed)"),
     ],
 )
 def test_each_way_of_not_ending_clean_is_named(harness, behaviour, arg, problem):
     outcome = run(harness, behaviour, arg)
     assert any(p.startswith(problem) for p in outcome.problems), outcome.describe()
     assert run(harness, "ok").problems == []  # and the next case runs (in a new worker if that one died)
+
+
+def test_a_case_stuck_in_the_worker_is_judged_as_the_console_script(harness):
+    """bnkit stops a reader stuck in C code from a supervising process, which only the console script has."""
+    outcome = run(harness, "stuck in the worker")
+    assert (outcome.status, outcome.problems) == (2, []), outcome.describe()
+    assert outcome.worker.startswith(f"hang: still running after {SECONDS:g} s")
 
 
 def test_a_traceback_is_what_the_console_script_would_print(harness):
