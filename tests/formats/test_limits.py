@@ -105,12 +105,14 @@ def test_a_timeout_the_reader_swallows_still_ends_reading():
 
 def test_a_reader_stuck_in_c_code_ends_the_command_line_process_with_one_line():
     """PBKDF2 runs in C without returning to Python (as sympy's Float('1e999999999') did, ignoring
-    SIGTERM): no signal handler runs; the command line's watchdog ends the process after a short grace."""
+    SIGTERM), but lets other threads run: no signal handler runs; the watchdog thread of an
+    unsupervised command line (main(argv) in a program) ends the process after a short grace."""
     code = textwrap.dedent(
         """
         import hashlib
+        from bnkit.cli.watchers import ThreadWatchdog
         from bnkit.formats.limits import ReadLimits, deadline
-        with deadline(ReadLimits(max_seconds=0.5, stuck_exit_prefix="bnkit summary"), "stuck.pt2"):
+        with deadline(ReadLimits(max_seconds=0.5, watcher=ThreadWatchdog("bnkit summary")), "stuck.pt2"):
             hashlib.pbkdf2_hmac("sha256", b"password", b"salt", 10**8)  # about 30 s of C
         print("finished")
         """

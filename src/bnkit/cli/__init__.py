@@ -3,6 +3,10 @@
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; they are found at start-up, so a new command is a new file.
 Command modules import frameworks inside ``run`` so that ``bnkit --help`` stays fast.
+
+Run as the ``bnkit`` console script (``main()`` without ``argv``), a command that reads model files
+runs in a child process that a light parent supervises (:mod:`bnkit.cli.supervisor`: it ends a
+reader stuck in C code, or past its memory); ``main(argv)`` runs the command in the calling process.
 """
 
 from __future__ import annotations
@@ -109,13 +113,21 @@ def _passive_openmp_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: ``argv`` (the console script: ``sys.argv``, supervised), return its exit status."""
     _passive_openmp_threads()
     parser = build_parser()
+    console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(_attach_negative_values(argv, _valued_options(parser)))
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    if console and hasattr(args, "max_read_seconds"):  # the command reads model files
+        from bnkit.cli.supervisor import supervise
+
+        status = supervise()  # None: this is the child (or there is no fork): run the command
+        if status is not None:
+            return status
     from bnkit.inputs import InputError
     from bnkit.interrupts import Terminated, raise_if_stop_requested, stop_signals_handled
     from bnkit.io import ModelFileError

@@ -137,6 +137,7 @@ def reading(args: argparse.Namespace) -> dict:
     """``load_model`` keywords from the options of :func:`add_reading_options`."""
     import sys
 
+    from bnkit.cli.watchers import for_command
     from bnkit.formats.limits import ReadLimits
 
     prefix = f"bnkit {args.command}"
@@ -144,5 +145,6 @@ def reading(args: argparse.Namespace) -> dict:
     def show(line: str) -> None:
         print(f"{prefix}: while reading: {line}", file=sys.stderr)
 
-    limits = ReadLimits(args.max_model_bytes, args.max_read_seconds, stuck_exit_prefix=prefix)
+    # a reader stuck in C code, or past its memory, is ended from outside (see bnkit.cli.watchers)
+    limits = ReadLimits(args.max_model_bytes, args.max_read_seconds, watcher=for_command(prefix))
     return {"limits": limits, "on_warning": show if args.verbose else None}

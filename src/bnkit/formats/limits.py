@@ -13,20 +13,21 @@ allocates or decompresses it, and a part over what is left is refused by name:
   by default: more than the largest torchvision and keras.applications networks need).
 
 :func:`deadline` bounds the time: past ``max_seconds`` (``--max-read-seconds``) reading stops
-with :class:`ReadTimeout`; a reader stuck in C code, which no Python signal handler reaches,
-ends the command line's process with one line (the library never exits a caller's process).
+with :class:`ReadTimeout`. A reader stuck in C code, which no Python signal handler reaches, is
+stopped only from outside: a :class:`ReadWatcher` on the limits is told when reading starts and
+ends. The library has none (it never exits a caller's process); the command line brings its own
+(:mod:`bnkit.cli.watchers`: a supervising parent process, or a watchdog thread).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
-import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = [
     "DEFAULT_MAX_MODEL_BYTES",
@@ -35,10 +36,12 @@ __all__ = [
     "LimitExceeded",
     "ReadLimits",
     "ReadTimeout",
+    "ReadWatcher",
     "deadline",
     "format_bytes",
     "parse_bytes",
     "parse_json",
+    "timeout_message",
 ]
 
 GiB = 2**30
@@ -47,7 +50,6 @@ DEFAULT_MAX_SECONDS = 600.0
 TENSOR_OVERHEAD = 16 * 2**10  # measured: ~9 KiB of Python and torch objects per tensor of a program
 JSON_EXPANSION = 16  # bytes of Python objects per byte of JSON, and more once a program is built from it
 MAX_JSON_DEPTH = 256  # a Keras config of nested functional models is ~10 deep per level
-_STUCK_GRACE = 10.0  # at most this long (and at least 1 s) after the deadline, a reader may still stop by itself
 
 
 class LimitExceeded(ValueError):
@@ -58,17 +60,28 @@ class ReadTimeout(LimitExceeded):
     """Reading took longer than ``max_seconds``."""
 
 
+class ReadWatcher(Protocol):
+    """What stops a reader stuck where :func:`deadline`'s timer cannot reach it (a loop in C code).
+
+    ``reading(what, limits)`` returns a context manager that :func:`deadline` holds for as long as
+    ``what`` (the file, as printed) is read under ``limits``. The command line's watchers
+    (:mod:`bnkit.cli.watchers`) end the process from outside when reading outlives the limits.
+    """
+
+    def reading(self, what: str, limits: ReadLimits) -> contextlib.AbstractContextManager: ...
+
+
 @dataclass(frozen=True)
 class ReadLimits:
     """Limits for reading one model (see the module doc).
 
-    ``stuck_exit_prefix``: set by the command line only; when a reader has not stopped a few
-    seconds after the deadline, the process prints ``{prefix}: error: ...`` and exits with status 2.
+    ``watcher``: set by the command line only (see :class:`ReadWatcher`); it ends the process
+    with one line and exit status 2 when a reader is stuck past the limits.
     """
 
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     max_seconds: float = DEFAULT_MAX_SECONDS
-    stuck_exit_prefix: str | None = None
+    watcher: ReadWatcher | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_model_bytes, int) and self.max_model_bytes > 0):
@@ -185,18 +198,22 @@ def _check_depth(value, what: str) -> None:
 # ----------------------------------------------------------------------------------------- time
 
 
+def timeout_message(what: str, seconds: float) -> str:
+    """What reading ``what`` past ``seconds`` says (the same words whoever stops it)."""
+    return f"{what}: reading took longer than {seconds:g} s (raise the limit with --max-read-seconds)"
+
+
 @contextlib.contextmanager
 def deadline(limits: ReadLimits, what: str):
     """Raise :class:`ReadTimeout` in the block once ``limits.max_seconds`` have passed.
 
     A ``SIGALRM`` timer interrupts Python code (main thread only; a timer already set by the
     caller is kept and restored). A reader that swallows the exception is stopped at the end of
-    the block. With ``limits.stuck_exit_prefix`` (the command line), a watchdog thread ends the
-    process when the reader is still inside the block some seconds later: a loop in C code never
-    returns to Python, where a signal handler could run.
+    the block. ``limits.watcher`` (the command line) is told for the length of the block: a loop
+    in C code never returns to Python, where a signal handler could run, and is ended from outside.
     """
     seconds = limits.max_seconds
-    message = f"{what}: reading took longer than {seconds:g} s (raise the limit with --max-read-seconds)"
+    message = timeout_message(what, seconds)
     fired = threading.Event()
 
     def on_alarm(signum, frame):
@@ -207,29 +224,16 @@ def deadline(limits: ReadLimits, what: str):
     if use_alarm:
         previous_timer = signal.getitimer(signal.ITIMER_REAL)
         use_alarm = previous_timer[0] == 0  # the caller's own timer runs: leave SIGALRM alone
-    watchdog = None
-    if limits.stuck_exit_prefix is not None:
-        line = f"{limits.stuck_exit_prefix}: error: {message}"
-        watchdog = threading.Timer(seconds + min(_STUCK_GRACE, max(seconds, 1.0)), _exit_stuck, (line,))
-        watchdog.daemon = True
-        watchdog.start()
-    if use_alarm:
-        previous_handler = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-        if fired.is_set():  # raised, and swallowed by the reader's own "except:"
-            raise ReadTimeout(message)
-    finally:
+    watching = limits.watcher.reading(what, limits) if limits.watcher is not None else contextlib.nullcontext()
+    with watching:
         if use_alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous_handler)
-        if watchdog is not None:
-            watchdog.cancel()
-
-
-def _exit_stuck(line: str) -> None:
-    with contextlib.suppress(OSError):
-        sys.stderr.flush()
-        os.write(2, (line + "\n").encode("utf-8", "replace"))
-    os._exit(2)
+            previous_handler = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+            if fired.is_set():  # raised, and swallowed by the reader's own "except:"
+                raise ReadTimeout(message)
+        finally:
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous_handler)
