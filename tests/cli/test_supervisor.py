@@ -56,8 +56,7 @@ def _run(argv: list, cwd: Path, timeout: float = 60, **extra_env) -> tuple[subpr
 
 def _script(body: str) -> list[str]:
     """``python -c`` of a program whose first act is the console script's: fork under supervision."""
-    head = "import sys\nfrom bnkit.cli.supervisor import supervise\nstatus = supervise()\n"
-    head += "if status is not None:\n    sys.exit(status)  # the parent\n"
+    head = "from bnkit.cli.supervisor import supervise\nsupervise()  # returns in the child only\n"
     return [sys.executable, "-c", head + textwrap.dedent(body)]
 
 
@@ -298,6 +297,22 @@ def test_a_child_killed_by_a_signal_kills_the_parent_with_it(tmp_path, reading):
     assert proc.stderr.splitlines() == (expected if reading else [])
 
 
+def test_a_fault_of_the_supervisors_own_leaves_the_command_to_end_as_it_would(tmp_path):
+    code = _script(
+        """
+        import sys, time
+        from bnkit.cli import supervisor
+
+        supervisor.tell("reading", until="not a time")  # the parent's comparison fails
+        time.sleep(0.3)
+        print("finished", flush=True)
+        sys.exit(3)
+        """
+    )
+    proc, _ = _run(code, tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "finished\n", "")
+
+
 _COUNT_SIGINTS = """
 import json, os, signal, time
 from pathlib import Path
@@ -385,7 +400,7 @@ from bnkit.cli import main
 how = sys.argv[1]
 sys.argv = ["bnkit", "summary", "missing.h5"]
 status = main() if how == "console" else main(["summary", "missing.h5"])
-if forks == [os.getpid()]:  # the parent (the child has exited by now)
+if forks == [os.getppid()]:  # the child, which goes on (the parent never returns from main)
     print("forked", status)
 elif not forks:
     print("in process", status)

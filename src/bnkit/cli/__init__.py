@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if console and hasattr(args, "max_read_seconds"):  # the command reads model files
         from bnkit.cli.supervisor import supervise
 
-        status = supervise()  # None: this is the child (or there is no fork): run the command
-        if status is not None:
-            return status
+        supervise()  # returns in the child (or where there is no fork), which runs the command
     from bnkit.inputs import InputError
     from bnkit.interrupts import Terminated, raise_if_stop_requested, stop_signals_handled
     from bnkit.io import ModelFileError

@@ -6,7 +6,8 @@ computation) runs no signal handler and lets no other thread run: neither the ti
 file cannot be bounded before h5py reads it (a name list whose thousands of strings all point at one
 heap object: gigabytes from a 2 MB file). So the console script (``bnkit``, ``python -m bnkit``),
 before it imports a framework, forks (:func:`supervise`): the child runs the command as it always
-did; the parent, which imports nothing heavy, waits for it. While the child reads a model file it
+did, and is the process that goes on; the parent, which imports nothing heavy, waits for it and
+ends as it ends. While the child reads a model file it
 says so through a pipe (:mod:`bnkit.cli.watchers` sends, :func:`tell` writes), and the parent
 watches the clock and the child's memory (its anonymous resident pages, ``/proc/PID/statm``, every
 :data:`POLL_SECONDS`). Past a limit it kills the child (``SIGKILL``), prints the one line the child
@@ -102,13 +103,14 @@ def anon_rss(pid: int | str = "self") -> int | None:
         return None
 
 
-def supervise() -> int | None:
-    """Fork (see the module doc). In the child, or where there is no fork: None, go on with the
-    command. In the parent: the child's exit status, once it has exited (or the parent dies of the
-    signal that killed the child)."""
+def supervise() -> None:
+    """Fork (see the module doc); return in the child, which goes on with the command (and with
+    whatever the caller does after it), or where there is no fork. The parent never returns: it
+    supervises the child and ends as the child ends, with its exit status or of the signal that
+    killed it, without running the caller's code or exit handlers a second time."""
     global _channel
     if not can_supervise():
-        return None
+        return
     for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
@@ -125,16 +127,21 @@ def supervise() -> int | None:
         os.close(write_fd)
         signal.signal(signal.SIGCHLD, previous_chld)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        return None
+        return
     if pid == 0:
         os.close(read_fd)
         _die_with(parent)
         _channel = (os.getpid(), write_fd)
         signal.signal(signal.SIGCHLD, previous_chld)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        return None
+        return
     os.close(write_fd)
-    return _Parent(pid, read_fd, watched).run()
+    try:
+        status = _Parent(pid, read_fd, watched).run()
+    except BaseException:  # a fault of the supervisor's own must not end the command: wait as a shell would
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        status = _wait(pid)
+    os._exit(status)  # nothing of the parent's is buffered (flushed above)
 
 
 def _die_with(parent: int) -> None:
@@ -231,6 +238,18 @@ class _Parent:
             _write_line(self.reading["killed_line"])
         _die_of(signum)
         return 128 + signum
+
+
+def _wait(pid: int) -> int:
+    """Wait for the child as a shell would, without supervising it."""
+    while True:
+        try:
+            status = os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return 1
+        except BaseException:  # a signal's exception: the child decides when this ends
+            continue
+        return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _write_line(line: str) -> None:
