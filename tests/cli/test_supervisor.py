@@ -398,8 +398,10 @@ os.fork = fork
 from bnkit.cli import main
 
 how = sys.argv[1]
+if how == "console, torch imported":
+    import torch  # a fork after it is unsafe (its threads, its allocator)
 sys.argv = ["bnkit", "summary", "missing.h5"]
-status = main() if how == "console" else main(["summary", "missing.h5"])
+status = main(["summary", "missing.h5"]) if how == "main(argv)" else main()
 if forks == [os.getppid()]:  # the child, which goes on (the parent never returns from main)
     print("forked", status)
 elif not forks:
@@ -408,10 +410,13 @@ sys.exit(status)  # as the console script does
 """
 
 
-@pytest.mark.parametrize(("how", "expected"), [("main(argv)", "in process 2\n"), ("console", "forked 2\n")])
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [("main(argv)", "in process 2\n"), ("console", "forked 2\n"), ("console, torch imported", "in process 2\n")],
+)
 def test_main_with_an_argv_runs_in_the_calling_process(tmp_path, how, expected):
     """Tests, the fuzz harness and users' scripts call ``bnkit.cli.main(argv)``: no fork, no parent.
-    The console script (``main()``) forks."""
+    The console script (``main()``) forks, unless torch is imported already."""
     proc = subprocess.run(
         [sys.executable, "-c", _COUNT_FORKS, how],
         capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60,

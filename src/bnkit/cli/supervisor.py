@@ -71,8 +71,16 @@ def can_supervise() -> bool:
         and os.path.exists(f"/proc/{os.getpid()}/statm")
         and not any(name in sys.modules for name in _FRAMEWORKS)
         and threading.current_thread() is threading.main_thread()
-        and threading.active_count() == 1
+        and _threads() == 1  # a fork copies one thread: another's locks would stay held in the child
     )
+
+
+def _threads() -> int:
+    """The threads of this process, Python's and native ones (a BLAS pool), or 0 if unknown."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 def supervised() -> bool:
