@@ -117,7 +117,28 @@ def _check_weights(archive: SafeZip, budget: Budget, variables: int) -> int:
             return check_h5(weights, budget, WEIGHTS_H5, variables)
 
 
-class _Window(io.RawIOBase):
+class _Seekable(io.RawIOBase):
+    """A read-only file of ``size`` bytes at ``position``; subclasses read."""
+
+    size: int
+    position: int
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+
+class _Window(_Seekable):
     """Bytes ``[start, start + size)`` of a file: a member stored uncompressed, read in place.
 
     ``zipfile`` (Python 3.11) rewinds to the member's start on every backward seek, and h5py
@@ -140,20 +161,6 @@ class _Window(io.RawIOBase):
             self.map.close()
         super().close()
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
     def readinto(self, buffer) -> int:
         wanted = max(0, min(len(buffer), self.size - self.position))
         self.file.seek(self.start + self.position)
@@ -162,7 +169,7 @@ class _Window(io.RawIOBase):
         return got
 
 
-class _Decompressed(io.RawIOBase):
+class _Decompressed(_Seekable):
     """A compressed member, decompressed only as far as it is read, and kept: random access at the
     price of the prefix read so far (at most the member's size, charged already). A member of
     zeros that is no HDF5 file stops after a few kilobytes."""
@@ -170,20 +177,6 @@ class _Decompressed(io.RawIOBase):
     def __init__(self, member, size: int) -> None:
         super().__init__()
         self.member, self.size, self.data, self.position = member, size, bytearray(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
 
     def contents(self):
         """``(bytes-like, start, end)``: the whole member, decompressed (its size is charged)."""
