@@ -204,7 +204,7 @@ def test_hdf5_looping_in_c_on_a_damaged_heap_is_ended_by_the_real_command(small_
 def test_a_name_list_that_becomes_gigabytes_is_stopped_past_what_reading_may_take(small_h5, tmp_path):
     """3,000 names in a 1.6 MB file all point at one 1.5 MB heap object: h5py makes 4.5 GB of them
     before bnkit could count them (about 9 GB in all). At --max-model-bytes 1M reading may take
-    4 MiB + 1 GiB; the parent ends it there. (Before: 9 GB, here the address-space limit's error.)"""
+    2 MiB + 1 GiB; the parent ends it there. (Before: 9 GB, here the address-space limit's error.)"""
     sys.path.insert(0, str(FUZZ))
     import h5_craft
 
@@ -215,7 +215,7 @@ def test_a_name_list_that_becomes_gigabytes_is_stopped_past_what_reading_may_tak
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"bnkit summary: error: {path}: reading took more than 1 GiB of memory, over what the limit of 1 MiB "
-        "for a model allows (4 × it + 1 GiB; raise it with --max-model-bytes)"
+        "for a model allows (2 × it + 1 GiB; raise it with --max-model-bytes)"
     ]
     assert elapsed < 30
 

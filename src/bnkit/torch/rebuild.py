@@ -10,12 +10,14 @@ keep their convention through the metadata :func:`layer_metadata` stores beside 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import fx, nn
 
 from bnkit.torch.eager_ops import eager_graph
+from bnkit.torch.rebuild_tensors import build_layer, unflatten_sharing
 
 __all__ = ["rebuild_exported", "layer_metadata"]
 
@@ -38,8 +40,9 @@ def _call(sub: nn.Module):
 
 
 def _tensor(sub: nn.Module, name: str):
+    """The sub-program's tensor ``name`` itself (no copy: see :func:`build_layer`), or None."""
     value = getattr(sub, name, None)
-    return value.detach().clone() if isinstance(value, torch.Tensor) else None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _arg(node, index: int, default):
@@ -51,9 +54,9 @@ def _conv(cls, sub, node):
     stride, padding = _arg(node, 3, 1), _arg(node, 4, 0)
     dilation, groups = _arg(node, 5, 1), _arg(node, 6, 1)
     out_channels, in_per_group, *kernel = weight.shape
-    layer = cls(in_per_group * groups, out_channels, tuple(kernel), stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=bias is not None)
-    return layer, {"weight": weight, "bias": bias}
+    make = functools.partial(cls, in_per_group * groups, out_channels, tuple(kernel), stride=stride,
+                              padding=padding, dilation=dilation, groups=groups, bias=bias is not None)
+    return make, {"weight": weight, "bias": bias}
 
 
 def _conv_transpose(cls, sub, node):
@@ -61,14 +64,16 @@ def _conv_transpose(cls, sub, node):
     stride, padding, output_padding = _arg(node, 3, 1), _arg(node, 4, 0), _arg(node, 5, 0)
     groups, dilation = _arg(node, 6, 1), _arg(node, 7, 1)
     in_channels, out_per_group, *kernel = weight.shape
-    layer = cls(in_channels, out_per_group * groups, tuple(kernel), stride=stride, padding=padding,
-                output_padding=output_padding, groups=groups, dilation=dilation, bias=bias is not None)
-    return layer, {"weight": weight, "bias": bias}
+    make = functools.partial(cls, in_channels, out_per_group * groups, tuple(kernel), stride=stride,
+                              padding=padding, output_padding=output_padding, groups=groups, dilation=dilation,
+                              bias=bias is not None)
+    return make, {"weight": weight, "bias": bias}
 
 
 def _linear(cls, sub, node):
     weight, bias = _tensor(sub, "weight"), _tensor(sub, "bias")
-    return cls(weight.shape[1], weight.shape[0], bias=bias is not None), {"weight": weight, "bias": bias}
+    make = functools.partial(cls, weight.shape[1], weight.shape[0], bias=bias is not None)
+    return make, {"weight": weight, "bias": bias}
 
 
 def _batchnorm(cls, sub, node, meta):
@@ -87,12 +92,12 @@ def _batchnorm(cls, sub, node, meta):
         momentum = meta["momentum"]
     if meta and meta.get("convention"):  # a bnkit layer
         cls = getattr(bt, cls.__name__, bt.BatchNorm2d)
-        layer = cls(reference.numel(), eps, momentum, convention=meta["convention"], **kwargs)
+        make = functools.partial(cls, reference.numel(), eps, momentum, convention=meta["convention"], **kwargs)
     else:
-        layer = cls(reference.numel(), eps, momentum, **kwargs)
+        make = functools.partial(cls, reference.numel(), eps, momentum, **kwargs)
     state = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var,
              "num_batches_tracked": _tensor(sub, "num_batches_tracked")}
-    return layer, state
+    return make, state
 
 
 # the aten pooling operators' arguments after the input, in order, with their defaults
@@ -108,7 +113,7 @@ def _pool_args(node, names: tuple) -> dict:
 
 
 def _simple(factory):
-    return lambda cls, sub, node: (factory(cls, node), {})
+    return lambda cls, sub, node: (functools.partial(factory, cls, node), {})
 
 
 _ACTIVATIONS = {
@@ -172,7 +177,7 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
         with warnings.catch_warnings():
             # torch.export's own pytree code trips its own deprecation; nothing the user can act on
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            unflat = torch.export.unflatten(program)
+            unflat = unflatten_sharing(program)  # torch.export.unflatten, without copying the weights
     except Exception as e:  # torch.export.unflatten fails on some hierarchies (torch 2.13)
         warnings.warn(
             f"torch.export.unflatten could not restore the module hierarchy ({type(e).__name__}: {e}); "
@@ -192,13 +197,10 @@ def rebuild_exported(program, bnkit_layers: dict | None = None, bnkit_meta: dict
             continue
         node = _call(sub)
         if kind == "batchnorm":
-            layer, state = _batchnorm(cls, sub, node, bnkit_layers.get(path))
+            make, state = _batchnorm(cls, sub, node, bnkit_layers.get(path))
         else:
-            layer, state = _BUILDERS[cls](cls, sub, node)
-        with torch.no_grad():
-            for name, value in state.items():
-                if value is not None:
-                    getattr(layer, name).copy_(value)
+            make, state = _BUILDERS[cls](cls, sub, node)
+        layer = build_layer(make, state)
         layer.eval()
         _set_submodule(unflat, path, layer)
     graph = unflat.graph
