@@ -11,7 +11,9 @@ def progress_bar(*leading_columns, enabled: bool = True, console=None):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    console = console or Console(stderr=True)
+    from bnkit.streams import own_stderr
+
+    console = console or Console(file=own_stderr())
     return Progress(
         *leading_columns,
         BarColumn(),

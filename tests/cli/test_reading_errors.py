@@ -7,6 +7,7 @@ import json
 import zipfile
 
 import pytest
+import torch
 
 from _cli_batch import run_cli_batch
 from conftest import SRC  # noqa: F401 - the sources the subprocesses run
@@ -83,3 +84,43 @@ def test_a_real_model_reads_within_the_default_limits(files, tmp_path):
     (proc,) = run_cli_batch([("summary", good, "--json")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["framework"] == "keras"
+
+
+class _Flattening(torch.nn.Module):
+    """torch.flatten called in forward: the program keeps it as a call, not a layer bnkit rebuilds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(144, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.bn(self.conv(x)), 1))
+
+
+def test_what_a_framework_prints_while_a_command_runs_is_kept_off_the_error_line(tmp_path, capsys):
+    """torch.fx prints a traceback of the generated code (25 lines) to stderr whenever a traced
+    module raises: a .pt2 whose program fails when run put it before bnkit's one line."""
+    import sys
+
+    from bnkit.cli import main
+    from bnkit.io import save_model
+
+    fuzz = str(SRC.parent / "tests" / "fuzz")
+    sys.path.insert(0, fuzz)
+    try:
+        from crafted_pt2 import _floor_of_two, _with_json
+    finally:
+        sys.path.remove(fuzz)
+    source = tmp_path / "small.pt2"
+    torch.manual_seed(0)
+    save_model(_Flattening().eval(), source, input_shape=(3, 8, 8))
+    path = _with_json(source, tmp_path / "fails.pt2", "models/model.json", _floor_of_two)
+    expected = "math.floor() takes exactly one argument (2 given)"
+    assert main(["summary", str(path), "--input-shape", "3,8,8"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnkit summary: error: ") and expected in lines[0], lines
+    assert main(["summary", str(path), "--input-shape", "3,8,8", "--verbose"]) == 2
+    shown = capsys.readouterr().err.splitlines()
+    assert shown[0] == lines[0]
+    assert any("FX-traced Module" in line for line in shown[1:]), shown
+    assert all(line.startswith("bnkit summary: framework output: ") for line in shown[1:])

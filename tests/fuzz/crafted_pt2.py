@@ -195,6 +195,13 @@ def _print_environment(program: dict) -> None:
     })  # fmt: skip
 
 
+def _floor_of_two(program: dict) -> None:
+    """The flatten call (two arguments; no layer is rebuilt from it) made a call of ``math.floor``,
+    which takes one."""
+    node = next(n for n in program["graph_module"]["graph"]["nodes"] if "flatten" in n["target"])
+    node["target"] = "math.floor"
+
+
 def _aten_print(program: dict) -> None:
     """``aten::_print``, a registered operator that writes to stdout."""
     _insert_node(program, {
@@ -308,6 +315,15 @@ def cases(folder: Path, sources: dict[str, Path]) -> list[Crafted]:
         _with_json(source, path("aten-print"), "models/model.json", _aten_print),
         text="aten._print",
         forbidden=("PRINTED-BY-THE-PROGRAM",),
+        extra=RUNS_THE_PROGRAM,
+    )
+    add(
+        "fails-when-run",
+        "an allowed operator called with arguments it refuses (math.floor of two): torch.fx printed a "
+        "traceback of the program before bnkit's error line",
+        _with_json(source, path("fails-when-run"), "models/model.json", _floor_of_two),
+        text="math.floor() takes exactly one argument",
+        forbidden=("Traceback", "FX-traced Module"),
         extra=RUNS_THE_PROGRAM,
     )
     add(

@@ -21,6 +21,7 @@ import signal
 import sys
 
 from bnkit import __version__
+from bnkit.streams import keep_framework_output, own_stderr
 
 
 class CLIError(Exception):
@@ -132,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     from bnkit.text import printable
 
     # SIGINT and SIGTERM raise in the main thread and are remembered, so that code which swallows
-    # the exception (Keras' bare except:) neither gets a file written nor the command to exit 0
-    with stop_signals_handled():
+    # the exception (Keras' bare except:) neither gets a file written nor the command to exit 0.
+    # What the frameworks print to stderr meanwhile (torch.fx's traceback of a failing traced
+    # module, notices, warnings) is kept off the one error line, and shown with --verbose.
+    with stop_signals_handled(), keep_framework_output() as kept:
         try:
             status = int(args._run(args) or 0)
             raise_if_stop_requested()
@@ -141,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             return status
         except (CLIError, ModelFileError, InputError) as e:
             # the message may quote a model file (names, a framework's error): one printable line
-            print(f"bnkit {args.command}: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
+            _error(args, f"error: {printable(' '.join(str(e).split()))}")
             if getattr(args, "verbose", False):
                 for line in getattr(e, "framework_warnings", ()):
-                    print(f"bnkit {args.command}: while reading: {line}", file=sys.stderr)
+                    _error(args, f"while reading: {line}")
             return e.status if isinstance(e, CLIError) else 2
         except BrokenPipeError:
             _quiet_stdout()
@@ -154,12 +157,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 128 + signal.SIGPIPE
             raise
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted", file=own_stderr())
             return 130
         except Terminated:
-            print("terminated", file=sys.stderr)
+            print("terminated", file=own_stderr())
             return 128 + signal.SIGTERM
+        finally:
+            if getattr(args, "verbose", False):
+                for line in kept.getvalue().splitlines():
+                    if line.strip():
+                        _error(args, f"framework output: {printable(line)}")
 
+
+def _error(args: argparse.Namespace, text: str) -> None:
+    print(f"bnkit {args.command}: {text}", file=own_stderr())
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -135,15 +135,14 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
 
 def reading(args: argparse.Namespace) -> dict:
     """``load_model`` keywords from the options of :func:`add_reading_options`."""
-    import sys
-
     from bnkit.cli.watchers import for_command
     from bnkit.formats.limits import ReadLimits
+    from bnkit.streams import own_stderr
 
     prefix = f"bnkit {args.command}"
 
     def show(line: str) -> None:
-        print(f"{prefix}: while reading: {line}", file=sys.stderr)
+        print(f"{prefix}: while reading: {line}", file=own_stderr())
 
     # a reader stuck in C code, or past its memory, is ended from outside (see bnkit.cli.watchers)
     limits = ReadLimits(args.max_model_bytes, args.max_read_seconds, watcher=for_command(prefix))

@@ -6,11 +6,11 @@ Exit status, like ``diff``: 0 when the models agree, 1 when they disagree, 2 on 
 from __future__ import annotations
 
 import json
-import sys
 
 from bnkit.cli import CLIError
 from bnkit.cli.options import add_reading_options, parse_seed, parse_shape, parse_tolerance, reading
 from bnkit.cli.progress import Steps
+from bnkit.streams import own_stderr
 
 NAME = "compare"
 HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and name why they disagree."
@@ -136,5 +136,5 @@ def run(args) -> int:
         except (FileExistsError, FileNotFoundError, IsADirectoryError) as e:
             raise CLIError(str(e)) from None
         if not args.json:
-            print(f"HTML report written to {path}", file=sys.stderr)
+            print(f"HTML report written to {path}", file=own_stderr())
     return 0 if report.agree else 1

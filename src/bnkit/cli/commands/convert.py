@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 from bnkit.cli import CLIError
 from bnkit.cli.options import add_reading_options, parse_shape, reading
 from bnkit.cli.progress import Steps
+from bnkit.streams import own_stderr
 
 NAME = "convert"
 HELP = "Convert a model between Keras and PyTorch (batch-norm semantics included) and verify it."
@@ -222,7 +222,7 @@ def run(args) -> int:
 
     for warning in caught:
         if issubclass(warning.category, UserWarning):
-            print(f"bnkit convert: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+            print(f"bnkit convert: warning: {' '.join(str(warning.message).split())}", file=own_stderr())
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     converted_bns = {_key(row["name"]): row for row in _batch_norms(converted, target_framework)}
