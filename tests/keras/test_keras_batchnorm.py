@@ -273,7 +273,7 @@ def test_backend_choice(monkeypatch, tmp_path):
 
     # the "tensorflow" Keras writes into a fresh keras.json is no choice: torch, silently
     monkeypatch.delenv("KERAS_BACKEND")
-    (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow"}))
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow", "floatx": "float64"}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _choose_backend()

@@ -36,7 +36,9 @@ def charge_variables(config: dict, budget: Budget, shown: str, *, legacy: bool) 
     ``legacy``: an ``.h5`` model config (Keras 2 style), built as Keras' legacy loader builds it.
     A build that fails is a :class:`ModelFileError` naming ``shown`` (Keras' own would fail too).
     """
-    import keras
+    from bnkit.keras import keras  # the backend bnkit chooses, before anything of Keras is imported
+
+    # isort: split
     from keras.src.backend.common import global_state
     from keras.src.utils.dtype_utils import dtype_size
 

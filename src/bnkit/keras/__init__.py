@@ -1,9 +1,11 @@
 """bnkit's Keras 3 side. Importing it imports Keras.
 
-The backend is the one you chose: ``KERAS_BACKEND`` if set, else the ``"backend"`` of
-``keras.json`` (in ``$KERAS_HOME`` or ``~/.keras``), as Keras itself reads them. Only when
-neither chose one, or the chosen backend's package is not installed (Keras writes
-``"tensorflow"`` into a fresh ``keras.json``), does bnkit pick ``torch``: bnkit needs no TensorFlow.
+The backend is the one you chose: ``KERAS_BACKEND`` if set, else the ``"backend"`` of a
+``keras.json`` you wrote (in ``$KERAS_HOME`` or ``~/.keras``), as Keras itself reads them. bnkit
+picks ``torch`` (it needs no TensorFlow) when nothing chose one: no ``keras.json``, or the very file
+Keras writes on its first import where there is none (``"backend": "tensorflow"`` and the other
+defaults; left alone, the second run would use TensorFlow where the first used torch), or a chosen
+backend whose package is not installed.
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ _BACKEND_PACKAGES = {
 }
 
 
-def _keras_json_backend() -> str | None:
-    """The backend named in Keras' config file, read from where Keras reads it."""
+# what Keras (3, and tf.keras 2) writes into keras.json on its first import where there is none
+KERAS_WRITTEN_CONFIG = {
+    "floatx": "float32",
+    "epsilon": 1e-07,
+    "backend": "tensorflow",
+    "image_data_format": "channels_last",
+}
+
+
+def _keras_json() -> dict | None:
+    """Keras' config file, read from where Keras reads it (None if absent or not a JSON object)."""
     if "KERAS_HOME" in os.environ:
         keras_dir = os.environ["KERAS_HOME"]
     else:
@@ -34,23 +45,24 @@ def _keras_json_backend() -> str | None:
         keras_dir = os.path.join(base, ".keras")
     try:
         with open(os.path.join(os.path.expanduser(keras_dir), "keras.json")) as f:
-            backend = json.load(f).get("backend")
-    except (OSError, ValueError, AttributeError):
+            config = json.load(f)
+    except (OSError, ValueError):
         return None
-    return backend if isinstance(backend, str) else None
+    return config if isinstance(config, dict) else None
 
 
 def _choose_backend() -> None:
     if "KERAS_BACKEND" in os.environ:
         return
-    backend = _keras_json_backend()
-    if backend is None:
+    config = _keras_json()
+    backend = config.get("backend") if config else None
+    if not isinstance(backend, str) or config == KERAS_WRITTEN_CONFIG:  # no choice of the user's
         os.environ["KERAS_BACKEND"] = "torch"
         return
     package = _BACKEND_PACKAGES.get(backend, backend)
     if importlib.util.find_spec(package) is None:
         os.environ["KERAS_BACKEND"] = "torch"
-        if backend == "tensorflow":  # Keras' own default in a keras.json it wrote: no real choice
+        if backend == "tensorflow":  # Keras' own default: TensorFlow is not installed, no real choice
             return
         warnings.warn(
             f"keras.json chooses the Keras backend {backend!r}, but {package!r} is not installed; "
