@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _cli_batch import run_cli_batch
+
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
 sys.path.insert(0, str(FUZZ))
 
@@ -196,29 +198,61 @@ const void *H5PLget_plugin_info(void) { return 0; }
 """
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a C compiler to build the marker plugin")
-def test_no_hdf5_filter_plugin_is_loaded(saved, tmp_path, run_cli, monkeypatch):
-    """A weight filtered with an unknown filter (32004, LZ4): HDF5 would look it up in its plugin
-    folders and load their shared libraries. Here the folder holds one that writes a marker."""
-    plugins = tmp_path / "plugins"
+def _marker_plugin(folder: Path, marker: Path) -> Path | None:
+    """A folder holding an HDF5 "plugin" that writes ``marker`` when loaded; None without a C compiler."""
+    if shutil.which("gcc") is None:
+        return None
+    plugins = folder / "plugins"
     plugins.mkdir()
-    marker = tmp_path / "marker"
-    source = tmp_path / "marker.c"
+    source = folder / "marker.c"
     source.write_text(_MARKER_PLUGIN)
     subprocess.run(
         ["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o", str(plugins / "libmarker.so")],
         check=True,
     )
-    monkeypatch.setenv("HDF5_PLUGIN_PATH", str(plugins))
-    crafted = {
-        "h5": h5_craft.edit_file(saved["h5"], tmp_path / "f.h5", h5_craft.unknown_filter(KERNEL_H5)),
-        "keras": _with_keras_weights(saved["keras"], tmp_path / "f.keras", h5_craft.unknown_filter(KERNEL_KERAS)),
+    return plugins
+
+
+@pytest.fixture(scope="module")
+def summaries(saved, tmp_path_factory):
+    """``bnkit summary`` of each file the command-line tests of this module read, all in one
+    subprocess (``run_cli_batch``: starting Python and importing torch and Keras is most of each
+    one's time), under ``HDF5_PLUGIN_PATH`` naming a folder whose one library writes ``marker``
+    when loaded (where a C compiler can build it): file name -> result, and the marker."""
+    folder = tmp_path_factory.mktemp("summaries")
+    marker = folder / "marker"
+    plugins = _marker_plugin(folder, marker)
+    broken = _with_keras_weights(saved["keras"], folder / "broken.keras", lambda f: f.__delitem__("layers/dense"))
+    commands = {
+        "broken.keras": ("summary", broken),
+        "broken.keras --verbose": ("summary", broken, "--verbose"),
+        "class.keras": ("summary", _with_keras_config(saved["keras"], folder / "class.keras", _escaped_class_name)),
     }
-    for path in crafted.values():
-        proc = run_cli("summary", path)
-        assert not marker.exists(), f"{path.name}: HDF5 loaded a plugin"
-        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-        assert "is compressed with HDF5 filter 32004, which is not built in" in proc.stderr
+    if plugins is not None:
+        crafted = (
+            h5_craft.edit_file(saved["h5"], folder / "f.h5", h5_craft.unknown_filter(KERNEL_H5)),
+            _with_keras_weights(saved["keras"], folder / "f.keras", h5_craft.unknown_filter(KERNEL_KERAS)),
+        )
+        commands.update({path.name: ("summary", path) for path in crafted})
+    with pytest.MonkeyPatch.context() as env:
+        if plugins is not None:
+            env.setenv("HDF5_PLUGIN_PATH", str(plugins))
+        procs = run_cli_batch(list(commands.values()), folder)
+    runs = dict(zip(commands, procs, strict=True))
+    return runs, marker
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a C compiler to build the marker plugin")
+def test_no_hdf5_filter_plugin_is_loaded(summaries):
+    """A weight filtered with an unknown filter (32004, LZ4): HDF5 would look it up in its plugin
+    folders and load their shared libraries. Here the folder holds one that writes a marker (checked
+    once all of this module's command lines ran: loaded by any of them, it would be there)."""
+    runs, marker = summaries
+    assert not marker.exists(), "HDF5 loaded a plugin"
+    for name in ("f.h5", "f.keras"):
+        proc = runs[name]
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, (name, proc.stderr)
+        assert "is compressed with HDF5 filter 32004, which is not built in" in proc.stderr, name
 
 
 def test_the_plugin_path_is_restored_after_reading(saved):
@@ -259,12 +293,13 @@ def test_a_layer_named_with_escape_sequences_is_refused_by_name(saved, tmp_path,
     assert "\x1b" not in str(caught.value) and "conv\\x1b]0;pwned" in str(caught.value)
 
 
-def test_escape_sequences_in_a_class_name_are_not_printed(saved, tmp_path, run_cli):
-    def escaped(config) -> None:
-        next(layer for layer in _layers(config) if layer["config"]["name"] == "conv")["class_name"] = ESCAPES
+def _escaped_class_name(config) -> None:
+    next(layer for layer in _layers(config) if layer["config"]["name"] == "conv")["class_name"] = ESCAPES
 
-    path = _with_keras_config(saved["keras"], tmp_path / "class.keras", escaped)
-    proc = run_cli("summary", path)
+
+def test_escape_sequences_in_a_class_name_are_not_printed(summaries):
+    runs, _ = summaries
+    proc = runs["class.keras"]
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "\x1b" not in proc.stderr + proc.stdout and "\\x1b]0;pwned\\x07" in proc.stderr
 
@@ -273,11 +308,11 @@ def test_escape_sequences_in_a_class_name_are_not_printed(saved, tmp_path, run_c
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_a_broken_keras_file_gives_one_line_and_its_warnings_with_verbose(saved, tmp_path, run_cli, verbose):
+def test_a_broken_keras_file_gives_one_line_and_its_warnings_with_verbose(summaries, verbose):
     """The weights file lacks the last layer's group: Keras warns (UserWarning: Skipping nested
     container) and then fails. The error keeps Keras' cause; the warning shows with --verbose only."""
-    path = _with_keras_weights(saved["keras"], tmp_path / "broken.keras", lambda f: f.__delitem__("layers/dense"))
-    proc = run_cli("summary", path, *(["--verbose"] if verbose else []))
+    runs, _ = summaries
+    proc = runs["broken.keras --verbose" if verbose else "broken.keras"]
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "Layer 'fc' expected 2 variables, but received 0 variables" in errors[0]
