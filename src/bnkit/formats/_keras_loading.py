@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
 from bnkit.formats.keras_variables import register_bnkit_keras_layers
 from bnkit.text import has_control_characters, one_line, printable
 
-__all__ = ["load_with_keras"]
+__all__ = ["keras_cause", "load_legacy_h5", "load_with_keras"]
 
 
 def load_with_keras(path: Path, config: dict):
@@ -24,9 +25,56 @@ def load_with_keras(path: Path, config: dict):
         with routed_to_bnkit(path, config) as routed:
             model = keras.models.load_model(routed, safe_mode=True, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
-        raise ModelFileError(f"{path}: not a readable Keras model ({type(e).__name__}: {one_line(e)})") from e
+        raise ModelFileError(f"{path}: not a readable Keras model ({keras_cause(e)})") from e
     _check_names(model, path)
     return model
+
+
+def load_legacy_h5(path: Path, config: dict, h5file):
+    """A legacy ``.h5`` model as Keras' own loader builds it (safe mode, the legacy config scope),
+    but from ``config``, the file's model config as its reader parsed, checked and translated it
+    (:mod:`bnkit.formats.keras2_config`); the weights are read from the open ``h5file`` by layer
+    order, as Keras reads them."""
+    from bnkit.keras import keras  # noqa: F401 - the backend bnkit chooses, before Keras' modules
+
+    # isort: split
+    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    from keras.src.saving import serialization_lib
+
+    from bnkit.formats.keras2_config import keras2_custom_objects
+    from bnkit.keras.saved import reroute_synchronized
+
+    register_bnkit_keras_layers()
+    reroute_synchronized(config, legacy=True)  # synchronized=True loads as bnkit's layer off TensorFlow
+    try:
+        with saving_options.keras_option_scope(use_legacy_config=True), serialization_lib.SafeModeScope(True):
+            model = saving_utils.model_from_config(config, custom_objects=keras2_custom_objects())
+            legacy_h5_format.load_weights_from_hdf5_group(h5file["model_weights"], model)
+    except Exception as e:  # Keras raises many types for a bad file
+        raise ModelFileError(f"{path}: not a readable Keras model ({keras_cause(e)})") from e
+    _check_names(model, path)
+    return model
+
+
+_DESERIALIZING = re.compile(
+    r"(?:Error when deserializing class '(?P<cls>[^']+)'|(?P<qual><class '[^']+'>) could not be deserialized"
+    r" properly).*?config=(?P<config>.*)Exception encountered: (?P<cause>.*)",
+    re.S,
+)
+
+
+def keras_cause(error: Exception, limit: int = 300) -> str:
+    """Keras' error in one line, its cause first: Keras puts the whole layer config before the cause
+    ("Error when deserializing class 'X' using config={...}. Exception encountered: ..."), which a
+    one-line message would cut inside the config. Then: "layer 'name' (X): the cause"."""
+    text = str(error)
+    match = _DESERIALIZING.search(text)
+    if match is None:
+        return f"{type(error).__name__}: {one_line(text, limit)}"
+    cls = match["cls"] or match["qual"].split("'")[1].rsplit(".", 1)[-1]
+    name = re.search(r"""['"]name['"]: ['"]([^'"]*)['"]""", match["config"])
+    layer = f"layer {name[1]!r} ({cls})" if name else f"a {cls} layer"
+    return f"{type(error).__name__}: {layer}: {one_line(match['cause'], limit)}"
 
 
 def _check_names(model, path: Path) -> None:

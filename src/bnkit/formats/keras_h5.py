@@ -14,7 +14,7 @@ import mmap
 from pathlib import Path
 
 from bnkit.formats import ModelFileError
-from bnkit.formats._keras_loading import load_with_keras
+from bnkit.formats._keras_loading import load_legacy_h5
 from bnkit.formats.h5_checks import (
     H5FileError,
     check_global_heaps,
@@ -22,6 +22,7 @@ from bnkit.formats.h5_checks import (
     no_filter_plugins,
     read_json_attribute,
 )
+from bnkit.formats.keras2_config import Keras2ConfigError, translate
 from bnkit.formats.keras_variables import charge_variables, check_weights_cover
 from bnkit.formats.limits import Budget
 from bnkit.text import one_line, printable
@@ -50,9 +51,13 @@ def read(path: Path, budget: Budget):
                 config = read_json_attribute(f, "model_config", "the model_config attribute", budget)
                 if not isinstance(config, dict):
                     raise ModelFileError(f"{shown}: the model_config attribute is not a JSON object")
+                config = translate(config)  # what Keras 2 wrote and Keras 3 cannot read (bnkit.formats.keras2_config)
                 variables = charge_variables(config, budget, shown, legacy=True)
                 weights = check_h5(f, budget, "the file", variables, charge_under=WEIGHTS_GROUP)
                 check_weights_cover(variables, weights, shown)
+                return load_legacy_h5(shown, config, f)
+        except Keras2ConfigError as e:
+            raise ModelFileError(f"{shown}: {e}") from e
         except H5FileError as e:
             raise ModelFileError(f"{shown}: {e}") from e
         except OSError as e:  # HDF5's own error for a damaged file
@@ -61,4 +66,3 @@ def read(path: Path, budget: Budget):
             if type(e) is not ValueError:
                 raise
             raise ModelFileError(f"{shown}: {e}") from e
-        return load_with_keras(path, config)

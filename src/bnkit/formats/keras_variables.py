@@ -23,7 +23,6 @@ import math
 
 from bnkit.formats import ModelFileError
 from bnkit.formats.limits import TENSOR_OVERHEAD, Budget, LimitExceeded, format_bytes
-from bnkit.text import one_line
 
 __all__ = ["charge_variables", "check_weights_cover", "register_bnkit_keras_layers"]
 
@@ -42,6 +41,7 @@ def charge_variables(config: dict, budget: Budget, shown: str, *, legacy: bool) 
     from keras.src.backend.common import global_state
     from keras.src.utils.dtype_utils import dtype_size
 
+    from bnkit.formats._keras_loading import keras_cause
     from bnkit.keras.saved import reroute_synchronized
 
     config = copy.deepcopy(config)  # the builders change it in place
@@ -57,7 +57,7 @@ def charge_variables(config: dict, budget: Budget, shown: str, *, legacy: bool) 
     except LimitExceeded:
         raise
     except Exception as e:  # Keras raises many types for a bad config
-        raise ModelFileError(f"{shown}: not a readable Keras model ({type(e).__name__}: {one_line(e)})") from e
+        raise ModelFileError(f"{shown}: not a readable Keras model ({keras_cause(e)})") from e
     finally:
         global_state.set_global_attribute("uninitialized_variables", pending)
     nbytes = sum(math.prod(v.shape) * dtype_size(v.dtype) // 8 for v in variables)
@@ -89,7 +89,9 @@ def _build(config: dict, legacy: bool):
         from keras.src.legacy.saving import saving_options, saving_utils
 
         with saving_options.keras_option_scope(use_legacy_config=True), serialization_lib.SafeModeScope(True):
-            return saving_utils.model_from_config(config)
+            from bnkit.formats.keras2_config import keras2_custom_objects
+
+            return saving_utils.model_from_config(config, custom_objects=keras2_custom_objects())
     config["compile_config"] = None  # as keras.models.load_model(compile=False)
     with serialization_lib.ObjectSharingScope():
         return serialization_lib.deserialize_keras_object(config, safe_mode=True)
