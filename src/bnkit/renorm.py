@@ -52,8 +52,9 @@ def check_clipping(clipping, where: str = "") -> dict:
     unknown = sorted(set(clipping) - set(CLIPPING_KEYS), key=str)
     if unknown:
         raise ValueError(
-            f"{prefix}renorm_clipping has unknown keys {unknown}; the keys are 'rmax', 'rmin', 'dmax' "
-            f"(got {dict(clipping)!r})"
+            # Keras' own words first: code written against Keras matches on them
+            f"{prefix}Received invalid keys for `renorm_clipping` argument: {dict(clipping)!r} (unknown: "
+            f"{', '.join(map(repr, unknown))}). Supported values: ['rmax', 'rmin', 'dmax']."
         )
     bounds = {}
     for key in CLIPPING_KEYS:
@@ -71,9 +72,14 @@ def check_clipping(clipping, where: str = "") -> dict:
         bounds[key] = value
     rmin, rmax, dmax = (bounds.get(key) for key in ("rmin", "rmax", "dmax"))
     if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(f"{prefix}renorm_clipping needs rmax >= rmin, got rmax={rmax!r}, rmin={rmin!r}")
+        raise ValueError(
+            f"{prefix}rmax should be greater than rmin in the `renorm_clipping` argument (as Keras says; equal "
+            f"is fine). Received: rmax={rmax!r}, rmin={rmin!r}."
+        )
     if dmax is not None and dmax < 0:
-        raise ValueError(f"{prefix}renorm_clipping needs dmax >= 0, got dmax={dmax!r}")
+        raise ValueError(
+            f"{prefix}dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax!r}."
+        )
     return bounds
 
 

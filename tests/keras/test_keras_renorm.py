@@ -158,3 +158,17 @@ def test_fold_keeps_the_inference_output():
     folded = bnkit.fold_bn(model)
     assert not any(isinstance(la, keras.layers.BatchNormalization) for la in folded.layers)
     np.testing.assert_allclose(_np(folded(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_clippings_are_refused_in_keras_words():
+    """Keras' own test_renorm_invalid_clipping_keys matches these phrases (bnkit's layer failed it
+    with words of its own: 32 of 33 of Keras' batch_normalization_test.py)."""
+    from bnkit.keras import BatchNormalization
+
+    for clipping, phrase in (
+        ({"random_key": 1.0}, "Received invalid keys"),
+        ({"rmax": 0.0, "rmin": 1.0}, "rmax should be"),
+        ({"rmax": 1.0, "dmax": -1.0}, "dmax should be non-negative"),
+    ):
+        with pytest.raises(ValueError, match=phrase):
+            BatchNormalization(renorm=True, renorm_clipping=clipping)
