@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -187,6 +188,7 @@ def test_to_dict_is_json(keras_seed):
     assert data["torch"]["params"] == 13_108_694 and data["torch"]["buffers"] == 64
     assert data["rows"][2]["output_shape"] == [None, 64, 64, 32]
     assert data["memory"]["megabytes"]["total"] == pytest.approx(data["memory"]["bytes"]["total"] / 1e6)
+    assert data["keras_backend"] == keras.backend.backend() == os.environ["KERAS_BACKEND"]  # which one ran
 
 
 def test_subclassed_keras_model_counts_without_shapes():
@@ -328,5 +330,5 @@ def test_names_from_a_model_are_shown_as_text_not_rich_markup():
     inputs = keras.Input((4,))
     outputs = keras.layers.Dense(2, name="fc[red]x")(inputs)
     text = rendered(bnkit.summary(keras.Model(inputs, outputs, name="net[bold]y")))
-    assert 'Model: "net[bold]y" (Keras)' in text
+    assert 'Model: "net[bold]y" (Keras, torch backend)' in text
     assert "fc[red]x (Dense)" in text

@@ -85,6 +85,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
     return ModelSummary(
         name=model.name,
         framework="keras",
+        keras_backend=keras.backend.backend(),
         input_shapes=None if model_inputs is None else tuple(model_inputs),
         rows=rows,
         total=total,

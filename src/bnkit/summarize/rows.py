@@ -128,6 +128,7 @@ class ModelSummary:
     notes: list[str] = field(default_factory=list)
     renorm_layers: int = 0  # batch norms with batch renormalization (3·C more statistics each)
     torch_running_stats: int | None = None  # None: all of torch_buffers
+    keras_backend: str | None = None  # the Keras backend that ran a Keras model ("torch", "tensorflow", "jax")
 
     @property
     def running_stats(self) -> int:
@@ -186,6 +187,7 @@ class ModelSummary:
         return {
             "name": self.name,
             "framework": self.framework,
+            "keras_backend": self.keras_backend,
             "input_shapes": _json_shapes(self.input_shapes),
             "dtype": self.dtype,
             "keras": {

@@ -75,7 +75,8 @@ def layer_table(s: ModelSummary) -> Table:
     """
     own, other = (_FRAMEWORKS[s.framework], _FRAMEWORKS["torch" if s.framework == "keras" else "keras"])
     table = Table(
-        title=Text(f'Model: "{s.name}" ({own})'),  # a Text: a model's name is not markup
+        # a Text: a model's name is not markup
+        title=Text(f'Model: "{s.name}" ({own}' + (f", {s.keras_backend} backend)" if s.keras_backend else ")")),
         box=box.SIMPLE_HEAD,
         title_justify="left",
         caption=f"Param #: {own}'s own count; {other} #: as {other} counts the same layer "
