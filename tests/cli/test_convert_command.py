@@ -36,6 +36,7 @@ def test_keras_to_pt2_and_back(run_cli, tmp_path, keras_file):
     proc = run_cli("convert", path, "small.pt2", "--json", check=True)
     report = json.loads(proc.stdout)
     assert (report["from"], report["to"], report["input_shape_torch"]) == ("keras", "torch", [3, 8, 8])
+    assert report["keras_backend"] == "torch"  # the run_cli fixture's KERAS_BACKEND
     assert report["max_abs_difference"] <= 1e-5
     assert report["relative_difference"] == report["max_abs_difference"] / report["max_abs_output"] <= 1e-5
     (bn,) = report["batch_norms"]

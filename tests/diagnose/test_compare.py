@@ -388,6 +388,10 @@ def test_to_dict_is_json():
     assert [c["code"] for c in data["causes"]] == ["training-mode"]
     assert data["first_divergence"]["kind"] == "bn"
     assert len(data["layers"]) == 5
+    assert data["keras_backend"] == keras.backend.backend()  # which backend ran the Keras model
+    torch_model = torch_port(kmodel, faithful_bn())
+    two_torch = compare(torch_model, torch_model, nhwc_batch().transpose(0, 3, 1, 2))
+    assert two_torch.to_dict()["keras_backend"] is None
 
 
 def test_html_report_is_self_contained(tmp_path):

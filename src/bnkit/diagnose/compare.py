@@ -116,6 +116,7 @@ def compare(
         output_max_abs=float(finite_a.max()) if finite_a.size else None,
         output_nonfinite=bool(output_nonfinite or bad_input),
         rounding_measured=measured is not None,
+        keras_backend=_keras_backend() if "keras" in (framework_a, framework_b) else None,
     )
     if not report.agree:
         context = Context(trace_a, trace_b, pairs, atol, rtol, bool(training))
@@ -238,3 +239,9 @@ def _model_name(model, framework: str) -> str:
     if framework == "keras":
         return str(model.name)
     return type(model).__name__
+
+
+def _keras_backend() -> str:
+    from bnkit.keras import keras
+
+    return keras.backend.backend()

@@ -74,6 +74,7 @@ def render_rich(report, console=None, *, all_rows: bool = False) -> None:
         title=Text(  # a Text: the models' names are not markup
             f"{report.name_a} ({report.framework_a}) vs {report.name_b} ({report.framework_b}) — "
             f"{'one training step' if report.training else 'inference'}"
+            + (f" (Keras on the {report.keras_backend} backend)" if report.keras_backend else "")
         ),
         title_justify="left",
         box=box.SIMPLE_HEAD,

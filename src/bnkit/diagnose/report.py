@@ -238,6 +238,7 @@ class CompareReport:
             "rounding is still added)."
         )
     rounding_measured: bool = True  # False: every layer was within atol alone, rounding not measured
+    keras_backend: str | None = None  # the Keras backend that ran the Keras model(s), None if neither is Keras
 
     @property
     def agree(self) -> bool:
@@ -260,6 +261,7 @@ class CompareReport:
             "agree": self.agree,
             "model_a": {"name": self.name_a, "framework": self.framework_a},
             "model_b": {"name": self.name_b, "framework": self.framework_b},
+            "keras_backend": self.keras_backend,
             "input_shape": list(self.input_shape),
             "training": self.training,
             "tolerance": {"atol": self.atol, "rtol": self.rtol, "rounding_measured": self.rounding_measured},

@@ -233,6 +233,7 @@ def run(args) -> int:
         "from": source_framework,
         "to": target_framework,
         "semantics": args.semantics,
+        "keras_backend": _keras_backend(),
         "input_shape_torch": list(torch_shape),
         "max_abs_difference": difference,
         "max_abs_output": largest,
@@ -257,7 +258,8 @@ def _render(report: dict) -> None:
     console = Console()
     console.print(
         f"[bold]{escape(report['input'])}[/] ({names[report['from']]}) → [bold]{escape(report['output'])}[/] "
-        f"({names[report['to']]}), batch-norm semantics: {report['semantics']}"
+        f"({names[report['to']]}), batch-norm semantics: {report['semantics']}, Keras on the "
+        f"{report['keras_backend']} backend"
     )
     if report["batch_norms"]:
         table = Table(title="Batch normalization", title_justify="left")
@@ -280,3 +282,9 @@ def _render(report: dict) -> None:
         f"{report['relative_difference']:.2g} of the largest output {report['max_abs_output']:.2g} "
         f"(tolerance {report['tolerance']:g})"
     )
+
+
+def _keras_backend() -> str:
+    from bnkit.keras import keras
+
+    return keras.backend.backend()
