@@ -6,14 +6,15 @@ subprocess on real PyTorch and Keras models. A full disk is a real write error: 
 tmpfs (``ENOSPC``) where this machine lets a user namespace mount one. Signals are real signals,
 sent while the command is inside the write: the test's own Keras layer (a ``package.module:factory``
 model, as a user's would be) says when its weights are being saved, and swallows the exception
-there as Keras' own saving code does with a bare ``except:``.
+there as Keras' own saving code does with a bare ``except:``. A command that is signalled or killed
+runs as the console script, in a process of its own; the others (full disks, the usual writes, the
+write after a killed one) run one after another in one subprocess (the :func:`batch` fixture).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -96,14 +97,19 @@ def swallowing_then_waiting():
 
 # Several command lines in one interpreter (the imports are most of a small command's time), each
 # through bnkit.cli.main as the console script runs it; after each, what its output folder holds.
-# An exception out of main is recorded with its traceback; a crash (abort) ends the whole run.
+# A command given a file size runs under that file-size limit (RLIMIT_FSIZE's soft limit, raised
+# again after it): its writes fail with EFBIG. An exception out of main is recorded with its
+# traceback; a crash (abort) ends the whole run.
 DRIVER = r"""
-import contextlib, io, json, os, sys, traceback
+import contextlib, io, json, os, resource, sys, traceback
 from bnkit.cli import main
 
 results = []
-for argv, folder in json.loads(sys.argv[1]):
+for argv, folder, file_size in json.loads(sys.argv[1]):
     out, err = io.StringIO(), io.StringIO()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if file_size is not None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, limits[1]))
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             status = main(argv)
@@ -112,6 +118,8 @@ for argv, folder in json.loads(sys.argv[1]):
         except BaseException:
             status = "raised"
             traceback.print_exc()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     listing = {
         name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in sorted(os.listdir(folder))
     }
@@ -149,8 +157,9 @@ def _commands(out: Path) -> list[list[str]]:
     ]
 
 
-def _run_batch(commands, cwd: Path, folder: Path, wrap: list[str] | None = None, preexec_fn=None):
-    argvs = [[[str(a) for a in command], str(folder)] for command in commands]
+def _run_batch(runs: list[tuple[list, Path, int | None]], cwd: Path, wrap: list[str] | None = None, preexec_fn=None):
+    """``runs``: (command, its output folder, a file-size limit or None), in order, in one subprocess."""
+    argvs = [[[str(a) for a in command], str(folder), file_size] for command, folder, file_size in runs]
     proc = subprocess.run(
         [*(wrap or []), sys.executable, "-c", DRIVER, json.dumps(argvs)],
         capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300, stdin=subprocess.DEVNULL,
@@ -163,16 +172,65 @@ def _usual_umask():
     os.umask(0o022)
 
 
+# ---------------------------------------------------------------------------- one subprocess
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> dict:
+    """The writes of the tests below that need no process of their own, in one subprocess under umask
+    022 (starting Python and importing torch and Keras is most of a small command's time), in order:
+
+    * ``"full"``: a write of every kind under a file-size limit (EFBIG), an older bnkit's hidden
+      file beside one target;
+    * ``"tmpfs"``: the same on a full tmpfs (ENOSPC), where this machine lets a user namespace mount
+      one: then the whole subprocess runs in that private mount namespace (else None);
+    * ``"usual"``: a write of every kind, then the ``.pt2`` once more (refused without --force);
+    * ``"again"``: the write to the same file after a run killed inside it (``"killed"``: its
+      leftover and the other hidden files put beside it).
+
+    Each a list of (command, result, folder); ``"proc"``: the subprocess.
+    """
+    models = tmp_path_factory.mktemp("writes")
+    (models / "models.py").write_text(MODELS)
+    killed = _killed_write(models, models / "killed")
+
+    full = models / "full"
+    full.mkdir()
+    (full / ".keras.0123abcd.pt").write_bytes(b"")  # an older bnkit's temporary name: nobody's in particular
+    runs = {"full": [(command, full, SIZE_LIMIT) for command in _commands(full)]}
+
+    disk, wrap = models / "disk", None
+    disk.mkdir()
+    if _can_mount_tmpfs(disk):
+        out = disk / "out"  # made inside the namespace, on the tmpfs, which a file then fills
+        mount = f"mount -t tmpfs -o size=64k tmpfs '{disk}' && mkdir '{out}'"
+        fill = f"{mount} && {{ cat /dev/zero > '{disk}/full'; true; }}"
+        wrap = ["unshare", "-rm", "sh", "-c", f'{fill} 2>/dev/null && exec "$@"', "sh"]
+        runs["tmpfs"] = [(command, out, None) for command in _commands(out)]
+
+    usual = models / "usual"
+    usual.mkdir()
+    commands = _commands(usual)
+    runs["usual"] = [(command, usual, None) for command in [*commands, commands[1]]]  # keras.pt2, once more
+    runs["again"] = [(["fold", "models:keras_net", killed["folder"] / "folded.keras"], killed["folder"], None)]
+
+    order = [run for part in runs.values() for run in part]
+    proc = _run_batch(order, models, wrap=wrap, preexec_fn=_usual_umask)
+    assert proc.returncode == 0, f"the run crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    results = iter(json.loads(proc.stdout))
+    found = {name: [(command, next(results), folder) for command, folder, _ in part] for name, part in runs.items()}
+    return {"proc": proc, "killed": killed, "tmpfs": None, **found}
+
+
 # ---------------------------------------------------------------------------- a full disk
 
 
-def _assert_cannot_write(proc, commands, reason: str, leftovers: dict[str, str] | None = None) -> None:
+def _assert_cannot_write(proc, runs, reason: str, leftovers: dict[str, str] | None = None) -> None:
     """Every write ended in one line naming the file and the reason (and the hidden files earlier
     writes left beside it: ``leftovers``, target name -> leftover name), exit 2, and left nothing."""
     leftovers = leftovers or {}
-    assert proc.returncode == 0, f"the run crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for command, result in zip(commands, json.loads(proc.stdout), strict=True):
+    for command, result, _ in runs:
         target = _target(command)
         expected = f"bnkit {command[0]}: error: {target}: cannot write the file ({reason})"
         if target.name in leftovers:
@@ -187,24 +245,14 @@ def _target(command) -> Path:
 
 
 @pytest.mark.slow
-def test_a_full_disk_ends_every_write_in_one_line_and_leaves_nothing(models):
+def test_a_full_disk_ends_every_write_in_one_line_and_leaves_nothing(batch):
     """A file-size limit (EFBIG) under each writer: one line, exit 2, no output, no temporary file;
     the hidden file an older bnkit left (it may be what fills a disk) is named, not removed.
 
     Before, each format gave a traceback (torch: "iostream error" or "unexpected pos"; safetensors:
     "os error 27"), and the .pt2 writer's C++ destructor threw: "terminate called", exit 134.
     """
-    out = models / "out"
-    out.mkdir()
-    commands = _commands(out)
-    (out / ".keras.0123abcd.pt").write_bytes(b"")  # an older bnkit's temporary name: nobody's in particular
-
-    def limited():
-        _usual_umask()
-        resource.setrlimit(resource.RLIMIT_FSIZE, (SIZE_LIMIT, SIZE_LIMIT))
-
-    proc = _run_batch(commands, models, out, preexec_fn=limited)
-    _assert_cannot_write(proc, commands, os.strerror(27), {"keras.pt": ".keras.0123abcd.pt"})  # EFBIG
+    _assert_cannot_write(batch["proc"], batch["full"], os.strerror(27), {"keras.pt": ".keras.0123abcd.pt"})  # EFBIG
 
 
 def _can_mount_tmpfs(folder: Path) -> bool:
@@ -218,37 +266,24 @@ def _can_mount_tmpfs(folder: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_full_tmpfs_ends_every_write_in_one_line_and_leaves_nothing(models):
+def test_a_full_tmpfs_ends_every_write_in_one_line_and_leaves_nothing(batch):
     """The same on a real full file system (ENOSPC): a small tmpfs, filled up, in a private mount namespace."""
-    disk = models / "disk"
-    disk.mkdir()
-    if not _can_mount_tmpfs(disk):
+    if batch["tmpfs"] is None:
         pytest.skip("this machine does not let a user namespace mount a tmpfs")
-    out = disk / "out"  # made inside the namespace, on the tmpfs, which a file then fills
-    commands = _commands(out)
-    fill = f"mount -t tmpfs -o size=64k tmpfs '{disk}' && mkdir '{out}' && {{ cat /dev/zero > '{disk}/full'; true; }}"
-    mount = ["unshare", "-rm", "sh", "-c", f"{fill} 2>/dev/null && exec \"$@\"", "sh"]
-    proc = _run_batch(commands, models, out, wrap=mount, preexec_fn=_usual_umask)
-    _assert_cannot_write(proc, commands, os.strerror(28))  # ENOSPC: "No space left on device"
+    _assert_cannot_write(batch["proc"], batch["tmpfs"], os.strerror(28))  # ENOSPC: "No space left on device"
 
 
 # ---------------------------------------------------------------------------- what a write keeps
 
 
 @pytest.mark.slow
-def test_every_write_makes_a_usual_file_and_refuses_to_replace_one_without_force(models):
+def test_every_write_makes_a_usual_file_and_refuses_to_replace_one_without_force(batch):
     """Mode 0644 under umask 022 for every format (safetensors made its own 0600 file), nothing
     hidden left beside it, a .pt2 archive not named after a temporary file, no replacing without --force."""
-    out = models / "out"
-    out.mkdir()
-    commands = _commands(out)
-    again = commands[1]  # keras.pt2, once more: refused
-    proc = _run_batch([*commands, again], models, out, preexec_fn=_usual_umask)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    *results, refused = json.loads(proc.stdout)
-    for command, result in zip(commands, results, strict=True):
+    *written, (_, refused, out) = batch["usual"]
+    for command, result, _ in written:
         assert result["status"] in (0, 1) if command[0] == "compare" else result["status"] == 0, result["stderr"]
-    names = {_target(command).name for command in commands}
+    names = {_target(command).name for command, _, _ in written}
     assert refused["listing"] == dict.fromkeys(sorted(names), "0o644")
     assert refused["status"] == 2 and "already exists; pass --force" in refused["stderr"], refused
     with zipfile.ZipFile(out / "keras.pt2") as archive:
@@ -326,21 +361,16 @@ def test_a_second_sigterm_after_a_swallowed_one_is_not_ignored(models):
 # ---------------------------------------------------------------------------- a killed run's leftovers
 
 
-@pytest.mark.slow
-def test_what_a_killed_write_left_is_removed_by_the_next_write_to_the_same_file(models):
-    """SIGKILL inside the write leaves the hidden temporary behind; the next run removes it, as it is
-    provably a dead bnkit's on this host, and leaves what it cannot prove dead or its own."""
-    out = models / "out"
+def _killed_write(models: Path, out: Path) -> dict:
+    """A ``fold`` into ``out`` killed (SIGKILL) inside the write, and hidden files that are not
+    provably a dead bnkit's of this host (or not for this target) put beside what it left."""
     out.mkdir()
     proc = _start(models, "fold", "models:swallowing", out / "folded.keras")
     _wait_for(models / "marks" / "saving", proc)
     proc.kill()
     proc.communicate()
-    (left,) = _hidden(out)  # the killed run's, e.g. .folded.bnkit-<host>-<pid>-<random>.keras
-    assert left.startswith(".folded.") and left.endswith(".keras"), left
-    mark, _, rest = left[len(".folded.") :].partition("-")
-    assert mark == "bnkit", left  # before: ".folded.<random>.keras", nobody's in particular
-    machine = rest.split("-")[0]
+    left = _hidden(out)  # the killed run's, e.g. .folded.bnkit-<host>-<pid>-<random>.keras
+    machine = left[0][len(".folded.") :].partition("-")[2].split("-")[0] if len(left) == 1 else "unknown"
     others = [
         f".folded.bnkit-elsewhere-{proc.pid}-0123abcd.keras",  # another host: its PIDs are not ours
         f".folded.bnkit-{machine}-{os.getpid()}-0123abcd.keras",  # a live process
@@ -349,13 +379,21 @@ def test_what_a_killed_write_left_is_removed_by_the_next_write_to_the_same_file(
     ]
     for name in others:
         (out / name).write_bytes(b"")
+    return {"folder": out, "left": left, "others": others}
 
-    again = subprocess.run(
-        [_console_script(), "fold", "models:keras_net", out / "folded.keras"],
-        capture_output=True, text=True, env=_env(), cwd=models, timeout=300, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    assert _hidden(out) == sorted(others)
+
+@pytest.mark.slow
+def test_what_a_killed_write_left_is_removed_by_the_next_write_to_the_same_file(batch):
+    """SIGKILL inside the write leaves the hidden temporary behind; the next run removes it, as it is
+    provably a dead bnkit's on this host, and leaves what it cannot prove dead or its own."""
+    killed = batch["killed"]
+    (left,) = killed["left"]
+    assert left.startswith(".folded.") and left.endswith(".keras"), left
+    mark, _, _ = left[len(".folded.") :].partition("-")
+    assert mark == "bnkit", left  # before: ".folded.<random>.keras", nobody's in particular
+    ((_, again, out),) = batch["again"]
+    assert again["status"] == 0, again["stderr"]
+    assert _hidden(out) == sorted(killed["others"])
     assert (out / "folded.keras").is_file()
 
 
