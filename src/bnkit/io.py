@@ -75,6 +75,9 @@ def load_model(
     path = Path(spec)
     fmt = format_for(path.suffix)
     shown = printable(spec)
+    saved_model = _saved_model_refusal(path, shown)
+    if saved_model:
+        raise ModelFileError(saved_model)
     if path.is_dir():
         raise ModelFileError(
             f"{shown}: is a folder, not a model file (bnkit reads {_suffixes(True)} files, "
@@ -95,6 +98,28 @@ def load_model(
             f"or a package.module:factory spec (with --weights for {_suffixes(False)})"
         )
     raise ModelFileError(f"{shown}: no such file, and not a package.module:factory spec")
+
+
+def _saved_model_refusal(path: Path, shown: str) -> str | None:
+    """What to say of a TensorFlow SavedModel folder (or its saved_model.pb), None for anything else.
+
+    bnkit runs no function of a SavedModel's graph, and does not read SavedModels yet; which kind it
+    is decides what the user can do instead."""
+    folder = path if path.is_dir() else path.parent if path.name == "saved_model.pb" else None
+    if folder is None or not (folder / "saved_model.pb").is_file():
+        return None
+    where = shown if path.is_dir() else printable(str(folder))
+    if (folder / "keras_metadata.pb").is_file():
+        return (
+            f"{where}: a SavedModel written by tf.keras / tf-keras 2 (its Keras config is in keras_metadata.pb); "
+            "bnkit does not read SavedModels yet: with TensorFlow 2.x, save it as a Keras 2 .h5, which bnkit "
+            "reads (tf.keras.models.load_model(folder).save('model.h5'))"
+        )
+    return (
+        f"{where}: a TensorFlow SavedModel with no Keras model in it (tf.saved_model.save, or Keras 3's "
+        "model.export): it holds a graph and variables but no layers to rebuild; save the model from its "
+        "source code as .keras or .h5 instead"
+    )
 
 
 def _read_file(path: Path, read, limits: ReadLimits, on_warning, what: str = "file"):

@@ -98,6 +98,14 @@ def _randomise(model, rng) -> None:
         layer.set_weights([v.astype("float32") for v in values])
 
 
+def saved_models(folder: Path) -> None:
+    """SavedModel folders, which bnkit refuses by what they are (tf-keras 2's, with its Keras config
+    in keras_metadata.pb; tf.saved_model.save's, with none)."""
+    model = sync_batch_norm()
+    model.save(folder / "tf_keras_saved_model", save_format="tf")
+    tf.saved_model.save(tf.Module(), str(folder / "plain_saved_model"))
+
+
 def main(folder: str) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +118,7 @@ def main(folder: str) -> None:
         model.save(out / f"{name}.h5")
         np.savez(out / f"{name}.npz", x=x, y=model(x, training=False).numpy())
         print(name, (out / f"{name}.h5").stat().st_size, "bytes")
+    saved_models(out)
 
 
 if __name__ == "__main__":
