@@ -7,8 +7,9 @@ tmpfs (``ENOSPC``) where this machine lets a user namespace mount one. Signals a
 sent while the command is inside the write: the test's own Keras layer (a ``package.module:factory``
 model, as a user's would be) says when its weights are being saved, and swallows the exception
 there as Keras' own saving code does with a bare ``except:``. A command that is signalled or killed
-runs as the console script, in a process of its own; the others (full disks, the usual writes, the
-write after a killed one) run one after another in one subprocess (the :func:`batch` fixture).
+runs as the console script, in a process of its own; the others (the library's own writes, full
+disks, the usual writes, the write after a killed one) run one after another in one subprocess (the
+:func:`batch` fixture).
 """
 
 from __future__ import annotations
@@ -95,17 +96,37 @@ def swallowing_then_waiting():
     return keras_net(Stubborn(then_wait=60.0))
 '''
 
-# Several command lines in one interpreter (the imports are most of a small command's time), each
-# through bnkit.cli.main as the console script runs it; after each, what its output folder holds.
-# A command given a file size runs under that file-size limit (RLIMIT_FSIZE's soft limit, raised
-# again after it): its writes fail with EFBIG. An exception out of main is recorded with its
-# traceback; a crash (abort) ends the whole run.
+# First, before anything imports bnkit, the library's own writes (two paths: a model, a report)
+# from a thread, and the signal handlers before and after. Then several command lines in the same
+# interpreter (the imports are most of a small command's time), each through bnkit.cli.main as the
+# console script runs it; after each, what its output folder holds. A command given a file size runs
+# under that file-size limit (RLIMIT_FSIZE's soft limit, raised again after it): its writes fail
+# with EFBIG. An exception out of main is recorded with its traceback; a crash (abort) ends the run.
 DRIVER = r"""
-import contextlib, io, json, os, resource, sys, traceback
+import contextlib, io, json, os, resource, signal, sys, threading, traceback
+import torch
+
+job = json.loads(sys.argv[1])
+before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+import bnkit, bnkit.io
+errors = []
+def write():
+    try:
+        bnkit.io.save_model(torch.nn.BatchNorm1d(3), job["library"][0])
+        with bnkit.io.atomic_path(job["library"][1]) as tmp:
+            tmp.write_text("report")
+    except BaseException as e:
+        errors.append(repr(e))
+thread = threading.Thread(target=write)
+thread.start()
+thread.join()
+after = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+library = {"errors": errors, "handlers kept": before == after, "handlers": [repr(before), repr(after)]}
+
 from bnkit.cli import main
 
 results = []
-for argv, folder, file_size in json.loads(sys.argv[1]):
+for argv, folder, file_size in job["runs"]:
     out, err = io.StringIO(), io.StringIO()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     if file_size is not None:
@@ -124,7 +145,7 @@ for argv, folder, file_size in json.loads(sys.argv[1]):
         name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in sorted(os.listdir(folder))
     }
     results.append({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue(), "listing": listing})
-sys.__stdout__.write(json.dumps(results))
+sys.__stdout__.write(json.dumps({"library": library, "results": results}))
 """
 
 
@@ -157,11 +178,15 @@ def _commands(out: Path) -> list[list[str]]:
     ]
 
 
-def _run_batch(runs: list[tuple[list, Path, int | None]], cwd: Path, wrap: list[str] | None = None, preexec_fn=None):
-    """``runs``: (command, its output folder, a file-size limit or None), in order, in one subprocess."""
-    argvs = [[[str(a) for a in command], str(folder), file_size] for command, folder, file_size in runs]
+def _run_batch(library: Path, runs: list[tuple[list, Path, int | None]], cwd: Path, wrap=None, preexec_fn=None):
+    """``DRIVER``: the library's writes into ``library``, then ``runs`` (command, its output folder,
+    a file-size limit or None) in order, in one subprocess."""
+    job = {
+        "library": [str(library / "bn.safetensors"), str(library / "r.txt")],
+        "runs": [[[str(a) for a in command], str(folder), file_size] for command, folder, file_size in runs],
+    }
     proc = subprocess.run(
-        [*(wrap or []), sys.executable, "-c", DRIVER, json.dumps(argvs)],
+        [*(wrap or []), sys.executable, "-c", DRIVER, json.dumps(job)],
         capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300, stdin=subprocess.DEVNULL,
         preexec_fn=preexec_fn,
     )  # fmt: skip
@@ -180,6 +205,8 @@ def batch(tmp_path_factory) -> dict:
     """The writes of the tests below that need no process of their own, in one subprocess under umask
     022 (starting Python and importing torch and Keras is most of a small command's time), in order:
 
+    * ``"library"``: ``save_model`` and ``atomic_path`` from a thread, before anything imports bnkit
+      (what they did, and the folder they wrote in);
     * ``"full"``: a write of every kind under a file-size limit (EFBIG), an older bnkit's hidden
       file beside one target;
     * ``"tmpfs"``: the same on a full tmpfs (ENOSPC), where this machine lets a user namespace mount
@@ -214,12 +241,15 @@ def batch(tmp_path_factory) -> dict:
     runs["usual"] = [(command, usual, None) for command in [*commands, commands[1]]]  # keras.pt2, once more
     runs["again"] = [(["fold", "models:keras_net", killed["folder"] / "folded.keras"], killed["folder"], None)]
 
+    library = models / "library"
+    library.mkdir()
     order = [run for part in runs.values() for run in part]
-    proc = _run_batch(order, models, wrap=wrap, preexec_fn=_usual_umask)
+    proc = _run_batch(library, order, models, wrap=wrap, preexec_fn=_usual_umask)
     assert proc.returncode == 0, f"the run crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-    results = iter(json.loads(proc.stdout))
+    done = json.loads(proc.stdout)
+    results = iter(done["results"])
     found = {name: [(command, next(results), folder) for command, folder, _ in part] for name, part in runs.items()}
-    return {"proc": proc, "killed": killed, "tmpfs": None, **found}
+    return {"proc": proc, "library": (done["library"], library), "killed": killed, "tmpfs": None, **found}
 
 
 # ---------------------------------------------------------------------------- a full disk
@@ -400,35 +430,16 @@ def test_what_a_killed_write_left_is_removed_by_the_next_write_to_the_same_file(
 # ---------------------------------------------------------------------------- the library
 
 
-def test_the_library_installs_no_signal_handler_and_writes_from_a_thread(tmp_path):
+@pytest.mark.slow
+def test_the_library_installs_no_signal_handler_and_writes_from_a_thread(batch):
     """``import bnkit`` and ``save_model`` leave a program's signal handlers alone; ``atomic_path``
-    works outside the main thread (where no signal handler can be installed)."""
-    script = r"""
-import signal, sys, threading, torch
-before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-import bnkit, bnkit.io
-errors = []
-def write():
-    try:
-        bnkit.io.save_model(torch.nn.BatchNorm1d(3), sys.argv[1])
-        with bnkit.io.atomic_path(sys.argv[2]) as tmp:
-            tmp.write_text("report")
-    except BaseException as e:
-        errors.append(repr(e))
-thread = threading.Thread(target=write)
-thread.start()
-thread.join()
-assert not errors, errors
-assert before == {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-"""
-    env = _env()
-    proc = subprocess.run(
-        [sys.executable, "-c", script, tmp_path / "bn.safetensors", tmp_path / "r.txt"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bn.safetensors", "r.txt"]
-    assert (tmp_path / "r.txt").read_text() == "report"
+    works outside the main thread (where no signal handler can be installed). Run first in the
+    batch's interpreter, before anything there imports bnkit."""
+    library, folder = batch["library"]
+    assert not library["errors"], library["errors"]
+    assert library["handlers kept"], library["handlers"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bn.safetensors", "r.txt"]
+    assert (folder / "r.txt").read_text() == "report"
 
 
 def test_a_write_error_names_the_os_reason_behind_a_framework_error():
