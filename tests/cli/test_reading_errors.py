@@ -4,6 +4,7 @@ and the limits on memory and time are the command line's options."""
 from __future__ import annotations
 
 import json
+import subprocess
 import zipfile
 
 import pytest
@@ -41,38 +42,21 @@ def files(tmp_path_factory):
     return good, bad
 
 
-LIMIT_COMMANDS = [  # (command, ...) with {out} for the folder of the run's outputs
-    ("summary", "{good}", "--max-model-bytes", "1K"),
-    ("lint", "{good}", "--max-read-seconds", "0.001"),
-    ("compare", "{good}", "{good}", "--max-model-bytes", "1K"),
-    ("fold", "{good}", "{out}/folded.keras", "--max-model-bytes", "1K"),
-    ("convert", "{good}", "{out}/converted.pt2", "--max-model-bytes", "1K"),
-    ("summary", "{good}", "--max-model-bytes", "lots"),
-]
+def _main(capsys, *argv) -> subprocess.CompletedProcess:
+    """``bnkit ARGV`` through ``bnkit.cli.main`` in this process, as ``run_cli_batch`` runs it in its
+    subprocess (without the start: the reading tests import Keras here anyway, for ``files``)."""
+    from bnkit.cli import main
+
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["bnkit", *argv], status, out, err)
 
 
-@pytest.fixture(scope="module")
-def runs(files, tmp_path_factory):
-    """Every command line of the tests below, in one subprocess (the imports are most of their time):
-    the limits first, as in a fresh process, then the mismatched file, quiet and verbose, and the good one."""
-    good, bad = files
-    out = tmp_path_factory.mktemp("out")
-    limits = [tuple(str(a).format(good=good, out=out) for a in command) for command in LIMIT_COMMANDS]
-    commands = [*limits, ("summary", bad), ("summary", bad, "--verbose"), ("summary", good, "--json")]
-    procs = run_cli_batch(commands, out)
-    return {
-        "limits": list(zip(limits, procs[: len(limits)], strict=True)),
-        "out": out,
-        "quiet": procs[-3],
-        "verbose": procs[-2],
-        "good": procs[-1],
-    }
-
-
-def test_the_frameworks_warnings_are_kept_off_the_one_error_line(runs):
+def test_the_frameworks_warnings_are_kept_off_the_one_error_line(files, capsys):
     """Keras warns "Skipping nested container ..." before it fails on this file: today's stderr
     had that warning (two lines of it) before bnkit's error."""
-    quiet, verbose = runs["quiet"], runs["verbose"]
+    _, bad = files
+    quiet, verbose = _main(capsys, "summary", bad), _main(capsys, "summary", bad, "--verbose")
     assert quiet.returncode == verbose.returncode == 2
     lines = quiet.stderr.splitlines()
     assert len(lines) == 1, quiet.stderr
@@ -83,23 +67,34 @@ def test_the_frameworks_warnings_are_kept_off_the_one_error_line(runs):
     assert any(line.startswith("bnkit summary: while reading: UserWarning: Skipping") for line in shown[1:]), shown
 
 
-def test_reading_limits_are_options_of_every_reading_command(runs):
-    for command, proc in runs["limits"]:
+def test_reading_limits_are_options_of_every_reading_command(files, tmp_path):
+    """In a subprocess: past a deadline of 1 ms, were its timer's exception swallowed, bnkit's
+    watchdog thread would end the process a second later (not pytest's, then)."""
+    good, _ = files
+    commands = [
+        ("summary", good, "--max-model-bytes", "1K"),
+        ("lint", good, "--max-read-seconds", "0.001"),
+        ("compare", good, good, "--max-model-bytes", "1K"),
+        ("fold", good, tmp_path / "folded.keras", "--max-model-bytes", "1K"),
+        ("convert", good, tmp_path / "converted.pt2", "--max-model-bytes", "1K"),
+        ("summary", good, "--max-model-bytes", "lots"),
+    ]
+    procs = run_cli_batch(commands, tmp_path)
+    for command, proc in zip(commands, procs, strict=True):
         assert proc.returncode == 2, proc
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"bnkit {command[0]}: error: "), proc.stderr
-    procs = [proc for _, proc in runs["limits"]]
     over = "over the limit of 1 KiB for a model (raise it with --max-model-bytes)"
     for proc in (procs[0], procs[2], procs[3], procs[4]):
         assert over in proc.stderr, proc.stderr
     assert "reading took longer than 0.001 s (raise the limit with --max-read-seconds)" in procs[1].stderr
     assert "argument --max-model-bytes: expected a size such as 8G, 512M" in procs[5].stderr
-    out = runs["out"]
-    assert not (out / "folded.keras").exists() and not (out / "converted.pt2").exists()
+    assert not (tmp_path / "folded.keras").exists() and not (tmp_path / "converted.pt2").exists()
 
 
-def test_a_real_model_reads_within_the_default_limits(runs):
-    proc = runs["good"]
+def test_a_real_model_reads_within_the_default_limits(files, capsys):
+    good, _ = files
+    proc = _main(capsys, "summary", good, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["framework"] == "keras"
 
