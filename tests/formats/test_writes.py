@@ -81,7 +81,7 @@ class Stubborn(keras.layers.Layer):
         try:
             MARKS.mkdir(exist_ok=True)
             (MARKS / "saving").touch()  # inside: a signal sent once it exists lands in the try
-            time.sleep(60)
+            time.sleep(300)  # longer than the test waits: a lost signal fails it
         except BaseException:  # as keras.src.saving.saving_lib does around its weights store
             pass
         (MARKS / "swallowed").touch()
@@ -343,13 +343,16 @@ def _wait_for(mark: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, timeout: float, marks: Path | None = None) -> tuple[int, str]:
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
-        raise AssertionError(f"still running {timeout} s after the signal: it was ignored") from None
+        _, stderr = proc.communicate()
+        seen = sorted(p.name for p in marks.iterdir()) if marks is not None else "?"
+        raise AssertionError(
+            f"still running {timeout} s after the signal: it was ignored (marks: {seen}; stderr: {stderr[-2000:]!r})"
+        ) from None
     return proc.returncode, stderr
 
 
@@ -368,7 +371,7 @@ def test_a_signal_swallowed_inside_the_keras_saving_code_still_stops_the_write(m
     proc = _start(models, "fold", "models:swallowing", out / "folded.keras")
     _wait_for(models / "marks" / "saving", proc)
     proc.send_signal(signum)
-    returncode, stderr = _finish(proc, 60)
+    returncode, stderr = _finish(proc, 120, models / "marks")
     assert (models / "marks" / "swallowed").exists()  # the writer's code did swallow it
     assert (returncode, stderr) == (status, f"{word}\n")
     assert list(out.iterdir()) == [], "a file was written after the signal, or a partial one left"
@@ -384,7 +387,7 @@ def test_a_second_sigterm_after_a_swallowed_one_is_not_ignored(models):
     proc.send_signal(signal.SIGTERM)
     _wait_for(models / "marks" / "swallowed", proc)
     proc.send_signal(signal.SIGTERM)
-    assert _finish(proc, 30) == (143, "terminated\n")
+    assert _finish(proc, 30, models / "marks") == (143, "terminated\n")
     assert list(out.iterdir()) == []
 
 
