@@ -324,11 +324,20 @@ def test_every_write_makes_a_usual_file_and_refuses_to_replace_one_without_force
 # ---------------------------------------------------------------------------- signals inside the write
 
 
+def _as_from_a_shell() -> None:
+    """SIGINT and SIGTERM as a shell starts a foreground command: default, unblocked. A test worker
+    may have inherited SIGINT ignored (in CI the SIGINT case failed twice, the child never raising),
+    and bnkit rightly keeps an ignored SIGINT ignored (a background job's, nohup's)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _start(models: Path, *args) -> subprocess.Popen:
     return subprocess.Popen(
         [_console_script(), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=models,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_shell,
     )  # fmt: skip
 
 
@@ -343,7 +352,7 @@ def _wait_for(mark: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def _finish(proc: subprocess.Popen, timeout: float, marks: Path | None = None) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, timeout: float, marks: Path | None = None, note: str = "") -> tuple[int, str]:
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -351,7 +360,8 @@ def _finish(proc: subprocess.Popen, timeout: float, marks: Path | None = None) -
         _, stderr = proc.communicate()
         seen = sorted(p.name for p in marks.iterdir()) if marks is not None else "?"
         raise AssertionError(
-            f"still running {timeout} s after the signal: it was ignored (marks: {seen}; stderr: {stderr[-2000:]!r})"
+            f"still running {timeout} s after the signal: it was ignored (marks: {seen}; stderr: "
+            f"{stderr[-2000:]!r}; {note})"
         ) from None
     return proc.returncode, stderr
 
@@ -371,7 +381,8 @@ def test_a_signal_swallowed_inside_the_keras_saving_code_still_stops_the_write(m
     proc = _start(models, "fold", "models:swallowing", out / "folded.keras")
     _wait_for(models / "marks" / "saving", proc)
     proc.send_signal(signum)
-    returncode, stderr = _finish(proc, 120, models / "marks")
+    inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+    returncode, stderr = _finish(proc, 120, models / "marks", f"this test process's SIGINT: {inherited}")
     assert (models / "marks" / "swallowed").exists()  # the writer's code did swallow it
     assert (returncode, stderr) == (status, f"{word}\n")
     assert list(out.iterdir()) == [], "a file was written after the signal, or a partial one left"
