@@ -95,6 +95,11 @@ def compare(
     finite_a = np.abs(trace_a.output[np.isfinite(trace_a.output)])
     matched_a = {ia for ia, _ in pairs}
     matched_b = {ib for _, ib in pairs}
+    keras_backend = None
+    if "keras" in (framework_a, framework_b):
+        from bnkit.keras import backend_name
+
+        keras_backend = backend_name()
     report = CompareReport(
         framework_a=framework_a,
         framework_b=framework_b,
@@ -116,7 +121,7 @@ def compare(
         output_max_abs=float(finite_a.max()) if finite_a.size else None,
         output_nonfinite=bool(output_nonfinite or bad_input),
         rounding_measured=measured is not None,
-        keras_backend=_keras_backend() if "keras" in (framework_a, framework_b) else None,
+        keras_backend=keras_backend,
     )
     if not report.agree:
         context = Context(trace_a, trace_b, pairs, atol, rtol, bool(training))
@@ -239,9 +244,3 @@ def _model_name(model, framework: str) -> str:
     if framework == "keras":
         return str(model.name)
     return type(model).__name__
-
-
-def _keras_backend() -> str:
-    from bnkit.keras import keras
-
-    return keras.backend.backend()

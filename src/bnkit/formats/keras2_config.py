@@ -109,22 +109,15 @@ def _skip_first_nodes(model_config: dict, layers: list) -> None:
     }
     if not nested:
         return
+
+    def shift(name, node):
+        return name, node - 1 if name in nested and node > 0 else node
+
     for layer in layers:
         if isinstance(layer, dict) and "inbound_nodes" in layer:
-            layer["inbound_nodes"] = _shifted_references(layer["inbound_nodes"], nested)
+            layer["inbound_nodes"] = _map_references(layer["inbound_nodes"], shift)
     if "output_layers" in model_config:
-        model_config["output_layers"] = _shifted_references(model_config["output_layers"], nested)
-
-
-def _shifted_references(value, nested: set):
-    if _is_reference(value):
-        node = value[1] - 1 if value[0] in nested and value[1] > 0 else value[1]
-        return [value[0], node, *(_shifted_references(v, nested) for v in value[2:])]
-    if isinstance(value, list):
-        return [_shifted_references(v, nested) for v in value]
-    if isinstance(value, dict):
-        return {k: _shifted_references(v, nested) for k, v in value.items()}
-    return value
+        model_config["output_layers"] = _map_references(model_config["output_layers"], shift)
 
 
 def _rename_slashes(model_config: dict, layers: list) -> None:
@@ -141,6 +134,10 @@ def _rename_slashes(model_config: dict, layers: list) -> None:
         renamed[name] = new
     if not renamed:
         return
+
+    def rename(name, node):
+        return renamed.get(name, name), node
+
     for layer in layers:
         if not isinstance(layer, dict):
             continue
@@ -150,10 +147,10 @@ def _rename_slashes(model_config: dict, layers: list) -> None:
         if isinstance(inner, dict) and inner.get("name") in renamed:
             inner["name"] = renamed[inner["name"]]
         if "inbound_nodes" in layer:
-            layer["inbound_nodes"] = _renamed_references(layer["inbound_nodes"], renamed)
+            layer["inbound_nodes"] = _map_references(layer["inbound_nodes"], rename)
     for key in ("input_layers", "output_layers"):
         if key in model_config:
-            model_config[key] = _renamed_references(model_config[key], renamed)
+            model_config[key] = _map_references(model_config[key], rename)
 
 
 def _layer_name(layer: dict):
@@ -171,13 +168,16 @@ def _is_reference(value) -> bool:
     )
 
 
-def _renamed_references(value, renamed: dict):
+def _map_references(value, change):
+    """``value`` with every layer reference in it (kwargs' included) replaced by ``change(name, node)``'s
+    ``(name, node)``."""
     if _is_reference(value):
-        return [renamed.get(value[0], value[0]), *(_renamed_references(v, renamed) for v in value[1:])]
+        name, node = change(value[0], value[1])
+        return [name, node, *(_map_references(v, change) for v in value[2:])]
     if isinstance(value, list):
-        return [_renamed_references(v, renamed) for v in value]
+        return [_map_references(v, change) for v in value]
     if isinstance(value, dict):
-        return {k: _renamed_references(v, renamed) for k, v in value.items()}
+        return {k: _map_references(v, change) for k, v in value.items()}
     return value
 
 

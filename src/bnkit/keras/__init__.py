@@ -78,4 +78,9 @@ import keras  # noqa: E402
 
 from bnkit.keras.batchnorm import BatchNormalization  # noqa: E402
 
-__all__ = ["keras", "BatchNormalization"]
+__all__ = ["keras", "BatchNormalization", "backend_name"]
+
+
+def backend_name() -> str:
+    """The Keras backend bnkit runs on ("torch", "tensorflow", "jax"), as reports name it."""
+    return keras.backend.backend()

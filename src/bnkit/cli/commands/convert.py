@@ -227,13 +227,15 @@ def run(args) -> int:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     converted_bns = {_key(row["name"]): row for row in _batch_norms(converted, target_framework)}
     pairs = [(row, converted_bns.get(_key(row["name"]))) for row in _batch_norms(model, source_framework)]
+    from bnkit.keras import backend_name
+
     report = {
         "input": str(args.input),
         "output": str(args.output),
         "from": source_framework,
         "to": target_framework,
         "semantics": args.semantics,
-        "keras_backend": _keras_backend(),
+        "keras_backend": backend_name(),
         "input_shape_torch": list(torch_shape),
         "max_abs_difference": difference,
         "max_abs_output": largest,
@@ -282,9 +284,3 @@ def _render(report: dict) -> None:
         f"{report['relative_difference']:.2g} of the largest output {report['max_abs_output']:.2g} "
         f"(tolerance {report['tolerance']:g})"
     )
-
-
-def _keras_backend() -> str:
-    from bnkit.keras import keras
-
-    return keras.backend.backend()
