@@ -7,6 +7,7 @@ different orders: a few ulp per reduction, amplified by 1/std); running statisti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
@@ -271,13 +272,28 @@ def test_backend_choice(monkeypatch, tmp_path):
         _choose_backend()
     assert os.environ["KERAS_BACKEND"] == "torch"
 
-    # the "tensorflow" Keras writes into a fresh keras.json is no choice: torch, silently
+    # the file Keras writes into a fresh home (it names "tensorflow") is no choice: torch, silently
+    from bnkit.keras import KERAS_WRITTEN_CONFIG
+
+    monkeypatch.delenv("KERAS_BACKEND")
+    (tmp_path / "keras.json").write_text(json.dumps(KERAS_WRITTEN_CONFIG))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _choose_backend()
+    assert os.environ["KERAS_BACKEND"] == "torch"
+
+    # one the user edited (floatx) names tensorflow by choice: left to Keras where TensorFlow is
+    # installed; where it is not, torch, silently (Keras' own default, no real choice)
     monkeypatch.delenv("KERAS_BACKEND")
     (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow", "floatx": "float64"}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _choose_backend()
-    assert os.environ["KERAS_BACKEND"] == "torch"
+    if importlib.util.find_spec("tensorflow") is None:
+        assert os.environ["KERAS_BACKEND"] == "torch"
+    else:
+        assert "KERAS_BACKEND" not in os.environ
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
 
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     _choose_backend()  # an explicit choice always wins
