@@ -1,10 +1,35 @@
-"""Which framework a model belongs to, without importing a framework that is not loaded."""
+"""Which framework a model belongs to, without importing a framework that is not loaded; and the
+optional frameworks (extras), imported only where a command needs one."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-__all__ = ["is_keras_model", "is_torch_module", "framework_of"]
+__all__ = ["MissingFramework", "is_keras_model", "is_torch_module", "framework_of", "import_optional"]
+
+
+class MissingFramework(ImportError):
+    """An optional framework that is not installed; the message names the extra that installs it."""
+
+
+# package -> the bnkit extra that installs it
+_EXTRAS = {"tensorflow": "tensorflow", "tf_keras": "tensorflow", "jax": "jax"}
+
+
+def import_optional(package: str, needed_for: str):
+    """``import package``, or a :class:`MissingFramework` one line long: "<needed_for> needs <package>,
+    which is not installed (pip install 'bnkit[<extra>]')"; an import that fails for another reason
+    keeps its cause."""
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if e.name != package.split(".")[0]:
+            raise
+        extra = _EXTRAS.get(package.split(".")[0], package)
+        raise MissingFramework(
+            f"{needed_for} needs {package}, which is not installed (pip install 'bnkit[{extra}]')"
+        ) from e
 
 
 def is_keras_model(model) -> bool:
