@@ -94,19 +94,10 @@ def _translate_model(model) -> None:
 
 
 def _skip_first_nodes(model_config: dict, layers: list) -> None:
-    """A Keras 2 ``Sequential`` built on an ``InputLayer`` has a first node of its own, so the
-    model that calls it refers to its node 1 (ConvNeXt's stem); Keras 3's has none: node 0."""
-    nested = {
-        _layer_name(layer)
-        for layer in layers
-        if isinstance(layer, dict)
-        and layer.get("class_name") == "Sequential"
-        and isinstance(layer.get("config"), dict)
-        and isinstance(layer["config"].get("layers"), list)
-        and layer["config"]["layers"]
-        and isinstance(layer["config"]["layers"][0], dict)
-        and layer["config"]["layers"][0].get("class_name") == "InputLayer"
-    }
+    """A Keras 2 nested model built on inputs of its own (a ``Functional``, or a ``Sequential`` built on
+    an ``InputLayer``: ConvNeXt's stem) has a first node of its own, so the model that calls it refers
+    to its node 1 (tf-keras' ``_should_skip_first_node``); Keras 3's has none: node 0."""
+    nested = {_layer_name(layer) for layer in layers if isinstance(layer, dict) and _has_own_first_node(layer)}
     if not nested:
         return
 
@@ -118,6 +109,18 @@ def _skip_first_nodes(model_config: dict, layers: list) -> None:
             layer["inbound_nodes"] = _map_references(layer["inbound_nodes"], shift)
     if "output_layers" in model_config:
         model_config["output_layers"] = _map_references(model_config["output_layers"], shift)
+
+
+def _has_own_first_node(layer: dict) -> bool:
+    inner = layer.get("config")
+    if not isinstance(inner, dict) or not isinstance(inner.get("layers"), list) or not inner["layers"]:
+        return False
+    if layer.get("class_name") in ("Functional", "Model"):
+        return True
+    first = inner["layers"][0]
+    return (
+        layer.get("class_name") == "Sequential" and isinstance(first, dict) and first.get("class_name") == "InputLayer"
+    )
 
 
 def _rename_slashes(model_config: dict, layers: list) -> None:
