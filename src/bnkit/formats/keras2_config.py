@@ -21,6 +21,8 @@ then read as Keras 2 wrote them (by layer order, so renaming a layer changes not
   function is refused by name.
 * A single input or output listed as a list of one (``[["input_1", 0, 0]]``): the reference itself,
   as Keras 3 writes it.
+* A mixed-precision ``Policy`` (``{"class_name": "Policy", "config": {"name": "mixed_float16"}}``):
+  its name, which Keras 3 reads as the same policy.
 * Tuples Keras 2 wrote as ``{"class_name": "__tuple__", ...}``, decoded as Keras' JSON decoder does.
 """
 
@@ -80,6 +82,7 @@ def _translate_model(model) -> None:
     for layer in layers:
         if not isinstance(layer, dict):
             continue
+        _dtype_policy(layer)
         translator = TRANSLATORS.get(layer.get("class_name"))
         if translator is not None:
             translator(layer)
@@ -91,6 +94,17 @@ def _translate_model(model) -> None:
         value = model["config"].get(key)
         if isinstance(value, list) and len(value) == 1 and _is_reference(value[0]):
             model["config"][key] = value[0]
+
+
+def _dtype_policy(layer: dict) -> None:
+    """Mixed precision: Keras 2 writes ``"dtype": {"class_name": "Policy", "config": {"name": "mixed_float16"}}``,
+    which Keras 3's legacy loader fails on; it takes the policy's name, the same policy."""
+    inner = layer.get("config")
+    dtype = inner.get("dtype") if isinstance(inner, dict) else None
+    if isinstance(dtype, dict) and dtype.get("class_name") == "Policy" and isinstance(dtype.get("config"), dict):
+        name = dtype["config"].get("name")
+        if isinstance(name, str):
+            inner["dtype"] = name
 
 
 def _skip_first_nodes(model_config: dict, layers: list) -> None:
