@@ -2,7 +2,8 @@
 
 A model spec is one of:
 
-* ``model.keras`` (Keras 3) or ``model.h5`` (legacy Keras/TF 2) — loaded with Keras' safe mode;
+* ``model.keras`` (Keras 3) or ``model.h5`` (legacy Keras/TF 2) — loaded with Keras' safe mode
+  (and written: an ``.h5`` as tf-keras 2 writes it, which tf-keras 2 and Keras 3 both load);
   a ``BatchNormalization`` with ``synchronized=True`` (which Keras refuses on any backend but
   TensorFlow) loads as :class:`bnkit.keras.BatchNormalization`, synchronised over ``torch.distributed``;
 * ``model.pt2`` — a ``torch.export`` program. It is rebuilt into a ``torch.fx.GraphModule``
@@ -224,9 +225,12 @@ def _load_weights(model, path: Path, limits: ReadLimits, on_warning) -> None:
 def save_model(model, path: str | os.PathLike, *, force: bool = False, input_shape=None) -> Path:
     """Write ``model`` to ``path``, choosing the format from its suffix.
 
-    ``.keras`` for Keras models; ``.pt2`` (a ``torch.export`` program of the model in eval
-    mode, with bnkit's layer conventions stored beside it; needs ``input_shape`` without the
-    batch dimension), ``.pt`` (state dict) or ``.safetensors`` for PyTorch modules.
+    For Keras models ``.keras`` (Keras 3) or ``.h5`` (a Keras 2 file that tf-keras 2 and Keras 3
+    both load; a layer tf-keras 2 could not load exactly is refused by name, and the file is read
+    back and checked against the model before it is renamed into place; see
+    :mod:`bnkit.formats.keras_h5`); for PyTorch modules ``.pt2`` (a ``torch.export`` program of the
+    model in eval mode, with bnkit's layer conventions stored beside it; needs ``input_shape``
+    without the batch dimension), ``.pt`` (state dict) or ``.safetensors``.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -237,8 +241,14 @@ def save_model(model, path: str | os.PathLike, *, force: bool = False, input_sha
         writable = ", ".join(s for f in formats() if f.writer() for s in f.suffixes[:1])
         raise ModelFileError(f"{path}: unknown output format {suffix!r}; expected {writable}")
     if fmt.framework != framework:
+        keras_suffixes = " or ".join(
+            f.suffixes[0] for f in formats() if f.framework == "keras" and f.suffixes and f.writer()
+        )
         if framework == "torch":
-            raise ModelFileError(f"{path}: .keras files hold Keras models; convert the PyTorch module first")
-        raise ModelFileError(f"{path}: a Keras model is saved as .keras; got suffix {suffix!r}")
+            raise ModelFileError(
+                f"{path}: {keras_suffixes} files hold Keras models; convert the PyTorch module first "
+                "(bnkit.convert.torch_to_keras)"
+            )
+        raise ModelFileError(f"{path}: a Keras model is saved as {keras_suffixes}; got suffix {suffix!r}")
     writer(model, path, force=force, input_shape=input_shape)
     return path

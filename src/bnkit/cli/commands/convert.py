@@ -2,9 +2,11 @@
 
 The direction follows IN: a Keras model (``.keras``, ``.h5``, or a factory returning one)
 becomes a PyTorch file (``.pt2`` torch.export program, or ``.pt``/``.safetensors`` weights);
-a PyTorch model (``.pt2``, or ``package.module:factory`` with ``--weights``) becomes ``.keras``.
-Both models are run on the same random batch in inference before OUT is written; OUT is
-written atomically and an existing OUT is never replaced without ``--force``.
+a PyTorch model (``.pt2``, or ``package.module:factory`` with ``--weights``) becomes ``.keras``
+or ``.h5`` (a Keras 2 file that tf-keras 2 loads too). A Keras model may also be written as
+``.h5`` as it is (Keras 3 to Keras 2). Both models are run on the same random batch in inference
+before OUT is written; an ``.h5`` is also read back and run against the model before it is
+renamed into place. OUT is written atomically and an existing OUT is never replaced without ``--force``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ NAME = "convert"
 HELP = "Convert a model between Keras and PyTorch (batch-norm semantics included) and verify it."
 
 _TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
-_KERAS_SUFFIXES = (".keras",)
+_KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+_KERAS2_SUFFIXES = (".h5", ".hdf5")  # written as tf-keras 2 writes them, read back before the rename
 # Relative to the largest output (max |difference| / max |source output|): float32 inference of the
 # same weights in two frameworks sums in another order, a few ulp per layer; exact conversions of
 # real networks stay within 4e-6 (docs/conversion.md), deep ones accumulate more. Relative, as an
@@ -31,7 +34,9 @@ _PARITY_TOLERANCE = 1e-4
 
 def add_arguments(parser) -> None:
     parser.add_argument("input", metavar="IN", help="model to convert: .keras, .h5, .pt2 or package.module:factory")
-    parser.add_argument("output", metavar="OUT", help="where to write: .pt2/.pt/.safetensors (from Keras) or .keras")
+    parser.add_argument(
+        "output", metavar="OUT", help="where to write: .pt2/.pt/.safetensors (from Keras) or .keras/.h5 (to Keras)"
+    )
     parser.add_argument("--weights", metavar="FILE", help="weights (.pt or .safetensors) for a factory spec")
     parser.add_argument(
         "--semantics",
@@ -53,14 +58,14 @@ def add_arguments(parser) -> None:
 
 
 def _direction(output: str) -> str:
-    suffix = "." + output.rsplit(".", 1)[-1].lower() if "." in output else ""
+    suffix = _suffix(output)
     if suffix in _TORCH_SUFFIXES:
         return "torch"
     if suffix in _KERAS_SUFFIXES:
         return "keras"
     raise CLIError(
         f"{output}: unknown output format {suffix or '(no suffix)'!r}; "
-        "expected .pt2, .pt or .safetensors (Keras to PyTorch) or .keras (PyTorch to Keras)"
+        "expected .pt2, .pt or .safetensors (Keras to PyTorch) or .keras or .h5 (to Keras)"
     )
 
 
@@ -167,24 +172,48 @@ def _relative(difference: float, largest: float) -> float:
     return difference / largest if largest > 0 else difference
 
 
+def _suffix(path: str) -> str:
+    return "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+
+
+def _write(model, args, torch_shape, keras2: bool):
+    """Write OUT; for a Keras 2 ``.h5``, what reading it back gave (:class:`bnkit.formats.keras_h5.RoundTrip`)."""
+    from pathlib import Path
+
+    from bnkit.io import ModelFileError, save_model
+
+    try:
+        if keras2:  # save_model's own writer, called for its read-back figures
+            from bnkit.formats.keras_h5 import write
+
+            return write(model, Path(args.output), force=args.force, input_shape=torch_shape)
+        save_model(model, args.output, force=args.force, input_shape=torch_shape)
+    except ModelFileError as e:
+        raise CLIError(str(e)) from None
+    return None
+
+
 def run(args) -> int:
     import warnings
 
-    from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
+    from bnkit.io import check_writable, framework_of, load_model
 
     # torch.export's own deprecation noise, not the user's concern
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     target_framework = _direction(args.output)
+    keras2 = _suffix(args.output) in _KERAS2_SUFFIXES
     given_shape = args.input_shape
     with Steps(4, enabled=not args.json) as steps:
         steps.step(f"loading {args.input}")
         check_writable(args.output, args.force)  # refuse before the slow part
         model = load_model(args.input, args.weights, **reading(args))
         source_framework = framework_of(model)
-        if source_framework == target_framework:
+        resave = source_framework == target_framework == "keras" and keras2  # Keras 3 -> a Keras 2 .h5
+        if source_framework == target_framework and not resave:
             raise CLIError(
                 f"{args.input} is already a {'Keras' if source_framework == 'keras' else 'PyTorch'} model; "
                 f"{args.output} asks for the same framework"
+                + (" (a Keras model is written as a Keras 2 .h5 as it is)" if source_framework == "keras" else "")
             )
         torch_shape = _torch_input_shape(model, source_framework, given_shape)
         _check_input(model, source_framework, torch_shape)
@@ -195,17 +224,22 @@ def run(args) -> int:
         try:
             with warnings.catch_warnings(record=True) as caught:  # shown as one line each, below
                 warnings.simplefilter("always", UserWarning)
-                if source_framework == "keras":
+                if resave:
+                    converted = model
+                elif source_framework == "keras":
                     converted = keras_to_torch(model, semantics=args.semantics)
                 else:
                     converted = torch_to_keras(model, torch_shape, semantics=args.semantics)
         except UnsupportedLayerError as e:
             raise CLIError(str(e)) from None
         steps.step("verifying on a random batch")
-        try:
-            difference, largest = _max_difference(model, converted, source_framework, torch_shape)
-        except Exception as e:  # a shape the model does not take, typically
-            raise CLIError(f"could not run the models on a batch of shape {(2, *torch_shape)}: {e}") from None
+        if resave:  # the same model: the check is the file read back (below)
+            difference = largest = 0.0
+        else:
+            try:
+                difference, largest = _max_difference(model, converted, source_framework, torch_shape)
+            except Exception as e:  # a shape the model does not take, typically
+                raise CLIError(f"could not run the models on a batch of shape {(2, *torch_shape)}: {e}") from None
         relative = _relative(difference, largest)
         if not relative <= _PARITY_TOLERANCE:
             raise CLIError(
@@ -214,11 +248,10 @@ def run(args) -> int:
                 "batch; nothing was written",
                 status=1,
             )
-        steps.step(f"writing {args.output}")
-        try:
-            save_model(converted, args.output, force=args.force, input_shape=torch_shape)
-        except ModelFileError as e:
-            raise CLIError(str(e)) from None
+        steps.step(f"writing {args.output}" + (" and reading it back" if keras2 else ""))
+        read_back = _write(converted, args, torch_shape, keras2)
+        if resave:
+            difference, largest, relative = read_back.difference, read_back.largest, read_back.relative
 
     for warning in caught:
         if issubclass(warning.category, UserWarning):
@@ -226,7 +259,8 @@ def run(args) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     converted_bns = {_key(row["name"]): row for row in _batch_norms(converted, target_framework)}
-    pairs = [(row, converted_bns.get(_key(row["name"]))) for row in _batch_norms(model, source_framework)]
+    sources = [] if resave else _batch_norms(model, source_framework)  # the same layers: no table
+    pairs = [(row, converted_bns.get(_key(row["name"]))) for row in sources]
     from bnkit.keras import backend_name
 
     report = {
@@ -243,6 +277,15 @@ def run(args) -> int:
         "tolerance": _PARITY_TOLERANCE,  # on relative_difference
         "batch_norms": [{"source": a, "target": b} for a, b in pairs],
     }
+    if read_back is not None:  # the written .h5, read back by bnkit, against the model written
+        from bnkit.formats.keras_h5 import ROUND_TRIP_TOLERANCE
+
+        report["read_back"] = {
+            "max_abs_difference": read_back.difference,
+            "max_abs_output": read_back.largest,
+            "relative_difference": read_back.relative,
+            "tolerance": ROUND_TRIP_TOLERANCE,
+        }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -279,8 +322,16 @@ def _render(report: dict) -> None:
                 f"{a['eps']:g} → {b['eps']:g}",
             )
         console.print(table)
-    console.print(
-        f"verified on a random batch in inference: max |difference| {report['max_abs_difference']:.2g}, "
-        f"{report['relative_difference']:.2g} of the largest output {report['max_abs_output']:.2g} "
-        f"(tolerance {report['tolerance']:g})"
-    )
+    if report["from"] != report["to"]:
+        console.print(
+            f"verified on a random batch in inference: max |difference| {report['max_abs_difference']:.2g}, "
+            f"{report['relative_difference']:.2g} of the largest output {report['max_abs_output']:.2g} "
+            f"(tolerance {report['tolerance']:g})"
+        )
+    back = report.get("read_back")
+    if back is not None:
+        console.print(
+            f"read back from {escape(report['output'])} (a Keras 2 .h5) and run on a random batch in inference: "
+            f"max |difference| {back['max_abs_difference']:.2g}, {back['relative_difference']:.2g} of the "
+            f"largest output {back['max_abs_output']:.2g} (tolerance {back['tolerance']:g})"
+        )

@@ -1,0 +1,580 @@
+"""Keras 3 models as Keras 2 (tf.keras / tf-keras 2.x) writes them: what a legacy ``.h5`` that tf-keras 2
+loads must hold, translated from the Keras 3 model (the inverse of :mod:`bnkit.formats.keras2_config`).
+
+Keras 3's own legacy ``.h5`` writer keeps Keras 3's config (``batch_shape``, dtype policy objects,
+call nodes as ``{"args": ..., "kwargs": ...}``, bnkit's registered classes), which tf-keras 2 cannot
+load. :func:`keras2_model` rebuilds the model's config in Keras 2's format, layer by layer, with one
+small translator per class (:data:`TRANSLATORS` for layers, :data:`OPERATIONS` for the Keras
+operations a functional model records, such as ``x * 2.0``); a class without a translator, or a
+setting a translator cannot carry over exactly, is refused by layer name (:class:`NotWritable`).
+Exact means: tf-keras 2 computes what the Keras 3 layer computes, in inference and in training
+(up to float rounding order).
+
+* Every layer: the dtype policy object becomes its name; initializers, regularizers and constraints
+  lose Keras 3's ``module`` / ``registered_name`` and its new arguments at their defaults; Keras
+  3-only arguments (``quantization_config``, ``lora_rank``, ...) are dropped at the value that means
+  Keras 2's behaviour, refused otherwise; activations by Keras 2's names (``silu`` is ``swish``).
+* ``InputLayer``: ``batch_shape`` is ``batch_input_shape``. ``LeakyReLU``: ``negative_slope`` is ``alpha``.
+* ``BatchNormalization`` (Keras' and bnkit's, any convention): tf-keras 2's layer updates its moving
+  variance with the *unbiased* batch variance when it runs fused (``fused=True``: 4-D or 5-D inputs,
+  channel axis last or 1) and with the *biased* one otherwise (``fused=False``), measured with
+  tf-keras 2.21; its momentum weighs the old value. So a biased batch norm (Keras') is written with
+  ``fused=False``, an unbiased one (PyTorch's, bnkit's ``convention="torch"``) with ``fused=True`` and
+  ``momentum = 1 - m``; one that neither can carry (unbiased on a 2-D input, ``momentum=None``,
+  ``renorm``) is refused. bnkit's ``num_batches_tracked`` counter is not written (Keras 2 has none;
+  it only matters for ``momentum=None``).
+* Operations: ``x + c``, ``x - c``, ``c - x``, ``x * c``, ``-x`` become ``Rescaling`` (``x·s + o``,
+  the same float operations), ``x / c`` (c > 0) a ``Normalization`` with mean 0 and variance c²
+  (tf-keras divides by ``sqrt(c²)``, which is c exactly in IEEE arithmetic), ``maximum(x, 0)`` a
+  ``ReLU``; with two tensors, the merge layers ``Add``, ``Subtract``, ``Multiply``, ``Maximum``, ``Minimum``.
+* bnkit's own Keras layers (``ElementwiseConstant``, ``Slice``, ``StochasticDepth``, ``ChannelAffine``)
+  and Keras 3 layers tf-keras 2 lacks are refused by name.
+
+The layers are listed in the order tf-keras 2 gives ``model.layers`` for the written graph (its
+``_map_graph_network``), because tf-keras 2 loads an ``.h5`` file's weights by that order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["NotWritable", "Keras2Layer", "Keras2Model", "TRANSLATORS", "OPERATIONS", "keras2_model"]
+
+
+class NotWritable(ValueError):
+    """A layer tf-keras 2 cannot load as exactly the layer it is: the message names the layer and what."""
+
+
+@dataclass
+class Ref:
+    """A tensor in a call: output ``tensor`` of node ``node`` of layer ``name``."""
+
+    name: str
+    node: int
+    tensor: int
+    shape: tuple | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class Call:
+    """One call of a layer (a node): its arguments, tensors as :class:`Ref`."""
+
+    args: list
+    kwargs: dict
+
+    def refs(self) -> list[Ref]:
+        return [a for a in _flatten([self.args, list(self.kwargs.values())]) if isinstance(a, Ref)]
+
+
+@dataclass
+class Keras2Layer:
+    """One layer on its way from Keras 3 to Keras 2: translators change ``class_name``, ``config``,
+    ``calls`` and ``weights`` (``(variable name, value)``, in Keras' loading order) in place."""
+
+    name: str
+    class_name: str
+    config: dict
+    source: object  # the Keras 3 layer or operation
+    calls: list[Call] = field(default_factory=list)
+    weights: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    shown: str = ""
+
+    def refuse(self, what: str) -> NotWritable:
+        return NotWritable(f"{self.shown}: {what}")
+
+    def input_rank(self) -> int | None:
+        shapes = [r.shape for call in self.calls for r in call.refs()[:1] if r.shape is not None]
+        if shapes:
+            return len(shapes[0])
+        try:  # a Sequential's config holds no calls
+            return len(self.source.input.shape)
+        except (AttributeError, ValueError):
+            return None
+
+
+@dataclass
+class Keras2Model:
+    """What a Keras 2 ``.h5`` holds: ``config`` (the ``model_config`` attribute) and ``layers`` in
+    tf-keras 2's ``model.layers`` order, each with its weights."""
+
+    config: dict
+    layers: list[Keras2Layer]
+
+
+TRANSLATORS: dict[str, Callable[[Keras2Layer], None]] = {}  # Keras 3 layer class (legacy name) -> translator
+OPERATIONS: dict[str, Callable[[Keras2Layer], None]] = {}  # Keras 3 operation class -> translator
+
+
+def translates(*class_names: str, table: dict | None = None):
+    def register(function):
+        for name in class_names:
+            (TRANSLATORS if table is None else table)[name] = function
+        return function
+
+    return register
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def keras2_model(model) -> Keras2Model:
+    """``model`` (a Keras 3 functional or Sequential model) as Keras 2 writes it; :class:`NotWritable`
+    names the first layer that tf-keras 2 could not load as exactly that layer."""
+    from bnkit.keras import keras  # noqa: F401 - the backend bnkit chooses, before Keras' modules
+
+    # isort: split
+    from keras.src.legacy.saving import saving_options
+
+    with saving_options.keras_option_scope(use_legacy_config=True):  # class names as Keras 2 spells them
+        try:
+            config = model.get_config()
+        except NotImplementedError:
+            config = None
+    kind = type(model).__name__
+    if kind not in ("Functional", "Sequential") or not isinstance(config, dict) or "layers" not in config:
+        raise NotWritable(
+            f"the model is a {kind}, not a functional or Sequential model: Keras 2 .h5 files hold only those"
+        )
+    operations = {op.name: op for op in _operations(model)}
+    layers = [_layer(entry, operations) for entry in config["layers"]]
+    for layer in layers:
+        _translate(layer)
+    if kind == "Sequential":
+        written = [layer for layer in layers if layer.class_name != "InputLayer"]
+        entries = [{"class_name": layer.class_name, "config": layer.config} for layer in layers]
+        return Keras2Model({"class_name": "Sequential", "config": {"name": config["name"], "layers": entries}}, written)
+    inputs = _references(config["input_layers"])
+    outputs = _references(config["output_layers"])
+    order = _tf_keras_order({layer.name: layer for layer in layers}, inputs, outputs)
+    entries = [
+        {"class_name": layer.class_name, "config": layer.config, "name": layer.name, "inbound_nodes": _nodes(layer)}
+        for layer in order
+    ]
+    functional = {"name": config["name"], "layers": entries, "input_layers": inputs, "output_layers": outputs}
+    return Keras2Model({"class_name": "Functional", "config": functional}, order)
+
+
+def _operations(model) -> list:
+    operations = getattr(model, "operations", None)
+    return list(operations) if operations is not None else list(model.layers)
+
+
+def _layer(entry: dict, operations: dict) -> Keras2Layer:
+    from bnkit.keras import keras
+
+    inner = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+    name = entry.get("name", inner.get("name"))
+    source = operations.get(name)
+    class_name = entry["class_name"]
+    kind = "layer" if source is None or isinstance(source, keras.layers.Layer) else "operation"
+    layer = Keras2Layer(
+        name=name,
+        class_name=class_name,
+        config=copy.deepcopy(inner),
+        source=source,
+        calls=[_call(node) for node in entry.get("inbound_nodes", [])],
+        shown=f"{kind} {name!r} ({class_name})",
+    )
+    if isinstance(source, keras.Model):
+        raise layer.refuse("a model inside the model; bnkit writes flat models to Keras 2 .h5 files")
+    if kind == "layer" and source is not None:
+        layer.weights = [
+            (variable.name, np.asarray(keras.ops.convert_to_numpy(variable)))
+            for variable in source.trainable_weights + source.non_trainable_weights
+        ]
+    return layer
+
+
+def _call(node) -> Call:
+    if not isinstance(node, dict) or "args" not in node:
+        raise NotWritable(f"a call node that is not Keras 3's {{'args', 'kwargs'}}: {str(node)[:80]}")
+    return Call(_tensors(node["args"]), _tensors(node.get("kwargs") or {}))
+
+
+def _tensors(value):
+    """``value`` with every serialized Keras tensor replaced by its :class:`Ref`."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            inner = value["config"]
+            history = inner["keras_history"]
+            shape = tuple(inner["shape"]) if inner.get("shape") is not None else None
+            return Ref(history[0], history[1], history[2], shape, inner.get("dtype"))
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensors(v) for v in value]
+    return value
+
+
+def _flatten(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [item for v in value for item in _flatten(v)]
+    if isinstance(value, dict):
+        return [item for v in value.values() for item in _flatten(v)]
+    return [value]
+
+
+def _references(value) -> list[list]:
+    """Keras 3's input/output layers (one reference, or a list of them) as Keras 2's list of references."""
+    if isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[0], str):
+        return [list(value)]
+    return [list(v) for v in value]
+
+
+def _nodes(layer: Keras2Layer) -> list:
+    """Keras 2's ``inbound_nodes``: per call, ``[name, node, tensor, kwargs]`` for each input tensor."""
+    nodes = []
+    for call in layer.calls:
+        kwargs = {}
+        for key, value in call.kwargs.items():
+            if value is None or isinstance(value, Ref):
+                continue
+            if key == "training" and isinstance(value, bool):
+                kwargs[key] = value
+                continue
+            raise layer.refuse(f"called with {key}={value!r}, which bnkit does not write to a Keras 2 call")
+        for arg in _flatten(call.args):
+            if not isinstance(arg, Ref):
+                raise layer.refuse(f"called with the constant {arg!r}, which a Keras 2 call cannot hold")
+        nodes.append([[r.name, r.node, r.tensor, dict(kwargs)] for r in call.refs()])
+    return nodes
+
+
+def _tf_keras_order(layers: dict[str, Keras2Layer], inputs: list, outputs: list) -> list[Keras2Layer]:
+    """The layers in the order tf-keras 2's ``_map_graph_network`` gives ``model.layers``: by depth from
+    the outputs, deepest first, ties in the order a depth-first walk from the outputs first meets them."""
+    parents = {}
+    for layer in layers.values():
+        for index, call in enumerate(layer.calls):
+            parents[(layer.name, index)] = [(r.name, r.node) for r in call.refs()]
+    finished, in_progress, ordered, first_seen = set(), set(), [], {}
+    for name, node, _ in outputs:  # tf-keras' _build_map, without recursion (deep networks)
+        if (name, node) in finished:
+            continue
+        first_seen.setdefault(name, len(first_seen))
+        in_progress.add((name, node))
+        stack = [((name, node), iter(parents.get((name, node), ())))]
+        while stack:
+            key, pending = stack[-1]
+            parent = next(pending, None)
+            if parent is None:
+                stack.pop()
+                in_progress.discard(key)
+                finished.add(key)
+                ordered.append(key)
+            elif parent not in finished:
+                if parent in in_progress:
+                    raise NotWritable(f"layer {parent[0]!r} is part of a cycle")
+                first_seen.setdefault(parent[0], len(first_seen))
+                in_progress.add(parent)
+                stack.append((parent, iter(parents.get(parent, ()))))
+    node_depth: dict = {}
+    layer_depth: dict = {}
+    for key in reversed(ordered):
+        depth = max(node_depth.setdefault(key, 0), layer_depth.get(key[0], 0))
+        layer_depth[key[0]] = node_depth[key] = depth
+        for parent in parents.get(key, ()):
+            node_depth[parent] = max(depth + 1, node_depth.get(parent, 0))
+    for name, _, _ in inputs:  # inputs the outputs do not use
+        if name not in layer_depth:
+            layer_depth[name], first_seen[name] = 0, -1
+    names = sorted(layer_depth, key=lambda n: (-layer_depth[n], first_seen[n]))
+    return [layers[n] for n in names]
+
+
+# ------------------------------------------------------------------------------------ every layer
+
+
+def _translate(layer: Keras2Layer) -> None:
+    from bnkit.keras import keras
+
+    is_layer = layer.source is None or isinstance(layer.source, keras.layers.Layer)
+    translator = (TRANSLATORS if is_layer else OPERATIONS).get(layer.class_name)
+    if translator is None:
+        raise layer.refuse(
+            f"no Keras 2 translation of this {'layer' if is_layer else 'operation'} class; "
+            "bnkit writes to .h5 the layers listed in docs/tensorflow.md"
+        )
+    if not is_layer and len(layer.calls) != 1:
+        raise layer.refuse(f"an operation called {len(layer.calls)} times")
+    translator(layer)
+    if layer.class_name != "InputLayer":
+        config = layer.config
+        config["name"] = layer.name
+        config.setdefault("trainable", True)
+        config["dtype"] = _dtype(layer, config.get("dtype"))
+        for key, value in list(config.items()):
+            if key.endswith(("_initializer", "_regularizer", "_constraint")) and value is not None:
+                config[key] = _keras_object(layer, key, value)
+            elif key in _KERAS3_ONLY:
+                if value != _KERAS3_ONLY[key]:
+                    raise layer.refuse(f"{key}={value!r}, a Keras 3 argument tf-keras 2 does not have")
+                del config[key]
+        if "activation" in config:
+            config["activation"] = _activation(layer, config["activation"])
+
+
+# Keras 3 arguments tf-keras 2 lacks -> the value that means what tf-keras 2 does
+_KERAS3_ONLY = {"quantization_config": None, "lora_rank": None, "lora_alpha": None, "rms_scaling": False}
+
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_MIXED = ("mixed_float16", "mixed_bfloat16")
+
+
+def _dtype(layer: Keras2Layer, value):
+    if value is None or value in _DTYPES:
+        return value
+    if isinstance(value, dict) and value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+        name = (value.get("config") or {}).get("name")
+        if name in _DTYPES:
+            return name
+        if name in _MIXED:
+            return {"class_name": "Policy", "config": {"name": name}}
+    raise layer.refuse(f"the dtype policy {value!r}, which tf-keras 2 does not have")
+
+
+# initializers, regularizers and constraints tf-keras 2 has, under the same names and arguments;
+# Keras 3's extra arguments (at the value that means Keras 2's behaviour) are dropped
+_KERAS2_OBJECTS = {
+    "_initializer": {
+        "Zeros", "Ones", "Constant", "RandomNormal", "RandomUniform", "TruncatedNormal", "VarianceScaling",
+        "GlorotNormal", "GlorotUniform", "HeNormal", "HeUniform", "LecunNormal", "LecunUniform", "Orthogonal",
+        "Identity",
+    },
+    "_regularizer": {"L1", "L2", "L1L2", "OrthogonalRegularizer"},
+    "_constraint": {"MaxNorm", "MinMaxNorm", "NonNeg", "UnitNorm", "RadialConstraint"},
+}  # fmt: skip
+_KERAS3_OBJECT_ARGUMENTS = {"input_axes": None, "output_axes": None}
+
+
+def _keras_object(layer: Keras2Layer, key: str, value):
+    kind = next(k for k in _KERAS2_OBJECTS if key.endswith(k))
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict) or value.get("class_name") not in _KERAS2_OBJECTS[kind]:
+        shown = value.get("class_name") if isinstance(value, dict) else value
+        raise layer.refuse(f"{key} is {shown!r}, which tf-keras 2 does not have under that name")
+    config = dict(value.get("config") or {})
+    for argument, default in _KERAS3_OBJECT_ARGUMENTS.items():
+        if argument in config:
+            if config[argument] != default:
+                raise layer.refuse(f"{key} has {argument}={config[argument]!r}, a Keras 3 argument")
+            del config[argument]
+    return {"class_name": value["class_name"], "config": config}
+
+
+# Keras 3 activation names -> tf-keras 2's names for the same function (tf-keras 2.21 deserializes them)
+_ACTIVATIONS = {
+    name: name
+    for name in (
+        "linear", "relu", "relu6", "sigmoid", "tanh", "selu", "softsign", "softplus", "elu", "softmax",
+        "exponential", "mish", "gelu", "log_softmax", "leaky_relu", "swish",
+    )
+} | {"silu": "swish"}  # fmt: skip
+_ACTIVATION_REFUSALS = {
+    "hard_sigmoid": "Keras 2's hard_sigmoid is another function (0.2·x + 0.5, clipped; Keras 3's is x/6 + 0.5)",
+}
+
+
+def _activation(layer: Keras2Layer, value):
+    if value in _ACTIVATIONS:
+        return _ACTIVATIONS[value]
+    why = _ACTIVATION_REFUSALS.get(value, "tf-keras 2 has no such activation")
+    raise layer.refuse(f"activation {value!r}: {why}")
+
+
+# ---------------------------------------------------------------------------------- layer translators
+
+
+@translates(
+    "Conv1D", "Conv2D", "Conv3D", "SeparableConv1D", "SeparableConv2D", "Dense", "Activation", "ReLU", "ELU",
+    "Softmax", "Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average", "Concatenate", "ZeroPadding2D",
+    "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D", "Dropout", "SpatialDropout2D", "SpatialDropout3D", "Flatten", "Reshape", "Permute",
+    "Identity", "LayerNormalization",
+)  # fmt: skip
+def _same(layer: Keras2Layer) -> None:
+    """Classes whose Keras 3 arguments tf-keras 2 takes as they are (measured: tf-keras 2.21's get_config)."""
+
+
+@translates("InputLayer")
+def _input_layer(layer: Keras2Layer) -> None:
+    config = layer.config
+    if config.pop("optional", False):
+        raise layer.refuse("optional=True (an input that may be None), which tf-keras 2 does not have")
+    config["batch_input_shape"] = config.pop("batch_shape")
+    config["dtype"] = _dtype(layer, config.get("dtype"))
+
+
+@translates("DepthwiseConv1D", "DepthwiseConv2D")
+def _depthwise(layer: Keras2Layer) -> None:
+    layer.weights = [("depthwise_kernel" if n == "kernel" else n, v) for n, v in layer.weights]  # Keras 2's name
+
+
+@translates("ZeroPadding1D", "SpatialDropout1D")
+def _channels_last_only(layer: Keras2Layer) -> None:
+    """tf-keras 2's 1-D padding and spatial dropout have no data_format: they are channels-last."""
+    data_format = layer.config.pop("data_format", "channels_last")
+    if data_format != "channels_last":
+        raise layer.refuse(f"data_format={data_format!r}; tf-keras 2's {layer.class_name} is channels-last only")
+
+
+@translates("LeakyReLU")
+def _leaky_relu(layer: Keras2Layer) -> None:
+    layer.config["alpha"] = layer.config.pop("negative_slope")
+
+
+@translates("Rescaling")
+def _rescaling(layer: Keras2Layer) -> None:
+    for key in ("scale", "offset"):
+        value = layer.config.get(key)
+        if isinstance(value, dict) and value.get("class_name") == "__numpy__":
+            layer.config[key] = value["config"]["value"]
+        elif not isinstance(value, (int, float, list)):
+            raise layer.refuse(f"{key}={value!r}, not a number or a list of numbers")
+
+
+@translates("BatchNormalization", "bnkit>BatchNormalization")
+def _batch_norm(layer: Keras2Layer) -> None:
+    """Keras' batch norm (biased moving variance) -> ``fused=False``; PyTorch's (unbiased) -> ``fused=True``
+    on a 4-D/5-D input, with the momentum as the weight of the old value (see the module doc)."""
+    from bnkit.conventions import KERAS
+
+    config, source = layer.config, layer.source
+    convention = getattr(source, "convention", None) or KERAS
+    shown = f"convention={convention.name!r}" if layer.class_name.startswith("bnkit>") else "Keras'"
+    layer.shown = f"layer {layer.name!r} (BatchNormalization, {shown})"
+    if config.pop("renorm", False):
+        raise layer.refuse("renorm=True (batch renormalization), which bnkit does not write to Keras 2 files yet")
+    for key in ("renorm_clipping", "renorm_momentum", "convention"):
+        config.pop(key, None)
+    momentum = getattr(source, "momentum", config.get("momentum"))
+    if momentum is None:
+        raise layer.refuse("momentum=None (PyTorch's cumulative average), which tf-keras 2 does not have")
+    config["momentum"] = float(momentum) if convention.momentum_weighs == "old" else 1.0 - float(momentum)
+    synchronized = bool(config.pop("synchronized", False))
+    if convention.running_var_estimator == "unbiased":
+        rank = layer.input_rank()
+        axis = config.get("axis")
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        if rank not in (4, 5) or not isinstance(axis, int) or axis % rank not in (1, rank - 1):
+            where = f"a {rank}-D input, axis {axis!r}" if rank else "an input of unknown rank"
+            raise layer.refuse(
+                "its moving variance follows the unbiased batch variance (PyTorch's); tf-keras 2's "
+                f"BatchNormalization does that only fused, on 4-D or 5-D inputs with the channels last or first, "
+                f"and this one has {where}: convert with semantics='target' (--semantics target) for Keras' batch norm"
+            )
+        if synchronized:
+            raise layer.refuse(
+                "synchronized=True with the unbiased moving variance (PyTorch's): tf-keras 2's synchronised "
+                "batch norm is never fused, its moving variance is biased"
+            )
+        if _dtype(layer, config.get("dtype")) not in ("float16", "bfloat16", "float32", None):
+            raise layer.refuse(f"dtype {config.get('dtype')!r}: tf-keras 2's fused batch norm takes float32 or half")
+        config["fused"] = True
+    else:
+        config["fused"] = False
+        if synchronized:
+            config["synchronized"] = True
+    layer.class_name = "BatchNormalization"
+    layer.weights = [(n, v) for n, v in layer.weights if n != "num_batches_tracked"]
+
+
+_BNKIT_LAYERS = {
+    "bnkit>ElementwiseConstant": "x (op) a constant tensor held as a weight",
+    "bnkit>Slice": "a slice of one axis",
+    "bnkit>StochasticDepth": "per-sample stochastic depth",
+    "bnkit>ChannelAffine": "a per-channel x·scale + shift (a folded batch norm)",
+}
+
+
+def _bnkit_layer(layer: Keras2Layer) -> None:
+    raise layer.refuse(
+        f"bnkit's own Keras layer ({_BNKIT_LAYERS[layer.class_name]}), which tf-keras 2 cannot know; "
+        "save the model as .keras instead"
+    )
+
+
+for _name in _BNKIT_LAYERS:
+    TRANSLATORS[_name] = _bnkit_layer
+
+
+# ----------------------------------------------------------------------------- operation translators
+
+
+def _operands(layer: Keras2Layer) -> tuple[list[Ref], list]:
+    call = layer.calls[0]
+    if call.kwargs and any(v is not None for v in call.kwargs.values()):
+        raise layer.refuse(f"called with keyword arguments {sorted(call.kwargs)}")
+    args = _flatten(call.args)
+    return [a for a in args if isinstance(a, Ref)], args
+
+
+def _as_layer(layer: Keras2Layer, class_name: str, inputs: list[Ref], **config) -> None:
+    dtype = inputs[0].dtype if inputs[0].dtype in _DTYPES else "float32"
+    layer.class_name = class_name
+    layer.config = {"name": layer.name, "trainable": True, "dtype": dtype, **config}
+    layer.calls = [Call([inputs[0]] if len(inputs) == 1 else [inputs], {})]
+
+
+def _number(layer: Keras2Layer, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise layer.refuse(f"an operand {value!r} that is not a finite number or a tensor")
+    return float(value)
+
+
+@translates("Add", "Subtract", "Multiply", "Maximum", "Minimum", table=OPERATIONS)
+def _binary_operation(layer: Keras2Layer) -> None:
+    """``a (op) b``: two tensors -> the merge layer; a tensor and a number -> ``Rescaling`` / ``ReLU``."""
+    tensors, args = _operands(layer)
+    operation = layer.class_name
+    if len(tensors) == 2 and len(args) == 2:
+        _as_layer(layer, operation, tensors)
+        return
+    if len(tensors) != 1 or len(args) != 2:
+        raise layer.refuse(f"{operation} of {len(args)} operands, {len(tensors)} of them tensors")
+    first = not isinstance(args[0], Ref)  # c (op) x
+    c = _number(layer, args[0] if first else args[1])
+    if operation in ("Maximum", "Minimum"):
+        if operation == "Maximum" and c == 0.0:
+            _as_layer(layer, "ReLU", tensors, max_value=None, negative_slope=0.0, threshold=0.0)
+            return
+        raise layer.refuse(f"{operation.lower()}(x, {c!r}): no tf-keras 2 layer computes it (maximum(x, 0) is a ReLU)")
+    scale, offset = {
+        "Add": (1.0, c),
+        "Subtract": (-1.0, c) if first else (1.0, -c),
+        "Multiply": (c, 0.0),
+    }[operation]
+    _as_layer(layer, "Rescaling", tensors, scale=scale, offset=offset)
+
+
+@translates("Negative", table=OPERATIONS)
+def _negative(layer: Keras2Layer) -> None:
+    tensors, args = _operands(layer)
+    if len(tensors) != 1 or len(args) != 1:
+        raise layer.refuse("a negation of other than one tensor")
+    _as_layer(layer, "Rescaling", tensors, scale=-1.0, offset=0.0)
+
+
+# below this, tf-keras' Normalization divides by its epsilon (keras.json, 1e-7 by default) instead
+_SMALLEST_DIVISOR = 1e-7
+
+
+@translates("TrueDivide", "Divide", table=OPERATIONS)
+def _divide(layer: Keras2Layer) -> None:
+    """``x / c`` -> ``Normalization(mean=0, variance=c²)``: ``(x - 0) / max(sqrt(c²), eps)`` is ``x / c``
+    exactly for a float32 ``c >= eps`` (the square root of a correctly rounded square is the number)."""
+    tensors, args = _operands(layer)
+    if len(tensors) != 1 or len(args) != 2 or not isinstance(args[0], Ref):
+        raise layer.refuse("a division other than a tensor by a number (tf-keras 2 has no layer for it)")
+    c = np.float32(_number(layer, args[1]))  # the number a float32 tensor is divided by
+    if not c >= _SMALLEST_DIVISOR:
+        raise layer.refuse(f"x / {args[1]!r}: only a division by a number >= {_SMALLEST_DIVISOR:g} is written exactly")
+    _as_layer(layer, "Normalization", tensors, axis=None, invert=False, mean=0.0, variance=float(c) * float(c))
