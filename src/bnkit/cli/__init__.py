@@ -116,6 +116,9 @@ def _passive_openmp_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command: ``argv`` (the console script: ``sys.argv``, supervised), return its exit status."""
     _passive_openmp_threads()
+    # TensorFlow's C++ notices (no CUDA driver, CPU instructions, cuInit) on the command line: its
+    # errors reach bnkit as Python exceptions anyway, which bnkit reports in its one line
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)

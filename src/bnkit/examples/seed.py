@@ -16,11 +16,17 @@ SEED_KERAS_MOMENTUM = 0.15
 
 
 def keras_seed_model(seed: int | None = 0):
-    """The seed network as a Keras 3 functional model (NHWC)."""
+    """The seed network as a Keras 3 functional model (NHWC).
+
+    With a ``seed``, the kernels are drawn from NumPy with Keras' default initializer (Glorot uniform;
+    biases zero, batch norm as Keras creates it): the same weights on every Keras backend, so that what
+    bnkit reports of the model does not depend on the backend (Keras' own random initializers, seeded,
+    draw other numbers on each). ``seed=None``: Keras' own unseeded initialization.
+    """
+    import numpy as np
+
     from bnkit.keras import keras  # sets KERAS_BACKEND=torch when none was chosen
 
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
     layers = keras.layers
     inputs = keras.Input(shape=SEED_INPUT_SHAPE, name="image")
     x = layers.Conv2D(SEED_CHANNELS, (3, 3), padding="same", activation="relu", name="conv")(inputs)
@@ -28,7 +34,18 @@ def keras_seed_model(seed: int | None = 0):
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(100, activation="relu", name="dense")(x)
     outputs = layers.Dense(10, activation="softmax", name="head")(x)
-    return keras.Model(inputs, outputs, name="seed")
+    model = keras.Model(inputs, outputs, name="seed")
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        for layer in model.layers:
+            if isinstance(layer, layers.Conv2D | layers.Dense):
+                kernel = layer.kernel
+                fan_in, fan_out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+                if isinstance(layer, layers.Conv2D):  # Keras' fans: each side times the receptive field
+                    fan_out *= int(np.prod(kernel.shape[:-2]))
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                kernel.assign(rng.uniform(-limit, limit, size=kernel.shape).astype("float32"))
+    return model
 
 
 def torch_seed_model(port: Literal["naive", "faithful"] = "naive", seed: int | None = 0):

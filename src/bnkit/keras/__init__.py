@@ -13,7 +13,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import warnings
+
+from bnkit.frameworks import tensorflow_beside_torch
+from bnkit.streams import fd_output_logged
 
 # Keras backend name -> the package it imports.
 _BACKEND_PACKAGES = {
@@ -72,11 +76,39 @@ def _choose_backend() -> None:
         )
 
 
+def _tensorflow_only_where_loaded() -> None:
+    """Off the TensorFlow backend, Keras imports TensorFlow wherever it is installed just to ask whether
+    an object is one of TensorFlow's types (saving a model, ``set_random_seed``): seconds per command,
+    and TensorFlow beside Triton aborts a process that loads them in that order (see
+    :func:`bnkit.frameworks.tensorflow_beside_torch`). No object is a TensorFlow type where TensorFlow is
+    not loaded, so Keras' lazy TensorFlow module is told "available" only once TensorFlow is loaded."""
+    from keras.src.utils import module_utils
+
+    lazy = module_utils.tensorflow
+
+    class _LoadedOnly(type(lazy)):
+        @property
+        def available(self):
+            return "tensorflow" in sys.modules and super().available
+
+    lazy.__class__ = _LoadedOnly
+
+
 _choose_backend()
+_backend_chosen = os.environ.get("KERAS_BACKEND") or (_keras_json() or {}).get("backend")
+if _backend_chosen == "tensorflow" and "tensorflow" not in sys.modules:
+    tensorflow_beside_torch()  # before Keras loads TensorFlow: see bnkit.frameworks
+    with fd_output_logged("tensorflow"):  # its CUDA and CPU notices as it loads: shown with --verbose
+        import keras
+elif "tensorflow" in sys.modules:
+    tensorflow_beside_torch()
 
 import keras  # noqa: E402
 
 from bnkit.keras.batchnorm import BatchNormalization  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    _tensorflow_only_where_loaded()
 
 __all__ = ["keras", "BatchNormalization", "backend_name"]
 
