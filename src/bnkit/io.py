@@ -6,6 +6,9 @@ A model spec is one of:
   (and written: an ``.h5`` as tf-keras 2 writes it, which tf-keras 2 and Keras 3 both load);
   a ``BatchNormalization`` with ``synchronized=True`` (which Keras refuses on any backend but
   TensorFlow) loads as :class:`bnkit.keras.BatchNormalization`, synchronised over ``torch.distributed``;
+* a SavedModel folder written by tf.keras / tf-keras 2 (``model.save("dir")``), or its
+  ``saved_model.pb`` — rebuilt from the Keras config in its ``keras_metadata.pb``, its variables read
+  as data (:mod:`bnkit.formats.saved_model`); no function of its graph is run;
 * ``model.pt2`` — a ``torch.export`` program. It is rebuilt into a ``torch.fx.GraphModule``
   whose leaves are real ``torch.nn`` (and bnkit) layers again, read from the exported
   parameters and operator arguments, so that summaries, conversion and diagnosis see
@@ -32,7 +35,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bnkit.formats import ModelFileError, format_for, formats
+from bnkit.formats import ModelFileError, folder_format_for, format_for, formats
 from bnkit.formats.atomic import atomic_path, check_writable
 from bnkit.formats.limits import LimitExceeded, ReadLimits, deadline
 from bnkit.formats.quiet import captured
@@ -76,13 +79,16 @@ def load_model(
     path = Path(spec)
     fmt = format_for(path.suffix)
     shown = printable(spec)
-    saved_model = _saved_model_refusal(path, shown)
-    if saved_model:
-        raise ModelFileError(saved_model)
+    folder = folder_format_for(path)  # a SavedModel folder, or its saved_model.pb
+    if folder is not None:
+        fmt, path = folder
+        if weights is not None:
+            raise ModelFileError(f"{shown}: weights are only taken with a package.module:factory spec")
+        return _read_file(path, lambda budget: fmt.reader()(path, budget), limits, on_warning, "folder")
     if path.is_dir():
         raise ModelFileError(
             f"{shown}: is a folder, not a model file (bnkit reads {_suffixes(True)} files, "
-            "or a package.module:factory spec)"
+            f"{_folders()}, or a package.module:factory spec)"
         )
     if fmt is not None and fmt.model_file:
         if weights is not None:
@@ -101,31 +107,15 @@ def load_model(
     raise ModelFileError(f"{shown}: no such file, and not a package.module:factory spec")
 
 
-def _saved_model_refusal(path: Path, shown: str) -> str | None:
-    """What to say of a TensorFlow SavedModel folder (or its saved_model.pb), None for anything else.
-
-    bnkit runs no function of a SavedModel's graph, and does not read SavedModels yet; which kind it
-    is decides what the user can do instead."""
-    folder = path if path.is_dir() else path.parent if path.name == "saved_model.pb" else None
-    if folder is None or not (folder / "saved_model.pb").is_file():
-        return None
-    where = shown if path.is_dir() else printable(str(folder))
-    if (folder / "keras_metadata.pb").is_file():
-        return (
-            f"{where}: a SavedModel written by tf.keras / tf-keras 2 (its Keras config is in keras_metadata.pb); "
-            "bnkit does not read SavedModels yet: with TensorFlow 2.x, save it as a Keras 2 .h5, which bnkit "
-            "reads (tf.keras.models.load_model(folder).save('model.h5'))"
-        )
-    return (
-        f"{where}: a TensorFlow SavedModel with no Keras model in it (tf.saved_model.save, or Keras 3's "
-        "model.export): it holds a graph and variables but no layers to rebuild; save the model from its "
-        "source code as .keras or .h5 instead"
-    )
+def _folders() -> str:
+    return " or ".join(f"{f.name} folders (with a {f.folder})" for f in formats() if f.folder)
 
 
 def _read_file(path: Path, read, limits: ReadLimits, on_warning, what: str = "file"):
-    """``read(budget)`` within ``limits``, its warnings kept, every failure one ModelFileError."""
-    _check_readable(path, what)
+    """``read(budget)`` within ``limits``, its warnings kept, every failure one ModelFileError.
+    ``what``: "folder" for a folder format (its reader checks the files in it)."""
+    if what != "folder":
+        _check_readable(path, what)
     shown = printable(str(path))
     with captured() as kept:
         try:

@@ -96,21 +96,3 @@ def test_every_command_reads_or_refuses_them_in_one_line(tmp_path):
         else:
             assert proc.returncode == 0, (name, proc.stderr)
             assert "BatchNormalization" in proc.stdout
-
-
-@pytest.mark.parametrize(
-    "path, fragment",
-    [
-        ("tf_keras_saved_model", "a SavedModel written by tf.keras / tf-keras 2"),
-        ("tf_keras_saved_model/saved_model.pb", "a SavedModel written by tf.keras / tf-keras 2"),
-        ("plain_saved_model", "a TensorFlow SavedModel with no Keras model in it"),
-    ],
-)
-def test_a_saved_model_is_refused_by_what_it_is_and_what_to_do(path, fragment):
-    """tf-keras 2's model.save("dir") and tf.saved_model.save folders (made by make_files.py):
-    before, "is a folder, not a model file" and "unknown model format '.pb'"."""
-    with pytest.raises(ModelFileError) as caught:
-        load_model(FILES / path)
-    message = str(caught.value)
-    assert fragment in message and "\n" not in message
-    assert message.startswith(str(FILES / path.split("/")[0]))

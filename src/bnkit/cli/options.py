@@ -79,7 +79,10 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(parse_shape(part) for part in text.split(";"))
 
 
-MODEL_HELP = "a .keras or .h5 Keras model, a .pt2 torch.export program, or a package.module:factory spec"
+MODEL_HELP = (
+    "a .keras or .h5 Keras model, a tf-keras 2 SavedModel folder, a .pt2 torch.export program, "
+    "or a package.module:factory spec"
+)
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:

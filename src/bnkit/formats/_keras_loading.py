@@ -1,4 +1,5 @@
-"""Loading a Keras file (``.keras`` or ``.h5``) with Keras itself, in safe mode, once its reader has checked it."""
+"""Loading a Keras model (``.keras``, ``.h5``, a tf-keras 2 SavedModel's config) with Keras itself, in safe mode,
+once its reader has checked it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from bnkit.formats import ModelFileError
 from bnkit.formats.keras_variables import register_bnkit_keras_layers
 from bnkit.text import has_control_characters, one_line, printable
 
-__all__ = ["keras_cause", "load_legacy_h5", "load_with_keras"]
+__all__ = ["build_keras2_model", "keras_cause", "load_legacy_h5", "load_with_keras"]
 
 
 def load_with_keras(path: Path, config: dict):
@@ -30,15 +31,15 @@ def load_with_keras(path: Path, config: dict):
     return model
 
 
-def load_legacy_h5(path: Path, config: dict, h5file):
-    """A legacy ``.h5`` model as Keras' own loader builds it (safe mode, the legacy config scope),
-    but from ``config``, the file's model config as its reader parsed, checked and translated it
-    (:mod:`bnkit.formats.keras2_config`); the weights are read from the open ``h5file`` by layer
-    order, as Keras reads them."""
+def build_keras2_model(path: Path, config: dict):
+    """A Keras 3 model built from ``config``, a Keras 2 model config as its reader parsed, checked and
+    translated it (:mod:`bnkit.formats.keras2_config`), as Keras' legacy loader builds one (safe mode,
+    the legacy config scope); its weights are the initial ones. Shared by the ``.h5`` reader and the
+    SavedModel reader, which then read the weights each from its own file."""
     from bnkit.keras import keras  # noqa: F401 - the backend bnkit chooses, before Keras' modules
 
     # isort: split
-    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    from keras.src.legacy.saving import saving_options, saving_utils
     from keras.src.saving import serialization_lib
 
     from bnkit.formats.keras2_config import keras2_custom_objects
@@ -49,10 +50,22 @@ def load_legacy_h5(path: Path, config: dict, h5file):
     try:
         with saving_options.keras_option_scope(use_legacy_config=True), serialization_lib.SafeModeScope(True):
             model = saving_utils.model_from_config(config, custom_objects=keras2_custom_objects())
-            legacy_h5_format.load_weights_from_hdf5_group(h5file["model_weights"], model)
-    except Exception as e:  # Keras raises many types for a bad file
+    except Exception as e:  # Keras raises many types for a bad config
         raise ModelFileError(f"{path}: not a readable Keras model ({keras_cause(e)})") from e
     _check_names(model, path)
+    return model
+
+
+def load_legacy_h5(path: Path, config: dict, h5file):
+    """A legacy ``.h5`` model: built from ``config`` (:func:`build_keras2_model`), the weights read
+    from the open ``h5file`` by layer order, as Keras reads them."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = build_keras2_model(path, config)
+    try:
+        legacy_h5_format.load_weights_from_hdf5_group(h5file["model_weights"], model)
+    except Exception as e:  # Keras raises many types for a bad file
+        raise ModelFileError(f"{path}: not a readable Keras model ({keras_cause(e)})") from e
     return model
 
 

@@ -1,4 +1,5 @@
-"""Write the Keras 2 ``.h5`` files of ``tests/formats/test_keras2_files.py`` with the real tf-keras 2.
+"""Write the Keras 2 ``.h5`` files of ``tests/formats/test_keras2_files.py``, and the SavedModel folders of
+``tests/formats/test_saved_model.py``, with the real tf-keras 2.
 
     TF_USE_LEGACY_KERAS=1 python tests/formats/keras2/make_files.py tests/formats/keras2
 
@@ -6,7 +7,9 @@ Needs ``tensorflow-cpu==2.21.0`` and ``tf-keras==2.21.0`` (not bnkit's test depe
 are kept in the repository). Each model uses what Keras 3 cannot read in a Keras 2 file (see
 ``bnkit.formats.keras2_config``); its weights and batch-norm statistics are random, and tf-keras'
 own outputs on a fixed input are kept beside it (``NAME.npz``: ``x``, ``y``) for the test to compare
-with, so the expected numbers come from tf-keras, not from bnkit.
+with, so the expected numbers come from tf-keras, not from bnkit. The models of :data:`SAVED_MODELS`
+are also saved as SavedModel folders (``NAME_saved_model/``, ``model.save(folder, save_format="tf")``),
+the same model object as the ``.h5``, so ``NAME.npz`` holds tf-keras' outputs for both.
 """
 
 from __future__ import annotations
@@ -79,7 +82,30 @@ def tf_function():
     return keras.Model(inputs, tf.math.reduce_max(x, axis=-1))  # a TFOpLambda bnkit does not translate
 
 
-MODELS = {f.__name__: f for f in (mobile_blocks, nested_and_scales, sync_batch_norm, ghost_batch_norm, tf_function)}
+def nested_functional():
+    """A Functional block called from a Functional model: its layers' variables listed layer by layer in
+    the SavedModel (Keras 2's Model.variables) but trainable-first in an .h5; a frozen batch norm (all
+    four weights non-trainable) and a name with "/" inside the block."""
+    block_inputs = keras.Input((6, 6, 8))
+    y = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv_a")(block_inputs)
+    y = layers.BatchNormalization(name="bn_a")(y)
+    y = layers.ReLU()(y)
+    y = layers.Conv2D(8, 1, name="block/conv_b")(y)
+    frozen = layers.BatchNormalization(epsilon=1e-5, name="bn_frozen")
+    frozen.trainable = False
+    block = keras.Model(block_inputs, frozen(y), name="block")
+    inputs = keras.Input(SHAPE)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.GlobalAveragePooling2D()(block(x))
+    return keras.Model(inputs, layers.Dense(4, name="head")(x), name="nested_functional")
+
+
+MODELS = {
+    f.__name__: f
+    for f in (mobile_blocks, nested_and_scales, sync_batch_norm, ghost_batch_norm, tf_function, nested_functional)
+}
+SAVED_MODELS = ("mobile_blocks", "nested_and_scales", "nested_functional")
 
 
 def _randomise(model, rng) -> None:
@@ -99,8 +125,8 @@ def _randomise(model, rng) -> None:
 
 
 def saved_models(folder: Path) -> None:
-    """SavedModel folders, which bnkit refuses by what they are (tf-keras 2's, with its Keras config
-    in keras_metadata.pb; tf.saved_model.save's, with none)."""
+    """A tf-keras 2 SavedModel of a synchronised batch norm (its Keras config in keras_metadata.pb),
+    and one by tf.saved_model.save (no Keras model in it: refused)."""
     model = sync_batch_norm()
     model.save(folder / "tf_keras_saved_model", save_format="tf")
     tf.saved_model.save(tf.Module(), str(folder / "plain_saved_model"))
@@ -118,6 +144,8 @@ def main(folder: str) -> None:
         model.save(out / f"{name}.h5")
         np.savez(out / f"{name}.npz", x=x, y=model(x, training=False).numpy())
         print(name, (out / f"{name}.h5").stat().st_size, "bytes")
+        if name in SAVED_MODELS:
+            model.save(out / f"{name}_saved_model", save_format="tf")
     saved_models(out)
 
 

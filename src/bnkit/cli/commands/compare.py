@@ -17,7 +17,9 @@ HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model_a", metavar="A", help="model file (.keras, .h5, .pt2) or package.module:factory")
+    parser.add_argument(
+        "model_a", metavar="A", help="model file (.keras, .h5, .pt2), SavedModel folder or package.module:factory"
+    )
     parser.add_argument("model_b", metavar="B", help="the model to compare with A, same forms")
     parser.add_argument("--weights-a", metavar="FILE", help="weights (.pt or .safetensors) for a factory A")
     parser.add_argument("--weights-b", metavar="FILE", help="weights (.pt or .safetensors) for a factory B")

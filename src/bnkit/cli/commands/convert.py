@@ -33,7 +33,9 @@ _PARITY_TOLERANCE = 1e-4
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("input", metavar="IN", help="model to convert: .keras, .h5, .pt2 or package.module:factory")
+    parser.add_argument(
+        "input", metavar="IN", help="model to convert: .keras, .h5, .pt2, SavedModel folder or package.module:factory"
+    )
     parser.add_argument(
         "output", metavar="OUT", help="where to write: .pt2/.pt/.safetensors (from Keras) or .keras/.h5 (to Keras)"
     )

@@ -10,7 +10,9 @@ HELP = "Fold batch norms into the preceding Conv/ConvTranspose/Linear (Dense) la
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("input", metavar="IN", help="model: .keras, .h5, .pt2 or package.module:factory")
+    parser.add_argument(
+        "input", metavar="IN", help="model: .keras, .h5, .pt2, SavedModel folder or package.module:factory"
+    )
     parser.add_argument("output", metavar="OUT", help="folded model: .keras (Keras), .pt2, .pt or .safetensors")
     parser.add_argument("--weights", metavar="FILE", help="state dict (.pt or .safetensors) for a factory spec")
     parser.add_argument(
