@@ -14,6 +14,8 @@ compression method, no name twice) and charges to the budget what Keras will tak
 * every member, when the archive holds more than the three: Keras then extracts all of them to a
   temporary folder (its assets).
 
+An archive written by tf-keras 2 (``metadata.json``: ``keras_version`` 2.x) is read the same way
+but for its config, translated, and its weights, set as data (:mod:`bnkit.formats.keras2_archive`).
 An archive whose weights are ``model.weights.npz`` is refused: Keras 3 writes them as pickled NumPy
 objects and cannot load them without ``allow_pickle``.
 """
@@ -25,7 +27,7 @@ import mmap
 import struct
 from pathlib import Path
 
-from bnkit.formats import ModelFileError
+from bnkit.formats import ModelFileError, keras2_archive
 from bnkit.formats._keras_loading import load_with_keras
 from bnkit.formats.atomic import atomic_path
 from bnkit.formats.h5_checks import H5FileError, check_global_heaps, check_h5, no_filter_plugins
@@ -49,13 +51,30 @@ def read(path: Path, budget: Budget):
     if not is_zip(path):
         raise ModelFileError(f"{path}: not a Keras .keras archive (not a zip file: truncated, or another format?)")
     with no_filter_plugins():
-        config = check_archive(path, budget)
-        return load_with_keras(path, config)
+        config, keras2_slots = _check(path, budget)
+        if keras2_slots is None:
+            return load_with_keras(path, config)
+        shown = printable(str(path))
+        try:
+            with SafeZip(path, "the archive") as archive, _member_file(archive, WEIGHTS_H5) as member:
+                import h5py
+
+                with h5py.File(member, "r") as weights:
+                    return keras2_archive.load(shown, config, keras2_slots, weights)
+        except (ZipMemberError, OSError) as e:
+            raise ModelFileError(f"{shown}: {WEIGHTS_H5}: {one_line(e, 200)}") from e
 
 
 def check_archive(path: Path, budget: Budget) -> dict:
-    """Check the archive as data and charge what Keras will take (see the module doc); return its config."""
+    """Check the archive as data and charge what Keras will take (see the module doc); return its config
+    (for an archive of tf-keras 2, translated for Keras 3: :mod:`bnkit.formats.keras2_archive`)."""
+    return _check(path, budget)[0]
+
+
+def _check(path: Path, budget: Budget):
+    """``check_archive``'s work; also, for an archive of tf-keras 2, where each layer's weights are."""
     shown = printable(str(path))
+    keras2_slots = None
     try:
         with SafeZip(path, "the archive") as archive:
             names = archive.names()
@@ -64,8 +83,8 @@ def check_archive(path: Path, budget: Budget) -> dict:
             config = _read_json(archive, CONFIG, budget)
             if not isinstance(config, dict):
                 raise ModelFileError(f"{shown}: {CONFIG} is not a JSON object but a {type(config).__name__}")
-            if METADATA in names:
-                _read_json(archive, METADATA, budget)
+            if METADATA in names and keras2_archive.is_keras2(_read_json(archive, METADATA, budget)):
+                config, keras2_slots = keras2_archive.prepare(config, shown)
             if WEIGHTS_NPZ in names and WEIGHTS_H5 not in names:
                 raise ModelFileError(
                     f"{shown}: the weights are {WEIGHTS_NPZ} (pickled NumPy objects, which Keras loads only "
@@ -73,7 +92,7 @@ def check_archive(path: Path, budget: Budget) -> dict:
                 )
             if WEIGHTS_H5 not in names:
                 raise ModelFileError(f"{shown}: the archive holds no weights ({WEIGHTS_H5})")
-            variables = charge_variables(config, budget, shown, legacy=False)
+            variables = charge_variables(config, budget, shown, legacy=keras2_slots is not None)
             check_weights_cover(variables, _check_weights(archive, budget, variables), shown)
             if len(names) > _KERAS_MEMBERS:
                 for name in names:
@@ -86,7 +105,7 @@ def check_archive(path: Path, budget: Budget) -> dict:
         if type(e) is not ValueError:
             raise
         raise ModelFileError(f"{shown}: {e}") from e
-    return config
+    return config, keras2_slots
 
 
 def _read_json(archive: SafeZip, name: str, budget: Budget):

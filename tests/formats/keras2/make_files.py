@@ -106,6 +106,9 @@ MODELS = {
     for f in (mobile_blocks, nested_and_scales, sync_batch_norm, ghost_batch_norm, tf_function, nested_functional)
 }
 SAVED_MODELS = ("mobile_blocks", "nested_and_scales", "nested_functional")
+# also saved as tf-keras' own .keras archive (NAME.keras: a zip of a Keras 2 config and its weights),
+# the same model object as the .h5: NAME.npz holds tf-keras' outputs for it too (test_keras2_archives.py)
+KERAS_ARCHIVES = ("mobile_blocks", "nested_and_scales", "nested_functional", "tf_function")
 
 
 def _randomise(model, rng) -> None:
@@ -146,6 +149,8 @@ def main(folder: str) -> None:
         print(name, (out / f"{name}.h5").stat().st_size, "bytes")
         if name in SAVED_MODELS:
             model.save(out / f"{name}_saved_model", save_format="tf")
+        if name in KERAS_ARCHIVES:
+            model.save(out / f"{name}.keras")
     saved_models(out)
 
 
