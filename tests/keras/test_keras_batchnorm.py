@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _autodiff import training_call
 
 from bnkit.conventions import TORCH, with_overrides
 from bnkit.keras import BatchNormalization, keras
@@ -76,13 +77,9 @@ def _torch_step(layer, x_nchw):
 
 
 def _keras_step(layer, x_nhwc, weight_nchw_shape):
-    x = torch.tensor(x_nhwc, requires_grad=True)
-    y = layer(x, training=True)
-    weight = torch.linspace(-1.0, 1.0, y.numel()).reshape(weight_nchw_shape)
-    weight = weight.permute(0, *range(2, weight.dim()), 1)  # the same weight per element, NHWC
-    gamma, beta = layer.gamma.value, layer.beta.value
-    gx, gg, gb = torch.autograd.grad((y * weight).sum(), [x, gamma, beta])
-    return y.detach().numpy(), gx.numpy(), gg.numpy(), gb.numpy()
+    weight = np.linspace(-1.0, 1.0, int(np.prod(weight_nchw_shape)), dtype="float32").reshape(weight_nchw_shape)
+    weight = np.transpose(weight, (0, *range(2, weight.ndim), 1))  # the same weight per element, NHWC
+    return training_call(layer, x_nhwc, weight)
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
