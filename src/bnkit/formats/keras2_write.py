@@ -5,7 +5,8 @@ Keras 3's own legacy ``.h5`` writer keeps Keras 3's config (``batch_shape``, dty
 call nodes as ``{"args": ..., "kwargs": ...}``, bnkit's registered classes), which tf-keras 2 cannot
 load. :func:`keras2_model` rebuilds the model's config in Keras 2's format, layer by layer, with one
 small translator per class (:data:`TRANSLATORS` for layers, :data:`OPERATIONS` for the Keras
-operations a functional model records, such as ``x * 2.0``); a class without a translator, or a
+operations a functional model records, such as ``x * 2.0``; the translators are in
+:mod:`bnkit.formats.keras2_write_layers`); a class without a translator, or a
 setting a translator cannot carry over exactly, is refused by layer name (:class:`NotWritable`).
 Exact means: tf-keras 2 computes what the Keras 3 layer computes, in inference and in training
 (up to float rounding order).
@@ -27,8 +28,10 @@ Exact means: tf-keras 2 computes what the Keras 3 layer computes, in inference a
   the same float operations), ``x / c`` (c > 0) a ``Normalization`` with mean 0 and variance c²
   (tf-keras divides by ``sqrt(c²)``, which is c exactly in IEEE arithmetic), ``maximum(x, 0)`` a
   ``ReLU``; with two tensors, the merge layers ``Add``, ``Subtract``, ``Multiply``, ``Maximum``, ``Minimum``.
-* bnkit's own Keras layers (``ElementwiseConstant``, ``Slice``, ``StochasticDepth``, ``ChannelAffine``)
-  and Keras 3 layers tf-keras 2 lacks are refused by name.
+* bnkit's ``ChannelAffine`` (``x·scale + shift`` per channel, left by ``fold_bn``) on a 4-D channels-last
+  input: a frozen 1×1 ``DepthwiseConv2D`` with a bias (the same product and sum).
+* bnkit's other Keras layers (``ElementwiseConstant``, ``Slice``, ``StochasticDepth``) and Keras 3
+  layers tf-keras 2 lacks are refused by name.
 
 The layers are listed in the order tf-keras 2 gives ``model.layers`` for the written graph (its
 ``_map_graph_network``), because tf-keras 2 loads an ``.h5`` file's weights by that order.
@@ -37,13 +40,16 @@ The layers are listed in the order tf-keras 2 gives ``model.layers`` for the wri
 from __future__ import annotations
 
 import copy
-import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["NotWritable", "Keras2Layer", "Keras2Model", "TRANSLATORS", "OPERATIONS", "keras2_model"]
+__all__ = [
+    "NotWritable", "Keras2Layer", "Keras2Model", "TRANSLATORS", "OPERATIONS", "DTYPES", "keras2_model", "keras2_dtype",
+    "flatten",
+]  # fmt: skip
 
 
 class NotWritable(ValueError):
@@ -69,7 +75,7 @@ class Call:
     kwargs: dict
 
     def refs(self) -> list[Ref]:
-        return [a for a in _flatten([self.args, list(self.kwargs.values())]) if isinstance(a, Ref)]
+        return [a for a in flatten([self.args, list(self.kwargs.values())]) if isinstance(a, Ref)]
 
 
 @dataclass
@@ -131,6 +137,8 @@ def keras2_model(model) -> Keras2Model:
     # isort: split
     from keras.src.legacy.saving import saving_options
 
+    from bnkit.formats import keras2_write_layers  # noqa: F401 - registers the translators
+
     with saving_options.keras_option_scope(use_legacy_config=True):  # class names as Keras 2 spells them
         try:
             config = model.get_config()
@@ -145,19 +153,54 @@ def keras2_model(model) -> Keras2Model:
     layers = [_layer(entry, operations) for entry in config["layers"]]
     for layer in layers:
         _translate(layer)
+    names = _tf_names([config["name"]] + [layer.name for layer in layers])
+    for layer in layers:
+        layer.name = names[layer.name]
+        if "name" in layer.config:
+            layer.config["name"] = layer.name
+        for call in layer.calls:
+            for ref in call.refs():
+                ref.name = names[ref.name]
     if kind == "Sequential":
         written = [layer for layer in layers if layer.class_name != "InputLayer"]
         entries = [{"class_name": layer.class_name, "config": layer.config} for layer in layers]
-        return Keras2Model({"class_name": "Sequential", "config": {"name": config["name"], "layers": entries}}, written)
-    inputs = _references(config["input_layers"])
-    outputs = _references(config["output_layers"])
+        sequential = {"name": names[config["name"]], "layers": entries}
+        return Keras2Model({"class_name": "Sequential", "config": sequential}, written)
+    inputs = [[names[n], *rest] for n, *rest in _references(config["input_layers"])]
+    outputs = [[names[n], *rest] for n, *rest in _references(config["output_layers"])]
     order = _tf_keras_order({layer.name: layer for layer in layers}, inputs, outputs)
     entries = [
         {"class_name": layer.class_name, "config": layer.config, "name": layer.name, "inbound_nodes": _nodes(layer)}
         for layer in order
     ]
-    functional = {"name": config["name"], "layers": entries, "input_layers": inputs, "output_layers": outputs}
+    functional = {"name": names[config["name"]], "layers": entries, "input_layers": inputs, "output_layers": outputs}
     return Keras2Model({"class_name": "Functional", "config": functional}, order)
+
+
+# tf-keras 2 opens a TensorFlow name scope per layer and refuses names that are not scope names
+# ("'_0/' is not a valid root scope name"); Keras 3 takes them (bnkit's converter names a
+# Sequential's child 0 "_0")
+_SCOPE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
+
+
+def _tf_names(names: list[str]) -> dict[str, str]:
+    """Each name, or where TensorFlow refuses it as a scope name, a valid one (``_0`` -> ``layer_0``),
+    unique among ``names``."""
+    taken = set(names)
+    renamed = {}
+    for name in names:
+        if _SCOPE_NAME.fullmatch(name):
+            renamed[name] = name
+            continue
+        base = re.sub(r"[^A-Za-z0-9_.>-]", "_", name)
+        base = base if _SCOPE_NAME.fullmatch(base) else f"layer{'' if base.startswith('_') else '_'}{base}"
+        new, count = base, 1
+        while new in taken:
+            count += 1
+            new = f"{base}_{count}"
+        taken.add(new)
+        renamed[name] = new
+    return renamed
 
 
 def _operations(model) -> list:
@@ -211,11 +254,12 @@ def _tensors(value):
     return value
 
 
-def _flatten(value) -> list:
+def flatten(value) -> list:
+    """The leaves of nested lists, tuples and dicts' values, in order."""
     if isinstance(value, (list, tuple)):
-        return [item for v in value for item in _flatten(v)]
+        return [item for v in value for item in flatten(v)]
     if isinstance(value, dict):
-        return [item for v in value.values() for item in _flatten(v)]
+        return [item for v in value.values() for item in flatten(v)]
     return [value]
 
 
@@ -238,7 +282,7 @@ def _nodes(layer: Keras2Layer) -> list:
                 kwargs[key] = value
                 continue
             raise layer.refuse(f"called with {key}={value!r}, which bnkit does not write to a Keras 2 call")
-        for arg in _flatten(call.args):
+        for arg in flatten(call.args):
             if not isinstance(arg, Ref):
                 raise layer.refuse(f"called with the constant {arg!r}, which a Keras 2 call cannot hold")
         nodes.append([[r.name, r.node, r.tensor, dict(kwargs)] for r in call.refs()])
@@ -307,7 +351,7 @@ def _translate(layer: Keras2Layer) -> None:
         config = layer.config
         config["name"] = layer.name
         config.setdefault("trainable", True)
-        config["dtype"] = _dtype(layer, config.get("dtype"))
+        config["dtype"] = keras2_dtype(layer, config.get("dtype"))
         for key, value in list(config.items()):
             if key.endswith(("_initializer", "_regularizer", "_constraint")) and value is not None:
                 config[key] = _keras_object(layer, key, value)
@@ -322,16 +366,16 @@ def _translate(layer: Keras2Layer) -> None:
 # Keras 3 arguments tf-keras 2 lacks -> the value that means what tf-keras 2 does
 _KERAS3_ONLY = {"quantization_config": None, "lora_rank": None, "lora_alpha": None, "rms_scaling": False}
 
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 _MIXED = ("mixed_float16", "mixed_bfloat16")
 
 
-def _dtype(layer: Keras2Layer, value):
-    if value is None or value in _DTYPES:
+def keras2_dtype(layer: Keras2Layer, value):
+    if value is None or value in DTYPES:
         return value
     if isinstance(value, dict) and value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
         name = (value.get("config") or {}).get("name")
-        if name in _DTYPES:
+        if name in DTYPES:
             return name
         if name in _MIXED:
             return {"class_name": "Policy", "config": {"name": name}}
@@ -382,199 +426,9 @@ _ACTIVATION_REFUSALS = {
 
 
 def _activation(layer: Keras2Layer, value):
-    if value in _ACTIVATIONS:
+    if isinstance(value, str) and value in _ACTIVATIONS:
         return _ACTIVATIONS[value]
-    why = _ACTIVATION_REFUSALS.get(value, "tf-keras 2 has no such activation")
-    raise layer.refuse(f"activation {value!r}: {why}")
-
-
-# ---------------------------------------------------------------------------------- layer translators
-
-
-@translates(
-    "Conv1D", "Conv2D", "Conv3D", "SeparableConv1D", "SeparableConv2D", "Dense", "Activation", "ReLU", "ELU",
-    "Softmax", "Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average", "Concatenate", "ZeroPadding2D",
-    "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
-    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
-    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-    "GlobalMaxPooling3D", "Dropout", "SpatialDropout2D", "SpatialDropout3D", "Flatten", "Reshape", "Permute",
-    "Identity", "LayerNormalization",
-)  # fmt: skip
-def _same(layer: Keras2Layer) -> None:
-    """Classes whose Keras 3 arguments tf-keras 2 takes as they are (measured: tf-keras 2.21's get_config)."""
-
-
-@translates("InputLayer")
-def _input_layer(layer: Keras2Layer) -> None:
-    config = layer.config
-    if config.pop("optional", False):
-        raise layer.refuse("optional=True (an input that may be None), which tf-keras 2 does not have")
-    config["batch_input_shape"] = config.pop("batch_shape")
-    config["dtype"] = _dtype(layer, config.get("dtype"))
-
-
-@translates("DepthwiseConv1D", "DepthwiseConv2D")
-def _depthwise(layer: Keras2Layer) -> None:
-    layer.weights = [("depthwise_kernel" if n == "kernel" else n, v) for n, v in layer.weights]  # Keras 2's name
-
-
-@translates("ZeroPadding1D", "SpatialDropout1D")
-def _channels_last_only(layer: Keras2Layer) -> None:
-    """tf-keras 2's 1-D padding and spatial dropout have no data_format: they are channels-last."""
-    data_format = layer.config.pop("data_format", "channels_last")
-    if data_format != "channels_last":
-        raise layer.refuse(f"data_format={data_format!r}; tf-keras 2's {layer.class_name} is channels-last only")
-
-
-@translates("LeakyReLU")
-def _leaky_relu(layer: Keras2Layer) -> None:
-    layer.config["alpha"] = layer.config.pop("negative_slope")
-
-
-@translates("Rescaling")
-def _rescaling(layer: Keras2Layer) -> None:
-    for key in ("scale", "offset"):
-        value = layer.config.get(key)
-        if isinstance(value, dict) and value.get("class_name") == "__numpy__":
-            layer.config[key] = value["config"]["value"]
-        elif not isinstance(value, (int, float, list)):
-            raise layer.refuse(f"{key}={value!r}, not a number or a list of numbers")
-
-
-@translates("BatchNormalization", "bnkit>BatchNormalization")
-def _batch_norm(layer: Keras2Layer) -> None:
-    """Keras' batch norm (biased moving variance) -> ``fused=False``; PyTorch's (unbiased) -> ``fused=True``
-    on a 4-D/5-D input, with the momentum as the weight of the old value (see the module doc)."""
-    from bnkit.conventions import KERAS
-
-    config, source = layer.config, layer.source
-    convention = getattr(source, "convention", None) or KERAS
-    shown = f"convention={convention.name!r}" if layer.class_name.startswith("bnkit>") else "Keras'"
-    layer.shown = f"layer {layer.name!r} (BatchNormalization, {shown})"
-    if config.pop("renorm", False):
-        raise layer.refuse("renorm=True (batch renormalization), which bnkit does not write to Keras 2 files yet")
-    for key in ("renorm_clipping", "renorm_momentum", "convention"):
-        config.pop(key, None)
-    momentum = getattr(source, "momentum", config.get("momentum"))
-    if momentum is None:
-        raise layer.refuse("momentum=None (PyTorch's cumulative average), which tf-keras 2 does not have")
-    config["momentum"] = float(momentum) if convention.momentum_weighs == "old" else 1.0 - float(momentum)
-    synchronized = bool(config.pop("synchronized", False))
-    if convention.running_var_estimator == "unbiased":
-        rank = layer.input_rank()
-        axis = config.get("axis")
-        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-        if rank not in (4, 5) or not isinstance(axis, int) or axis % rank not in (1, rank - 1):
-            where = f"a {rank}-D input, axis {axis!r}" if rank else "an input of unknown rank"
-            raise layer.refuse(
-                "its moving variance follows the unbiased batch variance (PyTorch's); tf-keras 2's "
-                f"BatchNormalization does that only fused, on 4-D or 5-D inputs with the channels last or first, "
-                f"and this one has {where}: convert with semantics='target' (--semantics target) for Keras' batch norm"
-            )
-        if synchronized:
-            raise layer.refuse(
-                "synchronized=True with the unbiased moving variance (PyTorch's): tf-keras 2's synchronised "
-                "batch norm is never fused, its moving variance is biased"
-            )
-        if _dtype(layer, config.get("dtype")) not in ("float16", "bfloat16", "float32", None):
-            raise layer.refuse(f"dtype {config.get('dtype')!r}: tf-keras 2's fused batch norm takes float32 or half")
-        config["fused"] = True
-    else:
-        config["fused"] = False
-        if synchronized:
-            config["synchronized"] = True
-    layer.class_name = "BatchNormalization"
-    layer.weights = [(n, v) for n, v in layer.weights if n != "num_batches_tracked"]
-
-
-_BNKIT_LAYERS = {
-    "bnkit>ElementwiseConstant": "x (op) a constant tensor held as a weight",
-    "bnkit>Slice": "a slice of one axis",
-    "bnkit>StochasticDepth": "per-sample stochastic depth",
-    "bnkit>ChannelAffine": "a per-channel x·scale + shift (a folded batch norm)",
-}
-
-
-def _bnkit_layer(layer: Keras2Layer) -> None:
-    raise layer.refuse(
-        f"bnkit's own Keras layer ({_BNKIT_LAYERS[layer.class_name]}), which tf-keras 2 cannot know; "
-        "save the model as .keras instead"
-    )
-
-
-for _name in _BNKIT_LAYERS:
-    TRANSLATORS[_name] = _bnkit_layer
-
-
-# ----------------------------------------------------------------------------- operation translators
-
-
-def _operands(layer: Keras2Layer) -> tuple[list[Ref], list]:
-    call = layer.calls[0]
-    if call.kwargs and any(v is not None for v in call.kwargs.values()):
-        raise layer.refuse(f"called with keyword arguments {sorted(call.kwargs)}")
-    args = _flatten(call.args)
-    return [a for a in args if isinstance(a, Ref)], args
-
-
-def _as_layer(layer: Keras2Layer, class_name: str, inputs: list[Ref], **config) -> None:
-    dtype = inputs[0].dtype if inputs[0].dtype in _DTYPES else "float32"
-    layer.class_name = class_name
-    layer.config = {"name": layer.name, "trainable": True, "dtype": dtype, **config}
-    layer.calls = [Call([inputs[0]] if len(inputs) == 1 else [inputs], {})]
-
-
-def _number(layer: Keras2Layer, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise layer.refuse(f"an operand {value!r} that is not a finite number or a tensor")
-    return float(value)
-
-
-@translates("Add", "Subtract", "Multiply", "Maximum", "Minimum", table=OPERATIONS)
-def _binary_operation(layer: Keras2Layer) -> None:
-    """``a (op) b``: two tensors -> the merge layer; a tensor and a number -> ``Rescaling`` / ``ReLU``."""
-    tensors, args = _operands(layer)
-    operation = layer.class_name
-    if len(tensors) == 2 and len(args) == 2:
-        _as_layer(layer, operation, tensors)
-        return
-    if len(tensors) != 1 or len(args) != 2:
-        raise layer.refuse(f"{operation} of {len(args)} operands, {len(tensors)} of them tensors")
-    first = not isinstance(args[0], Ref)  # c (op) x
-    c = _number(layer, args[0] if first else args[1])
-    if operation in ("Maximum", "Minimum"):
-        if operation == "Maximum" and c == 0.0:
-            _as_layer(layer, "ReLU", tensors, max_value=None, negative_slope=0.0, threshold=0.0)
-            return
-        raise layer.refuse(f"{operation.lower()}(x, {c!r}): no tf-keras 2 layer computes it (maximum(x, 0) is a ReLU)")
-    scale, offset = {
-        "Add": (1.0, c),
-        "Subtract": (-1.0, c) if first else (1.0, -c),
-        "Multiply": (c, 0.0),
-    }[operation]
-    _as_layer(layer, "Rescaling", tensors, scale=scale, offset=offset)
-
-
-@translates("Negative", table=OPERATIONS)
-def _negative(layer: Keras2Layer) -> None:
-    tensors, args = _operands(layer)
-    if len(tensors) != 1 or len(args) != 1:
-        raise layer.refuse("a negation of other than one tensor")
-    _as_layer(layer, "Rescaling", tensors, scale=-1.0, offset=0.0)
-
-
-# below this, tf-keras' Normalization divides by its epsilon (keras.json, 1e-7 by default) instead
-_SMALLEST_DIVISOR = 1e-7
-
-
-@translates("TrueDivide", "Divide", table=OPERATIONS)
-def _divide(layer: Keras2Layer) -> None:
-    """``x / c`` -> ``Normalization(mean=0, variance=c²)``: ``(x - 0) / max(sqrt(c²), eps)`` is ``x / c``
-    exactly for a float32 ``c >= eps`` (the square root of a correctly rounded square is the number)."""
-    tensors, args = _operands(layer)
-    if len(tensors) != 1 or len(args) != 2 or not isinstance(args[0], Ref):
-        raise layer.refuse("a division other than a tensor by a number (tf-keras 2 has no layer for it)")
-    c = np.float32(_number(layer, args[1]))  # the number a float32 tensor is divided by
-    if not c >= _SMALLEST_DIVISOR:
-        raise layer.refuse(f"x / {args[1]!r}: only a division by a number >= {_SMALLEST_DIVISOR:g} is written exactly")
-    _as_layer(layer, "Normalization", tensors, axis=None, invert=False, mean=0.0, variance=float(c) * float(c))
+    if isinstance(value, dict):  # a registered function (bnkit's gelu_tanh): named by its class name
+        value = value.get("config", value.get("class_name"))
+    why = _ACTIVATION_REFUSALS.get(value, "tf-keras 2 has no such activation") if isinstance(value, str) else ""
+    raise layer.refuse(f"activation {value!r}: {why or 'not an activation tf-keras 2 has'}")
