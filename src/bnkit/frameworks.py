@@ -1,10 +1,13 @@
-"""Which framework a model belongs to, without importing a framework that is not loaded; and the
-optional frameworks (extras), imported only where a command needs one."""
+"""Which framework a model belongs to, without importing a framework that is not loaded; live tf-keras 2
+models taken where bnkit takes a Keras model (:func:`accepts_tf_keras`); and the optional frameworks
+(extras), imported only where a command needs one."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import sys
 
 __all__ = [
@@ -12,6 +15,8 @@ __all__ = [
     "is_keras_model",
     "is_torch_module",
     "framework_of",
+    "is_tf_keras_model",
+    "accepts_tf_keras",
     "import_optional",
     "tensorflow_beside_torch",
 ]
@@ -54,13 +59,61 @@ def is_torch_module(model) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
+def is_tf_keras_model(model) -> bool:
+    """True for a live tf-keras 2 model (``tf_keras.Model``, also ``tf.keras`` with ``TF_USE_LEGACY_KERAS=1``)."""
+    tf_keras = sys.modules.get("tf_keras")  # there is no such model where tf_keras is not loaded
+    return tf_keras is not None and isinstance(model, getattr(tf_keras, "Model", ()))
+
+
 def framework_of(model, what: str = "bnkit") -> str:
     """``"keras"`` or ``"torch"``; a ``TypeError`` naming ``what`` refused it otherwise."""
     if is_keras_model(model):
         return "keras"
     if is_torch_module(model):
         return "torch"
+    if is_tf_keras_model(model):
+        raise TypeError(
+            f"{what} takes a torch.nn.Module or a Keras 3 model, got the tf-keras 2 model {type(model).__name__}: "
+            "bnkit.keras.from_tf_keras.from_tf_keras(model) gives its Keras 3 equivalent"
+        )
     raise TypeError(f"{what} takes a torch.nn.Module or a Keras 3 model, got {type(model).__name__}")
+
+
+def accepts_tf_keras(*names: str, in_place: bool = False):
+    """Let a function that takes Keras 3 models take live tf-keras 2 models for its parameters ``names``:
+    each is replaced by its Keras 3 equivalent (:func:`bnkit.keras.from_tf_keras.from_tf_keras`) for
+    the call. ``in_place``: the function changes its (one) model in place and returns it; the change is
+    then written back into the tf-keras model, which is returned (``recalibrate``, ``freeze_bn``).
+    Costs nothing where tf_keras is not loaded."""
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if "tf_keras" not in sys.modules:
+                return function(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            given = {n: bound.arguments[n] for n in names if is_tf_keras_model(bound.arguments.get(n))}
+            if not given:
+                return function(*args, **kwargs)
+            from bnkit.keras.from_tf_keras import convert_tf_keras, write_back
+
+            converted = {n: convert_tf_keras(model) for n, model in given.items()}
+            bound.arguments.update({n: model for n, (model, _) in converted.items()})
+            result = function(*bound.args, **bound.kwargs)
+            if not in_place:
+                return result
+            (name, original), = given.items()
+            model, pairs = converted[name]
+            if result is not model:  # pragma: no cover - in-place functions return their model
+                return result
+            write_back(pairs, f"tf-keras model {original.name!r}")
+            return original
+
+        return wrapper
+
+    return decorate
 
 
 def tensorflow_beside_torch() -> None:

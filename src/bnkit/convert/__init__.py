@@ -14,10 +14,12 @@ See docs/conversion.md. Importing this package imports PyTorch and Keras on firs
 from __future__ import annotations
 
 from bnkit.convert._common import UnsupportedLayerError
+from bnkit.frameworks import accepts_tf_keras
 
 __all__ = ["keras_to_torch", "torch_to_keras", "UnsupportedLayerError"]
 
 
+@accepts_tf_keras("keras_model")
 def keras_to_torch(keras_model, *, semantics="source"):
     _expect(keras_model, "keras", "keras_to_torch")
     from bnkit.convert.keras_walker import keras_to_torch as convert
@@ -55,6 +57,7 @@ mode (a Keras model infers unless called with ``training=True``). ``semantics="s
 ``"target"`` gives ``torch.nn.BatchNorm*d`` with ``momentum = 1 - keras_momentum`` and the same eps.
 Per layer: a dict of Keras layer name -> ``"source"``/``"target"`` (layers left out: ``"source"``).
 Raises :class:`UnsupportedLayerError` (a ``ValueError``) naming the first layer it cannot convert.
+A live tf-keras 2 model is converted as the Keras 3 model bnkit reads it as (:mod:`bnkit.keras.from_tf_keras`).
 """
 
 torch_to_keras.__doc__ = """Convert a PyTorch module to a Keras 3 functional model (channels-last).

@@ -29,11 +29,12 @@ from bnkit.diagnose.causes.batchnorm import compare_running_stats
 from bnkit.diagnose.report import CAUSES, BatchNormPair, BatchNormState, Cause, CompareReport, LayerDiff
 from bnkit.diagnose.tolerance import SAFETY, Rounding, diff, local_terms, measure_rounding, own_rounding
 from bnkit.diagnose.trace import Trace, to_layout, to_numpy
-from bnkit.frameworks import is_keras_model, is_torch_module
+from bnkit.frameworks import accepts_tf_keras, is_keras_model, is_torch_module
 
 __all__ = ["compare", "CompareReport", "LayerDiff", "Cause", "BatchNormPair", "BatchNormState", "CAUSES"]
 
 
+@accepts_tf_keras("model_a", "model_b")
 def compare(
     model_a,
     model_b,
@@ -46,7 +47,8 @@ def compare(
     """Run ``model_a`` and ``model_b`` on ``inputs`` and report where and why they disagree.
 
     Args:
-        model_a, model_b: a ``torch.nn.Module`` or a ``keras.Model`` each, any pairing.
+        model_a, model_b: a ``torch.nn.Module`` or a ``keras.Model`` each, any pairing; a live
+            tf-keras 2 model is run as the Keras 3 model bnkit reads it as (:mod:`bnkit.keras.from_tf_keras`).
         inputs: one batch in ``model_a``'s layout (NCHW for PyTorch, NHWC for Keras); the
             channel axis of a rank-3/4/5 input is moved for a model of the other framework.
         training: ``False`` compares inference: Keras models are called with

@@ -63,6 +63,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from bnkit.conventions import get_convention
+from bnkit.frameworks import accepts_tf_keras
 
 __all__ = ["Finding", "lint", "SEVERITIES"]
 
@@ -83,6 +84,7 @@ class Finding:
         return asdict(self)
 
 
+@accepts_tf_keras("model")
 def lint(model, *, for_inference: bool = False, batch_size: int | None = None, input_shape=None):
     """Batch normalization pitfalls in a ``torch.nn.Module`` or a ``keras.Model``.
 
@@ -91,6 +93,8 @@ def lint(model, *, for_inference: bool = False, batch_size: int | None = None, i
     serving one with ``for_inference=True``); with ``input_shape`` (PyTorch only: without the
     batch dimension, in the model's layout) ``batch-of-one`` can tell how many values each
     channel's statistics are computed from. Returns a list of :class:`Finding`, errors first.
+    A live tf-keras 2 model is linted as the Keras 3 model bnkit reads it as (layer names with
+    ``/`` then have ``_``: :mod:`bnkit.keras.from_tf_keras`).
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from bnkit.frameworks import framework_of
+from bnkit.frameworks import accepts_tf_keras, framework_of
 
 if "keras" in sys.modules:  # so that Keras files holding bnkit>ChannelAffine load (bnkit.io imports us)
     import bnkit.lifecycle.keras_layers  # noqa: F401
@@ -58,6 +58,7 @@ class FoldResult(NamedTuple):
     decisions: list[FoldDecision]
 
 
+@accepts_tf_keras("model")
 def fold_bn(model, *, example_inputs=None, report: bool = False):
     """A new inference model with every batch norm folded away; ``model`` is left untouched.
 
@@ -91,7 +92,8 @@ def fold_bn(model, *, example_inputs=None, report: bool = False):
     ``Conv1D/2D/3DTranspose`` or ``Dense`` output with a linear activation, normalising that
     layer's channel axis, is folded into its kernel and bias and replaced by an ``Identity``
     layer (in functional and ``Sequential`` models alike); the others become ``ChannelAffine``
-    layers.
+    layers. A live tf-keras 2 model is folded as the Keras 3 model bnkit reads it as
+    (:mod:`bnkit.keras.from_tf_keras`): the result is a Keras 3 model.
 
     A batch norm without running statistics (``track_running_stats=False``) normalises with
     batch statistics even in inference, so it cannot be folded: ``ValueError`` naming it.

@@ -15,11 +15,12 @@ The two frameworks disagree on what a frozen batch norm does in training:
 from __future__ import annotations
 
 from bnkit.conventions import get_convention
-from bnkit.frameworks import framework_of
+from bnkit.frameworks import accepts_tf_keras, framework_of
 
 __all__ = ["freeze_bn"]
 
 
+@accepts_tf_keras("model", in_place=True)
 def freeze_bn(model, convention: str = "torch", *, freeze_stats: bool = True):
     """Freeze every batch norm of ``model`` in place and return the model.
 
@@ -50,6 +51,11 @@ def freeze_bn(model, convention: str = "torch", *, freeze_stats: bool = True):
       normalises with the batch statistics and updates its moving statistics, as PyTorch does.
     * ``convention="torch"``, ``freeze_stats=True`` has no Keras layer to express it:
       ``ValueError``.
+
+    A live tf-keras 2 model is frozen in place as its Keras 3 equivalent would be and returned:
+    ``convention="keras"`` sets ``trainable=False`` on its batch norms (tf-keras' own freeze);
+    ``convention="torch"``, ``freeze_stats=False`` (non-trainable variables in a trainable layer) has
+    no tf-keras form: ``ValueError`` (:mod:`bnkit.keras.from_tf_keras`), the model unchanged.
     """
     mode = get_convention(convention).name
     if mode not in ("torch", "keras"):

@@ -23,11 +23,12 @@ layers would take one pass per layer).
 
 from __future__ import annotations
 
-from bnkit.frameworks import framework_of
+from bnkit.frameworks import accepts_tf_keras, framework_of
 
 __all__ = ["recalibrate"]
 
 
+@accepts_tf_keras("model", in_place=True)
 def recalibrate(model, batches, num_batches: int | None = None, *, progress: bool = True,
                 device=None, process_group=None):
     """Set every batch norm's running statistics to the exact statistics of its input over ``batches``.
@@ -54,6 +55,9 @@ def recalibrate(model, batches, num_batches: int | None = None, *, progress: boo
     Keras models: the same definition for every ``BatchNormalization`` layer, with Keras' biased
     moving variance; the model is called with ``training=False`` and each batch norm normalises
     with its batch's statistics. ``trainable`` flags and all other weights stay as they were.
+
+    A live tf-keras 2 model is recalibrated as the Keras 3 model bnkit reads it as
+    (:mod:`bnkit.keras.from_tf_keras`), and the new moving statistics are written back into it.
 
     Returns the model (changed in place).
     """

@@ -7,12 +7,13 @@ totals; :func:`render` prints it with rich, in the style of Keras' ``summary()``
 
 from __future__ import annotations
 
-from bnkit.frameworks import is_keras_model
+from bnkit.frameworks import accepts_tf_keras, is_keras_model
 from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary
 
 __all__ = ["summary", "render", "ModelSummary", "LayerRow", "MemoryEstimate", "is_keras_model"]
 
 
+@accepts_tf_keras("model")
 def summary(model, input_shape=None, *, dtype=None) -> ModelSummary:
     """Layers, output shapes and parameter counts of a ``torch.nn.Module`` or ``keras.Model``.
 
@@ -23,6 +24,8 @@ def summary(model, input_shape=None, *, dtype=None) -> ModelSummary:
     no gradients, every module's mode restored afterwards) to measure them, and without
     ``input_shape`` its output shapes are unknown (``None``, shown as ``?``).
     ``dtype`` (PyTorch only) is the input's dtype; the first floating parameter's by default.
+    A live tf-keras 2 model is summarised as the Keras 3 model bnkit reads it as
+    (:mod:`bnkit.keras.from_tf_keras`; ``source`` says so, and the title).
     """
     if is_keras_model(model):
         from bnkit.summarize._keras import summarize_keras

@@ -86,6 +86,7 @@ def summarize_keras(model, input_shape=None) -> ModelSummary:
         name=model.name,
         framework="keras",
         keras_backend=keras.backend.backend(),
+        source=getattr(model, "_bnkit_source", None),  # "tf-keras 2": bnkit.keras.from_tf_keras
         input_shapes=None if model_inputs is None else tuple(model_inputs),
         rows=rows,
         total=total,

@@ -129,6 +129,7 @@ class ModelSummary:
     renorm_layers: int = 0  # batch norms with batch renormalization (3·C more statistics each)
     torch_running_stats: int | None = None  # None: all of torch_buffers
     keras_backend: str | None = None  # the Keras backend that ran a Keras model ("torch", "tensorflow", "jax")
+    source: str | None = None  # what the model was read from when not a model of its framework ("tf-keras 2")
 
     @property
     def running_stats(self) -> int:
@@ -188,6 +189,7 @@ class ModelSummary:
             "name": self.name,
             "framework": self.framework,
             "keras_backend": self.keras_backend,
+            "source": self.source,
             "input_shapes": _json_shapes(self.input_shapes),
             "dtype": self.dtype,
             "keras": {

@@ -64,6 +64,15 @@ def _renorm_names(s: ModelSummary) -> str:
     return ", and batch renormalization's running_stddev, renorm_mean, renorm_stddev"
 
 
+def _origin(s: ModelSummary) -> str:
+    """"tf-keras 2 model, read as " where the model was read from another framework's (the title says so)."""
+    return f"{s.source} model, read as " if s.source else ""
+
+
+def _backend(s: ModelSummary) -> str:
+    return f", {s.keras_backend} backend)" if s.keras_backend else ")"
+
+
 def layer_table(s: ModelSummary) -> Table:
     """One row per layer: its own framework's parameter count first, then the other framework's.
 
@@ -76,7 +85,7 @@ def layer_table(s: ModelSummary) -> Table:
     own, other = (_FRAMEWORKS[s.framework], _FRAMEWORKS["torch" if s.framework == "keras" else "keras"])
     table = Table(
         # a Text: a model's name is not markup
-        title=Text(f'Model: "{s.name}" ({own}' + (f", {s.keras_backend} backend)" if s.keras_backend else ")")),
+        title=Text(f'Model: "{s.name}" ({_origin(s)}{own}' + _backend(s)),
         box=box.SIMPLE_HEAD,
         title_justify="left",
         caption=f"Param #: {own}'s own count; {other} #: as {other} counts the same layer "
