@@ -210,6 +210,14 @@ def written(tmp_path_factory):
         y = torch_bn.train()(torch.from_numpy(x6)).numpy()
     stats = {"mean": torch_bn[1].running_mean.numpy(), "variance": torch_bn[1].running_var.numpy()}
     add("torch_bn_training", converted, _nhwc(x6), {"y": y, **stats}, train=True)
+    linear = _Linear(momentum=0.3)  # BatchNorm1d: written between two Reshapes, as a 4-D fused batch norm
+    _randomize_batch_norms(linear, seed=3)
+    x4 = rng.standard_normal((5, 4)).astype("float32")
+    converted = torch_to_keras(linear.eval(), (4,))
+    with torch.no_grad():
+        y = linear.train()(torch.from_numpy(x4)).numpy()
+    stats = {"mean": linear.bn.running_mean.numpy(), "variance": linear.bn.running_var.numpy()}
+    add("torch_bn1d_training", converted, x4, {"y": y, **stats}, train=True)
     # ... and Keras' (biased, momentum on the old value)
     keras_bn = _keras_batch_norm_model()
     x6k = _nhwc(x6)
@@ -243,15 +251,21 @@ def test_bnkit_reads_the_file_back_as_the_source_model(written, name):
     assert _relative(_keras_numpy(load_model(path)(x, training=False)), expected["y"]) <= RTOL
 
 
-def test_pytorch_batch_norms_are_written_fused_and_train_in_tf_keras_as_in_pytorch(written):
+@pytest.mark.parametrize("name", ["torch_bn_training", "torch_bn1d_training"])
+def test_pytorch_batch_norms_are_written_fused_and_train_in_tf_keras_as_in_pytorch(written, name):
     """tf-keras 2's fused batch norm updates its moving variance with the unbiased batch variance, as
-    PyTorch does; its momentum weighs the old value (1 - 0.3 = 0.7 here)."""
-    _, _, expected, tf_keras_out = written["torch_bn_training"]
+    PyTorch does; its momentum weighs the old value (1 - 0.3 = 0.7 here). A BatchNorm1d runs on its
+    input reshaped to 4-D (N, 1, 1, C): the same values per channel."""
+    path, _, expected, tf_keras_out = written[name]
     name = next(k.split("/")[0] for k in tf_keras_out if k.endswith("/fused"))
     assert bool(tf_keras_out[f"{name}/fused"])
-    np.testing.assert_allclose(tf_keras_out["y"], _nhwc(expected["y"]), rtol=RTOL, atol=1e-6)
+    y = expected["y"] if expected["y"].ndim == 2 else _nhwc(expected["y"])
+    np.testing.assert_allclose(tf_keras_out["y"], y, rtol=RTOL, atol=1e-6)
     np.testing.assert_allclose(tf_keras_out[f"{name}/moving_mean"], expected["mean"], rtol=RTOL, atol=1e-6)
     np.testing.assert_allclose(tf_keras_out[f"{name}/moving_variance"], expected["variance"], rtol=RTOL, atol=1e-6)
+
+
+def test_the_pytorch_networks_batch_norms_are_all_fused(written):
     resnet = [bool(v) for k, v in written["resnet18"][3].items() if k.endswith("/fused")]
     assert len(resnet) == 20 and all(resnet)
 
@@ -288,8 +302,8 @@ class _Scaled(nn.Module):
 @pytest.mark.parametrize(
     "module, shape, fragments",
     [
-        (_Linear(), (4,), ("layer 'bn' (BatchNormalization, convention='torch')", "unbiased", "2-D input",
-                           "--semantics target")),
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4)), (3, 5, 5),
+         ("layer '_1' (BatchNormalization, convention='torch')", "synchronized=True with the unbiased")),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=None)), (3, 5, 5),
          ("layer '_1' (BatchNormalization, convention='torch')", "momentum=None")),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardsigmoid()), (3, 5, 5),

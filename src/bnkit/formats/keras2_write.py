@@ -21,9 +21,10 @@ Exact means: tf-keras 2 computes what the Keras 3 layer computes, in inference a
   channel axis last or 1) and with the *biased* one otherwise (``fused=False``), measured with
   tf-keras 2.21; its momentum weighs the old value. So a biased batch norm (Keras') is written with
   ``fused=False``, an unbiased one (PyTorch's, bnkit's ``convention="torch"``) with ``fused=True`` and
-  ``momentum = 1 - m``; one that neither can carry (unbiased on a 2-D input, ``momentum=None``,
-  ``renorm``) is refused. bnkit's ``num_batches_tracked`` counter is not written (Keras 2 has none;
-  it only matters for ``momentum=None``).
+  ``momentum = 1 - m``; on a 2-D or 3-D input (``BatchNorm1d``), between two ``Reshape`` layers, to
+  ``(N, 1, 1, C)`` or ``(N, L, 1, C)`` and back (the same values per channel). One that neither can
+  carry (``momentum=None``, ``renorm``, unbiased and ``synchronized``) is refused. bnkit's
+  ``num_batches_tracked`` counter is not written (Keras 2 has none; it only matters for ``momentum=None``).
 * Operations: ``x + c``, ``x - c``, ``c - x``, ``x * c``, ``-x`` become ``Rescaling`` (``x·s + o``,
   the same float operations), ``x / c`` (c > 0) a ``Normalization`` with mean 0 and variance c²
   (tf-keras divides by ``sqrt(c²)``, which is c exactly in IEEE arithmetic), ``maximum(x, 0)`` a
@@ -94,14 +95,23 @@ class Keras2Layer:
     def refuse(self, what: str) -> NotWritable:
         return NotWritable(f"{self.shown}: {what}")
 
-    def input_rank(self) -> int | None:
+    # set by a translator: run the layer on its input reshaped to this 4-D shape (without the batch),
+    # and reshape its output back (a Reshape layer before and after it)
+    as_4d: tuple | None = None
+
+    def input_shape(self) -> tuple | None:
+        """The shape of the first input (the batch included, None where unknown)."""
         shapes = [r.shape for call in self.calls for r in call.refs()[:1] if r.shape is not None]
         if shapes:
-            return len(shapes[0])
+            return tuple(shapes[0])
         try:  # a Sequential's config holds no calls
-            return len(self.source.input.shape)
+            return tuple(self.source.input.shape)
         except (AttributeError, ValueError):
             return None
+
+    def input_rank(self) -> int | None:
+        shape = self.input_shape()
+        return None if shape is None else len(shape)
 
 
 @dataclass
@@ -153,6 +163,7 @@ def keras2_model(model) -> Keras2Model:
     layers = [_layer(entry, operations) for entry in config["layers"]]
     for layer in layers:
         _translate(layer)
+    layers, moved = _reshaped_to_4d(layers)
     names = _tf_names([config["name"]] + [layer.name for layer in layers])
     for layer in layers:
         layer.name = names[layer.name]
@@ -167,7 +178,7 @@ def keras2_model(model) -> Keras2Model:
         sequential = {"name": names[config["name"]], "layers": entries}
         return Keras2Model({"class_name": "Sequential", "config": sequential}, written)
     inputs = [[names[n], *rest] for n, *rest in _references(config["input_layers"])]
-    outputs = [[names[n], *rest] for n, *rest in _references(config["output_layers"])]
+    outputs = [[names[moved.get(n, n)], *rest] for n, *rest in _references(config["output_layers"])]
     order = _tf_keras_order({layer.name: layer for layer in layers}, inputs, outputs)
     entries = [
         {"class_name": layer.class_name, "config": layer.config, "name": layer.name, "inbound_nodes": _nodes(layer)}
@@ -175,6 +186,46 @@ def keras2_model(model) -> Keras2Model:
     ]
     functional = {"name": names[config["name"]], "layers": entries, "input_layers": inputs, "output_layers": outputs}
     return Keras2Model({"class_name": "Functional", "config": functional}, order)
+
+
+def _reshaped_to_4d(layers: list[Keras2Layer]) -> tuple[list[Keras2Layer], dict[str, str]]:
+    """``layers`` with a ``Reshape`` before and after each layer a translator set ``as_4d`` on, every use
+    of its output now the second ``Reshape``'s; and ``{layer: the Reshape after it}``."""
+    taken = {layer.name for layer in layers}
+
+    def unique(base: str) -> str:
+        name, count = base, 1
+        while name in taken:
+            count += 1
+            name = f"{base}_{count}"
+        taken.add(name)
+        return name
+
+    result, moved = [], {}
+    for layer in layers:
+        if not layer.as_4d:
+            result.append(layer)
+            continue
+        if len(layer.calls) > 1:
+            raise layer.refuse(f"called {len(layer.calls)} times (shared), which bnkit writes only called once")
+        back = [-1 if d is None else d for d in layer.input_shape()[1:]]
+        pair = []
+        for suffix, shape in (("4d", list(layer.as_4d)), ("back", back)):
+            name = unique(f"{layer.name}_{suffix}")
+            config = {"name": name, "trainable": True, "dtype": layer.config.get("dtype"), "target_shape": shape}
+            pair.append(Keras2Layer(name, "Reshape", config, None, shown=f"layer {name!r} (Reshape)"))
+        before, after = pair
+        if layer.calls:  # functional: the calls move to the first Reshape (Sequential: none)
+            before.calls, layer.calls = layer.calls, [Call([Ref(before.name, 0, 0)], {})]
+            after.calls = [Call([Ref(layer.name, 0, 0)], {})]
+        moved[layer.name] = after.name
+        result += [before, layer, after]
+    for layer in result:
+        if layer.name not in moved.values():
+            for call in layer.calls:
+                for ref in call.refs():
+                    ref.name = moved.get(ref.name, ref.name)
+    return result, moved
 
 
 # tf-keras 2 opens a TensorFlow name scope per layer and refuses names that are not scope names

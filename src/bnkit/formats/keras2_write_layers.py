@@ -94,15 +94,21 @@ def _batch_norm(layer: Keras2Layer) -> None:
     config["momentum"] = float(momentum) if convention.momentum_weighs == "old" else 1.0 - float(momentum)
     synchronized = bool(config.pop("synchronized", False))
     if convention.running_var_estimator == "unbiased":
-        rank = layer.input_rank()
+        shape = layer.input_shape()
+        rank = None if shape is None else len(shape)
         axis = config.get("axis")
         axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-        if rank not in (4, 5) or not isinstance(axis, int) or axis % rank not in (1, rank - 1):
+        if rank in (2, 3) and isinstance(axis, int) and axis % rank == rank - 1:
+            # (N, C) -> (N, 1, 1, C), (N, L, C) -> (N, L, 1, C): the same values per channel, fused
+            layer.as_4d = (1, 1, shape[-1]) if rank == 2 else (-1 if shape[1] is None else shape[1], 1, shape[2])
+            config["axis"] = -1
+        elif rank not in (4, 5) or not isinstance(axis, int) or axis % rank not in (1, rank - 1):
             where = f"a {rank}-D input, axis {axis!r}" if rank else "an input of unknown rank"
             raise layer.refuse(
                 "its moving variance follows the unbiased batch variance (PyTorch's); tf-keras 2's "
-                f"BatchNormalization does that only fused, on 4-D or 5-D inputs with the channels last or first, "
-                f"and this one has {where}: convert with semantics='target' (--semantics target) for Keras' batch norm"
+                "BatchNormalization does that only fused, on 4-D or 5-D inputs with the channels last or first "
+                f"(2-D and 3-D ones channels last are reshaped to 4-D), and this one has {where}: convert with "
+                "semantics='target' (--semantics target) for Keras' batch norm"
             )
         if synchronized:
             raise layer.refuse(
