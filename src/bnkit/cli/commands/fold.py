@@ -13,7 +13,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "input", metavar="IN", help="model: .keras, .h5, .pt2, SavedModel folder or package.module:factory"
     )
-    parser.add_argument("output", metavar="OUT", help="folded model: .keras (Keras), .pt2, .pt or .safetensors")
+    parser.add_argument(
+        "output", metavar="OUT", help="folded model: .keras or .h5 (Keras), .pt2, .pt or .safetensors (PyTorch)"
+    )
     parser.add_argument("--weights", metavar="FILE", help="state dict (.pt or .safetensors) for a factory spec")
     parser.add_argument(
         "--input-shape", metavar="C,H,W", type=parse_shape,
