@@ -9,6 +9,7 @@ convolutions sum in different orders; outputs are O(1), measured differences bel
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import zipfile
 from pathlib import Path
@@ -151,6 +152,21 @@ def test_the_weights_file_is_checked_as_data_as_for_any_keras_archive(tmp_path):
 
     path = _rewritten(FILES / "mobile_blocks.keras", tmp_path / "linked.keras", link_elsewhere)
     with pytest.raises(ModelFileError, match="external link to '/etc/passwd'"):
+        load_model(path)
+
+
+def test_the_variables_its_config_declares_are_charged_before_keras_creates_them(tmp_path):
+    with zipfile.ZipFile(FILES / "mobile_blocks.keras") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    dense = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")
+    dense["config"]["units"] = 10**9  # a 32 GB kernel in a 10 KB config
+    members["config.json"] = json.dumps(config).encode()
+    path = tmp_path / "huge.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ModelFileError, match=r"refused: .*variables .*as its config declares them"):
         load_model(path)
 
 
