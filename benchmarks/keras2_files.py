@@ -1,7 +1,8 @@
-"""Keras 2 ``.h5`` files of every keras.applications network: read by bnkit, converted to PyTorch.
+"""Keras 2 ``.h5`` files (or SavedModel folders) of every keras.applications network: read by bnkit,
+converted to PyTorch.
 
     KERAS_BACKEND=torch python benchmarks/keras2_files.py [--networks ResNet50,NASNetLarge | --all]
-        [--folder DIR] [--tf-python /tmp/tfvenv/bin/python]
+        [--folder DIR] [--tf-python /tmp/tfvenv/bin/python] [--saved-model]
 
 The files are written by the real tf-keras 2 (``tf_keras.applications``, ``weights=None``, 96x96x3
 inputs, logits: ``classifier_activation=None``), in a helper process run with ``--tf-python``
@@ -19,6 +20,8 @@ max |got - tf-keras| / max |tf-keras|. A file bnkit refuses is listed with its M
 Default: one network of each family (about 5-10 minutes on 2 cores). ``--all`` takes every network
 (SLOWEST, the largest files, last; ConvNeXtXLarge's ``.h5`` alone is 1.4 GB). Files go to a
 temporary folder, removed at the end, unless ``--folder`` names one: its files are kept and reused.
+``--saved-model``: tf-keras saves each network as a SavedModel folder (``model.save(NAME_saved_model,
+save_format="tf")``, TF 2.0-2.15's default) instead of an ``.h5``, and bnkit reads that folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import datetime
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,8 +69,13 @@ SLOWEST = ["NASNetLarge", "EfficientNetB7", "EfficientNetV2L", "ConvNeXtXLarge",
 # ------------------------------------------------------------- the helper (tensorflow + tf-keras 2)
 
 
-def write_tf_keras(folder: Path, name: str) -> None:
-    """NAME.h5 and NAME.npz (x, y: tf-keras' output), or NAME.error (one line) if tf-keras fails."""
+def _model_path(folder: Path, name: str, saved_model: bool) -> Path:
+    return folder / (f"{name}_saved_model" if saved_model else f"{name}.h5")
+
+
+def write_tf_keras(folder: Path, name: str, saved_model: bool = False) -> None:
+    """NAME.h5 (or the SavedModel folder NAME_saved_model) and NAME.npz (x, y: tf-keras' output), or
+    NAME.error (one line) if tf-keras fails."""
     import numpy as np
     import tf_keras as keras
 
@@ -86,16 +95,19 @@ def write_tf_keras(folder: Path, name: str) -> None:
             elif type(layer).__name__ == "LayerScale":
                 layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"))
         x = rng.normal(size=(BATCH, *SHAPE)).astype("float32")
-        model.save(folder / f"{name}.h5")
+        if saved_model:
+            model.save(_model_path(folder, name, True), save_format="tf")
+        else:
+            model.save(folder / f"{name}.h5")
         np.savez(folder / f"{name}.npz", x=x, y=model(x, training=False).numpy())
     except Exception as e:  # noqa: BLE001 - reported in the table
         (folder / f"{name}.error").write_text(f"tf-keras: {type(e).__name__}: {' '.join(str(e).split())}"[:300])
 
 
-def helper(folder: Path) -> None:
+def helper(folder: Path, saved_model: bool) -> None:
     """Network names on stdin, one a line; each answered on stdout once its files are written."""
     for line in sys.stdin:
-        write_tf_keras(folder, line.strip())
+        write_tf_keras(folder, line.strip(), saved_model)
         print(READY + line.strip(), flush=True)
 
 
@@ -120,7 +132,7 @@ def _batch_norms(layer) -> int:
     return sum(isinstance(s, keras.layers.BatchNormalization) + _batch_norms(s) for s in getattr(layer, "layers", []))
 
 
-def measure(folder: Path, name: str) -> dict:
+def measure(folder: Path, name: str, saved_model: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -135,7 +147,7 @@ def measure(folder: Path, name: str) -> dict:
     x, expected = data["x"], data["y"]
     start = time.perf_counter()
     try:
-        model = load_model(folder / f"{name}.h5")
+        model = load_model(_model_path(folder, name, saved_model))
     except ModelFileError as e:
         return {**row, "status": "refused: " + _short(str(e).replace(str(folder) + os.sep, ""))}
     row["read_s"] = time.perf_counter() - start
@@ -184,10 +196,11 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help=f"every network ({len(NETWORKS)}; the slowest last)")
     parser.add_argument("--folder", type=Path, help="where the files go (kept; default: a temporary folder)")
     parser.add_argument("--tf-python", default="/tmp/tfvenv/bin/python", help="a Python with tensorflow + tf-keras")
+    parser.add_argument("--saved-model", action="store_true", help="SavedModel folders instead of .h5 files")
     parser.add_argument("--helper", type=Path, help=argparse.SUPPRESS)  # run by --tf-python
     args = parser.parse_args(argv)
     if args.helper:
-        helper(args.helper)
+        helper(args.helper, args.saved_model)
         return 0
     if args.all:
         names = [n for n in NETWORKS if n not in SLOWEST] + SLOWEST
@@ -202,7 +215,8 @@ def main(argv=None) -> int:
 
     from bnkit.io import load_model
 
-    load_model(Path(__file__).resolve().parents[1] / "tests/formats/keras2/mobile_blocks.h5")  # first-use costs
+    first = "mobile_blocks_saved_model" if args.saved_model else "mobile_blocks.h5"
+    load_model(Path(__file__).resolve().parents[1] / "tests/formats/keras2" / first)  # first-use costs (TensorFlow)
     temporary = None if args.folder else tempfile.TemporaryDirectory(prefix="keras2_files_")
     folder = args.folder or Path(temporary.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,25 +226,27 @@ def main(argv=None) -> int:
     # one tf-keras process for all networks, idle (blocked on its stdin) while this one measures
     with open(folder / "tf_keras.log", "w") as log:
         tf = subprocess.Popen(
-            [args.tf_python, __file__, "--helper", str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [args.tf_python, __file__, "--helper", str(folder), *(["--saved-model"] * args.saved_model)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=log, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
         )  # fmt: skip
     rows = []
     try:
         for name in names:
-            if not ((folder / f"{name}.h5").exists() and (folder / f"{name}.npz").exists()):
+            if not (_model_path(folder, name, args.saved_model).exists() and (folder / f"{name}.npz").exists()):
                 tf.stdin.write(name + "\n")
                 tf.stdin.flush()
                 while (line := tf.stdout.readline()) and line.strip() != READY + name:
                     pass
                 if not line:
                     raise RuntimeError(f"the tf-keras process ended; see {folder / 'tf_keras.log'}")
-            rows.append(measure(folder, name))
+            rows.append(measure(folder, name, args.saved_model))
             print(f"  {name}: {rows[-1]['status']}", file=sys.stderr, flush=True)
             gc.collect()
             if temporary:
                 for suffix in (".h5", ".pt2"):
                     (folder / f"{name}{suffix}").unlink(missing_ok=True)
+                shutil.rmtree(_model_path(folder, name, True), ignore_errors=True)
     finally:
         tf.stdin.close()
         tf.wait()

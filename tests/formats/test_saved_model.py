@@ -26,7 +26,7 @@ from conftest import SRC
 
 FILES = Path(__file__).parent / "keras2"
 ATOL = 2e-5
-NAMES = ["mobile_blocks", "nested_and_scales", "nested_functional"]
+NAMES = ["mobile_blocks", "nested_and_scales", "nested_functional", "normalization"]
 
 
 def _expected(name: str):
@@ -77,18 +77,22 @@ def test_a_saved_model_computes_what_tf_keras_computed(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
 
 
-def test_nested_models_get_the_weights_the_h5_of_the_same_model_holds():
-    """A Functional block inside a Functional model, a frozen batch norm in it and a name with "/": its
-    SavedModel lists the block's variables layer by layer, its .h5 trainable ones first; both read the
-    same, bit for bit, whether the folder or its saved_model.pb is named."""
-    from bnkit.keras import keras
-
-    saved = load_model(FILES / "nested_functional_saved_model" / "saved_model.pb")
-    h5 = load_model(FILES / "nested_functional.h5")
-    assert len(saved.weights) == len(h5.weights) == 19
+@pytest.mark.parametrize("name", NAMES)
+def test_the_weights_are_those_the_h5_of_the_same_model_holds(name):
+    """Bit for bit: a nested model's variables are listed layer by layer in its SavedModel, trainable
+    ones first in its .h5; a Normalization's are not listed at all, only named."""
+    saved = load_model(FILES / f"{name}_saved_model")
+    h5 = load_model(FILES / f"{name}.h5")
+    assert len(saved.weights) == len(h5.weights)
     for a, b in zip(saved.weights, h5.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    block = saved.get_layer("block")
+
+
+def test_a_nested_model_with_a_frozen_batch_norm_and_a_slash_in_a_name():
+    """Named by its saved_model.pb, as by its folder."""
+    from bnkit.keras import keras
+
+    block = load_model(FILES / "nested_functional_saved_model" / "saved_model.pb").get_layer("block")
     frozen = block.get_layer("bn_frozen")
     assert isinstance(frozen, keras.layers.BatchNormalization) and not frozen.trainable
     assert frozen.epsilon == 1e-5 and block.get_layer("block_conv_b") is not None
@@ -105,7 +109,7 @@ def test_a_sync_batch_norm_reads_as_a_synchronised_one():
 def test_a_saved_model_with_no_keras_model_is_refused_by_what_it_is_and_what_to_do():
     message = _refusal(FILES / "plain_saved_model")
     assert "a TensorFlow SavedModel with no Keras model in it (no keras_metadata.pb" in message
-    assert "save the model from its source code as .keras or .h5" in message
+    assert "save the model as .keras or .h5 instead" in message
 
 
 def _rewrite_checkpoint(folder: Path, change: dict) -> None:

@@ -24,7 +24,8 @@ through the checkpoint's object graph (``_CHECKPOINTABLE_OBJECT_GRAPH``), and it
 ``variables`` child's, in order.
 
 A SavedModel with no ``keras_metadata.pb`` (``tf.saved_model.save``, Keras 3's ``model.export``) holds
-no Keras model: it is refused, saying what to do instead. TensorFlow (the ``tensorflow`` extra) is
+no Keras model: it is refused, saying what to do instead. So is one tf.keras wrote before TF 2.5, which
+kept the Keras config inside ``saved_model.pb`` (not read). TensorFlow (the ``tensorflow`` extra) is
 imported only here; what its C++ code logs at import is kept as its warnings, off the error line.
 """
 
@@ -56,8 +57,9 @@ def read(folder: Path, budget: Budget):
     if not (folder / METADATA).is_file():
         raise ModelFileError(
             f"{shown}: a TensorFlow SavedModel with no Keras model in it (no {METADATA}: tf.saved_model.save, "
-            "or Keras 3's model.export): it holds a graph and variables but no layers to rebuild; save the "
-            "model from its source code as .keras or .h5 instead"
+            "Keras 3's model.export, or tf.keras before TF 2.5, which kept its config elsewhere): it holds a graph "
+            "and variables but no layers bnkit can rebuild; save the model as .keras or .h5 instead (from its "
+            "source code, or with TensorFlow 2.x: tf.keras.models.load_model(folder).save('model.h5'))"
         )
     tf, metadata_class = _import_tensorflow(shown)
     try:
@@ -191,20 +193,21 @@ class _Reader:
         order = sorted((int(m[1]), local, child) for local, child in children.items() if (m := _LAYER.fullmatch(local)))
         for _, local, child in order:
             keys = self._variable_keys(child, f"{model_path}.{local}")
+            count = len(keys) if keys is not None else len(set(self._named_variables(child).values()))
             saved = self.layers.get(child)
             if saved is None:
-                if keys:
+                if count:
                     raise ModelFileError(
-                        f"{self.shown}: the checkpoint's layer {model_path}.{local} holds {len(keys)} variables "
+                        f"{self.shown}: the checkpoint's layer {model_path}.{local} holds {count} variables "
                         f"and has no entry in {METADATA}"
                     )
                 continue
             _, identifier, saved_name = saved
             layer = layers.get(names.get(saved_name, saved_name))
             if layer is None:
-                if keys:
+                if count:
                     raise ModelFileError(
-                        f"{self.shown}: the saved layer {saved_name!r} holds {len(keys)} variables, and the model "
+                        f"{self.shown}: the saved layer {saved_name!r} holds {count} variables, and the model "
                         "rebuilt from the config has no layer of that name"
                     )
                 continue
@@ -219,10 +222,10 @@ class _Reader:
             if nested:
                 self._set_model(layer, child, (*where, layer.name), renamed, checkpoint)
             else:
-                self._set_layer(layer, keys, checkpoint)
+                self._set_layer(layer, keys if keys is not None else self._by_name(layer, child), checkpoint)
 
     def _set_layer(self, layer, keys: list[str], checkpoint) -> None:
-        weights = layer.trainable_weights + layer.non_trainable_weights  # Keras' legacy order, as tf-keras saved it
+        weights = _legacy_order(layer)
         what = f"layer {layer.name!r} ({type(layer).__name__})"
         if len(weights) != len(keys):
             raise ModelFileError(
@@ -244,11 +247,35 @@ class _Reader:
             weight.assign(checkpoint.value(key, f"{what}, weight {weight.path!r}"))
             self.assigned[id(weight)] = key
 
-    def _variable_keys(self, node_id: int, path: str) -> list[str]:
-        """The checkpoint keys of the variables of the layer at ``node_id``, in its ``variables`` list's order."""
+    def _by_name(self, layer, node_id: int) -> list[str]:
+        """The checkpoint keys of ``layer``'s weights, by their names, for a layer whose node lists no
+        ``variables`` (tf-keras' preprocessing layers: Normalization's mean, variance and count)."""
+        named = self._named_variables(node_id)
+        weights = _legacy_order(layer)
+        what = f"layer {layer.name!r} ({type(layer).__name__})"
+        missing = [weight.name for weight in weights if weight.name not in named]
+        if missing or len(set(named.values())) != len(weights):
+            raise ModelFileError(
+                f"{self.shown}: {what} has the weights {[w.name for w in weights]} rebuilt from the config, and the "
+                f"variables {sorted(named)} in the checkpoint"
+            )
+        return [named[weight.name] for weight in weights]
+
+    def _named_variables(self, node_id: int) -> dict[str, str]:
+        """The node's children that are variables: their names -> their checkpoint keys."""
+        named = {}
+        for local, child in _children(self.graph, node_id).items():
+            attribute = next((a for a in self.graph.nodes[child].attributes if a.name == "VARIABLE_VALUE"), None)
+            if attribute is not None:
+                named[local] = attribute.checkpoint_key
+        return named
+
+    def _variable_keys(self, node_id: int, path: str) -> list[str] | None:
+        """The checkpoint keys of the variables of the layer at ``node_id``, in its ``variables`` list's
+        order (as its ``weights`` were in tf-keras: trainable first); None where it has no such list."""
         listing = _children(self.graph, node_id).get("variables")
         if listing is None:
-            return []
+            return None
         items = sorted(
             (int(local), child) for local, child in _children(self.graph, listing).items() if local.isdigit()
         )
@@ -355,6 +382,11 @@ class _Checkpoint:
         if tuple(getattr(value, "shape", ())) != shape:
             raise ModelFileError(f"{self.shown}: {what}: variable {key!r} read with shape {value.shape}, not {shape}")
         return value
+
+
+def _legacy_order(layer) -> list:
+    """A Keras 3 layer's weights in Keras' legacy order (trainable, then non-trainable), tf-keras' order."""
+    return layer.trainable_weights + layer.non_trainable_weights
 
 
 def _children(graph, node_id: int) -> dict[str, int]:

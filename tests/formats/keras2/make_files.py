@@ -101,11 +101,24 @@ def nested_functional():
     return keras.Model(inputs, layers.Dense(4, name="head")(x), name="nested_functional")
 
 
+def normalization():
+    """tf-keras' Normalization (EfficientNet's second layer): a SavedModel lists no variables for it, only
+    its mean, variance and count as named children of its node."""
+    inputs = keras.Input(SHAPE)
+    x = layers.Normalization(name="normalization")(inputs)
+    x = layers.Conv2D(8, 3, name="conv")(x)
+    x = layers.BatchNormalization(name="bn")(x)
+    return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name="normalization")
+
+
 MODELS = {
     f.__name__: f
-    for f in (mobile_blocks, nested_and_scales, sync_batch_norm, ghost_batch_norm, tf_function, nested_functional)
-}
-SAVED_MODELS = ("mobile_blocks", "nested_and_scales", "nested_functional")
+    for f in (
+        mobile_blocks, nested_and_scales, sync_batch_norm, ghost_batch_norm, tf_function, nested_functional,
+        normalization,
+    )
+}  # fmt: skip
+SAVED_MODELS = ("mobile_blocks", "nested_and_scales", "nested_functional", "normalization")
 # also saved as tf-keras' own .keras archive (NAME.keras: a zip of a Keras 2 config and its weights),
 # the same model object as the .h5: NAME.npz holds tf-keras' outputs for it too (test_keras2_archives.py)
 KERAS_ARCHIVES = ("mobile_blocks", "nested_and_scales", "nested_functional", "tf_function")
@@ -118,7 +131,7 @@ def _randomise(model, rng) -> None:
         values = []
         for weight in layer.weights:
             shape = tuple(weight.shape)
-            if "moving_variance" in weight.name:
+            if "variance" in weight.name:  # a batch norm's moving_variance, a Normalization's variance
                 values.append(rng.uniform(0.5, 2.0, shape))
             elif "gamma" in weight.name and "layer_scale" not in weight.name:
                 values.append(rng.uniform(0.5, 1.5, shape))
