@@ -7,11 +7,12 @@ classes. :mod:`bnkit.formats.keras_archive` checks the archive as data as for an
 what is different is here:
 
 * which archive is one: ``metadata.json``'s ``keras_version`` starts with ``2.``;
-* the config: written as Keras 2's serializer writes it in a ``.keras`` archive (``module`` and
-  ``registered_name`` beside each ``class_name``, ``build_config``s), which :func:`legacy_form`
-  turns into the ``model_config`` form of a Keras 2 ``.h5`` file (the registered name is the class
-  name there: ``Custom>CustomScaleLayer``); then :func:`bnkit.formats.keras2_config.translate` makes
-  it what Keras 3 reads, and Keras' legacy loader builds the model in safe mode, as for an ``.h5``;
+* the config: written as Keras 2's serializer writes it in a ``.keras`` archive (``module``,
+  ``registered_name`` and ``build_config`` beside each layer's ``class_name``), which
+  :func:`legacy_form` turns into the ``model_config`` form of a Keras 2 ``.h5`` file (the
+  registered name is the class name there: ``Custom>CustomScaleLayer``); then
+  :func:`bnkit.formats.keras2_config.translate` makes it what Keras 3 reads, and Keras' legacy
+  loader builds the model in safe mode, as for an ``.h5``;
 * the weights: tf-keras stores a layer's variables under ``layers/<snake_case class name>/vars/<i>``
   (``_1``, ``_2``... for the second and third layer of a class in the same model; a nested model's
   layers under its own group), in its order of ``model.layers``; they are read as data with h5py,
@@ -42,16 +43,19 @@ def is_keras2(metadata) -> bool:
     return isinstance(version, str) and version.startswith("2.")
 
 
-def legacy_form(value):
-    """A Keras 2 ``.keras`` config (or any part of one) in the form of a Keras 2 ``.h5`` ``model_config``."""
-    if isinstance(value, list):
-        return [legacy_form(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    serialized = "class_name" in value and "config" in value
-    out = {k: legacy_form(v) for k, v in value.items() if not (serialized and k in _SERIALIZER_KEYS)}
-    if serialized and isinstance(value.get("registered_name"), str):
-        out["class_name"] = value["registered_name"]  # what Keras 2 registered the class as
+def legacy_form(config):
+    """A Keras 2 ``.keras`` model config in the form of a Keras 2 ``.h5`` ``model_config``: the model and
+    its layers (nested models' too) without ``module``, ``registered_name`` and ``build_config``,
+    named by their registered name; what is inside a layer's config (initializers, a wrapped layer,
+    a dtype policy) is written the same way in both and kept."""
+    if not isinstance(config, dict):
+        return config
+    out = {k: v for k, v in config.items() if k not in _SERIALIZER_KEYS}
+    if isinstance(config.get("registered_name"), str):
+        out["class_name"] = config["registered_name"]  # what Keras 2 registered the class as
+    inner = out.get("config")
+    if isinstance(inner, dict) and isinstance(inner.get("layers"), list):
+        out["config"] = {**inner, "layers": [legacy_form(layer) for layer in inner["layers"]]}
     return out
 
 

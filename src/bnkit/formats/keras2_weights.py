@@ -113,7 +113,11 @@ def set_weights(model, found: list[Slot], values: Callable[[Slot, int], Sequence
     if missing:
         names = ", ".join(repr(v.path) for v in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise WeightsMismatch(f"{shown}: the weights hold no value for the variable(s) {names}{more}")
+        raise WeightsMismatch(
+            f"{shown}: the weights hold no value for the variable(s) {names}{more} (bnkit sets the variables of "
+            "the model's layers and nested models, not those of a layer inside a layer: TimeDistributed, "
+            "Bidirectional)"
+        )
     return pairs
 
 
