@@ -56,6 +56,25 @@ def test_a_tf_keras_archive_computes_what_tf_keras_computed(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
 
 
+def _without_shared_ids(value):
+    if isinstance(value, dict):
+        return {k: _without_shared_ids(v) for k, v in value.items() if k != "shared_object_id"}
+    return [_without_shared_ids(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("name", ["mobile_blocks", "nested_and_scales", "nested_functional", "tf_function"])
+def test_the_archive_config_in_legacy_form_is_what_tf_keras_writes_in_an_h5(name):
+    """The same model saved both ways by tf-keras: the .keras config, in legacy form, is the .h5's
+    model_config (but for the ids the .keras serializer gives objects shared between layers)."""
+    from bnkit.formats.keras2_archive import legacy_form
+
+    with zipfile.ZipFile(FILES / f"{name}.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+    with h5py.File(FILES / f"{name}.h5") as f:
+        expected = json.loads(f.attrs["model_config"])
+    assert _without_shared_ids(legacy_form(config)) == expected
+
+
 def test_the_weights_are_the_files_under_the_layers_keras3_names():
     """tf-keras files a layer's weights under its class (layers/batch_normalization_2/vars/3), not its name."""
     from bnkit.keras import keras
