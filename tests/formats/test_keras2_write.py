@@ -48,7 +48,10 @@ import tf_keras
 for line in sys.stdin:
     job = json.loads(line)
     model = tf_keras.models.load_model(job["file"], compile=False)
-    out = {"y": model(np.load(job["x"]), training=job["train"]).numpy()}
+    data = np.load(job["x"])
+    x = [data[f"x{i}"] for i in range(len(data.files))]
+    y = model(x[0] if len(x) == 1 else x, training=job["train"])
+    out = {f"y{i}": v.numpy() for i, v in enumerate(y)} if isinstance(y, (list, tuple)) else {"y": y.numpy()}
     for layer in model.layers:
         if isinstance(layer, tf_keras.layers.BatchNormalization):
             out.update({f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}": w.numpy() for w in layer.weights})
@@ -121,6 +124,27 @@ def _keras_layers_model():
     return model
 
 
+def _keras_sequential_model():
+    """A Sequential with bnkit's PyTorch-convention batch norm on a 2-D input (written between two Reshapes)."""
+    from bnkit.keras import BatchNormalization
+
+    keras.utils.set_random_seed(2)
+    bn = BatchNormalization(convention="torch", momentum=0.2, name="torch_bn")
+    model = keras.Sequential([keras.Input((5,)), L.Dense(4, name="dense"), bn, L.Dense(2, name="head")], name="seq")
+    bn.moving_variance.assign(np.linspace(0.5, 2.0, 4).astype("float32"))
+    return model
+
+
+def _keras_shared_layer_model():
+    """Two inputs, a layer called on both (two nodes), two outputs."""
+    keras.utils.set_random_seed(3)
+    a, b = keras.Input((6,), name="a"), keras.Input((6,), name="b")
+    shared = L.Dense(3, name="shared")
+    ya, yb = shared(a), shared(b)
+    outputs = [L.Add(name="sum")([ya, yb]), L.Activation("tanh", name="tanh")(yb)]
+    return keras.Model([a, b], outputs, name="shared_layer")
+
+
 def _keras_conv_relu_bn_model():
     keras.utils.set_random_seed(1)
     inputs = keras.Input((8, 8, 3))
@@ -160,8 +184,8 @@ def written(tmp_path_factory):
         path = folder / f"{name}.h5"
         if not written:
             save_model(keras_model, path)
-        np.save(folder / f"{name}_x.npy", x)
-        job = {"file": str(path), "x": str(folder / f"{name}_x.npy"), "train": train, "out": str(folder / name)}
+        np.savez(folder / f"{name}_x.npz", **{f"x{i}": a for i, a in enumerate(x if isinstance(x, list) else [x])})
+        job = {"file": str(path), "x": str(folder / f"{name}_x.npz"), "train": train, "out": str(folder / name)}
         tf_keras.stdin.write(json.dumps(job) + "\n")
         tf_keras.stdin.flush()
         cases[name] = (path, x, expected)
@@ -196,6 +220,12 @@ def written(tmp_path_factory):
     layers = _keras_layers_model()
     x12 = rng.standard_normal((2, 12, 12, 3)).astype("float32")
     add("keras_layers", layers, x12, {"y": _keras_numpy(layers(x12, training=False))})
+
+    sequential, shared = _keras_sequential_model(), _keras_shared_layer_model()
+    x5 = rng.standard_normal((3, 5)).astype("float32")
+    add("sequential", sequential, x5, {"y": _keras_numpy(sequential(x5, training=False))})
+    pair = [rng.standard_normal((3, 6)).astype("float32") for _ in range(2)]
+    add("shared_layer", shared, pair, {f"y{i}": _keras_numpy(y) for i, y in enumerate(shared(pair, training=False))})
 
     folded = fold_bn(_keras_conv_relu_bn_model())  # the batch norm after a ReLU becomes a ChannelAffine
     x8 = rng.standard_normal((2, 8, 8, 3)).astype("float32")
@@ -236,12 +266,16 @@ def _relative(got: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet18", "mobilenet_v2", "keras_mobilenet", "operations", "keras_layers", "folded"]
-)
+_INFERENCE = ["resnet18", "mobilenet_v2", "keras_mobilenet", "operations", "keras_layers", "sequential", "shared_layer"]
+
+
+@pytest.mark.parametrize("name", [*_INFERENCE, "folded"])
 def test_tf_keras_loads_the_file_and_computes_what_the_source_model_computes(written, name):
     _, _, expected, tf_keras_out = written[name]
-    assert _relative(tf_keras_out["y"], expected["y"]) <= RTOL
+    outputs = [key for key in expected if key.startswith("y")]
+    assert outputs and sorted(outputs) == sorted(key for key in tf_keras_out if key.startswith("y"))
+    for key in outputs:
+        assert _relative(tf_keras_out[key], expected[key]) <= RTOL
 
 
 @pytest.mark.parametrize("name", ["operations", "keras_layers"])
