@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bnkit.torch as bt
 from bnkit.convert import torch_to_keras
 from bnkit.io import ModelFileError, load_model, save_model
 from bnkit.keras import keras
@@ -155,11 +156,14 @@ def _keras_conv_relu_bn_model():
     return model
 
 
-def _keras_batch_norm_model():
+def _keras_batch_norm_model(renorm=False):
+    keras.utils.set_random_seed(4)
     inputs = keras.Input((6, 6, 3))
-    x = L.BatchNormalization(momentum=0.8, epsilon=1e-4, name="bn")(L.Conv2D(4, 3, name="conv")(inputs))
-    model = keras.Model(inputs, x, name="keras_bn")
-    model.get_layer("bn").moving_variance.assign(np.linspace(0.5, 2.0, 4).astype("float32"))
+    renormalization = dict(renorm=True, renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}, renorm_momentum=0.9)
+    bn = L.BatchNormalization(momentum=0.8, epsilon=1e-4, name="bn", **(renormalization if renorm else {}))
+    model = keras.Model(inputs, bn(L.Conv2D(4, 3, name="conv")(inputs)), name="keras_bn")
+    for i, weight in enumerate(bn.non_trainable_weights):
+        weight.assign(np.linspace(0.5, 2.0, 4).astype("float32") + i / 10)
     return model
 
 
@@ -256,6 +260,12 @@ def written(tmp_path_factory):
     bn = keras_bn.get_layer("bn")
     stats = {"mean": _keras_numpy(bn.moving_mean), "variance": _keras_numpy(bn.moving_variance)}
     add("keras_bn_training", keras_bn, x6k, {"y": y, **stats}, train=True, written=True)
+    renorm = _keras_batch_norm_model(renorm=True)  # batch renormalization: tf-keras 2's is Keras 3's
+    save_model(renorm, folder / "keras_renorm_training.h5")
+    y = _keras_numpy(renorm(x6k, training=True))
+    stats = {w.name: _keras_numpy(w) for w in renorm.get_layer("bn").non_trainable_weights}
+    stats["mean"], stats["variance"] = stats.pop("moving_mean"), stats.pop("moving_variance")
+    add("keras_renorm_training", renorm, x6k, {"y": y, **stats}, train=True, written=True)
 
     out, err = tf_keras.communicate(timeout=300)
     assert tf_keras.returncode == 0 and out.split() == ["done"] * len(cases), err[-3000:]
@@ -304,10 +314,14 @@ def test_the_pytorch_networks_batch_norms_are_all_fused(written):
     assert len(resnet) == 20 and all(resnet)
 
 
-def test_keras_batch_norms_are_written_unfused_and_train_in_tf_keras_as_in_keras_3(written):
+@pytest.mark.parametrize("name", ["keras_bn_training", "keras_renorm_training"])
+def test_keras_batch_norms_are_written_unfused_and_train_in_tf_keras_as_in_keras_3(written, name):
     """Fused, tf-keras 2 would update the moving variance with the unbiased variance; Keras 3 uses the biased one."""
-    _, _, expected, tf_keras_out = written["keras_bn_training"]
+    _, _, expected, tf_keras_out = written[name]
     assert not bool(tf_keras_out["bn/fused"])
+    for statistic in ("moving_stddev", "renorm_mean", "renorm_stddev"):
+        if statistic in expected:
+            np.testing.assert_allclose(tf_keras_out[f"bn/{statistic}"], expected[statistic], rtol=RTOL, atol=1e-6)
     application = [bool(v) for k, v in written["keras_mobilenet"][3].items() if k.endswith("/fused")]
     assert len(application) == 27 and not any(application)
     np.testing.assert_allclose(tf_keras_out["y"], expected["y"], rtol=RTOL, atol=1e-6)
@@ -336,6 +350,8 @@ class _Scaled(nn.Module):
 @pytest.mark.parametrize(
     "module, shape, fragments",
     [
+        (nn.Sequential(nn.Conv2d(3, 4, 1), bt.BatchNorm2d(4, renorm=True)), (3, 5, 5),
+         ("layer '_1' (BatchNormalization, convention='torch')", "renorm=True with the unbiased")),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4)), (3, 5, 5),
          ("layer '_1' (BatchNormalization, convention='torch')", "synchronized=True with the unbiased")),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=None)), (3, 5, 5),

@@ -22,8 +22,10 @@ Exact means: tf-keras 2 computes what the Keras 3 layer computes, in inference a
   tf-keras 2.21; its momentum weighs the old value. So a biased batch norm (Keras') is written with
   ``fused=False``, an unbiased one (PyTorch's, bnkit's ``convention="torch"``) with ``fused=True`` and
   ``momentum = 1 - m``; on a 2-D or 3-D input (``BatchNorm1d``), between two ``Reshape`` layers, to
-  ``(N, 1, 1, C)`` or ``(N, L, 1, C)`` and back (the same values per channel). One that neither can
-  carry (``momentum=None``, ``renorm``, unbiased and ``synchronized``) is refused. bnkit's
+  ``(N, 1, 1, C)`` or ``(N, L, 1, C)`` and back (the same values per channel). Batch renormalization
+  (``renorm=True``, never fused in tf-keras 2) is written as it is where the moving statistics are
+  biased (tf-keras 2's and Keras 3's train alike, measured). One that neither can carry
+  (``momentum=None``, unbiased with ``renorm`` or ``synchronized``) is refused. bnkit's
   ``num_batches_tracked`` counter is not written (Keras 2 has none; it only matters for ``momentum=None``).
 * Operations: ``x + c``, ``x - c``, ``c - x``, ``x * c``, ``-x`` become ``Rescaling`` (``x·s + o``,
   the same float operations), ``x / c`` (c > 0) a ``Normalization`` with mean 0 and variance c²

@@ -84,14 +84,22 @@ def _batch_norm(layer: Keras2Layer) -> None:
     convention = getattr(source, "convention", None) or KERAS
     shown = f"convention={convention.name!r}" if layer.class_name.startswith("bnkit>") else "Keras'"
     layer.shown = f"layer {layer.name!r} (BatchNormalization, {shown})"
-    if config.pop("renorm", False):
-        raise layer.refuse("renorm=True (batch renormalization), which bnkit does not write to Keras 2 files yet")
-    for key in ("renorm_clipping", "renorm_momentum", "convention"):
-        config.pop(key, None)
+    config.pop("convention", None)
+    renorm = bool(config.pop("renorm", False))
+    renorm_momentum = getattr(source, "renorm_momentum", config.get("renorm_momentum"))
+    for key in ("renorm_clipping", "renorm_momentum"):
+        value = config.pop(key, None)
+        if renorm:  # tf-keras 2's renormalization (never fused) is Keras 3's: measured equal, one training step
+            if convention.running_var_estimator == "unbiased":
+                raise layer.refuse(
+                    "renorm=True with the unbiased moving variance (PyTorch's): tf-keras 2's renormalization "
+                    "is never fused, its moving statistics follow the biased variance"
+                )
+            if key == "renorm_momentum":
+                value = _old_weight(layer, convention, renorm_momentum, "renorm_momentum")
+            config.update(renorm=True, **{key: value})
     momentum = getattr(source, "momentum", config.get("momentum"))
-    if momentum is None:
-        raise layer.refuse("momentum=None (PyTorch's cumulative average), which tf-keras 2 does not have")
-    config["momentum"] = float(momentum) if convention.momentum_weighs == "old" else 1.0 - float(momentum)
+    config["momentum"] = _old_weight(layer, convention, momentum, "momentum")
     synchronized = bool(config.pop("synchronized", False))
     if convention.running_var_estimator == "unbiased":
         shape = layer.input_shape()
@@ -147,6 +155,13 @@ def _channel_affine(layer: Keras2Layer) -> None:
         "dilation_rate": [1, 1], "activation": "linear", "use_bias": True,
     }  # fmt: skip
     layer.weights = [("depthwise_kernel", scale.reshape(1, 1, -1, 1)), ("bias", shift)]
+
+
+def _old_weight(layer: Keras2Layer, convention, momentum, what: str) -> float:
+    """``momentum`` as Keras 2 reads it: the weight of the old value."""
+    if momentum is None:
+        raise layer.refuse(f"{what}=None (PyTorch's cumulative average), which tf-keras 2 does not have")
+    return float(momentum) if convention.momentum_weighs == "old" else 1.0 - float(momentum)
 
 
 _BNKIT_LAYERS = {
