@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bnkit.formats import ModelFileError, folder_format_for, format_for, formats
 from bnkit.formats.atomic import atomic_path, check_writable
-from bnkit.formats.limits import LimitExceeded, ReadLimits, deadline
+from bnkit.formats.limits import LimitExceeded, ReadLimits, ReadTimeout, deadline
 from bnkit.formats.quiet import captured
 from bnkit.frameworks import framework_of
 from bnkit.text import one_line, printable
@@ -124,6 +124,8 @@ def _read_file(path: Path, read, limits: ReadLimits, on_warning, what: str = "fi
         except ModelFileError as e:
             e.framework_warnings = kept[:] + e.framework_warnings
             raise
+        except ReadTimeout as e:  # its message names the file already, as the supervisor's line does
+            raise ModelFileError(str(e), kept[:]) from e
         except LimitExceeded as e:
             raise ModelFileError(f"{shown}: refused: {e}", kept[:]) from e
         except Exception as e:  # a reader's own error that no check named: still one line

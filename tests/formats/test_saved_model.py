@@ -157,8 +157,13 @@ def test_damaged_folders_are_refused_in_one_line_naming_what(tmp_path):
 
 
 def test_reading_stays_within_the_memory_limit():
-    message = _refusal(FILES / "mobile_blocks_saved_model", limits=ReadLimits(max_model_bytes=200_000))
-    assert "over the limit of 195 KiB for a model" in message
+    """keras_metadata.pb is charged before it is read, then each JSON document in it, then the variables."""
+    folder = FILES / "mobile_blocks_saved_model"
+    message = _refusal(folder, limits=ReadLimits(max_model_bytes=20_000))
+    assert "refused: keras_metadata.pb (30.6 KiB: the file and its parsed message) would take 61.2 KiB" in message
+    message = _refusal(folder, limits=ReadLimits(max_model_bytes=200_000))
+    assert "refused: keras_metadata.pb's model config (16.2 KiB of JSON)" in message
+    assert "over the limit of 195 KiB for a model (raise it with --max-model-bytes)" in message
 
 
 _ABSENT = r"""
