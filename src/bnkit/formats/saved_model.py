@@ -239,6 +239,11 @@ class _Reader:
                     f"{self.assigned[id(weight)]!r} and {key!r}"
                 )
             expected = tuple(int(d) for d in weight.shape)
+            if checkpoint.shape(key) is None:
+                raise ModelFileError(
+                    f"{self.shown}: {what}: the object graph names the variable {key!r}, which the "
+                    "checkpoint does not hold"
+                )
             if checkpoint.shape(key) != expected:
                 raise ModelFileError(
                     f"{self.shown}: {what}: variable {key!r} has shape {checkpoint.shape(key)}, and the weight "
@@ -355,7 +360,7 @@ class _Checkpoint:
         self.budget.charge(
             2 * bound + TENSOR_OVERHEAD, f"the checkpoint's object graph (at most {format_bytes(bound)}, and parsed)"
         )
-        data = self._call(GRAPH_KEY, self.reader.get_tensor, GRAPH_KEY)
+        data = self._call(f"variables/: the object graph ({GRAPH_KEY})", self.reader.get_tensor, GRAPH_KEY)
         graph = TrackableObjectGraph()
         try:
             graph.ParseFromString(bytes(data))
@@ -378,7 +383,7 @@ class _Checkpoint:
         if dtype == self.tf.string or not dtype.is_numpy_compatible or not (dtype.is_floating or dtype.is_integer):
             raise ModelFileError(f"{self.shown}: {what}: variable {key!r} holds {dtype.name}, not numbers")
         self.budget.charge_tensor(list(shape), dtype.size, f"variable {key!r} ({what})")
-        value = self._call(f"variable {key!r}", self.reader.get_tensor, key)
+        value = self._call(f"variables/: variable {key!r}", self.reader.get_tensor, key)
         if tuple(getattr(value, "shape", ())) != shape:
             raise ModelFileError(f"{self.shown}: {what}: variable {key!r} read with shape {value.shape}, not {shape}")
         return value
