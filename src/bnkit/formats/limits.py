@@ -139,6 +139,11 @@ class Budget:
             )
         self.left -= nbytes
 
+    def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of a charge for a part the reader has freed (a transient copy of a
+        tensor, once its values are in the model), so that the budget bounds what is held at once."""
+        self.left = min(self.total, self.left + nbytes)
+
     def charge_tensor(self, shape, itemsize: int, what: str) -> int:
         """Charge a tensor of ``shape`` (checked for overflow) and return its bytes."""
         shape = list(shape)

@@ -1,4 +1,4 @@
-"""SavedModel folders written by tf.keras / tf-keras 2 (``model.save("dir")``, TF 2.0–2.15's default), read as data.
+"""SavedModel folders written by tf.keras / tf-keras 2 (``model.save("dir")``, TF 2.5-2.15's default), read as data.
 
 Such a folder holds ``saved_model.pb`` (TensorFlow graphs: functions, which bnkit neither runs nor
 reads), ``keras_metadata.pb`` (a small protobuf message: the Keras config of the model and of each of
@@ -11,7 +11,8 @@ object graph that says which object holds each). bnkit
    variables Keras will create (:mod:`bnkit.formats.keras_variables`) and builds the model with Keras 3
    in safe mode (:func:`~bnkit.formats._keras_loading.build_keras2_model`);
 3. reads the checkpoint with TensorFlow's checkpoint reader (``tf.train.load_checkpoint``: a table of
-   tensors, read as data), each variable's bytes charged before it is read, and sets the weights layer
+   tensors, read as data), each variable's bytes charged before it is read (and given back once its
+   values are in the model: the budget bounds the model plus one variable read), and sets the weights layer
    by layer: a layer of the saved model is matched by name (through nested models) with the layer of
    the same name in the rebuilt one, its variables in Keras' legacy order (trainable, then
    non-trainable: as in an ``.h5``) with that layer's weights, shape by shape. Every weight of the
@@ -21,7 +22,8 @@ A checkpoint key is the first path TensorFlow found to a variable (a nested mode
 ``variables/0/...``, not the path through its layer), so keys are not derived from layer names: a
 layer's node is found by its path in ``keras_metadata.pb`` (``root.layer_with_weights-0``), followed
 through the checkpoint's object graph (``_CHECKPOINTABLE_OBJECT_GRAPH``), and its variables are its
-``variables`` child's, in order.
+``variables`` child's, in order (a layer with no such child, tf-keras' preprocessing layers such as
+``Normalization``: its children named as its weights are).
 
 A SavedModel with no ``keras_metadata.pb`` (``tf.saved_model.save``, Keras 3's ``model.export``) holds
 no Keras model: it is refused, saying what to do instead. So is one tf.keras wrote before TF 2.5, which
@@ -172,6 +174,7 @@ class _Reader:
             if node_id is None:
                 continue  # a path the checkpoint does not hold: a layer without variables, or none of the model's
             metadata = parse_json(node.metadata, f"{METADATA}'s entry {path!r}", self.budget)
+            self.budget.release(len(node.metadata) * JSON_EXPANSION)  # parsed for its name only, then dropped
             name = metadata.get("name") if isinstance(metadata, dict) else None
             if not isinstance(name, str):
                 raise ModelFileError(f"{self.shown}: {METADATA}'s entry {path!r} has no layer name")
@@ -249,7 +252,10 @@ class _Reader:
                     f"{self.shown}: {what}: variable {key!r} has shape {checkpoint.shape(key)}, and the weight "
                     f"{weight.path!r} of the model rebuilt from the config has shape {expected}"
                 )
-            weight.assign(checkpoint.value(key, f"{what}, weight {weight.path!r}"))
+            value, charged = checkpoint.value(key, f"{what}, weight {weight.path!r}")
+            weight.assign(value)
+            del value
+            checkpoint.budget.release(charged)  # the values are in the model's variable now (charged before)
             self.assigned[id(weight)] = key
 
     def _by_name(self, layer, node_id: int) -> list[str]:
@@ -376,17 +382,18 @@ class _Checkpoint:
         return graph
 
     def value(self, key: str, what: str):
-        """The value of variable ``key`` (a NumPy array), its bytes charged before it is read."""
+        """The value of variable ``key`` (a NumPy array) and the bytes charged for it before it was read,
+        for the caller to release once the value is in the model."""
         shape, dtype = self.shape(key), self.dtypes.get(key)
         if shape is None or dtype is None:
             raise ModelFileError(f"{self.shown}: {what}: the checkpoint has no variable {key!r}")
         if dtype == self.tf.string or not dtype.is_numpy_compatible or not (dtype.is_floating or dtype.is_integer):
             raise ModelFileError(f"{self.shown}: {what}: variable {key!r} holds {dtype.name}, not numbers")
-        self.budget.charge_tensor(list(shape), dtype.size, f"variable {key!r} ({what})")
+        charged = self.budget.charge_tensor(list(shape), dtype.size, f"variable {key!r} ({what})") + TENSOR_OVERHEAD
         value = self._call(f"variables/: variable {key!r}", self.reader.get_tensor, key)
         if tuple(getattr(value, "shape", ())) != shape:
             raise ModelFileError(f"{self.shown}: {what}: variable {key!r} read with shape {value.shape}, not {shape}")
-        return value
+        return value, charged
 
 
 def _legacy_order(layer) -> list:
