@@ -16,6 +16,7 @@ import pytest
 import bnkit
 from bnkit.conventions import (
     KERAS,
+    TF_KERAS_FUSED,
     TORCH,
     Convention,
     biased_to_unbiased,
@@ -302,3 +303,17 @@ def test_convention_default_momentum_is_validated(value, error, message):
     with pytest.raises(error) as info:
         with_overrides(KERAS, momentum=value)
     assert message in str(info.value)
+
+
+def test_tf_keras_fused_is_a_named_convention_with_pytorchs_running_update_and_keras_momentum():
+    """tf-keras 2's fused batch norm (measured: tests/formats/test_keras2_training.py): Keras' momentum on
+    the old value, PyTorch's unbiased running variance, tf-keras' defaults."""
+    assert get_convention("tf_keras_fused") is TF_KERAS_FUSED and get_convention("TF_KERAS_FUSED") is TF_KERAS_FUSED
+    assert (TF_KERAS_FUSED.eps, TF_KERAS_FUSED.momentum, TF_KERAS_FUSED.channel_axis) == (1e-3, 0.99, -1)
+    assert TF_KERAS_FUSED.momentum_weighs == "old" and TF_KERAS_FUSED.unbiased_running_var
+    assert TF_KERAS_FUSED.weights(0.9) == KERAS.weights(0.9)
+    assert translate_momentum(0.9, "tf_keras_fused", "torch") == 0.1
+    assert translate_settings("tf_keras_fused", "torch")["running_var_factor"] == "1"
+    assert translate_settings("tf_keras_fused", "keras")["running_var_factor"] == "(n-1)/n"
+    with pytest.raises(ValueError, match="not part of the tf_keras_fused convention"):
+        TF_KERAS_FUSED.check_momentum(None)

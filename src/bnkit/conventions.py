@@ -13,6 +13,9 @@ A :class:`Convention` names every choice that is not fixed by the shared formula
 * the channel axis of the framework's default layout (1 for NCHW, -1 for NHWC).
 
 Both frameworks normalise with the *biased* batch variance in training.
+
+Besides :data:`TORCH` and :data:`KERAS`, one more named convention: :data:`TF_KERAS_FUSED`
+(``"tf_keras_fused"``), tf-keras 2's ``BatchNormalization`` where it runs its fused kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "Convention",
     "TORCH",
     "KERAS",
+    "TF_KERAS_FUSED",
     "get_convention",
     "translate_momentum",
     "translate_settings",
@@ -118,11 +122,40 @@ KERAS = Convention(
     channel_axis=-1,
 )
 
-_BY_NAME = {"torch": TORCH, "pytorch": TORCH, "keras": KERAS}
+TF_KERAS_FUSED = Convention(
+    name="tf_keras_fused",
+    eps=1e-3,
+    momentum=0.99,
+    momentum_weighs="old",
+    cumulative_average_when_none=False,
+    running_var_estimator="unbiased",
+    channel_axis=-1,
+)
+"""tf-keras 2's (``tf.keras`` of TensorFlow 2.x) ``BatchNormalization`` where it runs fused.
+
+tf-keras 2 runs its fused kernel (``tf.compat.v1.nn.fused_batch_norm``) when ``fused`` is ``None``
+(its default; its configs do not record ``fused``) or ``True``, the input is 4-D or 5-D, the channel
+axis is 1 or the last, and there is no ``renorm``, ``virtual_batch_size``, ``adjustment`` or
+``synchronized``, in a float16, bfloat16 or float32 compute dtype. In training the kernel normalises
+with the batch mean and the *biased* batch variance, as Keras does, but updates the moving statistics
+with the *unbiased* one, ``momentum`` weighing the old value (its ``exponential_avg_factor`` is
+``1 - momentum``), over ``n`` values per channel::
+
+    moving_mean     = momentum * moving_mean     + (1 - momentum) * mean
+    moving_variance = momentum * moving_variance + (1 - momentum) * var * n / (n - 1)
+
+Measured with tf-keras 2.21 (``tests/formats/keras2/make_files.py``). Unfused (``fused=False``, 2-D or
+3-D inputs, another axis), tf-keras 2's layer updates with the biased variance, as :data:`KERAS`. The
+moving update is PyTorch's with ``momentum_torch = 1 - momentum``, without its cumulative average.
+Defaults as tf-keras': ``epsilon=1e-3``, ``momentum=0.99``, channels last.
+"""
+
+_BY_NAME = {"torch": TORCH, "pytorch": TORCH, "keras": KERAS, "tf_keras_fused": TF_KERAS_FUSED}
+NAMED = (TORCH, KERAS, TF_KERAS_FUSED)  # the conventions a name stands for (``get_config`` writes the name)
 
 
 def get_convention(convention: str | Convention) -> Convention:
-    """Return the :class:`Convention` for ``"torch"``, ``"keras"`` or a Convention itself."""
+    """Return the :class:`Convention` for ``"torch"``, ``"keras"``, ``"tf_keras_fused"`` or a Convention itself."""
     if isinstance(convention, Convention):
         return convention
     if isinstance(convention, str) and convention.lower() in _BY_NAME:

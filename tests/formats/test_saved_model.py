@@ -86,6 +86,12 @@ def test_the_weights_are_those_the_h5_of_the_same_model_holds(name):
     assert len(saved.weights) == len(h5.weights)
     for a, b in zip(saved.weights, h5.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the batch norms tf-keras runs fused are read as such from both (bnkit.formats.keras2_fused)
+    saved_layers, h5_layers = (
+        [(layer.name, type(layer).__name__, getattr(layer, "convention", None)) for layer in m._flatten_layers()]
+        for m in (saved, h5)
+    )
+    assert saved_layers == h5_layers
 
 
 def test_a_nested_model_with_a_frozen_batch_norm_and_a_slash_in_a_name():

@@ -100,8 +100,9 @@ def test_recalibrate_writes_the_statistics_back_into_the_tf_keras_model(tf_keras
     seen = np.concatenate([inputs(b, training=False).numpy() for b in batches]).astype(np.float64)
     assert bnkit.recalibrate(model, batches, progress=False) is model
     bn = model.get_layer("conv1/bn")
+    assert bn.fused  # tf-keras runs it fused: its moving variance follows the unbiased variance (keras2_fused)
     np.testing.assert_allclose(bn.moving_mean.numpy(), seen.mean(axis=(0, 1, 2)), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), seen.var(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), seen.var(axis=(0, 1, 2), ddof=1), rtol=1e-5, atol=1e-5)
 
 
 def test_freeze_bn_freezes_the_tf_keras_model_or_refuses_what_it_cannot_hold(builders):
@@ -149,3 +150,27 @@ def test_mobilenet_v2_from_tf_keras_counts_and_converts_as_tf_keras_computes(tf_
     module = bnkit.convert.keras_to_torch(model)
     got = _torch_output(module, x)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("name, fused", [("fused_batch_norm", True), ("unfused_batch_norm", False)])
+def test_its_batch_norms_train_one_step_as_tf_keras_trains_them(tf_keras, builders, name, fused):
+    """tf-keras runs a batch norm on a 4-D input fused (unbiased moving variance) unless built with
+    fused=False, which its config does not record but its live layer does (bnkit.formats.keras2_fused)."""
+    from bnkit.keras.from_tf_keras import from_tf_keras
+
+    model = builders.TRAINING[name]()
+    rng = np.random.default_rng(2)
+    builders._randomise(model, rng)
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    converted = from_tf_keras(model)
+    assert model.get_layer("bn").fused is fused
+    assert converted.get_layer("bn").convention.name == ("tf_keras_fused" if fused else "keras")
+    got = np.asarray(converted(x, training=True).detach().cpu())
+    expected = model(x, training=True).numpy()  # tf-keras 2 updates the moving statistics here
+    assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max()
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.BatchNormalization):
+            for statistic in ("moving_mean", "moving_variance"):
+                want = getattr(layer, statistic).numpy()
+                have = np.asarray(getattr(converted.get_layer(layer.name), statistic))
+                assert np.abs(have - want).max() <= 2e-6 * np.abs(want).max(), (layer.name, statistic)

@@ -295,3 +295,27 @@ def test_backend_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     _choose_backend()  # an explicit choice always wins
     assert os.environ["KERAS_BACKEND"] == "jax"
+
+
+def test_adopt_makes_a_built_keras_layer_bnkits_in_place_training_as_pytorch_with_one_minus_momentum():
+    """bnkit.keras.batchnorm.adopt (how a tf-keras 2 fused batch norm is read: bnkit.formats.keras2_fused):
+    the same object and variables, then the convention's update: tf_keras_fused is torch.nn's with 1 - m."""
+    from bnkit.keras.batchnorm import adopt
+
+    layer = keras.layers.BatchNormalization(momentum=0.8, epsilon=1e-4)
+    model = keras.Sequential([keras.Input((3, 3, 2)), layer])
+    variables = [id(v) for v in layer.weights]
+    assert adopt(layer, "tf_keras_fused") is layer and type(layer) is BatchNormalization
+    assert [id(v) for v in layer.weights] == variables and layer.get_config()["convention"] == "tf_keras_fused"
+    x = _batches((4, 3, 3, 2), 1)[0]
+    model(x, training=True)
+    reference = torch.nn.BatchNorm2d(2, eps=1e-4, momentum=0.2)
+    reference(torch.from_numpy(x).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(_np(layer.moving_mean), reference.running_mean.numpy(), rtol=RTOL_STATS, atol=1e-7)
+    np.testing.assert_allclose(_np(layer.moving_variance), reference.running_var.numpy(), rtol=RTOL_STATS)
+    renorm = keras.layers.BatchNormalization(renorm=True)
+    renorm.build((None, 2))
+    with pytest.raises(ValueError, match="not adopted in place"):
+        adopt(renorm, "tf_keras_fused")
+    with pytest.raises(ValueError, match="built keras.layers.BatchNormalization"):
+        adopt(BatchNormalization(), "tf_keras_fused")

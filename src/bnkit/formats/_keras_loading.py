@@ -31,11 +31,14 @@ def load_with_keras(path: Path, config: dict):
     return model
 
 
-def build_keras2_model(path: Path, config: dict):
+def build_keras2_model(path: Path, config: dict, *, keras2: bool = True):
     """A Keras 3 model built from ``config``, a Keras 2 model config as its reader parsed, checked and
     translated it (:mod:`bnkit.formats.keras2_config`), as Keras' legacy loader builds one (safe mode,
-    the legacy config scope); its weights are the initial ones. Shared by the ``.h5`` reader and the
-    SavedModel reader, which then read the weights each from its own file."""
+    the legacy config scope), the batch norms tf-keras 2 runs fused made bnkit's in the convention that
+    trains as they do (:mod:`bnkit.formats.keras2_fused`); its weights are the initial ones. Shared by
+    the Keras 2 readers (``.h5``, tf-keras ``.keras``, SavedModel, live tf-keras models), which then set
+    the weights each from its own source. ``keras2=False``: a legacy ``.h5`` that Keras 3 wrote (its
+    batch norms are Keras 3's, never fused)."""
     from bnkit.keras import keras  # noqa: F401 - the backend bnkit chooses, before Keras' modules
 
     # isort: split
@@ -43,6 +46,7 @@ def build_keras2_model(path: Path, config: dict):
     from keras.src.saving import serialization_lib
 
     from bnkit.formats.keras2_config import keras2_custom_objects
+    from bnkit.formats.keras2_fused import adopt_fused
     from bnkit.keras.saved import reroute_synchronized
 
     register_bnkit_keras_layers()
@@ -53,15 +57,20 @@ def build_keras2_model(path: Path, config: dict):
     except Exception as e:  # Keras raises many types for a bad config
         raise ModelFileError(f"{path}: not a readable Keras model ({keras_cause(e)})") from e
     _check_names(model, path)
+    if keras2:
+        adopt_fused(model)  # the batch norms tf-keras 2 runs fused train as it trains them
     return model
 
 
 def load_legacy_h5(path: Path, config: dict, h5file):
-    """A legacy ``.h5`` model: built from ``config`` (:func:`build_keras2_model`), the weights read
-    from the open ``h5file`` by layer order, as Keras reads them."""
+    """A legacy ``.h5`` model: built from ``config`` (:func:`build_keras2_model`; Keras 3's own ``.h5``,
+    ``keras_version`` 3 or later, as Keras 3's), the weights read from the open ``h5file`` by layer order,
+    as Keras reads them."""
     from keras.src.legacy.saving import legacy_h5_format
 
-    model = build_keras2_model(path, config)
+    from bnkit.formats.keras2_fused import written_by_keras2
+
+    model = build_keras2_model(path, config, keras2=written_by_keras2(h5file.attrs.get("keras_version")))
     try:
         legacy_h5_format.load_weights_from_hdf5_group(h5file["model_weights"], model)
     except Exception as e:  # Keras raises many types for a bad file

@@ -10,7 +10,13 @@ then read as Keras 2 wrote them (by layer order, so renaming a layer changes not
 * Layer names holding ``/`` (DenseNet's ``conv1/conv``, MobileNetV3's ``Conv/BatchNorm``): Keras 3
   refuses them; ``/`` becomes ``_`` (made unique), in the layer and every reference to it.
 * ``BatchNormalization(virtual_batch_size=N)`` (ghost batch norm): refused by name, it is not
-  approximated; ``virtual_batch_size=None`` and ``fused`` are dropped.
+  approximated; ``virtual_batch_size=None`` is dropped.
+* ``BatchNormalization``'s ``fused``: dropped; where it is ``false`` the layer becomes bnkit's in the Keras
+  convention (Keras' own computation). One that tf-keras 2 runs fused (``fused`` None or True, a 4-D or
+  5-D input, ...) updates its moving variance with the unbiased batch variance: it is made bnkit's
+  ``BatchNormalization`` in the ``"tf_keras_fused"`` convention once the model is built
+  (:mod:`bnkit.formats.keras2_fused`).
+* ``LeakyReLU``'s ``alpha``: ``negative_slope``, the same slope under Keras 3's name.
 * ``SyncBatchNormalization`` (``tf.keras.layers.experimental``): ``BatchNormalization`` with
   ``synchronized=True`` (bnkit's layer off TensorFlow, :mod:`bnkit.keras.saved`).
 * ``LayerScale`` (ConvNeXt) and ``Custom>CustomScaleLayer`` (InceptionResNetV2): Keras 3's own
@@ -29,6 +35,8 @@ then read as Keras 2 wrote them (by layer order, so renaming a layer changes not
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from bnkit.formats.keras2_fused import unfused
 
 __all__ = ["Keras2ConfigError", "TRANSLATORS", "keras2_custom_objects", "translate"]
 
@@ -237,14 +245,24 @@ def _batch_norm(layer: dict) -> None:
             "Keras 3 and bnkit do not have; refused rather than read as a plain batch norm"
         )
     inner.pop("virtual_batch_size", None)
-    inner.pop("fused", None)  # an implementation choice of TensorFlow's, same numbers
+    # fused: the same inference, but not the same moving variance in training (bnkit.formats.keras2_fused)
+    unfused(layer)
 
 
 @translates("SyncBatchNormalization")
 def _sync_batch_norm(layer: dict) -> None:
     layer["class_name"] = "BatchNormalization"
+    layer["config"].pop("fused", None)  # never fused
     _batch_norm(layer)
     layer["config"]["synchronized"] = True
+
+
+@translates("LeakyReLU")
+def _leaky_relu(layer: dict) -> None:
+    """Keras 2's ``alpha`` is Keras 3's ``negative_slope`` (Keras 3 takes ``alpha`` with a deprecation warning)."""
+    inner = layer["config"]
+    if "alpha" in inner:
+        inner["negative_slope"] = inner.pop("alpha")
 
 
 _TF_FUNCTIONS = {

@@ -47,10 +47,10 @@ import math
 import keras
 from keras import ops
 
-from bnkit.conventions import KERAS, TORCH, Convention, get_convention
+from bnkit.conventions import KERAS, NAMED, Convention, get_convention
 from bnkit.renorm import check_clipping, default_renorm_momentum, read_momentum
 
-__all__ = ["BatchNormalization"]
+__all__ = ["BatchNormalization", "adopt"]
 
 
 def _world_size() -> int:
@@ -64,10 +64,9 @@ _DEFAULT = "default"
 
 
 def _convention_config(conv: Convention):
-    if conv == TORCH:
-        return "torch"
-    if conv == KERAS:
-        return "keras"
+    for named in NAMED:  # "torch", "keras", "tf_keras_fused"
+        if conv == named:
+            return named.name
     return dataclasses.asdict(conv)
 
 
@@ -276,3 +275,29 @@ class BatchNormalization(keras.layers.BatchNormalization):
         config["renorm_momentum"] = self.renorm_momentum
         config["convention"] = _convention_config(self.convention)
         return config
+
+
+def adopt(layer, convention: str | Convention) -> BatchNormalization:
+    """``layer``, a built ``keras.layers.BatchNormalization`` (Keras' own class), made bnkit's layer in
+    ``convention``, in place, and returned: the same object (so its place in a model, its name, its
+    variables and their values stay), of this class, as if built as
+    ``BatchNormalization(..., convention=convention)`` with its settings (``epsilon`` and ``momentum``,
+    read in ``convention``). For a reader that learns a layer's training semantics only once the model
+    is built (tf-keras 2's fused batch norm depends on the input's rank: :mod:`bnkit.formats.keras2_fused`).
+
+    Only where the two classes hold the same variables: no renorm, not synchronised, a convention
+    without a cumulative average (no ``num_batches_tracked``); ``ValueError`` otherwise.
+    """
+    conv = get_convention(convention)
+    if type(layer) is not keras.layers.BatchNormalization or not layer.built:
+        raise ValueError(f"adopt takes a built keras.layers.BatchNormalization, got {type(layer).__name__}")
+    if layer.renorm or layer.synchronized or conv.cumulative_average_when_none:
+        raise ValueError(
+            f"{layer.name}: renorm, synchronized or a cumulative average ({conv.name}) are not adopted in place"
+        )
+    layer.__class__ = BatchNormalization
+    layer.convention = conv
+    layer._native = conv == KERAS
+    layer._own_sync = False
+    layer.num_batches_tracked = None
+    return layer

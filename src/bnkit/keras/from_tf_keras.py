@@ -22,7 +22,7 @@ import json
 from bnkit.formats import ModelFileError
 from bnkit.formats.keras2_archive import legacy_form
 from bnkit.formats.keras2_config import Keras2ConfigError, translate
-from bnkit.formats.keras2_weights import WeightsMismatch, name_slots, set_weights, slots
+from bnkit.formats.keras2_weights import WeightsMismatch, layer_list, name_slots, set_weights, slots
 from bnkit.text import one_line
 
 __all__ = ["SOURCE", "TfKerasModelError", "from_tf_keras", "convert_tf_keras", "write_back"]
@@ -62,14 +62,15 @@ def convert_tf_keras(model):
     except (NotImplementedError, TypeError, ValueError) as e:
         raise TfKerasModelError(f"{label}: its config cannot be written ({type(e).__name__}: {one_line(e)})") from e
     found = slots(config, _names)
+    tf_layers = {}
+    _tf_layers(model, found, tf_layers)
+    _mark_unfused(config, found, tf_layers)
     try:
         translated = translate(legacy_form(config))
         name_slots(found, translated)
         from bnkit.formats._keras_loading import build_keras2_model
 
         converted = build_keras2_model(label, translated)
-        tf_layers = {}
-        _tf_layers(model, found, tf_layers)
         pairs = set_weights(converted, found, lambda slot, count: tf_layers[id(slot)].get_weights(), label)
     except Keras2ConfigError as e:
         raise TfKerasModelError(f"{label}: {e}") from e
@@ -97,6 +98,26 @@ def _tf_layers(model, found, into: dict) -> None:
         into[id(slot)] = layer
         if slot.nested is not None:
             _tf_layers(layer, slot.nested, into)
+
+
+def _mark_unfused(config: dict, found, tf_layers: dict) -> None:
+    """``"fused": false`` in the config of every batch norm that tf-keras runs unfused on a 4-D or 5-D input
+    with the channels first or last (built with ``fused=False``): tf-keras' config does not say so, and
+    bnkit would read it as fused there (:mod:`bnkit.formats.keras2_fused`)."""
+    layers = layer_list(config) or []
+    for slot in found:
+        layer = layers[slot.index] if slot.index < len(layers) else None
+        if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
+            continue
+        live = tf_layers.get(id(slot))
+        if slot.class_name == "BatchNormalization" and getattr(live, "fused", None) is False:
+            rank = getattr(getattr(live, "input_spec", None), "ndim", None)
+            axis = getattr(live, "axis", None)
+            axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+            if rank in (4, 5) and isinstance(axis, int) and axis % rank in (1, rank - 1):
+                layer["config"]["fused"] = False
+        if slot.nested is not None:
+            _mark_unfused(layer, slot.nested, tf_layers)
 
 
 def write_back(pairs, label: str) -> None:

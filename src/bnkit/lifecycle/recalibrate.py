@@ -39,9 +39,10 @@ def recalibrate(model, batches, num_batches: int | None = None, *, progress: boo
     ``device`` moves each input there first.
 
     The variance is unbiased for layers of the torch convention (``torch.nn`` batch norms and
-    bnkit layers with ``convention="torch"``) and biased for the keras convention, as each
-    convention's running variance is. Nothing else changes: parameters, ``momentum``,
-    ``num_batches_tracked``, every module's ``training`` flag; no gradients are computed. During
+    bnkit layers with ``convention="torch"``, and ``"tf_keras_fused"``: tf-keras 2's fused batch
+    norms) and biased for the keras convention, as each convention's running variance is. Nothing
+    else changes: parameters, ``momentum``, ``num_batches_tracked``, every module's ``training``
+    flag; no gradients are computed. During
     the pass the model runs in ``eval()`` (dropout off) except that batch norms use batch
     statistics. Frozen batch norms (:func:`bnkit.freeze_bn`) are recalibrated too.
 
