@@ -18,6 +18,7 @@ __all__ = [
     "is_tf_keras_model",
     "accepts_tf_keras",
     "import_optional",
+    "missing_framework",
     "tensorflow_beside_torch",
 ]
 
@@ -41,10 +42,13 @@ def import_optional(package: str, needed_for: str):
     except ModuleNotFoundError as e:
         if e.name != package.split(".")[0]:
             raise
-        extra = _EXTRAS.get(package.split(".")[0], package)
-        raise MissingFramework(
-            f"{needed_for} needs {package}, which is not installed (pip install 'bnkit[{extra}]')"
-        ) from e
+        raise missing_framework(package, needed_for) from e
+
+
+def missing_framework(package: str, needed_for: str) -> MissingFramework:
+    """The :class:`MissingFramework` error :func:`import_optional` raises for ``package``."""
+    extra = _EXTRAS.get(package.split(".")[0], package)
+    return MissingFramework(f"{needed_for} needs {package}, which is not installed (pip install 'bnkit[{extra}]')")
 
 
 def is_keras_model(model) -> bool:

@@ -50,6 +50,7 @@ __all__ = [
     "framework_of",
     "atomic_path",
     "check_writable",
+    "check_model_output",
 ]
 
 
@@ -214,20 +215,49 @@ def _load_weights(model, path: Path, limits: ReadLimits, on_warning) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
+def _folder_writer():
+    """The folder format a path without a suffix is written as (a SavedModel folder), or None."""
+    return next((f for f in formats() if f.folder is not None and f.writer() is not None), None)
+
+
+def check_model_output(path: str | os.PathLike, force: bool = False) -> Path:
+    """:func:`check_writable` for what :func:`save_model` writes at ``path``: for a path without a
+    suffix, a folder (an existing one replaced only with ``force`` and only when it is of that format)."""
+    path = Path(path)
+    fmt = None if path.suffix else _folder_writer()
+    if fmt is None:
+        return check_writable(path, force)
+    from bnkit.formats.atomic import check_folder_writable
+
+    return check_folder_writable(path, fmt.folder, f"{fmt.name} folder", force)
+
+
+
 def save_model(model, path: str | os.PathLike, *, force: bool = False, input_shape=None) -> Path:
-    """Write ``model`` to ``path``, choosing the format from its suffix.
+    """Write ``model`` to ``path``, choosing the format from its suffix (a path without one: a folder).
 
     For Keras models ``.keras`` (Keras 3) or ``.h5`` (a Keras 2 file that tf-keras 2 and Keras 3
     both load; a layer tf-keras 2 could not load exactly is refused by name, and the file is read
     back and checked against the model before it is renamed into place; see
     :mod:`bnkit.formats.keras_h5`); for PyTorch modules ``.pt2`` (a ``torch.export`` program of the
     model in eval mode, with bnkit's layer conventions stored beside it; needs ``input_shape``
-    without the batch dimension), ``.pt`` (state dict) or ``.safetensors``.
+    without the batch dimension), ``.pt`` (state dict) or ``.safetensors``. A Keras model written to a
+    path without a suffix becomes a tf-keras 2 SavedModel folder, as tf-keras 2's ``model.save("dir")``
+    writes it: translated as for ``.h5``, saved by tf-keras 2 in a subprocess, read back and checked
+    before the folder is renamed into place (:mod:`bnkit.formats.saved_model_write`; needs
+    ``pip install 'bnkit[tensorflow]'``). An existing SavedModel folder is replaced only with ``force``;
+    any other existing folder never.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     framework = framework_of(model)
-    fmt = format_for(suffix)
+    fmt = format_for(suffix) if suffix else _folder_writer()
+    if fmt is not None and fmt.folder is not None and fmt.framework != framework:
+        raise ModelFileError(
+            f"{path}: a path without a suffix is written as a {fmt.name} folder, which holds a Keras model; "
+            "convert the PyTorch module first (bnkit.convert.torch_to_keras), or give a suffix "
+            "(.pt2, .pt, .safetensors)"
+        )
     writer = fmt.writer() if fmt is not None else None
     if writer is None:
         writable = ", ".join(s for f in formats() if f.writer() for s in f.suffixes[:1])

@@ -63,7 +63,7 @@ def test_bad_values_and_files_are_one_line_each(tmp_path):
         (("walkthrough", "--out", existing), ("is a file, not a folder",)),
         (("summary", folder), ("is a folder, not a model file",)),
         (("lint", empty), ("the file is empty (0 bytes",)),
-        (("convert", SEED, tmp_path, *shape), ("unknown output format",)),
+        (("convert", SEED, tmp_path, *shape), ("is a folder and not a tf-keras 2 SavedModel folder",)),
         (("fold", SEED, tmp_path / "absent" / "f.pt"), ("no such folder",)),
     ]  # fmt: skip
     for (args, fragments), proc in zip(cases, run_cli_batch([args for args, _ in cases], tmp_path), strict=True):

@@ -36,7 +36,7 @@ from bnkit.formats import ModelFileError
 from bnkit.interrupts import deferred, raise_if_stop_requested
 from bnkit.text import one_line, printable
 
-__all__ = ["atomic_path", "check_writable", "write_error"]
+__all__ = ["atomic_folder", "atomic_path", "check_folder_writable", "check_writable", "write_error"]
 
 _MARK = "bnkit"
 _NAME_MAX = 255  # bytes in a file name, on every common file system
@@ -253,3 +253,137 @@ def _alive(pid: int) -> bool:
     except OSError:  # another user's process
         return True
     return True
+
+
+# ---------------------------------------------------------------------------- folders
+
+
+def check_folder_writable(path: str | os.PathLike, marker: str, what: str, force: bool = False) -> Path:
+    """:func:`check_writable` for a folder format (``what``, marked by the file ``marker``): an existing
+    path is replaced only with ``force`` and only when it is such a folder (not a file, not a link,
+    not another folder)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise ModelFileError(f"{printable(str(path))}: is a link: not replaced; give the name of a new folder")
+    if path.exists():
+        if not path.is_dir():
+            raise ModelFileError(
+                f"{printable(str(path))}: is a file, not a {what}: not replaced; give the name of a new folder"
+            )
+        if not (path / marker).is_file():
+            raise ModelFileError(
+                f"{printable(str(path))}: is a folder and not a {what} (no {marker}): not replaced; "
+                "give the name of a new folder"
+            )
+        if not force:
+            raise ModelFileError(f"{printable(str(path))}: already exists; pass --force to replace it")
+    folder = path.parent
+    if not folder.exists():
+        raise ModelFileError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: is not a folder")
+    with deferred():
+        try:
+            probe = _unique(folder, _prefix(path), ".probe", lambda p: os.close(os.open(p, _NEW_FILE, 0o600)))
+        except OSError as e:
+            raise ModelFileError(f"{folder}: cannot write in this folder ({e.strerror or e})") from e
+        os.unlink(probe)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, marker: str, what: str, force: bool = False):
+    """:func:`atomic_path` for a folder format: yield ``(folder, work)``, the path of the folder for
+    the writer to create (it does not exist yet) and a private folder beside it for the writer's own
+    files; on success every file of the folder is flushed to disk and the folder renamed to ``path``.
+
+    Both lie in the private folder ``.<name>.bnkit-<host>-<pid>-<random>`` beside ``path`` (so in
+    the same file system: a rename), removed at the end whatever happens. An existing ``path`` is
+    replaced only with ``force`` and only when it is a folder of this format (``marker`` in it):
+    the old folder is renamed aside into the private folder, the new one renamed in (on failure the
+    old one is renamed back), and the old one removed with the private folder. Without ``force``
+    the rename never replaces a path that appeared meanwhile (``renameat2(RENAME_NOREPLACE)`` where
+    the system has it, else a check just before the rename).
+    """
+    path = check_folder_writable(path, marker, what, force)
+    _remove_stale(path)
+    work = None
+    try:
+        with deferred():
+            work = _unique(path.parent, _prefix(path), path.suffix, lambda p: os.mkdir(p, 0o700))
+        written = work / (path.name or "folder")
+        yield written, work
+        with deferred():
+            if not (written / marker).is_file():
+                raise ModelFileError(f"{printable(str(path))}: cannot write the folder (the writer left no {marker})")
+            _sync_tree(written)
+            raise_if_stop_requested()
+            _place_folder(written, work, path, marker, what, force)
+            _sync_folder(path.parent)
+    except ModelFileError:
+        raise
+    except Exception as e:
+        raise_if_stop_requested()
+        error = ModelFileError(f"{printable(str(path))}: cannot write the folder ({_reason(e)})")
+        leftovers = _leftovers(path, work)
+        if leftovers:
+            error = ModelFileError(f"{error}; beside it, hidden files of earlier writes: {leftovers}")
+        raise error from e
+    finally:
+        if work is not None:
+            with deferred():
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (a crash after the rename must not leave
+    empty files in it)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _sync_folder(Path(root))
+
+
+def _place_folder(written: Path, work: Path, path: Path, marker: str, what: str, force: bool) -> None:
+    shown = printable(str(path))
+    if os.path.lexists(path):
+        if not force:
+            raise ModelFileError(f"{shown}: already exists; pass --force to replace it")
+        if path.is_symlink() or not path.is_dir() or not (path / marker).is_file():
+            raise ModelFileError(f"{shown}: is not a {what} (it changed during the write): not replaced")
+        aside = work / ".replaced"
+        os.rename(path, aside)
+        try:
+            _rename_no_replace(written, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)  # the old folder back where it was
+            raise
+        return  # the old folder goes with the private one
+    _rename_no_replace(written, path)
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """``os.rename``, failing (``already exists``) rather than replacing an existing ``target``: an
+    empty folder would otherwise be replaced silently."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_noreplace) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise ModelFileError(f"{printable(str(target))}: already exists; pass --force to replace it")
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # EINVAL: a file system without the flag
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target):
+        raise ModelFileError(f"{printable(str(target))}: already exists; pass --force to replace it")
+    os.rename(source, target)

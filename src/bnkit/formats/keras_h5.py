@@ -195,18 +195,19 @@ def _check_batch(model, input_shape, shown: str) -> list:
     return batch
 
 
-def _read_back(model, tmp: Path, batch: list, shown: str) -> RoundTrip:
-    """Read ``tmp`` with :func:`read` and compare its outputs with ``model``'s (see :class:`RoundTrip`)."""
+def _read_back(model, tmp: Path, batch: list, shown: str, read_with=None, what: str = "file") -> RoundTrip:
+    """Read ``tmp`` with ``read_with`` (default :func:`read`; the SavedModel writer passes its reader, and
+    ``what`` it wrote) and compare its outputs with ``model``'s (see :class:`RoundTrip`)."""
     import numpy as np
 
     from bnkit.keras import keras
 
     try:
         with captured():  # what Keras warns reading a Keras 2 config ("alpha is deprecated") is no news here
-            written = read(tmp, ReadLimits().budget())
+            written = (read_with or read)(tmp, ReadLimits().budget())
     except ModelFileError as e:
         cause = str(e).split(": ", 1)[-1]
-        raise ModelFileError(f"{shown}: not written: the file bnkit wrote does not read back ({cause})") from e
+        raise ModelFileError(f"{shown}: not written: the {what} bnkit wrote does not read back ({cause})") from e
     inputs = batch[0] if len(batch) == 1 else batch
     try:
         expected, got = model(inputs, training=False), written(inputs, training=False)
@@ -226,7 +227,7 @@ def _read_back(model, tmp: Path, batch: list, shown: str) -> RoundTrip:
     result = RoundTrip(difference, largest)
     if not result.relative <= ROUND_TRIP_TOLERANCE:
         raise ModelFileError(
-            f"{shown}: not written: the file, read back, disagrees with the model: max |difference| "
+            f"{shown}: not written: the {what}, read back, disagrees with the model: max |difference| "
             f"{difference:.3g} is {result.relative:.3g} of the largest output {largest:.3g} "
             f"(tolerance {ROUND_TRIP_TOLERANCE:g}) on a random batch"
         )

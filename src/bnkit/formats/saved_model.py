@@ -42,7 +42,7 @@ from bnkit.formats.limits import JSON_EXPANSION, TENSOR_OVERHEAD, Budget, LimitE
 from bnkit.streams import fd_output_logged
 from bnkit.text import one_line, printable
 
-__all__ = ["read"]
+__all__ = ["read", "write"]
 
 METADATA = "keras_metadata.pb"
 GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -72,6 +72,14 @@ def read(folder: Path, budget: Budget):
         if type(e) is not ValueError:
             raise
         raise ModelFileError(f"{shown}: {e}") from e
+
+
+def write(model, path: Path, *, force: bool = False, input_shape=None):
+    """Write a Keras model as a tf-keras 2 SavedModel folder (:func:`bnkit.formats.saved_model_write.write`:
+    tf-keras 2 saves it in a subprocess; read back here before it is renamed into place)."""
+    from bnkit.formats.saved_model_write import write as write_folder
+
+    return write_folder(model, path, force=force, input_shape=input_shape)
 
 
 def _import_tensorflow(shown: str):

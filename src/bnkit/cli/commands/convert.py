@@ -3,10 +3,13 @@
 The direction follows IN: a Keras model (``.keras``, ``.h5``, or a factory returning one)
 becomes a PyTorch file (``.pt2`` torch.export program, or ``.pt``/``.safetensors`` weights);
 a PyTorch model (``.pt2``, or ``package.module:factory`` with ``--weights``) becomes ``.keras``
-or ``.h5`` (a Keras 2 file that tf-keras 2 loads too). A Keras model may also be written as
-``.h5`` as it is (Keras 3 to Keras 2). Both models are run on the same random batch in inference
-before OUT is written; an ``.h5`` is also read back and run against the model before it is
-renamed into place. OUT is written atomically and an existing OUT is never replaced without ``--force``.
+or ``.h5`` (a Keras 2 file that tf-keras 2 loads too), or, for an OUT without a suffix, a tf-keras 2
+SavedModel folder (as tf-keras 2's ``model.save("dir")`` writes it; saved by tf-keras 2 in a
+subprocess, see :mod:`bnkit.formats.saved_model_write`). A Keras model may also be written as
+``.h5`` or a SavedModel folder as it is (Keras 3 to Keras 2). Both models are run on the same random
+batch in inference before OUT is written; an ``.h5`` or a SavedModel folder is also read back and
+run against the model before it is renamed into place. OUT is written atomically and an existing
+OUT is never replaced without ``--force`` (a folder only when it is a SavedModel folder).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ def add_arguments(parser) -> None:
         "input", metavar="IN", help="model to convert: .keras, .h5, .pt2, SavedModel folder or package.module:factory"
     )
     parser.add_argument(
-        "output", metavar="OUT", help="where to write: .pt2/.pt/.safetensors (from Keras) or .keras/.h5 (to Keras)"
+        "output", metavar="OUT",
+        help="where to write: .pt2/.pt/.safetensors (from Keras) or .keras/.h5 or a SavedModel folder "
+        "(no suffix; to Keras)",
     )
     parser.add_argument("--weights", metavar="FILE", help="weights (.pt or .safetensors) for a factory spec")
     parser.add_argument(
@@ -63,7 +68,7 @@ def _direction(output: str) -> str:
     suffix = _suffix(output)
     if suffix in _TORCH_SUFFIXES:
         return "torch"
-    if suffix in _KERAS_SUFFIXES:
+    if suffix in _KERAS_SUFFIXES or not suffix:  # no suffix: a tf-keras 2 SavedModel folder
         return "keras"
     raise CLIError(
         f"{output}: unknown output format {suffix or '(no suffix)'!r}; "
@@ -175,18 +180,24 @@ def _relative(difference: float, largest: float) -> float:
 
 
 def _suffix(path: str) -> str:
-    return "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    from pathlib import Path
+
+    return Path(path).suffix.lower()
 
 
 def _write(model, args, torch_shape, keras2: bool):
-    """Write OUT; for a Keras 2 ``.h5``, what reading it back gave (:class:`bnkit.formats.keras_h5.RoundTrip`)."""
+    """Write OUT; for a Keras 2 ``.h5`` or a SavedModel folder, what reading it back gave
+    (:class:`bnkit.formats.keras_h5.RoundTrip`)."""
     from pathlib import Path
 
     from bnkit.io import ModelFileError, save_model
 
     try:
         if keras2:  # save_model's own writer, called for its read-back figures
-            from bnkit.formats.keras_h5 import write
+            if _suffix(args.output):
+                from bnkit.formats.keras_h5 import write
+            else:
+                from bnkit.formats.saved_model_write import write
 
             return write(model, Path(args.output), force=args.force, input_shape=torch_shape)
         save_model(model, args.output, force=args.force, input_shape=torch_shape)
@@ -198,16 +209,17 @@ def _write(model, args, torch_shape, keras2: bool):
 def run(args) -> int:
     import warnings
 
-    from bnkit.io import check_writable, framework_of, load_model
+    from bnkit.io import check_model_output, framework_of, load_model
 
     # torch.export's own deprecation noise, not the user's concern
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     target_framework = _direction(args.output)
-    keras2 = _suffix(args.output) in _KERAS2_SUFFIXES
+    keras2 = _suffix(args.output) in _KERAS2_SUFFIXES or not _suffix(args.output)  # read back before the rename
+    what = "a Keras 2 .h5" if _suffix(args.output) else "a tf-keras 2 SavedModel folder"
     given_shape = args.input_shape
     with Steps(4, enabled=not args.json) as steps:
         steps.step(f"loading {args.input}")
-        check_writable(args.output, args.force)  # refuse before the slow part
+        check_model_output(args.output, args.force)  # refuse before the slow part
         model = load_model(args.input, args.weights, **reading(args))
         source_framework = framework_of(model)
         resave = source_framework == target_framework == "keras" and keras2  # Keras 3 -> a Keras 2 .h5
@@ -215,7 +227,11 @@ def run(args) -> int:
             raise CLIError(
                 f"{args.input} is already a {'Keras' if source_framework == 'keras' else 'PyTorch'} model; "
                 f"{args.output} asks for the same framework"
-                + (" (a Keras model is written as a Keras 2 .h5 as it is)" if source_framework == "keras" else "")
+                + (
+                    " (a Keras model is written as a Keras 2 .h5, or a SavedModel folder, as it is)"
+                    if source_framework == "keras"
+                    else ""
+                )
             )
         torch_shape = _torch_input_shape(model, source_framework, given_shape)
         _check_input(model, source_framework, torch_shape)
@@ -279,10 +295,11 @@ def run(args) -> int:
         "tolerance": _PARITY_TOLERANCE,  # on relative_difference
         "batch_norms": [{"source": a, "target": b} for a, b in pairs],
     }
-    if read_back is not None:  # the written .h5, read back by bnkit, against the model written
+    if read_back is not None:  # the written .h5 or SavedModel, read back by bnkit, against the model written
         from bnkit.formats.keras_h5 import ROUND_TRIP_TOLERANCE
 
         report["read_back"] = {
+            "written_as": what,
             "max_abs_difference": read_back.difference,
             "max_abs_output": read_back.largest,
             "relative_difference": read_back.relative,
@@ -333,7 +350,7 @@ def _render(report: dict) -> None:
     back = report.get("read_back")
     if back is not None:
         console.print(
-            f"read back from {escape(report['output'])} (a Keras 2 .h5) and run on a random batch in inference: "
+            f"read back from {escape(report['output'])} ({back['written_as']}) and run on a random batch in inference: "
             f"max |difference| {back['max_abs_difference']:.2g}, {back['relative_difference']:.2g} of the "
             f"largest output {back['max_abs_output']:.2g} (tolerance {back['tolerance']:g})"
         )

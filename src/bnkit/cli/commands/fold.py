@@ -14,7 +14,9 @@ def add_arguments(parser) -> None:
         "input", metavar="IN", help="model: .keras, .h5, .pt2, SavedModel folder or package.module:factory"
     )
     parser.add_argument(
-        "output", metavar="OUT", help="folded model: .keras or .h5 (Keras), .pt2, .pt or .safetensors (PyTorch)"
+        "output", metavar="OUT",
+        help="folded model: .keras, .h5 or a SavedModel folder (no suffix) (Keras), .pt2, .pt or "
+        ".safetensors (PyTorch)",
     )
     parser.add_argument("--weights", metavar="FILE", help="state dict (.pt or .safetensors) for a factory spec")
     parser.add_argument(
@@ -42,13 +44,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from bnkit.cli.progress import Steps
-    from bnkit.io import ModelFileError, check_writable, framework_of, load_model, save_model
+    from bnkit.io import ModelFileError, check_model_output, framework_of, load_model, save_model
     from bnkit.lifecycle.fold import fold_bn
 
     shape = args.input_shape
     with Steps(3, enabled=not args.json) as steps:
         steps.step(f"loading {args.input}")
-        check_writable(args.output, args.force)  # fail before the (slow) load and fold
+        check_model_output(args.output, args.force)  # fail before the (slow) load and fold
         model = load_model(args.input, weights=args.weights, **reading(args))
         framework = framework_of(model)
         if shape is not None and framework == "torch":  # a .pt2 output is exported on a batch of 2
