@@ -85,7 +85,7 @@ def test_get_convention_passes_a_convention_through():
 
 @pytest.mark.parametrize("bad", ["tensorflow", "", None, 3])
 def test_get_convention_rejects_unknown(bad):
-    with pytest.raises(ValueError, match="convention must be 'torch', 'keras'") as info:
+    with pytest.raises(ValueError, match="convention must be one of 'torch', 'keras'") as info:
         get_convention(bad)
     assert repr(bad) in str(info.value)
 

@@ -160,7 +160,8 @@ def get_convention(convention: str | Convention) -> Convention:
         return convention
     if isinstance(convention, str) and convention.lower() in _BY_NAME:
         return _BY_NAME[convention.lower()]
-    raise ValueError(f"convention must be 'torch', 'keras' or a bnkit.Convention, got {convention!r}")
+    names = ", ".join(repr(named.name) for named in NAMED)
+    raise ValueError(f"convention must be one of {names} or a bnkit.Convention, got {convention!r}")
 
 
 def translate_momentum(

@@ -104,7 +104,7 @@ def test_torch_convention_without_freezing_stats_is_requires_grad_false():
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="convention='keras' freezes the statistics by definition"):
         bnkit.freeze_bn(_model(), "keras", freeze_stats=False)
-    with pytest.raises(ValueError, match="convention must be 'torch', 'keras'"):
+    with pytest.raises(ValueError, match="convention must be one of 'torch', 'keras'"):
         bnkit.freeze_bn(_model(), "jax")
     with pytest.raises(ValueError, match=r"BatchNorm1d '1' has track_running_stats=False"):
         bnkit.freeze_bn(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)))
