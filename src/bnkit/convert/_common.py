@@ -148,9 +148,13 @@ def torch_to_keras_flat_order(kernel: np.ndarray, torch_shape: tuple[int, ...]) 
     return np.ascontiguousarray(weight.transpose(0, 2, 1)).reshape(out, -1).T
 
 
+_NOT_THE_CALLER = ("bnkit.convert", "bnkit.frameworks")  # the converters, and the wrapper taking tf-keras models
+
+
 def warn_at_caller(message: str) -> None:
-    """A ``UserWarning`` that points at the first frame outside bnkit.convert: the user's call."""
+    """A ``UserWarning`` that points at the first frame outside bnkit.convert (and the wrapper that lets
+    it take tf-keras models): the user's call."""
     frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called this function
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("bnkit.convert"):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_NOT_THE_CALLER):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
