@@ -54,6 +54,12 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
         raise ModelFileError(f"{path}: is a folder; give a file name inside it")
     if path.exists() and not force:
         raise ModelFileError(f"{path}: already exists; pass --force to replace it")
+    return _check_parent_takes_new_files(path)
+
+
+def _check_parent_takes_new_files(path: Path) -> Path:
+    """The folder ``path`` will be written in exists and takes a new file: tried (a probe, removed at
+    once), so a read-only folder, a full disk or a read-only mount is found before any slow work."""
     folder = path.parent
     if not folder.exists():
         raise ModelFileError(f"{folder}: no such folder")
@@ -277,18 +283,7 @@ def check_folder_writable(path: str | os.PathLike, marker: str, what: str, force
             )
         if not force:
             raise ModelFileError(f"{printable(str(path))}: already exists; pass --force to replace it")
-    folder = path.parent
-    if not folder.exists():
-        raise ModelFileError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: is not a folder")
-    with deferred():
-        try:
-            probe = _unique(folder, _prefix(path), ".probe", lambda p: os.close(os.open(p, _NEW_FILE, 0o600)))
-        except OSError as e:
-            raise ModelFileError(f"{folder}: cannot write in this folder ({e.strerror or e})") from e
-        os.unlink(probe)
-    return path
+    return _check_parent_takes_new_files(path)
 
 
 @contextlib.contextmanager
