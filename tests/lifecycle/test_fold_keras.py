@@ -169,3 +169,24 @@ def test_subclassed_model_is_a_clear_error():
     model(np.zeros((2, 4), "float32"))
     with pytest.raises(ValueError, match="folds Keras functional and Sequential models; 'subclassed' is a subclassed"):
         bnkit.fold_bn(model)
+
+
+def test_operations_on_keras_tensors_are_cloned_too():
+    """``x + y`` and ``x * 0.5`` in a functional model are Keras operations, not layers (no build config,
+    no weights): fold_bn crashed on them (keras.applications ConvNeXt, MobileNetV3: 'Add' object has no
+    attribute 'get_build_config'). Also a real network: MobileNetV3Small, whose hard-swish is such an
+    operation."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.BatchNormalization()(L.Conv2D(6, 3, padding="same")(inputs))
+    y = L.BatchNormalization()(L.Conv2D(6, 1)(x))
+    outputs = (x + y) * 0.5
+    model = _randomize(keras.Model(inputs, outputs))
+    folded = bnkit.fold_bn(model)
+    assert not _layers(folded, L.BatchNormalization)
+    _assert_same(model, folded, np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype("float32"))
+
+    network = _randomize(keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, alpha=0.75))
+    folded, decisions = bnkit.fold_bn(network, report=True)
+    assert {d.outcome for d in decisions} <= {"folded", "affine"}
+    assert sum(d.outcome == "folded" for d in decisions) > 0
+    _assert_same(network, folded, np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype("float32"))

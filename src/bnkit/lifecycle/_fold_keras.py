@@ -122,6 +122,8 @@ def _pair_problem(bn, tensor, producer, calls, readers) -> str | None:
 def _copy_layer(layer, weights=None, **config_changes):
     config = {**layer.get_config(), **config_changes}
     new = layer.__class__.from_config(config)
+    if not isinstance(layer, keras.layers.Layer):  # an operation on Keras tensors (x + y): no build, no weights
+        return new
     build_config = layer.get_build_config()
     if build_config:
         new.build_from_config(build_config)
