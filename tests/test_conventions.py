@@ -193,7 +193,10 @@ def test_translate_momentum_same_convention_is_identity():
 
 
 def test_translate_momentum_none_rules():
-    with pytest.raises(ValueError, match="not part of the keras convention"):
+    # said in both conventions' terms: Keras' default 0.99 alone reads, to a PyTorch user, as the opposite
+    with pytest.raises(ValueError, match=r"momentum=None \(a cumulative average in the torch convention\) has no "
+                       r"equivalent in the keras convention, whose momentum weighs the old value \(its default, "
+                       r"0\.99, is momentum=0\.01 in the torch convention\)"):
         translate_momentum(None, "torch", "keras")
     with pytest.raises(ValueError, match="not part of the keras convention"):
         translate_momentum(None, "keras", "torch")  # None is not a Keras momentum to start with
@@ -247,7 +250,7 @@ def test_translate_settings_given_values_and_identity():
     }
     assert translate_settings("torch", "torch", momentum=None)["momentum"] is None
     assert translate_settings("keras", "keras")["running_var_factor"] == "1"
-    with pytest.raises(ValueError, match="not part of the keras convention"):
+    with pytest.raises(ValueError, match="has no equivalent in the keras convention"):
         translate_settings("torch", "keras", momentum=None)
 
 

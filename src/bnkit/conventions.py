@@ -177,7 +177,13 @@ def translate_momentum(
     src, dst = get_convention(source), get_convention(target)
     if momentum is None:
         src.check_momentum(None)
-        dst.check_momentum(None)
+        if not dst.cumulative_average_when_none:  # said in both conventions' terms: 0.99 alone misleads
+            default = translate_momentum(dst.momentum, dst, src)
+            raise ValueError(
+                f"momentum=None (a cumulative average in the {src.name} convention) has no equivalent in the "
+                f"{dst.name} convention, whose momentum weighs the {dst.momentum_weighs} value (its default, "
+                f"{dst.momentum:g}, is momentum={default:g} in the {src.name} convention)"
+            )
         return None
     if isinstance(momentum, (bool, str, bytes)) or not hasattr(momentum, "__float__"):
         raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__} {momentum!r}")

@@ -8,7 +8,7 @@ import torch
 from layer_checks import check_keras, check_torch, random_array, to_numpy
 from torch import nn
 
-from bnkit.convert import keras_to_torch
+from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.keras import BatchNormalization, keras
 
 L = keras.layers
@@ -69,3 +69,12 @@ def test_frozen_keras_batchnorm_is_converted_in_eval():
     (frozen,) = [w for w in record if "frozen" in str(w.message)]
     assert frozen.filename == __file__  # the warning points at the user's call, not bnkit's code
     assert not torch_model.bn.training and not torch_model.bn.weight.requires_grad
+
+
+def test_cumulative_momentum_refusal_speaks_pytorch_and_keras():
+    """momentum=None with semantics="target" was refused with "its default is 0.99": Keras' default,
+    which in PyTorch's meaning is the opposite (issue 19)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None)).eval()
+    with pytest.raises(Exception, match=r"its default, 0\.99, is momentum=0\.01 in the torch convention\); "
+                       r"use semantics='source'"):
+        torch_to_keras(model, input_shape=(3, 8, 8), semantics="target")
