@@ -83,6 +83,26 @@ def test_conv_bias_is_really_cancelled_by_training_bn():
     assert model[0].bias.grad.abs().max() < 1e-3 * model[0].weight.grad.abs().max()  # zero up to rounding
 
 
+def test_linear_bias_along_the_length_axis_is_not_flagged():
+    """A Linear over the last axis of (N, C, L) adds a bias along L; BatchNorm1d normalises each of the
+    C channels over N and L and does not cancel it (issue 19: flagged when C == L)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)).train()
+    x = torch.randn(4, 16, 16)
+    y = model(x)
+    with torch.no_grad():
+        model[0].bias.add_(torch.linspace(-1.0, 1.0, 16))
+    assert (model(x) - y).abs().max() > 0.1  # the bias matters: editing it changes the training output
+    assert not by_code(bnkit.lint(model, input_shape=(16, 16)), "conv-bias-before-bn")
+    # C != L: the Linear's width is not the batch norm's, so not its channel axis, even without a shape
+    other = nn.Sequential(nn.Linear(8, 12), nn.BatchNorm1d(16))
+    assert not by_code(bnkit.lint(other), "conv-bias-before-bn")
+    # on (N, C) the bias is per channel and cancelled: flagged, with or without the shape
+    plain = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
+    assert by_code(bnkit.lint(plain), "conv-bias-before-bn")
+    assert by_code(bnkit.lint(plain, input_shape=(8,)), "conv-bias-before-bn")
+
+
 def test_conv_bias_found_through_fx_in_a_custom_module_but_not_when_shared():
     class Net(nn.Module):
         def __init__(self):

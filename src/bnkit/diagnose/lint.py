@@ -59,6 +59,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -119,6 +121,8 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
 
     bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     findings: list[Finding] = []
+    # each batch norm's input shape, from one pass on zeros, where the input shape is known; asked lazily
+    bn_shapes = functools.cache(lambda: _torch_bn_input_shapes(model, input_shape) if input_shape is not None else {})
 
     if for_inference and model.training and bns:
         findings.append(
@@ -159,7 +163,13 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
             )
 
     for producer_name, producer, bn_name, bn in _torch_producer_bn_pairs(model):
-        if getattr(producer, "bias", None) is not None:
+        if getattr(producer, "bias", None) is None:
+            continue
+        shape = None
+        if isinstance(producer, nn.Linear):  # which axis its bias lies along depends on the input's rank
+            with contextlib.suppress(ValueError):  # a model that does not run on zeros: rank unknown
+                shape = bn_shapes().get(bn_name)
+        if _torch_bias_is_per_bn_channel(producer, bn, shape):
             findings.append(
                 _bias_finding(
                     producer_name,
@@ -178,7 +188,7 @@ def _lint_torch(model, for_inference, batch_size, input_shape) -> list[Finding]:
         uses_batch_stats = [
             (n, m) for n, m in bns if m.training or m.running_mean is None or (not for_inference and not model.training)
         ]
-        values = _torch_values_per_channel(model, input_shape, batch_size) if uses_batch_stats else {}
+        values = _torch_values_per_channel(bn_shapes(), batch_size) if uses_batch_stats else {}
         for name, bn in uses_batch_stats:
             findings.append(_batch_of_one(name, _describe(bn), values.get(name), keras=False))
 
@@ -263,10 +273,31 @@ def _torch_producer_bn_pairs(model):
     return pairs
 
 
-def _torch_values_per_channel(model, input_shape, batch_size) -> dict[str, int]:
-    """Values each BN channel's statistics come from at ``batch_size``, from one eval pass."""
-    if input_shape is None:
-        return {}
+def _torch_bias_is_per_bn_channel(producer, bn, bn_input_shape) -> bool:
+    """Whether the producer's bias lies along the batch norm's channel axis (which then cancels it).
+
+    A conv's bias is per output channel, axis 1, the batch norm's. A Linear's is along the last axis:
+    the batch norm's channel axis only on a 2-D input (N, C); on (N, C, L) it varies along L, which a
+    BatchNorm1d does not cancel (it normalises each of the C channels over N and L). The input's rank
+    comes from a probe where the input shape is known; without it, a Linear whose width is not the
+    batch norm's cannot be on its channel axis, and one whose width is is taken for the usual 2-D case.
+    """
+    from torch import nn
+
+    if not isinstance(producer, nn.Linear):
+        return True
+    if bn_input_shape is not None:
+        return len(bn_input_shape) == 2
+    return producer.out_features == bn.num_features
+
+
+def _torch_values_per_channel(bn_input_shapes, batch_size) -> dict[str, int]:
+    """Values each BN channel's statistics come from at ``batch_size`` (shapes probed at a batch of 1)."""
+    return {name: batch_size * math.prod(shape[2:]) for name, shape in bn_input_shapes.items()}
+
+
+def _torch_bn_input_shapes(model, input_shape) -> dict[str, tuple[int, ...]]:
+    """Each batch norm's input shape in one eval pass on zeros of ``input_shape`` (batch of 1)."""
     import torch
     from torch import nn
 
@@ -274,10 +305,10 @@ def _torch_values_per_channel(model, input_shape, batch_size) -> dict[str, int]:
     from bnkit.torch.probe import probing
 
     shapes = normalize_input_shape(input_shape)
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, ...]] = {}
 
     def record(name, module, args, output):
-        seen.setdefault(name, batch_size * math.prod(args[0].shape[2:]))
+        seen.setdefault(name, tuple(args[0].shape))
 
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     param = next(model.parameters(), None)
