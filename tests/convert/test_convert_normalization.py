@@ -78,3 +78,35 @@ def test_cumulative_momentum_refusal_speaks_pytorch_and_keras():
     with pytest.raises(Exception, match=r"its default, 0\.99, is momentum=0\.01 in the torch convention\); "
                        r"use semantics='source'"):
         torch_to_keras(model, input_shape=(3, 8, 8), semantics="target")
+
+
+def test_torchvision_frozen_batchnorm_converts_to_frozen_keras_batch_norms():
+    """torchvision's FrozenBatchNorm2d (detection backbones) becomes a Keras BatchNormalization with
+    trainable=False (inference mode always, as the frozen layer), not four elementwise constants
+    (issue 19). ResNet-18 built with it, random statistics: outputs within 1e-5 relative (float32, the
+    same function rounded in another order), in inference and in Keras' training mode alike."""
+    import numpy as np
+
+    from conftest import import_torchvision
+
+    torchvision = import_torchvision()
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, norm_layer=frozen).eval()
+    for m in model.modules():
+        if isinstance(m, frozen):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    converted = torch_to_keras(model, input_shape=(3, 32, 32))
+    batch_norms = [la for la in converted.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert len(batch_norms) == sum(isinstance(m, frozen) for m in model.modules()) == 20
+    assert not any(la.trainable for la in batch_norms)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    nhwc = x.permute(0, 2, 3, 1).numpy()
+    for training in (False, True):
+        got = keras.ops.convert_to_numpy(converted(nhwc, training=training))
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()

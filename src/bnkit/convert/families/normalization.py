@@ -163,6 +163,21 @@ def batchnorm_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     return keras_batchnorm(b, node, m, b.input(node), b.name(node))
 
 
+@from_torch("torchvision.ops.misc.FrozenBatchNorm2d")
+def torchvision_frozen_batchnorm_to_keras(b: TorchToKeras, node, m) -> KerasValue:
+    """torchvision's ``FrozenBatchNorm2d`` (detection backbones, ``norm_layer=FrozenBatchNorm2d``): a batch
+    norm whose statistics and affine are fixed buffers, ``x·w/√(var+eps) + (b − mean·w/√(var+eps))``. A
+    Keras ``BatchNormalization`` with those four as its weights and ``trainable=False``, which Keras runs
+    in inference mode always, as the frozen layer: the same function, in another order of rounding; a
+    batch norm that summary, lint, fold and compare see as one (traced through, it was four elementwise
+    constants)."""
+    layer = L.BatchNormalization(axis=-1, epsilon=float(m.eps), name=b.name(node))
+    weights = [torch_array(getattr(m, buffer)) for buffer in ("weight", "bias", "running_mean", "running_var")]
+    out = call_with_weights(layer, b.input(node).tensor, weights)
+    layer.trainable = False
+    return KerasValue(out, b.out_shape(node))
+
+
 @from_torch(BatchNormAct2d, BatchNormAddAct2d)
 def fused_batchnorm_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     """bnkit's fused ``act(bn(x))`` and ``act(bn(x) + residual)``: the batch norm, an Add, a ReLU."""
