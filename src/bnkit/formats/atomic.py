@@ -94,11 +94,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False):
         raise
     except Exception as e:
         raise_if_stop_requested()  # a signal a framework turned into an error of its own
-        error = write_error(path, e)
-        leftovers = _leftovers(path, work)
-        if leftovers:  # what earlier runs left may be what fills the disk
-            error = ModelFileError(f"{error}; beside it, hidden files of earlier writes: {leftovers}")
-        raise error from e
+        raise _naming_leftovers(write_error(path, e), path, work) from e
     finally:
         if work is not None:
             with deferred():
@@ -234,6 +230,12 @@ def _remove_stale(path: Path) -> None:
                 os.unlink(entry.path)
 
 
+def _naming_leftovers(error: ModelFileError, path, work) -> ModelFileError:
+    """``error``, naming the hidden files earlier writes left beside ``path`` (they may be what fills the disk)."""
+    leftovers = _leftovers(path, work)
+    return ModelFileError(f"{error}; beside it, hidden files of earlier writes: {leftovers}") if leftovers else error
+
+
 def _leftovers(path: Path, own: Path | None, shown: int = 3) -> str:
     """The hidden temporary names of earlier writes of ``path`` still beside it, bnkit's or an older
     version's (``.<stem>.<random><suffix>``), named so that the user can remove them."""
@@ -320,10 +322,7 @@ def atomic_folder(path: str | os.PathLike, marker: str, what: str, force: bool =
     except Exception as e:
         raise_if_stop_requested()
         error = ModelFileError(f"{printable(str(path))}: cannot write the folder ({_reason(e)})")
-        leftovers = _leftovers(path, work)
-        if leftovers:
-            error = ModelFileError(f"{error}; beside it, hidden files of earlier writes: {leftovers}")
-        raise error from e
+        raise _naming_leftovers(error, path, work) from e
     finally:
         if work is not None:
             with deferred():
