@@ -122,15 +122,7 @@ KERAS = Convention(
     channel_axis=-1,
 )
 
-TF_KERAS_FUSED = Convention(
-    name="tf_keras_fused",
-    eps=1e-3,
-    momentum=0.99,
-    momentum_weighs="old",
-    cumulative_average_when_none=False,
-    running_var_estimator="unbiased",
-    channel_axis=-1,
-)
+TF_KERAS_FUSED = replace(KERAS, name="tf_keras_fused", running_var_estimator="unbiased")  # Keras', but unbiased
 """tf-keras 2's (``tf.keras`` of TensorFlow 2.x) ``BatchNormalization`` where it runs fused.
 
 tf-keras 2 runs its fused kernel (``tf.compat.v1.nn.fused_batch_norm``) when ``fused`` is ``None``
