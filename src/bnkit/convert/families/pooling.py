@@ -69,7 +69,7 @@ def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     in_shape = node.input_tensors[0].shape
     ks, strides = tuple(layer.pool_size), tuple(layer.strides)
     padding = [0] * spatial_rank
-    is_max = isinstance(layer, _KERAS_MAX_POOLS)
+    is_max = layer.pool_mode == "max"  # any rank (MaxPooling3D: bnkit.convert.families.volumetric)
     source = x.node
     ceil_mode = False
     if layer.padding == "same":
@@ -102,6 +102,8 @@ def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
         (True, 2): nn.MaxPool2d,
         (False, 1): nn.AvgPool1d,
         (False, 2): nn.AvgPool2d,
+        (True, 3): nn.MaxPool3d,
+        (False, 3): nn.AvgPool3d,
     }[(is_max, spatial_rank)]
     kwargs = {} if is_max else {"count_include_pad": False}  # Keras averages over real values only
     pool = cls(ks, stride=strides, padding=tuple(padding), ceil_mode=ceil_mode, **kwargs)
@@ -138,9 +140,14 @@ def adaptive_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 
 
 def _keras_pool_class(is_max: bool, n: int):
-    return {(True, 1): L.MaxPooling1D, (True, 2): L.MaxPooling2D, (False, 1): L.AveragePooling1D}.get(
-        (is_max, n), L.AveragePooling2D
-    )
+    return {
+        (True, 1): L.MaxPooling1D,
+        (True, 2): L.MaxPooling2D,
+        (True, 3): L.MaxPooling3D,
+        (False, 1): L.AveragePooling1D,
+        (False, 2): L.AveragePooling2D,
+        (False, 3): L.AveragePooling3D,
+    }[(is_max, n)]
 
 
 def pool_keras(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue:
@@ -149,7 +156,7 @@ def pool_keras(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue
     ks = _tuple(m.kernel_size, n)
     strides = _tuple(m.stride if m.stride is not None else m.kernel_size, n)
     pads = _tuple(m.padding, n)
-    is_max = isinstance(m, _TORCH_MAX_POOLS)
+    is_max = isinstance(m, nn.modules.pooling._MaxPoolNd)
     if is_max and (set(_tuple(m.dilation, n)) != {1} or m.return_indices):
         raise b.unsupported(node, "dilation and return_indices have no Keras equivalent")
     if not is_max and getattr(m, "divisor_override", None) is not None:
@@ -219,13 +226,15 @@ def pool_function_to_keras(b: TorchToKeras, node, fn) -> KerasValue:
 def global_pool_keras(b: TorchToKeras, node, x: KerasValue, is_max: bool, keepdims: bool) -> KerasValue:
     """Keras global average/max pooling over the spatial axes of ``x``."""
     n = x.rank - 2
-    if n not in (1, 2):
+    if n not in (1, 2, 3):
         raise b.unsupported(node, f"global pooling of a rank-{x.rank} input")
     cls = {
         (False, 1): L.GlobalAveragePooling1D,
         (False, 2): L.GlobalAveragePooling2D,
+        (False, 3): L.GlobalAveragePooling3D,
         (True, 1): L.GlobalMaxPooling1D,
         (True, 2): L.GlobalMaxPooling2D,
+        (True, 3): L.GlobalMaxPooling3D,
     }[(is_max, n)]
     out = cls(keepdims=keepdims, name=b.name(node))(x.tensor)
     shape = (x.shape[0], *([1] * n)) if keepdims else (x.shape[0],)
@@ -237,7 +246,7 @@ def adaptive_pool_keras(b: TorchToKeras, node, x: KerasValue, output_size, is_ma
     in Keras: global pooling (output 1), the identity (output = input), a pooling with kernel =
     stride = input / output (where that divides), else Keras' own adaptive pooling."""
     n = x.rank - 2
-    if n not in (1, 2):
+    if n not in (1, 2, 3):
         raise b.unsupported(node, f"adaptive pooling of a rank-{x.rank} input")
     sizes = x.shape[1:]
     outs = tuple(size if o is None else int(o) for o, size in zip(_tuple(output_size, n), sizes, strict=True))
@@ -252,8 +261,10 @@ def adaptive_pool_keras(b: TorchToKeras, node, x: KerasValue, output_size, is_ma
     cls = {
         (False, 1): L.AdaptiveAveragePooling1D,
         (False, 2): L.AdaptiveAveragePooling2D,
+        (False, 3): L.AdaptiveAveragePooling3D,
         (True, 1): L.AdaptiveMaxPooling1D,
         (True, 2): L.AdaptiveMaxPooling2D,
+        (True, 3): L.AdaptiveMaxPooling3D,
     }[(is_max, n)]
     return b.apply(node, cls(outs[0] if n == 1 else outs, name=name), x)
 
