@@ -205,9 +205,19 @@ def _is_torch(model) -> bool:
 
 
 def relative_error(got, expected) -> float:
+    if isinstance(expected, (dict, list, tuple)):  # several outputs ({"out", "aux"}): the worst, key by key
+        keys = expected.keys() if isinstance(expected, dict) else range(len(expected))
+        return max(relative_error(got[k], expected[k]) for k in keys)
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     scale = np.abs(expected).max()
     return float(np.abs(got - expected).max() / scale) if scale > 0 else float(np.abs(got).max())
+
+
+def each(fn, y):
+    """``fn`` on an output, or on each output of a dict, tuple or list of them (the same structure back)."""
+    if isinstance(y, dict):
+        return {k: fn(v) for k, v in y.items()}
+    return type(y)(fn(v) for v in y) if isinstance(y, (list, tuple)) else fn(y)
 
 
 def _numpy(x) -> np.ndarray:
@@ -270,8 +280,8 @@ def _run(model, x: np.ndarray, training: bool) -> np.ndarray:
     with torch.no_grad():  # Keras runs on its torch backend: no autograd graph either
         if _is_torch(model):
             model.train(training)
-            return _numpy(model(torch.from_numpy(x)))
-        return _numpy(model(x, training=training))
+            return each(_numpy, model(torch.from_numpy(x)))
+        return each(_numpy, model(x, training=training))
 
 
 def _weights(model) -> list[tuple[str, np.ndarray]]:
@@ -319,7 +329,7 @@ def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source
     seconds = time.perf_counter() - start
 
     def to_source_layout(y):
-        return _to_keras_layout(y) if net.framework == "keras" else _to_torch_layout(y)
+        return each(_to_keras_layout if net.framework == "keras" else _to_torch_layout, y)
 
     expected = _run(source, x, False)
     inference = relative_error(to_source_layout(_run(target, x_target, False)), expected)

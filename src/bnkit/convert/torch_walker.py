@@ -270,6 +270,9 @@ class TorchToKeras:
                 self.env[node] = KerasValue(tensor, shape)
             elif node.op == "output":
                 result = node.args[0]
+                if isinstance(result, dict):  # torchvision's segmentation models: {"out": ..., "aux": ...}
+                    outputs = {str(k): self.mapped(self.value(r, node), r.name).tensor for k, r in result.items()}
+                    continue
                 for r in result if isinstance(result, (tuple, list)) else (result,):
                     outputs.append(self.mapped(self.value(r, node), r.name).tensor)
             else:
@@ -277,7 +280,7 @@ class TorchToKeras:
         self.semantics.check_all_found()
         return keras.Model(
             inputs[0] if len(inputs) == 1 else inputs,
-            outputs[0] if len(outputs) == 1 else outputs,
+            outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else outputs,
             name=self.model_name,
         )
 
