@@ -635,3 +635,29 @@ def test_cli_all_shows_every_row_of_a_large_network(run_cli, tmp_path):
     assert "of 60 paired layers shown; --all" in short.stdout
     assert all(f"\n {k:>2}  " in full.stdout or f"\n{k:>3}  " in full.stdout for k in (0, 30, 59))
     assert "paired layers shown" not in full.stdout
+
+
+@pytest.mark.parametrize("length", [16, 12])
+def test_linear_over_the_length_axis_agrees_whether_or_not_channels_equal_steps(length):
+    """Issue 19, defect 2: a Linear mixing the length axis of (N, C, L) runs on PyTorch's layout in the
+    converted Keras model too (a Permute, then a Dense on the last axis); with C == L the shapes read
+    the same either way, and compare reported a layout divergence on an exact conversion. A changed
+    weight there is still found."""
+    from bnkit.convert import torch_to_keras
+
+    torch.manual_seed(0)
+    channels = 16
+    tmodel = nn.Sequential(
+        nn.Conv1d(3, channels, 3, padding=1), nn.BatchNorm1d(channels), nn.ReLU(),
+        nn.Linear(length, length), nn.Flatten(), nn.Linear(channels * length, 4),
+    ).eval()  # fmt: skip
+    kmodel = torch_to_keras(tmodel, (3, length))
+    x = np.random.default_rng(0).standard_normal((2, 3, length)).astype("float32")
+    for training in (False, True):
+        report = compare(tmodel, kmodel, x, training=training)
+        assert report.agree and codes(report) == [], report
+    dense = next(layer for layer in kmodel.layers if isinstance(layer, keras.layers.Dense))
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel, bias + 0.1])
+    report = compare(tmodel, kmodel, x)
+    assert not report.agree and codes(report) == ["weights"]

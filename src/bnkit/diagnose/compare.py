@@ -154,14 +154,21 @@ def _rows(trace_a: Trace, trace_b: Trace, pairs, atol: float, rtol: float, train
             max_abs, max_rel, ratio, diverges = diff(ea.canonical, eb.canonical, layer_atol, rtol)
         else:  # both work on channels-last data (paired by their raw shapes): compared as they are
             max_abs, max_rel, ratio, diverges = diff(ea.raw, eb.raw, layer_atol, rtol)
-        if diverges and ea.kind == "flatten" and framework_a != framework_b:
-            # a PyTorch port may permute to channels-last before flattening, as Keras does:
-            # then both flatten H·W·C, and its Linear takes Keras' order unchanged
+            ea.compared_as_is = eb.compared_as_is = True
+        if diverges and same_layout and ea.raw.shape == eb.raw.shape and framework_a != framework_b:
+            # Both may work on the same arrangement of the data, which the shapes cannot tell when they
+            # read the same either way (a Dense over the length axis of an (N, C, L) tensor with C == L,
+            # kept in PyTorch's layout on both sides): then they are compared as they are, the arrangement
+            # that differs less. A PyTorch port may also permute to channels-last before flattening, as
+            # Keras does: both flatten H·W·C, and its Linear takes Keras' order unchanged.
             raw = diff(ea.raw, eb.raw, layer_atol, rtol)
-            if not raw[3]:
+            if not raw[3] or (ea.kind != "flatten" and raw[0] < max_abs):
                 max_abs, max_rel, ratio, diverges = raw
-                for e in (ea, eb):
-                    e.flat_order = "hwc"
+                if ea.kind == "flatten":
+                    for e in (ea, eb):
+                        e.flat_order = "hwc"
+                else:
+                    ea.compared_as_is = eb.compared_as_is = True
         _, n, _ = local_terms(ea, framework_a, max(ea.input_scales or [0.0]))
         row = LayerDiff(
             k,

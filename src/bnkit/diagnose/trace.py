@@ -55,6 +55,9 @@ class Entry:
     bn: BatchNormState | None = None
     pre_flatten_shape: tuple[int, ...] | None = None  # the input's raw shape, for a flatten
     flat_order: str = "own"  # "hwc" when a flatten pair agrees in Keras' H·W·C order on both sides
+    # the pair's outputs compared in their own layouts: both sides hold the data in one arrangement (a
+    # Dense after a permute, as ConvNeXt's; a Linear over the length axis kept in PyTorch's layout)
+    compared_as_is: bool = False
     cache: dict = field(default_factory=dict, repr=False)  # figures derived from the weights, computed once
 
     @property

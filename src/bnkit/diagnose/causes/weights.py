@@ -158,7 +158,7 @@ def _inputs_differ(ctx, report: CompareReport, k: int) -> tuple[str, bool] | Non
     if not ea.input_raw or not eb.input_raw or flatten_feeding(ctx, k) is not None:
         return None
     xa, xb = ea.input_raw[0], eb.input_raw[0]
-    if not (ea.canonical.shape != eb.canonical.shape and ea.raw.shape == eb.raw.shape):  # else: both channels-last
+    if not ea.compared_as_is:  # else: both hold the data in one arrangement (compare.py decided)
         xa = to_layout(xa, ctx.framework_a, "torch", copy=False)
         xb = to_layout(xb, ctx.framework_b, "torch", copy=False)
     if xa.shape != xb.shape:
@@ -289,8 +289,8 @@ def _same_input(ctx, k: int) -> tuple[bool, str] | None:
     f = flatten_feeding(ctx, k)
     if fa == fb:
         x = ea.input_raw[0]
-    elif ea.canonical.shape != eb.canonical.shape and ea.raw.shape == eb.raw.shape:
-        x = ea.input_raw[0]  # both work on channels-last data (ConvNeXt's Linear after a permute)
+    elif ea.compared_as_is:
+        x = ea.input_raw[0]  # both work on one arrangement (ConvNeXt's Linear after a permute)
     elif f is not None:
         prev, prev_b = ctx.entries(f)
         if prev.flat_order == "hwc":
@@ -303,8 +303,10 @@ def _same_input(ctx, k: int) -> tuple[bool, str] | None:
         out = rerun(eb, fb, np.ascontiguousarray(x))
     except Exception:  # noqa: BLE001 - an experiment that cannot run confirms nothing
         return None
-    out = to_layout(out, fb, "torch")
+    expected = ea.raw if ea.compared_as_is and fa != fb else ea.canonical
+    if expected is ea.canonical:
+        out = to_layout(out, fb, "torch")
     gain, n, terms = local_terms(ea, fa, max(ea.input_scales or [0.0]))
     rounding = 2 * SAFETY * max(ctx.trace_a.dtype_eps, ctx.trace_b.dtype_eps) * math.sqrt(n) * terms
-    max_abs, _, _, diverges = diff(out, ea.canonical, ctx.atol + rounding, ctx.rtol)
+    max_abs, _, _, diverges = diff(out, expected, ctx.atol + rounding, ctx.rtol)
     return not diverges, f"max |difference| {max_abs:.3g}, allowed {ctx.atol + rounding:.3g} for {n:,} terms"
