@@ -268,6 +268,8 @@ def _without_dropout(model) -> None:
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
                 m.p = 0.0
+            elif isinstance(m, nn.MultiheadAttention):  # dropout on the attention weights
+                m.dropout = 0.0
         return
     for layer in model._flatten_layers(include_self=False, recursive=True):
         for attribute in ("rate", "drop_path_rate"):

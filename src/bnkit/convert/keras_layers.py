@@ -6,6 +6,7 @@ has none of its own. Importing this module registers them for ``.keras`` save/lo
   weight (a PyTorch parameter or buffer used in arithmetic: a layer scale, a normalization mean).
 * :class:`Slice` — ``x[..., start:stop, ...]`` on one axis (PyTorch ``chunk``, ``split``, ``narrow``).
 * :class:`StochasticDepth` — drops whole samples (or the whole batch) in training, as torchvision's.
+* :class:`BatchConstant` — a weight repeated for every sample (ViT's class token, ``token.expand(n, -1, -1)``).
 * :func:`gelu_tanh` — GELU with the tanh approximation, as ``nn.GELU(approximate="tanh")``.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from bnkit.keras import keras
 
-__all__ = ["ElementwiseConstant", "Slice", "StochasticDepth", "gelu_tanh", "OPERATIONS"]
+__all__ = ["ElementwiseConstant", "Slice", "StochasticDepth", "BatchConstant", "gelu_tanh", "OPERATIONS"]
 
 ops = keras.ops
 
@@ -148,4 +149,34 @@ class StochasticDepth(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(rate=self.rate, mode=self.mode, seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="bnkit")
+class BatchConstant(keras.layers.Layer):
+    """A weight repeated for every sample of the batch of its input: ``(N, *constant_shape)``, the
+    input's values unused (it only gives the batch size). A learned token prepended to a sequence
+    (ViT's class token, ``self.class_token.expand(n, -1, -1)`` in PyTorch); trainable as the layer is."""
+
+    def __init__(self, constant_shape, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(constant_shape, (tuple, list)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in constant_shape
+        ):
+            raise ValueError(f"constant_shape must be a tuple of positive ints, got {constant_shape!r}")
+        self.constant_shape = tuple(constant_shape)
+
+    def build(self, input_shape) -> None:
+        self.constant = self.add_weight(name="constant", shape=self.constant_shape, initializer="zeros")
+
+    def call(self, inputs):
+        constant = ops.cast(self.constant, inputs.dtype)
+        return ops.broadcast_to(constant[None], (ops.shape(inputs)[0], *self.constant_shape))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.constant_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(constant_shape=list(self.constant_shape))
         return config
