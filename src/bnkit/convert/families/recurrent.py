@@ -16,9 +16,10 @@ checked against the real layers; ``σ`` the sigmoid):
 * LSTM: gates ``(i, f, g, o)`` in PyTorch, ``(i, f, c, o)`` in Keras (the same order),
   ``c' = f ⊙ c + i ⊙ g``, ``h' = o ⊙ tanh(c')``. Keras has one bias, PyTorch two that are only
   ever added: Keras → PyTorch puts it in ``bias_ih`` and zeros in ``bias_hh`` (exact, and back
-  again bit for bit); PyTorch → Keras sums them in float32, which rounds once (each gate's
-  pre-activation differs from PyTorch's by at most half an ulp of the bias: measured 6e-8
-  relative on the tests' networks), and converting back gives that sum in ``bias_ih``.
+  again bit for bit); PyTorch → Keras sums them in float32, which rounds once (measured on 20
+  random bidirectional LSTMs: within 5.8e-8 relative of the exact sum, and PyTorch's own LSTM
+  given the summed bias and a zero ``bias_hh`` returns bit-identical outputs), and converting
+  back gives that sum in ``bias_ih``.
 * SimpleRNN: ``h' = act(W x + b_ih + U h + b_hh)``, ``act`` tanh or relu; biases as for the LSTM.
 
 PyTorch returns ``(output, h_n)`` (the LSTM ``(output, (h_n, c_n))``); ``output`` is
