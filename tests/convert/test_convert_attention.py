@@ -287,3 +287,41 @@ def test_swin_and_maxvit_are_refused_at_their_attention(name, size, layer, messa
     with pytest.raises(UnsupportedLayerError, match=message) as refused:
         torch_to_keras(module, (3, size, size))
     assert refused.value.layer_name == layer and "relative_position_index" in refused.value.reason
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_compare_agrees_on_a_converted_transformer_block(training):
+    from bnkit.diagnose.compare import compare
+    from bnkit.diagnose.lint import lint
+
+    kmodel = keras_transformer_block()
+    tmodel = keras_to_torch(kmodel)
+    for layer in kmodel._flatten_layers(include_self=False, recursive=True):  # dropout off on both sides
+        if isinstance(layer, L.Dropout):
+            layer.rate = 0.0
+    for m in tmodel.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, nn.MultiheadAttention):
+            m.dropout = 0.0
+    x = np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype("float32")
+    report = compare(kmodel, tmodel, x, training=training)
+    assert report.agree and report.causes == [], str(report)
+    assert lint(kmodel) == [] and lint(tmodel) == []
+
+
+class IndexedTable(nn.Module):
+    """A relative-position-bias pattern outside torchvision: a table indexed with an integer buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+        self.register_buffer("index", torch.arange(4))
+
+    def forward(self, x):
+        return x + self.table[self.index].sum(0)
+
+
+def test_an_integer_buffer_is_refused_naming_its_dtype_and_reader():
+    with pytest.raises(UnsupportedLayerError, match=r"'index' is a torch.int64 tensor, read by indexing"):
+        torch_to_keras(IndexedTable(), (3, 4))

@@ -319,7 +319,13 @@ class TorchToKeras:
         module = self.gm.get_submodule(owner) if owner else self.gm
         tensor = getattr(module, attribute)
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise self.unsupported(node, f"the attribute {node.target!r} is not a floating-point tensor")
+            what = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else "not a tensor"
+            users = ", ".join(sorted({describe_operation(u) for u in node.users if u.op != "output"})) or "nothing"
+            raise self.unsupported(
+                node,
+                f"the attribute {node.target!r} is {what}, read by {users}; only floating-point parameters "
+                "and buffers convert (an integer buffer is usually an index, e.g. into a position bias table)",
+            )
         trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
         return Constant(torch_array(tensor), trainable, str(node.target))
 
