@@ -62,7 +62,10 @@ def _keras_model(layer, shape):
     ("build", "match"),
     [
         (lambda: _keras_model(L.LSTM(3, name="rnn"), (5, 2)), r"'rnn' \(LSTM\)"),
-        (lambda: _keras_model(L.Conv2DTranspose(3, 3, name="up"), (5, 5, 2)), r"'up' \(Conv2DTranspose\)"),
+        (
+            lambda: _keras_model(L.Conv2DTranspose(3, 3, data_format="channels_first", name="up"), (2, 5, 5)),
+            r"'up' \(Conv2DTranspose\): data_format='channels_first'",
+        ),
         (lambda: _keras_model(L.MaxPooling2D(2, strides=1, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
         (lambda: _keras_model(L.LayerNormalization(axis=1, name="ln"), (5, 2)), r"'ln'.*only the last axes"),
         (
