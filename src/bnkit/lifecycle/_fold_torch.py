@@ -17,11 +17,13 @@ from bnkit.lifecycle._torch_bn import (
     batchnorms,
     display_name,
     inference_scale_shift,
+    num_channels,
     replace_module,
     require_running_stats,
 )
 from bnkit.lifecycle.fold import FoldDecision
 from bnkit.torch.affine import ChannelAffine
+from bnkit.torch.frozen import is_batch_norm, is_torchvision_frozen
 from bnkit.torch.tracing import BatchNormLeafTracer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -103,11 +105,11 @@ def _affine_for(bn: _BatchNorm) -> ChannelAffine:
 
 
 def fold_torch(model: nn.Module, *, example_inputs=None) -> tuple[nn.Module, list[FoldDecision]]:
-    found = batchnorms(model)
+    found = batchnorms(model, torchvision_frozen=True)
     for name, bn in found:
         require_running_stats(name, bn, "fold")
     model = copy.deepcopy(model).eval()
-    if isinstance(model, _BatchNorm):
+    if is_batch_norm(model):
         reason = "the model is the batch norm itself: there is no layer to fold it into"
         return _affine_for(model), [_decision("", model, "affine", reason=reason)]
     try:
@@ -130,7 +132,7 @@ def fold_torch(model: nn.Module, *, example_inputs=None) -> tuple[nn.Module, lis
     # The graph only decides; the deep copy keeps its own class and forward, with each batch
     # norm swapped for nn.Identity (folded) or a ChannelAffine (not foldable).
     decisions = []
-    for name, bn in batchnorms(model):
+    for name, bn in batchnorms(model, torchvision_frozen=True):
         if name in read:
             warnings.warn(
                 f"{display_name(name, bn)} is not only called: forward reads its tensors directly "
@@ -174,15 +176,15 @@ def _pair_problem(name: str, layer: nn.Module, bn: _BatchNorm, output_ndim: int 
     """Why ``bn`` cannot fold into ``layer`` (the layer whose output it normalises), or ``None``."""
     if not isinstance(layer, FOLDABLE):
         return f"its input is the output of {_layer(name, layer)}, not of a Conv/ConvTranspose/Linear"
-    if _out_channels(layer) != bn.num_features:
-        return f"{_layer(name, layer)} has {_out_channels(layer)} output channels, the batch norm {bn.num_features}"
+    if _out_channels(layer) != num_channels(bn):
+        return f"{_layer(name, layer)} has {_out_channels(layer)} output channels, the batch norm {num_channels(bn)}"
     if parametrize.is_parametrized(layer):
         return f"{_layer(name, layer)} has a parametrization (weight_norm, spectral_norm...) that rebuilds its weight"
     if not _computes_plainly(layer):
         return f"{_layer(name, layer)} has forward hooks, which may change its input, weight or output"
     if isinstance(layer, nn.Linear):
         # Linear maps the last axis, a batch norm normalises axis 1: they agree only on (N, C)
-        if isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)):
+        if isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)) or is_torchvision_frozen(bn):
             return (
                 f"{_layer(name, layer)} maps the last axis of its input, {type(bn).__name__} normalises axis 1 "
                 "of a 4-D or 5-D one"
@@ -225,7 +227,7 @@ def _plan(gm: torch.fx.GraphModule, read: set[str], *, shapes_known: bool):
     plan: dict[str, list[str] | None] = {}
     reasons: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
+        if node.op != "call_module" or not is_batch_norm(modules[node.target]):
             continue
         bn = modules[node.target]
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
@@ -310,7 +312,7 @@ def _fold_sequential(model: nn.Module, untraced: str) -> tuple[nn.Module, list[F
             continue
         children = list(parent._modules.items())
         for (_, layer), (bn_name, bn) in zip(children, children[1:], strict=False):
-            if not isinstance(bn, _BatchNorm):
+            if not is_batch_norm(bn):
                 continue
             problem = _pair_problem(names.get(id(layer), ""), layer, bn, None)
             if problem is None and registrations[id(layer)] == registrations[id(bn)] == 1:
@@ -320,7 +322,7 @@ def _fold_sequential(model: nn.Module, untraced: str) -> tuple[nn.Module, list[F
             else:
                 problems[id(bn)] = problem or "it or the layer before it is registered under several names"
     decisions = list(folded.values())
-    for name, bn in batchnorms(model):
+    for name, bn in batchnorms(model, torchvision_frozen=True):
         reason = problems.get(id(bn), "it does not follow a Conv/ConvTranspose/Linear inside an nn.Sequential")
         decisions.append(_decision(name, bn, "affine", reason=f"{untraced}, so only an nn.Sequential's order "
                                                                   f"is known, and {reason}"))

@@ -6,13 +6,22 @@ import torch
 from torch import nn
 
 from bnkit.conventions import TORCH, Convention
+from bnkit.torch.frozen import is_batch_norm
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
-def batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """``(qualified name, module)`` of every batch norm, the root included (named ``""``)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+def batchnorms(model: nn.Module, *, torchvision_frozen: bool = False) -> list[tuple[str, _BatchNorm]]:
+    """``(qualified name, module)`` of every batch norm, the root included (named ``""``); with
+    ``torchvision_frozen``, torchvision's ``FrozenBatchNorm2d`` too (no momentum, nothing to update:
+    there to fold, not to recalibrate or freeze)."""
+    wanted = is_batch_norm if torchvision_frozen else (lambda m: isinstance(m, _BatchNorm))
+    return [(name, m) for name, m in model.named_modules() if wanted(m)]
+
+
+def num_channels(bn: nn.Module) -> int:
+    """The channels a batch norm normalises (torchvision's frozen one has no ``num_features``)."""
+    return int(bn.running_mean.shape[0]) if getattr(bn, "num_features", None) is None else bn.num_features
 
 
 def convention_of(bn: nn.Module) -> Convention:
@@ -25,7 +34,7 @@ def display_name(name: str, bn: nn.Module) -> str:
 
 
 def require_running_stats(name: str, bn: _BatchNorm, action: str) -> None:
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+    if not getattr(bn, "track_running_stats", True) or bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"{display_name(name, bn)} has track_running_stats=False: it normalises with batch statistics "
             f"even in eval(), so it has no fixed statistics to {action}"

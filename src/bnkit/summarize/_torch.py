@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary, normalize_input_shape
+from bnkit.torch.frozen import is_torchvision_frozen
 
 
 def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSummary:
@@ -36,6 +37,8 @@ def summarize_torch(model: nn.Module, input_shape=None, dtype=None) -> ModelSumm
         if isinstance(m, nn.modules.batchnorm._NormBase)
         for b in m.buffers(recurse=False)
         if b.is_floating_point()
+    ) + sum(  # torchvision's frozen batch norm: its weight and bias are buffers too, not statistics
+        m.running_mean.numel() + m.running_var.numel() for m in model.modules() if is_torchvision_frozen(m)
     )
 
     memory = None

@@ -27,7 +27,30 @@ from bnkit.checks import check_bn_input
 from bnkit.conventions import TORCH
 from bnkit.torch.batchnorm import _ConventionBatchNorm
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = [
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "is_batch_norm",
+    "is_torchvision_frozen",
+]
+
+# torchvision's frozen batch norm (detection backbones, norm_layer=FrozenBatchNorm2d): its weight, bias,
+# running_mean and running_var are buffers, it has no momentum, and it always computes
+# x * weight / sqrt(running_var + eps) + (bias - running_mean * weight / sqrt(running_var + eps)), i.e.
+# FrozenBatchNorm2d(batch_stats_in_train=False). Named, not imported: bnkit does not import torchvision.
+TORCHVISION_FROZEN = "torchvision.ops.misc.FrozenBatchNorm2d"
+
+
+def is_torchvision_frozen(module) -> bool:
+    """Whether ``module`` is torchvision's ``FrozenBatchNorm2d`` (or a subclass), without importing it."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" == TORCHVISION_FROZEN for cls in type(module).__mro__)
+
+
+def is_batch_norm(module) -> bool:
+    """A batch norm with fixed statistics to read: ``torch.nn``'s and bnkit's, torchvision's frozen one."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or is_torchvision_frozen(module)
 
 
 class FrozenBatchNorm(_ConventionBatchNorm):

@@ -14,10 +14,12 @@ __all__ = ["BatchNormLeafTracer", "symbolic_trace"]
 
 
 class BatchNormLeafTracer(fx.Tracer):
-    """An ``fx.Tracer`` that never traces into a batch norm (``torch.nn`` or bnkit)."""
+    """An ``fx.Tracer`` that never traces into a batch norm (``torch.nn``, bnkit, torchvision's frozen one)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.modules.batchnorm._NormBase):
+        from bnkit.torch.frozen import is_torchvision_frozen
+
+        if isinstance(m, nn.modules.batchnorm._NormBase) or is_torchvision_frozen(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

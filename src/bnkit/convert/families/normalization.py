@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
 from bnkit.convert._common import warn_at_caller
 from bnkit.convert.registry import from_keras, from_torch
-from bnkit.convert.values import KerasValue, TorchValue, call_with_weights, keras_array, torch_array
+from bnkit.convert.values import Constant, KerasValue, TorchValue, call_with_weights, keras_array, torch_array
 from bnkit.keras import BatchNormalization as BnkitKerasBN
 from bnkit.keras import keras
 from bnkit.renorm import STATE_NAMES
@@ -102,8 +103,9 @@ def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     return TorchValue(b.add_module(layer.name, bn, x.node), x.rank)
 
 
-def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue:
-    """The Keras batch norm of the PyTorch batch norm ``m`` (called at ``node``) applied to ``x``."""
+def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str, key: str | None = None) -> KerasValue:
+    """The Keras batch norm of the PyTorch batch norm ``m`` (called at ``node``) applied to ``x``;
+    ``key``: its name in a ``semantics`` dict (the module's path)."""
     if not m.track_running_stats or m.running_mean is None:
         raise b.unsupported(node, "track_running_stats=False (batch statistics also in eval()) has no Keras equivalent")
     conv = getattr(m, "convention", TORCH)
@@ -115,7 +117,7 @@ def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str) -> Keras
     kwargs = dict(axis=-1, epsilon=m.eps, center=center, scale=scale, name=name)
     renorm = bool(getattr(m, "renorm", False))
     synchronized = isinstance(m, nn.SyncBatchNorm)
-    target = b.semantics.for_layer(str(node.target)) == "target" or conv == KERAS
+    target = b.semantics.for_layer(key or str(node.target)) == "target" or conv == KERAS
     momentum = m.momentum
     if target:
         try:
@@ -161,6 +163,45 @@ def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str) -> Keras
 )
 def batchnorm_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     return keras_batchnorm(b, node, m, b.input(node), b.name(node))
+
+
+@from_torch(F.batch_norm)
+def functional_batchnorm_to_keras(b: TorchToKeras, node, fn) -> KerasValue:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` written in a
+    ``forward``, with a module's buffers and parameters: the batch norm those tensors make, as
+    ``nn.BatchNorm*d`` with them converts (traced in ``eval()``, where ``training=self.training`` is
+    False; the Keras layer then trains as the call does in ``train()``). Statistics that are not a
+    module's tensors, or ``training=True`` always (batch statistics in ``eval()`` too), are refused."""
+    x = b.input(node)
+    tensors = {}
+    for index, key in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        value = b.operand(b.arg(node, index, key), node)
+        if value is not None and not isinstance(value, Constant):
+            raise b.unsupported(node, f"its {key} is computed in forward, not a parameter or buffer of the model")
+        tensors[key] = value
+    if tensors["running_mean"] is None or tensors["running_var"] is None:
+        raise b.unsupported(node, "running_mean/running_var=None (batch statistics also in eval()) has no Keras "
+                            "equivalent")
+    if b.arg(node, 5, "training", False) is not False:
+        raise b.unsupported(node, "training=True in eval() (batch statistics at inference) has no Keras equivalent")
+    momentum, eps = b.arg(node, 6, "momentum", 0.1), b.arg(node, 7, "eps", 1e-5)
+    channels = tensors["running_mean"].array.shape[0]
+    affine = tensors["weight"] is not None or tensors["bias"] is not None
+    m = getattr(nn, f"BatchNorm{max(x.rank - 2, 1)}d")(channels, eps=float(eps), momentum=momentum, affine=affine)
+    with torch.no_grad():
+        m.running_mean.copy_(torch.from_numpy(tensors["running_mean"].array))
+        m.running_var.copy_(torch.from_numpy(tensors["running_var"].array))
+        if tensors["weight"] is not None:
+            m.weight.copy_(torch.from_numpy(tensors["weight"].array))
+            m.weight.requires_grad_(tensors["weight"].trainable)
+        elif affine:  # bias without weight: a frozen weight of ones, which Keras reads as scale=False
+            m.weight.requires_grad_(False)
+        if tensors["bias"] is not None:
+            m.bias.copy_(torch.from_numpy(tensors["bias"].array))
+        elif affine:
+            m.bias = None
+    owner = tensors["running_mean"].name.rpartition(".")[0]
+    return keras_batchnorm(b, node, m, x, b.name(node), key=owner or node.name)
 
 
 @from_torch("torchvision.ops.misc.FrozenBatchNorm2d")
