@@ -11,6 +11,9 @@ import torch
 from real_networks import INFERENCE_TOL, TRAINING_TOL, Network, check_network, randomize_normalization
 from torch import nn
 
+from bnkit.convert import keras_to_torch, torch_to_keras
+from bnkit.diagnose.compare import compare
+from bnkit.diagnose.lint import lint
 from bnkit.keras import keras
 
 L = keras.layers
@@ -70,8 +73,8 @@ def keras_conv_lstm_gru(steps: int = 24, channels: int = 8) -> Network:
         inputs = keras.Input((steps, channels))
         x = L.Conv1D(16, 3, padding="same", use_bias=False)(inputs)
         x = L.ReLU()(L.BatchNormalization()(x))
-        x = L.Bidirectional(L.LSTM(12, return_sequences=True))(x)
-        x = L.GRU(10)(x)
+        x = L.Bidirectional(L.LSTM(12, return_sequences=True), name="bilstm")(x)
+        x = L.GRU(10, name="gru")(x)
         model = keras.Model(inputs, L.Dense(5)(x), name="conv_lstm_gru")
         randomize_normalization(model)
         return model
@@ -98,3 +101,33 @@ def test_sequence_network_converts_there_and_back(net):
     assert report.statistics_error <= TRAINING_TOL
     assert report.batch_norms == {"crnn": 2, "lstm_tagger": 1, "conv_lstm_gru": 1}[net.name]
     assert set(report.weights_lost) == SUMMED_BIASES.get(net.name, set())
+
+
+def _pair(net: Network):
+    source = net.build()
+    target = torch_to_keras(source, net.input_shape) if net.framework == "torch" else keras_to_torch(source)
+    return source, target
+
+
+@pytest.mark.parametrize("net", NETWORKS[::2], ids=lambda n: n.name)
+def test_compare_traces_the_recurrent_layers_and_agrees(net):
+    """bnkit.compare pairs each recurrent layer with its conversion (a 2-layer PyTorch GRU with the second
+    Keras layer, whose output is the module's; a Keras GRU(return_sequences=False) has no partner: PyTorch's
+    GRU returns the whole sequence, and out[:, -1] is not traced) and agrees, in inference and in a training forward;
+    a recurrent kernel changed on one side is found at that layer; lint finds nothing."""
+    source, target = _pair(net)
+    x = net.example_input()
+    for training in (False, True):
+        report = compare(source, target, x, training=training)
+        assert not report.output_diverges and not any(row.diverges for row in report.rows), report
+        rnn_rows = [(row.name_a, row.name_b) for row in report.rows if row.kind == "rnn"]
+        assert rnn_rows == {"crnn": [("gru", "gru")], "conv_lstm_gru": [("bilstm", "bilstm")]}[net.name]
+    keras_model = target if net.framework == "torch" else source
+    layer = next(la for la in keras_model.layers if la.name in ("gru", "bilstm") and isinstance(la, L.Bidirectional))
+    kernel = layer.forward_layer.cell.recurrent_kernel
+    kernel.assign(keras.ops.convert_to_numpy(kernel) * 1.01)
+    report = compare(source, target, x)
+    first = next(row for row in report.rows if row.diverges)
+    assert first.kind == "rnn"
+    for model in (source, target):
+        assert lint(model) == [] and lint(model, for_inference=True, batch_size=2) == []

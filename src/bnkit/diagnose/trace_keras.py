@@ -112,6 +112,14 @@ def _layer_weights(layer, kind: str) -> dict[str, np.ndarray]:
             if getattr(layer, key, None) is not None:
                 weights[key] = to_numpy(getattr(layer, key)).copy()
         weights["eps"] = np.asarray(float(layer.epsilon))
+    elif kind == "rnn":  # kernels as PyTorch's weight_ih, weight_hh per direction (GRU gates z, r, h -> r, z, n)
+        for inner in (layer.forward_layer, layer.backward_layer) if "Bidirectional" in names else (layer,):
+            for w in (inner.cell.kernel, inner.cell.recurrent_kernel):
+                w = to_numpy(w).T
+                if "GRU" in _class_names(inner):
+                    z, r, h = np.split(w, 3)
+                    w = np.concatenate([r, z, h])
+                weights["weight"] = np.concatenate([weights.get("weight", np.zeros(0, w.dtype)), w.ravel()])
     elif kind == "scale":
         for k, w in enumerate(layer.weights):
             weights["constant" if k == 0 else f"constant_{k}"] = to_numpy(w).copy()

@@ -319,7 +319,8 @@ def recurrent_to_keras(b: TorchToKeras, node, m):
     finals = [[] for _ in range(2 if isinstance(m, nn.LSTM) else 1)]  # [h states] (, [c states])
     tensor = x.tensor
     for index in range(m.num_layers):
-        layer_name = name if index == 0 else b.unique_name(f"{name}_l{index}")
+        # the last layer, whose output is the module's, is named after it (compare pairs them by name)
+        layer_name = name if index == m.num_layers - 1 else b.unique_name(f"{name}_l{index}")
         if index > 0 and m.dropout > 0:
             tensor = L.Dropout(m.dropout, name=b.unique_name(f"{name}_dropout{index}"))(tensor)
         inner_name = b.unique_name(f"{layer_name}_{cls.__name__.lower()}") if directions == 2 else layer_name
