@@ -61,7 +61,7 @@ def _keras_model(layer, shape):
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: _keras_model(L.LSTM(3, name="rnn"), (5, 2)), r"'rnn' \(LSTM\)"),
+        (lambda: _keras_model(L.LSTM(3, recurrent_dropout=0.1, name="rnn"), (5, 2)), r"'rnn' \(LSTM\).*recurrent_drop"),
         (
             lambda: _keras_model(L.Conv2DTranspose(3, 3, data_format="channels_first", name="up"), (2, 5, 5)),
             r"'up' \(Conv2DTranspose\): data_format='channels_first'",

@@ -132,10 +132,10 @@ class _WithFeatures(nn.Module):
 
 
 def test_keras_refusals_name_the_layer_inside_nested_models_by_path():
-    block_in = keras.Input((5, 3))
-    block = keras.Model(block_in, L.LSTM(2, return_sequences=True, name="rnn")(block_in), name="block")
-    inputs = keras.Input((5, 3))
-    with pytest.raises(UnsupportedLayerError, match=r"^cannot convert layer 'block/rnn' \(LSTM\): this layer type"):
+    block_in = keras.Input((5, 4, 3))
+    block = keras.Model(block_in, L.ConvLSTM1D(2, 3, return_sequences=True, name="rnn")(block_in), name="block")
+    inputs = keras.Input((5, 4, 3))
+    with pytest.raises(UnsupportedLayerError, match=r"^cannot convert layer 'block/rnn' \(ConvLSTM1D\): this layer"):
         keras_to_torch(keras.Model(inputs, block(inputs)))
 
 
