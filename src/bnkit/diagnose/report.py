@@ -30,6 +30,8 @@ CAUSES: dict[str, str] = {
     "layout": "a Dense/Linear after Flatten expects the other framework's flatten order "
     "(H·W·C vs C·H·W): its weights were not permuted; or a convolution kernel ported NHWC/NCHW "
     "with its spatial axes swapped; or the reshapes/permutations between two layers (a channel shuffle) differ",
+    "resize": "a resize/upsampling layer interpolates differently on the two sides (mode, align_corners, "
+    "antialias; Keras resizes with half-pixel centres and its 'nearest' is PyTorch's 'nearest-exact')",
     "weights": "a layer gives different outputs from matching inputs: its parameters differ",
     "unexplained": "the models disagree for a reason bnkit could not identify",
 }

@@ -7,6 +7,7 @@ One module per rule or small family of rules:
 * :mod:`.batchnorm` — ``training-mode``, ``keras-frozen-inference``, ``missing-running-stats``,
   ``eps``, ``momentum-convention``, ``running-variance-estimator``;
 * :mod:`.layout` — ``layout``: a Dense after Flatten in the other framework's order;
+* :mod:`.resize` — ``resize``: a resize layer whose interpolation (mode, align_corners) differs;
 * :mod:`.weights` — ``weights`` (and ``layout`` for a convolution kernel with swapped axes, and the
   ``unexplained`` of a layer whose own rounding exceeds the tolerance) at the layers where the
   divergence starts.
@@ -111,7 +112,7 @@ class Context:
 
 
 def find_causes(report: CompareReport, ctx: Context) -> list[Cause]:
-    from bnkit.diagnose.causes import batchnorm, layout, nonfinite, weights
+    from bnkit.diagnose.causes import batchnorm, layout, nonfinite, resize, weights
 
     found: dict[str, Cause] = {}
 
@@ -123,6 +124,7 @@ def find_causes(report: CompareReport, ctx: Context) -> list[Cause]:
     nonfinite.find(report, ctx, add)
     batchnorm.find(report, ctx, add)
     layout.find(report, ctx, add)
+    resize.find(report, ctx, add)
     explained = {name for cause in found.values() for name in cause.layers}
     weights.find(report, ctx, add, explained)
     if not found:
