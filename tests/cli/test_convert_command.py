@@ -72,11 +72,11 @@ def test_existing_output_needs_force(run_cli, tmp_path, keras_file):
 
 
 def test_unsupported_layer_and_bad_output_suffix(run_cli, tmp_path):
-    inputs = keras.Input((5, 2))
-    keras.Model(inputs, L.LSTM(3, name="rnn")(inputs)).save(tmp_path / "rnn.keras")
+    inputs = keras.Input((5, 4, 2))
+    keras.Model(inputs, L.ConvLSTM1D(3, 3, name="rnn")(inputs)).save(tmp_path / "rnn.keras")
     proc = run_cli("convert", "rnn.keras", "rnn.pt2")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "bnkit convert: error: cannot convert layer 'rnn' (LSTM): " + (
+    assert proc.stderr.strip() == "bnkit convert: error: cannot convert layer 'rnn' (ConvLSTM1D): " + (
         "this layer type is not supported by bnkit.convert"
     )
     assert not (tmp_path / "rnn.pt2").exists()
