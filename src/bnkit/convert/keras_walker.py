@@ -7,6 +7,7 @@ PyTorch modules and operations with. The translations live in :mod:`bnkit.conver
 
 from __future__ import annotations
 
+import functools
 import keyword
 import re
 
@@ -16,10 +17,11 @@ from torch import fx, nn
 
 import bnkit.convert.families  # noqa: F401 - registers the converters
 from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError
-from bnkit.convert.layouts import inverse, mapped_layout
+from bnkit.convert.layouts import identity, inverse, mapped_layout
 from bnkit.convert.registry import from_keras, keras_converter, keras_unsupported_reason
 from bnkit.convert.values import TorchValue
 from bnkit.keras import keras
+from bnkit.keras.data_format import is_channels_first
 
 __all__ = ["KerasToTorch", "keras_to_torch"]
 
@@ -133,6 +135,37 @@ class KerasToTorch:
         converter = keras_converter(producer)
         return converter is not None and converter.output_non_negative(producer)
 
+    # ---- channels_first models -------------------------------------------------------------
+    @functools.cached_property
+    def channels_first(self) -> bool:
+        """Whether the model is channels_first (:func:`is_channels_first`): its converted inputs and
+        outputs then keep Keras' own layout, which is PyTorch's, ``(N, C, *spatial)``."""
+        return is_channels_first(self.model)
+
+    def io_layout(self, rank: int):
+        """The layout of the converted model's inputs and outputs: PyTorch's (N, C, *spatial)."""
+        return identity(rank) if self.channels_first else mapped_layout(rank)
+
+    def output(self, value: TorchValue) -> TorchValue:
+        return self.to_layout(value, self.io_layout(value.rank))
+
+    def _channels_last_twin(self, layer, node, inputs):
+        """A ``channels_first`` layer computes its ``channels_last`` twin on the same tensors with the
+        channel axis moved last: ``f_cf(x) = moveaxis(f_cl(moveaxis(x, 1, -1)), -1, 1)``. The twin (same
+        config but the format, same weights: kernels have one layout in both) is called on stand-in
+        inputs of the moved shapes, and each input is relabelled as its channels-last view (the same
+        PyTorch tensor: nothing moves); :func:`_channels_first_of` relabels the outputs back."""
+        config = {**layer.get_config(), "data_format": "channels_last"}
+        twin = type(layer).from_config(config)
+        stand_ins = [keras.Input(shape=(*t.shape[2:], t.shape[1]), batch_size=t.shape[0]) for t in node.input_tensors]
+        twin(stand_ins[0] if len(stand_ins) == 1 else stand_ins)
+        twin.set_weights(layer.get_weights())
+        twin.trainable = layer.trainable
+        relabelled = [
+            TorchValue(x.node, x.rank, (x.layout[0], *x.layout[2:], x.layout[1]), x.pending_flat) for x in inputs
+        ]
+        return twin, twin._inbound_nodes[-1], relabelled
+
     # ---- the walk ------------------------------------------------------------------------
     def _unique(self, name: str) -> str:
         base = re.sub(r"\W", "_", name) or "layer"
@@ -150,12 +183,17 @@ class KerasToTorch:
                 self.consumers.setdefault(id(t), []).append(node)
         for tensor in self.model.inputs:
             placeholder = self.graph.placeholder(self._unique(tensor._keras_history.operation.name))
-            self.env[id(tensor)] = TorchValue(placeholder, len(tensor.shape))
+            rank = len(tensor.shape)
+            self.env[id(tensor)] = TorchValue(placeholder, rank, self.io_layout(rank))
         for node in _nodes(self.model):
             if not node.is_input:
                 self.convert(node)
-        outputs = [self.mapped(self.env[id(tensor)]).node for tensor in self.model.outputs]
-        self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        structure = getattr(self.model, "_outputs_struct", None)
+        if isinstance(structure, dict):  # named outputs ({"out": ..., "aux": ...}) stay a dict
+            self.graph.output({str(k): self.output(self.env[id(t)]).node for k, t in structure.items()})
+        else:
+            outputs = [self.output(self.env[id(tensor)]).node for tensor in self.model.outputs]
+            self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         self.semantics.check_all_found()
         gm = fx.GraphModule(self.root, self.graph, class_name=re.sub(r"\W", "_", self.name))
         # A Keras model called without training= runs in inference: so does the converted one
@@ -166,16 +204,33 @@ class KerasToTorch:
         """Convert one Keras graph node (a layer call) with its registered converter."""
         layer = node.operation
         inputs = [self.env[id(t)] for t in node.input_tensors]
-        if len(node.outputs) != 1:
-            raise self.unsupported(layer, "layers with several outputs are not supported")
         converter = keras_converter(layer)
         if converter is None:
             raise self.unsupported(layer, keras_unsupported_reason(layer))
+        channels_first = getattr(layer, "data_format", None) == "channels_first"
+        outputs = node.outputs
+        if channels_first:  # converted as its channels_last twin, the tensors' layouts relabelled
+            layer, node, inputs = self._channels_last_twin(layer, node, inputs)
         if not (converter.elementwise or converter.permuted_input):  # it reads its inputs in the mapped layout
             for i, (tensor, value) in enumerate(zip(node.input_tensors, inputs, strict=True)):
                 if not value.mapped:
                     inputs[i] = self.env[id(tensor)] = self.mapped(value)
-        self.env[id(node.outputs[0])] = converter.convert(self, layer, node, inputs)
+        result = converter.convert(self, layer, node, inputs)
+        results = result if isinstance(result, list) else [result]  # a list: one value per output (return_state)
+        if channels_first:
+            results = [_channels_first_of(value) for value in results]
+        if len(results) != len(outputs):
+            raise self.unsupported(layer, "layers with several outputs are not supported")
+        for tensor, value in zip(outputs, results, strict=True):
+            self.env[id(tensor)] = value
+
+
+def _channels_first_of(value: TorchValue) -> TorchValue:
+    """A channels_last twin's output relabelled as the channels_first layer's (channel axis 1)."""
+    if value.rank <= 2:
+        return value
+    layout = value.layout
+    return TorchValue(value.node, value.rank, (layout[0], layout[-1], *layout[1:-1]), value.pending_flat)
 
 
 @from_keras(keras.Model, subclasses=True)

@@ -75,7 +75,7 @@ def compare(
     if x_a.size == 0:
         raise ValueError(f"inputs are empty (shape {tuple(x_a.shape)}): compare needs at least one sample")
     x_a = np.ascontiguousarray(x_a.astype(np.float32) if x_a.dtype == np.float64 else x_a)
-    x_b = to_layout(x_a, framework_a, framework_b)
+    x_b = to_layout(x_a, _data_layout(model_a, framework_a), _data_layout(model_b, framework_b))
 
     trace_a = _trace(model_a, framework_a, x_a, training)
     trace_b = _trace(model_b, framework_b, x_b, training)
@@ -216,6 +216,15 @@ def _framework(model) -> str:
     raise TypeError(
         f"compare needs a torch.nn.Module or a keras.Model, got {type(model).__module__}.{type(model).__name__}"
     )
+
+
+def _data_layout(model, framework: str) -> str:
+    """``"torch"`` or ``"keras"``: the layout of the model's tensors (a channels_first Keras model's is PyTorch's)."""
+    if framework == "torch":
+        return "torch"
+    from bnkit.diagnose.trace_keras import data_layout
+
+    return data_layout(model)
 
 
 def _trace(model, framework: str, x: np.ndarray, training: bool, perturb=None) -> Trace:

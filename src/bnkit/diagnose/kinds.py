@@ -75,17 +75,24 @@ KINDS: dict[str, Kind] = {
         Kind("concat", combine="max", description="concatenation"),
         Kind("act", description="activation"),
         Kind("pad", optional=True, description="zero padding"),
+        Kind("rnn", description="recurrent layer (GRU, LSTM, simple RNN; both directions of a bidirectional one)"),
+        Kind("attn", description="multi-head attention (projections, softmax of scaled dot products, output)"),
+        Kind("resize", description="resizing / upsampling (nearest, bilinear, bicubic interpolation)"),
     )
 }
 
 # torch.nn classes -> kind. Subclasses match too (bnkit's batch norms are _BatchNorm subclasses).
+# A class of a package other than torch and bnkit is matched by its dotted name in the MRO, never imported.
 TORCH_MODULES: tuple[tuple[str, str], ...] = (
     ("torch.nn.modules.conv._ConvNd", "conv"),
     # Keras' SeparableConv*D as bnkit converts it: one layer (depthwise then pointwise), as in Keras
     ("bnkit.convert.torch_modules.SeparableConv1d", "conv"),
     ("bnkit.convert.torch_modules.SeparableConv2d", "conv"),
     ("torch.nn.Linear", "dense"),
+    ("torch.nn.MultiheadAttention", "attn"),
     ("torch.nn.modules.batchnorm._BatchNorm", "bn"),
+    # matched by name in the class's MRO, not imported: bnkit never imports torchvision to trace
+    ("torchvision.ops.misc.FrozenBatchNorm2d", "bn"),
     ("torch.nn.modules.pooling._AdaptiveAvgPoolNd", "gpool"),
     ("torch.nn.modules.pooling._AdaptiveMaxPoolNd", "gpool"),
     ("torch.nn.modules.pooling._MaxPoolNd", "pool"),
@@ -94,6 +101,8 @@ TORCH_MODULES: tuple[tuple[str, str], ...] = (
     ("torch.nn.GroupNorm", "ln"),
     ("torch.nn.Flatten", "flatten"),
     ("torch.nn.modules.padding._ConstantPadNd", "pad"),
+    ("torch.nn.modules.rnn.RNNBase", "rnn"),  # nn.GRU, nn.LSTM, nn.RNN: their output sequence is recorded
+    ("torch.nn.Upsample", "resize"),  # UpsamplingNearest2d, UpsamplingBilinear2d are subclasses
     *(
         (f"torch.nn.{name}", "act")
         for name in (
@@ -160,18 +169,24 @@ TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
     *(
         (name, "gpool", None)
         for name in (_F + "adaptive_avg_pool1d", _F + "adaptive_avg_pool2d", _F + "adaptive_max_pool2d",
-                     "aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default")
+                     "aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default",
+                     _F + "adaptive_avg_pool3d", _F + "adaptive_max_pool3d", "aten.adaptive_avg_pool3d.default",
+                     "aten._adaptive_avg_pool3d.default", "aten.adaptive_max_pool3d.default")
     ),
     *(
         (name, "pool", None)
         for name in (_F + "max_pool1d", _F + "max_pool2d", _F + "avg_pool1d", _F + "avg_pool2d",
-                     "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.max_pool2d_with_indices.default")
+                     "aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.max_pool2d_with_indices.default",
+                     _F + "max_pool3d", _F + "avg_pool3d", "aten.max_pool3d.default", "aten.avg_pool3d.default",
+                     "aten.max_pool3d_with_indices.default")
     ),
     *((name, "pad", None) for name in (_F + "pad", "aten.pad.default", "aten.constant_pad_nd.default")),
     *(
         (name, "conv", None)
         for name in (_F + "conv1d", _F + "conv2d", _F + "conv3d", "aten.conv1d.default", "aten.conv2d.default",
-                     "aten.convolution.default")
+                     "aten.convolution.default", "aten.conv3d.default",
+                     _F + "conv_transpose1d", _F + "conv_transpose2d", _F + "conv_transpose3d",
+                     "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input")
     ),
     *((name, "dense", None) for name in (_F + "linear", "aten.linear.default")),
     *(
@@ -181,6 +196,12 @@ TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
                      "aten.native_group_norm.default")
     ),
     *((name, "bn", None) for name in (_F + "batch_norm", "aten._native_batch_norm_legit_no_training.default")),
+    *(
+        (name, "resize", None)
+        for name in (_F + "interpolate", _F + "upsample", "aten.upsample_nearest2d.vec", "aten.upsample_bilinear2d.vec",
+                     "aten.upsample_bicubic2d.vec", "aten._upsample_nearest_exact2d.vec",
+                     "aten._upsample_bilinear2d_aa.vec", "aten._upsample_bicubic2d_aa.vec")
+    ),
 )  # fmt: skip
 
 # Keras class names (anywhere in the layer's MRO) -> kind; the first row that matches wins.
@@ -189,6 +210,7 @@ KERAS_LAYERS: tuple[tuple[str, str], ...] = (
     ("BaseDepthwiseConv", "conv"),
     ("BaseSeparableConv", "conv"),
     ("BaseConvTranspose", "conv"),
+    ("MultiHeadAttention", "attn"),
     ("Dense", "dense"),
     ("BatchNormalization", "bn"),
     ("LayerNormalization", "ln"),
@@ -210,12 +232,18 @@ KERAS_LAYERS: tuple[tuple[str, str], ...] = (
     ("ZeroPadding1D", "pad"),
     ("ZeroPadding2D", "pad"),
     ("ZeroPadding3D", "pad"),
+    ("RNN", "rnn"),  # GRU, LSTM, SimpleRNN: their first output (the sequence, or its last step)
+    ("Bidirectional", "rnn"),
     ("Activation", "act"),
     ("ReLU", "act"),
     ("Softmax", "act"),
     ("LeakyReLU", "act"),
     ("ELU", "act"),
     ("PReLU", "act"),
+    ("UpSampling1D", "resize"),
+    ("UpSampling2D", "resize"),
+    ("Resizing", "resize"),
+    ("Resize", "resize"),  # the op of keras.ops.image.resize in a functional model
 )
 
 # Keras layers that are random in training (their masks cannot agree across frameworks): compare

@@ -51,7 +51,7 @@ def _bn_gain(entry: Entry, framework: str) -> tuple[float, int]:
     n = 1
     if uses_batch and entry.input_raw:
         x = _float(entry.input_raw[0])
-        axis = x.ndim - 1 if framework == "keras" else min(1, x.ndim - 1)
+        axis = int(w.get("axis", -1)) % x.ndim if framework == "keras" else min(1, x.ndim - 1)
         others = tuple(k for k in range(x.ndim) if k != axis)
         var = x.var(dim=others, unbiased=False).double().numpy() if others else np.zeros(tuple(x.shape))
         n = int(np.prod([x.shape[k] for k in others])) if others else 1

@@ -107,6 +107,7 @@ def _layer_weights(layer, kind: str) -> dict[str, np.ndarray]:
             if value is not None:
                 weights[key] = to_numpy(value).copy()
         weights["eps"] = np.asarray(float(layer.epsilon))
+        weights["axis"] = np.asarray(int(layer.axis))  # the channel axis: any, as Keras allows
     elif kind == "ln":
         for key in ("gamma", "beta"):
             if getattr(layer, key, None) is not None:
@@ -129,8 +130,11 @@ def _layer_weights(layer, kind: str) -> dict[str, np.ndarray]:
     return weights
 
 
-def canonical(out: np.ndarray, kind: str, operand_shape) -> np.ndarray:
-    """A Keras output in PyTorch's layout: channels moved to axis 1, a flatten in C·H·W order."""
+def canonical(out: np.ndarray, kind: str, operand_shape, layout: str = "keras") -> np.ndarray:
+    """A Keras output in PyTorch's layout: channels moved to axis 1, a flatten in C·H·W order (as it is
+    in a channels_first model, ``layout="torch"``)."""
+    if layout == "torch":
+        return out
     if kind == "flatten" and operand_shape is not None and len(operand_shape) in (3, 4, 5):
         full = out.reshape((out.shape[0], *operand_shape[1:]))
         return np.ascontiguousarray(np.moveaxis(full, -1, 1)).reshape(out.shape[0], -1)
@@ -152,11 +156,12 @@ def _flat_tensors(value, keras) -> list:
 
 
 class _Recorder(Recorder):
-    def __init__(self, training: bool, keras, perturb=None) -> None:
+    def __init__(self, training: bool, keras, perturb=None, layout: str = "keras") -> None:
         super().__init__(perturb)
         self.training = training
         self.keras = keras
         self.bn_layers: list = []
+        self.layout = layout  # "torch" for a channels_first model: its tensors are in PyTorch's layout
 
     def results(self, operands, result) -> list:
         # an identity returns its operand: nothing new
@@ -233,7 +238,7 @@ class _Recorder(Recorder):
             output = self.perturbed(prev, kind, output)
             raw = to_numpy(output).copy()
             prev.type = f"{prev.type}+{type_name}"
-            prev.set_output(raw, to_layout(raw, "keras", "torch", copy=False))
+            prev.set_output(raw, to_layout(raw, self.layout, "torch", copy=False))
             prev.callables.append(layer)
             for key, value in _layer_weights(layer, kind).items():
                 prev.weights[f"{key}_{len(prev.callables) - 1}"] = value
@@ -246,7 +251,8 @@ class _Recorder(Recorder):
         index = len(self.entries)
         raw = to_numpy(output).copy()
         operand_shape = tuple(operands[0].shape) if operands else None
-        entry = Entry(index, self.unique(layer.name), type_name, kind, raw, canonical(raw, kind, operand_shape))
+        canonical_raw = canonical(raw, kind, operand_shape, self.layout)
+        entry = Entry(index, self.unique(layer.name), type_name, kind, raw, canonical_raw)
         entry.inputs = inputs
         keep = kind_of(kind).parametric and len(operands) == 1
         entry.input_scales, entry.input_shapes, entry.inputs_finite, kept = describe_operands(self, operands, keep)
@@ -263,10 +269,18 @@ class _Recorder(Recorder):
         if self.perturb is not None:
             output = self.perturbed(entry, kind, output)
             raw = to_numpy(output).copy()
-            entry.set_output(raw, canonical(raw, kind, operand_shape))
+            entry.set_output(raw, canonical(raw, kind, operand_shape, self.layout))
         self.output_ids[index] = id(output)
         self.source(output, (index,))
         return output
+
+
+def data_layout(model) -> str:
+    """The layout of a Keras model's tensors: ``"torch"`` (N, C, *spatial) for a channels_first model,
+    else ``"keras"`` (channels-last)."""
+    from bnkit.keras.data_format import is_channels_first
+
+    return "torch" if is_channels_first(model) else "keras"
 
 
 def trace_keras(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
@@ -285,7 +299,7 @@ def trace_keras(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
         )
     if len(graph.inputs) != 1:
         raise ValueError(f"compare takes models with one input; {model.name!r} has {len(graph.inputs)}")
-    recorder = _Recorder(training, keras, perturb)
+    recorder = _Recorder(training, keras, perturb, data_layout(model))
     dtype = graph.inputs[0].dtype or "float32"
     inp = keras.ops.convert_to_tensor(x, dtype=dtype)
     recorder.source(inp, (INPUT,))
@@ -306,7 +320,7 @@ def trace_keras(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
     if len(producers) == 1 and producers[0] != INPUT and recorder.output_ids.get(producers[0]) == id(final):
         output = recorder.entries[producers[0]].canonical  # e.g. a model ending in Flatten: C·H·W order
     else:
-        output = to_layout(to_numpy(final), "keras", "torch")
+        output = to_layout(to_numpy(final), recorder.layout, "torch")
     name = str(getattr(final, "dtype", "float32")).removeprefix("torch.")
     try:
         eps = float(np.finfo(np.dtype(name)).eps)

@@ -69,6 +69,8 @@ def _tables():
     """(module classes and kinds, {function: [(kind, check), ...]}), resolved once."""
     modules = []
     for path, kind in TORCH_MODULES:
+        if path in _FOREIGN:
+            continue
         try:
             modules.append((_resolve(path), kind))
         except (AttributeError, ImportError):  # not in this torch version
@@ -93,15 +95,39 @@ def _composite_kinds() -> dict[str, str]:
     return {cls.__name__: kind for cls, kind in _tables()[0] if issubclass(cls, nn.Sequential)}
 
 
+# classes of other packages (torchvision's frozen batch norm): matched by name, so that tracing imports nothing
+_FOREIGN = {path: kind for path, kind in TORCH_MODULES if not path.startswith(("torch.", "bnkit."))}
+
+
 def module_kind(module) -> str | None:
     for cls, kind in _tables()[0]:
         if isinstance(module, cls):
+            return kind
+    for cls in type(module).__mro__:
+        kind = _FOREIGN.get(f"{cls.__module__}.{cls.__qualname__}")
+        if kind is not None:
             return kind
     return None
 
 
 def torch_bn_state(module) -> BatchNormState:
     """A PyTorch batch norm's settings and mode, and its running statistics before the run."""
+    if module_kind(module) == "bn" and not hasattr(module, "momentum"):
+        # torchvision's FrozenBatchNorm2d: fixed statistics and affine, in train() as in eval()
+        return BatchNormState(
+            framework="torch",
+            eps=float(module.eps),
+            momentum=None,
+            momentum_weighs=TORCH.momentum_weighs,
+            new_weight=None,
+            running_var_estimator=TORCH.running_var_estimator,
+            tracks_running_stats=True,
+            uses_batch_stats=False,
+            in_training_mode=bool(module.training),
+            trainable=False,
+            running_mean_before=module.running_mean.detach().cpu().numpy().copy(),
+            running_var_before=module.running_var.detach().cpu().numpy().copy(),
+        )
     conv = getattr(module, "convention", None)
     conv = conv if isinstance(conv, Convention) else TORCH
     momentum = module.momentum
@@ -156,6 +182,10 @@ def _module_weights(module, kind: str) -> dict[str, np.ndarray]:
             if getattr(module, attr, None) is not None:
                 weights[key] = to_numpy(getattr(module, attr)).copy()
         weights["eps"] = np.asarray(float(module.eps))
+    elif kind == "rnn":  # the last layer's kernels, which make the module's output: one Keras layer's
+        last, directions = f"_l{module.num_layers - 1}", ("", "_reverse")[: 1 + bool(module.bidirectional)]
+        parts = [getattr(module, f"weight_{w}{last}{d}") for d in directions for w in ("ih", "hh")]
+        weights["weight"] = np.concatenate([to_numpy(p).ravel() for p in parts])
     return weights
 
 

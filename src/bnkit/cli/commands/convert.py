@@ -84,7 +84,7 @@ def _torch_input_shape(model, framework: str, given):
         shape = tuple(model.inputs[0].shape[1:])
         if any(d is None for d in shape):
             raise CLIError(f"the Keras model's input shape {shape} is not fully known; give --input-shape")
-        return shape if len(shape) <= 1 else (shape[-1], *shape[:-1])
+        return shape if len(shape) <= 1 or _channels_first(model, framework) else (shape[-1], *shape[:-1])
     for node in getattr(getattr(model, "graph", None), "nodes", ()):
         if node.op == "placeholder" and hasattr(node.meta.get("val"), "shape"):
             return tuple(int(d) for d in node.meta["val"].shape[1:])
@@ -96,9 +96,16 @@ def _check_input(model, framework: str, torch_shape) -> None:
     from bnkit.inputs import check_model_input
 
     shape = torch_shape
-    if framework == "keras" and len(shape) > 1:  # --input-shape is in PyTorch's layout
+    if framework == "keras" and len(shape) > 1 and not _channels_first(model, framework):  # PyTorch's layout
         shape = (*shape[1:], shape[0])
     check_model_input(model, shape, 2, copies=2, what="verifying the conversion")
+
+
+def _channels_first(model, framework: str) -> bool:
+    """A channels_first Keras model: its input is in PyTorch's layout already, as its conversion's."""
+    from bnkit.keras.data_format import is_channels_first
+
+    return framework == "keras" and is_channels_first(model)
 
 
 def _batch_norms(model, framework: str) -> list[dict]:
@@ -150,8 +157,9 @@ def _max_difference(source, target, source_framework: str, torch_shape) -> tuple
     from bnkit.keras import keras
 
     x = torch.randn(2, *torch_shape, generator=torch.Generator().manual_seed(0))
-    x_keras = np.moveaxis(x.numpy(), 1, -1) if x.dim() > 2 else x.numpy()
     keras_model, torch_model = (source, target) if source_framework == "keras" else (target, source)
+    same_layout = _channels_first(source, source_framework)  # a channels_first Keras model and its conversion
+    x_keras = np.moveaxis(x.numpy(), 1, -1) if x.dim() > 2 and not same_layout else x.numpy()
     was_training = torch_model.training
     torch_model.eval()
     try:
@@ -166,7 +174,7 @@ def _max_difference(source, target, source_framework: str, torch_shape) -> tuple
     for t, k in zip(t_list, k_list, strict=True):
         t_np = t.detach().numpy()
         k_np = np.asarray(keras.ops.convert_to_numpy(k))
-        if t_np.ndim > 2:
+        if t_np.ndim > 2 and not same_layout:
             t_np = np.moveaxis(t_np, 1, -1)
         if t_np.size:
             worst = max(worst, float(np.max(np.abs(t_np - k_np))))

@@ -44,11 +44,28 @@ if TYPE_CHECKING:
 L = keras.layers
 
 
-@from_keras(L.BatchNormalization, BnkitKerasBN)
+def _channels_at_dim_1(b: KerasToTorch, x: TorchValue, axis: int) -> TorchValue:
+    """``x`` arranged so that PyTorch dimension 1 holds Keras axis ``axis`` (the normalised one), the other
+    axes in any order: a batch norm reduces over all of them. As it is when it already does (channels-last
+    data, or channels-first data of a channels_first model), else permuted."""
+    if x.torch_dim(axis) == 1:
+        return x
+    others = [d for d in range(1, x.rank) if d != axis % x.rank]
+    layout = [0] * x.rank
+    layout[axis % x.rank] = 1
+    for dim, keras_axis in enumerate(others, start=2):
+        layout[keras_axis] = dim
+    return b.to_layout(x, layout)
+
+
+@from_keras(L.BatchNormalization, BnkitKerasBN, permuted_input=True)
 def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
+    """Any valid ``axis``: the normalised axis becomes PyTorch's dimension 1 (``BatchNorm1d`` for (N, C)
+    and (N, C, L), ``2d``, ``3d``), where it is not already."""
     (x,) = inputs
-    if layer.axis % x.rank != x.rank - 1 or x.rank < 2:
-        raise b.unsupported(layer, f"axis={layer.axis} is not the channel axis of a rank-{x.rank} input")
+    if x.rank < 2:
+        raise b.unsupported(layer, f"a rank-{x.rank} input has no channel axis")
+    x = _channels_at_dim_1(b, x, layer.axis)
     conv: Convention = layer.convention if isinstance(layer, BnkitKerasBN) else KERAS
     renorm, synchronized = bool(layer.renorm), bool(layer.synchronized)
     channels = layer.moving_mean.shape[0]
@@ -100,7 +117,7 @@ def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
             "the converted BatchNorm is put in eval() with requires_grad=False, but model.train() "
             "switches it back to batch statistics: call .eval() on it after model.train()"
         )
-    return TorchValue(b.add_module(layer.name, bn, x.node), x.rank)
+    return TorchValue(b.add_module(layer.name, bn, x.node), x.rank, x.layout)
 
 
 def keras_batchnorm(b: TorchToKeras, node, m, x: KerasValue, name: str, key: str | None = None) -> KerasValue:
