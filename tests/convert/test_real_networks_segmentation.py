@@ -158,14 +158,7 @@ def test_compare_and_lint_agree_on_the_conversion(name):
     "name",
     [
         "keras_unet",
-        pytest.param(
-            "keras_deeplab",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="fold_bn runs, but folds project_bn (after the ASPP Concatenate) into project_conv with a "
-                "kernel up to 9e-3 and a bias 6e-2 from W*gamma/sqrt(var+eps), b-mean*scale: found here, not fixed",
-            ),
-        ),
+        "keras_deeplab",
     ],
 )
 def test_fold_bn_on_the_keras_networks(name):
@@ -173,6 +166,8 @@ def test_fold_bn_on_the_keras_networks(name):
     model = net.build()
     folded = bnkit.fold_bn(model)
     x = net.example_input()
-    expected = np.asarray(keras.ops.convert_to_numpy(model(x)))
-    got = np.asarray(keras.ops.convert_to_numpy(folded(x)))
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # training=False said: Keras 3.15.1's Resizing declares call(training=True), and model(x) without it runs
+    # the batch norms after a Resizing (project_bn here) in training mode, updating their statistics
+    expected = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+    got = np.asarray(keras.ops.convert_to_numpy(folded(x, training=False)))
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
