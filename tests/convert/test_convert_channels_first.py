@@ -179,3 +179,30 @@ def test_convert_command_checks_a_channels_first_model_in_its_own_layout(run_cli
         got = program(torch.from_numpy(x)).numpy()
     expected = to_numpy(model(x))
     assert np.abs(got - expected).max() <= TOL * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda cf: L.Conv2D(2, 3, strides=2, padding="same", **cf), (3, 7, 7)),
+        (lambda cf: L.DepthwiseConv2D(3, depth_multiplier=2, **cf), (2, 5, 5)),
+        (lambda cf: L.Conv2DTranspose(3, 3, strides=2, padding="same", **cf), (4, 6, 6)),
+        (lambda cf: L.Conv3D(4, 3, padding="same", **cf), (3, 4, 6, 6)),
+        (lambda cf: L.MaxPooling3D(2, **cf), (3, 4, 6, 6)),
+        (lambda cf: L.ZeroPadding2D(((1, 0), (2, 1)), **cf), (3, 4, 4)),
+        (lambda cf: L.Cropping2D(((1, 0), (0, 1)), **cf), (3, 4, 4)),
+        (lambda cf: L.SpatialDropout2D(0.5, **cf), (3, 4, 5)),
+        (lambda cf: L.GlobalMaxPooling2D(keepdims=True, **cf), (3, 4, 5)),
+        (lambda cf: L.UpSampling2D(2, interpolation="bilinear", **cf), (3, 4, 5)),
+    ],
+)
+def test_each_channels_first_layer_converts_as_its_channels_last_twin(make, shape):
+    """What used to be refused by data_format: each layer alone, on (N, C, *spatial), against Keras."""
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, make({"data_format": "channels_first"})(inputs))
+    converted = keras_to_torch(model)
+    x = random_array((2, *shape))
+    expected = to_numpy(model(x))
+    with torch.no_grad():
+        got = converted(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=TOL, atol=TOL)

@@ -199,10 +199,6 @@ def test_convolution_refusals_name_the_layer():
         module = SeparableConv2d(3, 4, 3, padding=1)
         module.depthwise.padding_mode = "circular"
         torch_to_keras(nn.Sequential(module), (3, 8, 8))
-    inputs = keras.Input((2, 5, 5))
-    layer = L.DepthwiseConv2D(3, data_format="channels_first", name="dw_cf")
-    with pytest.raises(UnsupportedLayerError, match=r"'dw_cf' \(DepthwiseConv2D\): data_format='channels_first'"):
-        keras_to_torch(keras.Model(inputs, layer(inputs)))
     inputs = keras.Input((None, None, 3))  # 'same' with a stride pads by the size: unknown here
     layer = L.SeparableConv2D(4, 3, strides=2, padding="same", name="sep")
     with pytest.raises(UnsupportedLayerError, match=r"'sep' \(SeparableConv2D\): padding='same' with strides"):

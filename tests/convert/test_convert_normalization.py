@@ -119,7 +119,6 @@ def test_torchvision_frozen_batch_norms_are_batch_norms_to_summary_fold_and_comp
     fold_bn folds each into the convolution before it (the output within 1e-5 relative, float32 weights
     rescaled), and compare pairs each with the converted Keras batch norm and agrees, in inference and in
     a training forward (both sides keep their statistics fixed)."""
-    import numpy as np
 
     import bnkit
     from conftest import import_torchvision

@@ -62,17 +62,8 @@ def _keras_model(layer, shape):
     ("build", "match"),
     [
         (lambda: _keras_model(L.LSTM(3, recurrent_dropout=0.1, name="rnn"), (5, 2)), r"'rnn' \(LSTM\).*recurrent_drop"),
-        (
-            lambda: _keras_model(L.Conv2DTranspose(3, 3, data_format="channels_first", name="up"), (2, 5, 5)),
-            r"'up' \(Conv2DTranspose\): data_format='channels_first'",
-        ),
         (lambda: _keras_model(L.MaxPooling2D(2, strides=1, padding="same", name="mp"), (5, 5, 2)), "'mp'"),
         (lambda: _keras_model(L.LayerNormalization(axis=1, name="ln"), (5, 2)), r"'ln'.*only the last axes"),
-        (
-            lambda: _keras_model(L.Conv2D(2, 3, data_format="channels_first", name="cf"), (2, 5, 5)),
-            "channels_first",
-        ),
-        (lambda: _keras_model(L.BatchNormalization(axis=1, name="bn_h"), (5, 5, 2)), "axis=1"),
         (lambda: _keras_model(L.Dense(3, activation="exponential", name="hs"), (4,)), "exponential"),
     ],
 )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from layer_checks import check_keras, check_torch, random_array, to_numpy
 from torch import nn
 
-from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
+from bnkit.convert import UnsupportedLayerError, torch_to_keras
 from bnkit.keras import keras
 
 L = keras.layers
@@ -73,7 +73,3 @@ def test_spatial_dropout_refusals_name_the_module():
         torch_to_keras(nn.Sequential(nn.Dropout3d(0.5)), (3, 4, 5))
     with pytest.raises(UnsupportedLayerError, match=r"'1' \(Dropout1d\)"):
         torch_to_keras(nn.Sequential(nn.Linear(4, 4), nn.Dropout1d(0.5)), (4,))
-    inputs = keras.Input((3, 4, 5))
-    layer = L.SpatialDropout2D(0.5, data_format="channels_first", name="sd")
-    with pytest.raises(UnsupportedLayerError, match=r"'sd' \(SpatialDropout2D\): data_format"):
-        keras_to_torch(keras.Model(inputs, layer(inputs)))

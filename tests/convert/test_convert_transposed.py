@@ -8,7 +8,7 @@ import torch
 from layer_checks import check_keras, check_torch, random_array
 from torch import nn
 
-from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
+from bnkit.convert import UnsupportedLayerError, torch_to_keras
 from bnkit.convert.families.transposed_convolution import keras_crops
 from bnkit.keras import keras
 
@@ -99,7 +99,3 @@ def test_transposed_convolution_refusals():
 
     with pytest.raises(UnsupportedLayerError, match=r"'up' \(ConvTranspose2d\): output_size= passed in the call"):
         torch_to_keras(WithOutputSize(), (4, 6, 6))
-    inputs = keras.Input((4, 6, 6))
-    layer = L.Conv2DTranspose(3, 3, data_format="channels_first", name="up_cf")
-    with pytest.raises(UnsupportedLayerError, match=r"'up_cf' \(Conv2DTranspose\): data_format='channels_first'"):
-        keras_to_torch(keras.Model(inputs, layer(inputs)))

@@ -197,6 +197,3 @@ def test_volumetric_refusals_name_the_layer():
     inputs = keras.Input((*SHAPE, 3))
     with pytest.raises(UnsupportedLayerError, match=r"'avg' \(AveragePooling3D\): padding='same' pads axis 2 by"):
         keras_to_torch(keras.Model(inputs, L.AveragePooling3D(3, strides=2, padding="same", name="avg")(inputs)))
-    layer = L.Conv3D(4, 3, data_format="channels_first", name="conv_cf")
-    with pytest.raises(UnsupportedLayerError, match=r"'conv_cf' \(Conv3D\): data_format='channels_first'"):
-        keras_to_torch(keras.Model(inputs, layer(inputs)))
