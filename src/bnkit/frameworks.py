@@ -14,6 +14,7 @@ __all__ = [
     "MissingFramework",
     "is_keras_model",
     "is_torch_module",
+    "is_onnx_model",
     "framework_of",
     "is_tf_keras_model",
     "accepts_tf_keras",
@@ -63,6 +64,12 @@ def is_torch_module(model) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
+def is_onnx_model(model) -> bool:
+    """True for an ``onnx.ModelProto`` (what bnkit reads an ``.onnx`` file as); False where onnx is not loaded."""
+    onnx = sys.modules.get("onnx")
+    return onnx is not None and isinstance(model, onnx.ModelProto)
+
+
 def is_tf_keras_model(model) -> bool:
     """True for a live tf-keras 2 model (``tf_keras.Model``, also ``tf.keras`` with ``TF_USE_LEGACY_KERAS=1``)."""
     tf_keras = sys.modules.get("tf_keras")  # there is no such model where tf_keras is not loaded
@@ -70,11 +77,14 @@ def is_tf_keras_model(model) -> bool:
 
 
 def framework_of(model, what: str = "bnkit") -> str:
-    """``"keras"`` or ``"torch"``; a ``TypeError`` naming ``what`` refused it otherwise."""
+    """``"keras"``, ``"torch"`` or ``"onnx"`` (an ``onnx.ModelProto``); a ``TypeError`` naming ``what``
+    refused it otherwise."""
     if is_keras_model(model):
         return "keras"
     if is_torch_module(model):
         return "torch"
+    if is_onnx_model(model):
+        return "onnx"
     if is_tf_keras_model(model):
         raise TypeError(
             f"{what} takes a torch.nn.Module or a Keras 3 model, got the tf-keras 2 model {type(model).__name__}: "

@@ -40,7 +40,7 @@ class Format:
 
     name: str
     suffixes: tuple[str, ...]
-    framework: str  # "torch" or "keras": the models it holds
+    framework: str  # "torch", "keras" or "onnx": the models it holds
     module: str  # defines read(path, budget) and/or write(model, path, input_shape)
     model_file: bool = True  # False: weights only, for a package.module:factory spec
     # a folder format: the name of the file that marks its folders (a SavedModel's saved_model.pb);
@@ -59,6 +59,7 @@ _FORMATS = (
     Format("legacy Keras HDF5", (".h5", ".hdf5"), "keras", "bnkit.formats.keras_h5"),
     Format("tf-keras 2 SavedModel", (), "keras", "bnkit.formats.saved_model", folder="saved_model.pb"),
     Format("torch.export program", (".pt2",), "torch", "bnkit.formats.pt2"),
+    Format("ONNX model", (".onnx",), "onnx", "bnkit.formats.onnx"),
     Format("PyTorch state dict", (".pt", ".pth", ".bin"), "torch", "bnkit.formats.state_dict", model_file=False),
     Format("safetensors", (".safetensors",), "torch", "bnkit.formats.safetensors_file", model_file=False),
 )
