@@ -57,7 +57,7 @@ class KerasToTorch:
     For converters: :meth:`add_module` (a submodule named after a layer, called on fx nodes),
     :meth:`add_tensor` (a parameter or buffer, read with ``get_attr``), :attr:`graph`
     (``b.graph.call_function(torch.cat, ...)`` for operations without a module), :meth:`to_layout`,
-    :attr:`semantics`, :meth:`unsupported`, :meth:`check_channels_last`, and the graph questions
+    :attr:`semantics`, :meth:`unsupported`, and the graph questions
     :meth:`feeds_only_dense` and :meth:`input_non_negative`.
     """
 
@@ -108,12 +108,6 @@ class KerasToTorch:
     def unsupported(self, layer, reason: str) -> UnsupportedLayerError:
         """The error for ``layer``, named as the user can find it (``outer/inner`` inside nested models)."""
         return UnsupportedLayerError("/".join([*self.scope, layer.name]), type(layer).__name__, reason)
-
-    def check_channels_last(self, layer) -> None:
-        """Refuse a layer with ``data_format="channels_first"``: the conversion maps channels-last."""
-        fmt = getattr(layer, "data_format", "channels_last")
-        if fmt != "channels_last":
-            raise self.unsupported(layer, f"data_format={fmt!r}; only 'channels_last' is supported")
 
     def feeds_only_dense(self, tensor) -> bool:
         """True when every path from the Keras ``tensor`` reaches a Dense through element-wise layers only."""

@@ -85,7 +85,6 @@ def _bias(layer) -> dict[str, np.ndarray]:
 
 @from_keras(L.Conv1D, L.Conv2D, non_negative=has_non_negative_activation)
 def conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
-    b.check_channels_last(layer)
     (x,) = inputs
     kernel = keras_array(layer.kernel)
     padding, explicit = _torch_padding(b, layer, node, x)
@@ -109,7 +108,6 @@ def conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 @from_keras(*_KERAS_DEPTHWISE, non_negative=has_non_negative_activation)
 def depthwise_conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``DepthwiseConv2D(k, depth_multiplier=M)`` on C channels: ``nn.Conv2d(C, C*M, k, groups=C)``."""
-    b.check_channels_last(layer)
     (x,) = inputs
     kernel = keras_array(layer.kernel)  # (*k, C, M)
     channels, multiplier = kernel.shape[-2:]
@@ -134,7 +132,6 @@ def depthwise_conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 @from_keras(*_KERAS_SEPARABLE, non_negative=has_non_negative_activation)
 def separable_conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``SeparableConv2D``: a :class:`SeparableConv2d` (depthwise ``Conv2d`` then pointwise 1×1)."""
-    b.check_channels_last(layer)
     (x,) = inputs
     depthwise = keras_array(layer.depthwise_kernel)  # (*k, C, M)
     channels, multiplier = depthwise.shape[-2:]

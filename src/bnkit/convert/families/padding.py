@@ -54,7 +54,6 @@ def _pairs(layer, attribute: str, rank: int) -> list[tuple[int, int]]:
 
 @from_keras(*_KERAS_ZERO_PADDINGS.values())
 def zero_padding_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
-    b.check_channels_last(layer)
     (x,) = inputs
     return TorchValue(zero_pad_torch(b, layer.name, x.node, _pairs(layer, "padding", x.rank - 2)), x.rank)
 
@@ -62,7 +61,6 @@ def zero_padding_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 @from_keras(*_KERAS_CROPPINGS.values())
 def cropping_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``Cropping2D(((top, bottom), (left, right)))``: ``F.pad(x, (-left, -right, -top, -bottom))``."""
-    b.check_channels_last(layer)
     (x,) = inputs
     crops = _pairs(layer, "cropping", x.rank - 2)
     out = b.graph.call_function(F.pad, (x.node, tuple(-c for c in _torch_order(crops))), name=layer.name)

@@ -63,7 +63,6 @@ def _keras_averages_real_values(pads, ks) -> bool:
 
 @from_keras(*_KERAS_MAX_POOLS, L.AveragePooling1D, L.AveragePooling2D)
 def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
-    b.check_channels_last(layer)
     (x,) = inputs
     spatial_rank = x.rank - 2
     in_shape = node.input_tensors[0].shape
@@ -112,7 +111,6 @@ def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 
 @from_keras(L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, *_KERAS_GLOBAL_MAX_POOLS)
 def global_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
-    b.check_channels_last(layer)
     (x,) = inputs
     dims = tuple(range(2, x.rank))
     fn = torch.amax if isinstance(layer, _KERAS_GLOBAL_MAX_POOLS) else torch.mean
@@ -123,7 +121,6 @@ def global_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 
 @from_keras(L.AdaptiveAveragePooling1D, L.AdaptiveAveragePooling2D, *_KERAS_ADAPTIVE_MAX_POOLS)
 def adaptive_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
-    b.check_channels_last(layer)
     (x,) = inputs
     is_max = isinstance(layer, _KERAS_ADAPTIVE_MAX_POOLS)
     cls = {

@@ -57,7 +57,6 @@ _FUNCTIONS = {F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d:
 
 @from_keras(*_KERAS_SPATIAL.values())
 def spatial_dropout_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
-    b.check_channels_last(layer)
     (x,) = inputs
     return TorchValue(b.add_module(layer.name, _TORCH_SPATIAL[x.rank](float(layer.rate)), x.node), x.rank)
 

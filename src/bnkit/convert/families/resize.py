@@ -216,7 +216,6 @@ def _interpolate_torch(b: KerasToTorch, x: TorchValue, out, interpolation: str, 
 def upsampling2d_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``UpSampling2D(k, interpolation)``: ``nn.Upsample`` to ``k`` times the size ('nearest' repeats:
     ``'nearest-exact'``, which for integer factors is the repeat; other interpolations: Keras' resize)."""
-    b.check_channels_last(layer)
     (x,) = inputs
     interpolation = _interpolation(b, layer, layer.interpolation, antialias=False)
     factors = tuple(int(f) for f in layer.size)

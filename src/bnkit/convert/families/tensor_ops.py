@@ -86,7 +86,6 @@ def reshape_torch(b: KerasToTorch, layer, node, x: TorchValue, flatten_module: b
 @from_keras(L.Flatten, permuted_input=True)
 def flatten_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
-    b.check_channels_last(layer)
     if x.rank == 2:
         return x
     if x.mapped and b.feeds_only_dense(node.outputs[0]):

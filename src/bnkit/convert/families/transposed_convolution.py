@@ -86,7 +86,6 @@ def keras_crops(kernel: int, stride: int, dilation: int, padding: str, output_pa
 def conv_transpose_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``ConvNDTranspose`` → ``nn.ConvTransposeNd(padding=left crop, output_padding=left - right crop)``,
     plus a crop of the right edge where Keras takes more off the right than off the left."""
-    b.check_channels_last(layer)
     (x,) = inputs
     n = x.rank - 2
     kernel = keras_array(layer.kernel)  # (*k, out, in)

@@ -61,7 +61,6 @@ L = keras.layers
 @from_keras(L.Conv3D, non_negative=has_non_negative_activation)
 def conv3d_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``Conv3D(filters, k, groups=g)`` → ``nn.Conv3d(in, filters, k, groups=g)``, its padding as in 2-D."""
-    b.check_channels_last(layer)
     (x,) = inputs
     kernel = keras_array(layer.kernel)  # (kd, kh, kw, in/groups, out)
     padding, explicit = _torch_padding(b, layer, node, x)
@@ -92,7 +91,6 @@ def pool3d_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 @from_keras(L.GlobalAveragePooling3D, L.GlobalMaxPooling3D)
 def global_pool3d_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """``GlobalAveragePooling3D`` → ``torch.mean(x, dim=(2, 3, 4))``; ``GlobalMaxPooling3D`` → ``torch.amax``."""
-    b.check_channels_last(layer)
     (x,) = inputs
     fn = torch.amax if isinstance(layer, L.GlobalMaxPooling3D) else torch.mean
     keepdims = bool(layer.keepdims)
@@ -103,7 +101,6 @@ def global_pool3d_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
 @from_keras(L.AdaptiveAveragePooling3D, L.AdaptiveMaxPooling3D)
 def adaptive_pool3d_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     """Keras' adaptive pooling takes PyTorch's windows (``floor(i·n/out)`` to ``ceil((i+1)·n/out)``)."""
-    b.check_channels_last(layer)
     (x,) = inputs
     cls = nn.AdaptiveMaxPool3d if isinstance(layer, L.AdaptiveMaxPooling3D) else nn.AdaptiveAvgPool3d
     return TorchValue(b.add_module(layer.name, cls(tuple(layer.output_size)), x.node), x.rank)
