@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 
 from bnkit.conventions import (
+    FLAX,
     KERAS,
+    ONNX,
     TORCH,
     Convention,
     biased_to_unbiased,
@@ -44,6 +46,8 @@ __all__ = [
     "Convention",
     "TORCH",
     "KERAS",
+    "ONNX",
+    "FLAX",
     "get_convention",
     "translate_momentum",
     "translate_settings",

@@ -14,8 +14,10 @@ A :class:`Convention` names every choice that is not fixed by the shared formula
 
 Both frameworks normalise with the *biased* batch variance in training.
 
-Besides :data:`TORCH` and :data:`KERAS`, one more named convention: :data:`TF_KERAS_FUSED`
-(``"tf_keras_fused"``), tf-keras 2's ``BatchNormalization`` where it runs its fused kernel.
+Besides :data:`TORCH` and :data:`KERAS`, more named conventions: :data:`TF_KERAS_FUSED`
+(``"tf_keras_fused"``), tf-keras 2's ``BatchNormalization`` where it runs its fused kernel;
+:data:`ONNX` (``"onnx"``), the ONNX operator ``BatchNormalization``; :data:`FLAX` (``"flax"``),
+Flax's ``linen.BatchNorm`` / ``nnx.BatchNorm``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ __all__ = [
     "TORCH",
     "KERAS",
     "TF_KERAS_FUSED",
+    "ONNX",
+    "FLAX",
     "get_convention",
     "translate_momentum",
     "translate_settings",
@@ -142,12 +146,70 @@ moving update is PyTorch's with ``momentum_torch = 1 - momentum``, without its c
 Defaults as tf-keras': ``epsilon=1e-3``, ``momentum=0.99``, channels last.
 """
 
-_BY_NAME = {"torch": TORCH, "pytorch": TORCH, "keras": KERAS, "tf_keras_fused": TF_KERAS_FUSED}
-NAMED = (TORCH, KERAS, TF_KERAS_FUSED)  # the conventions a name stands for (``get_config`` writes the name)
+ONNX = Convention(
+    name="onnx",
+    eps=1e-5,
+    momentum=0.9,
+    momentum_weighs="old",
+    cumulative_average_when_none=False,
+    running_var_estimator="biased",
+    channel_axis=1,
+)
+"""The ONNX operator ``BatchNormalization`` (opset 15; the same formulas since opset 9), on ``(N, C, ...)``.
+
+Training (``training_mode=1``, opset 14 and later), per channel over every axis but 1, with the
+*population* (biased) batch variance both to normalise and in the running update::
+
+    y            = scale * (x - mean) / sqrt(var + epsilon) + B
+    running_mean = input_mean * momentum + mean * (1 - momentum)
+    running_var  = input_var  * momentum + var  * (1 - momentum)
+
+``momentum`` weighs the *old* statistic, as Keras'; defaults ``epsilon=1e-5``, ``momentum=0.9``
+(read from the operator specification and ``onnx/reference/ops/op_batch_normalization.py``, checked
+against onnxruntime 1.32's CPU kernel in ``tests/test_conventions_onnx_flax.py``). No cumulative
+average. A momentum of PyTorch's meaning ``m`` is ONNX's ``1 - m``.
+"""
+
+FLAX = Convention(
+    name="flax",
+    eps=1e-5,
+    momentum=0.99,
+    momentum_weighs="old",
+    cumulative_average_when_none=False,
+    running_var_estimator="biased",
+    channel_axis=-1,
+)
+"""Flax's ``linen.BatchNorm`` and ``nnx.BatchNorm`` (flax 0.12, ``flax/linen/normalization.py``).
+
+``momentum=0.99`` weighs the *old* value, ``epsilon=1e-5``, features on the last axis, biased
+variance, statistics in at least float32; ``use_running_average=True`` is inference::
+
+    ra_mean = momentum * ra_mean + (1 - momentum) * mean
+    ra_var  = momentum * ra_var  + (1 - momentum) * var
+
+Flax's ``use_fast_variance=True`` (its default) computes the batch variance as
+``max(E[x^2] - E[x]^2, 0)`` in one pass; ``use_fast_variance=False`` as ``E[(x - E[x])^2]``. The two
+agree up to rounding, which for the fast formula grows with ``mean^2 / var`` (catastrophic
+cancellation: float32 data with mean 1e4 and std 1e-3 gets a variance of 0 or noise). This
+convention describes the *semantics*, not the rounding: bnkit's layers with ``convention="flax"``
+compute the variance in two passes, as Flax does with ``use_fast_variance=False``, and never use
+the naive formula for their statistics. Only the NumPy reference reproduces Flax's fast variance,
+and only when asked: ``bnkit.reference.batch_stats(x, axis, fast_variance=True)``.
+"""
+
+_BY_NAME = {
+    "torch": TORCH,
+    "pytorch": TORCH,
+    "keras": KERAS,
+    "tf_keras_fused": TF_KERAS_FUSED,
+    "onnx": ONNX,
+    "flax": FLAX,
+}
+NAMED = (TORCH, KERAS, TF_KERAS_FUSED, ONNX, FLAX)  # the conventions a name stands for (``get_config`` writes it)
 
 
 def get_convention(convention: str | Convention) -> Convention:
-    """Return the :class:`Convention` for ``"torch"``, ``"keras"``, ``"tf_keras_fused"`` or a Convention itself."""
+    """The :class:`Convention` of a name (``"torch"``, ``"keras"``, ``"tf_keras_fused"``, ``"onnx"``, ``"flax"``)."""
     if isinstance(convention, Convention):
         return convention
     if isinstance(convention, str) and convention.lower() in _BY_NAME:

@@ -125,8 +125,22 @@ def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarr
     return gamma, beta
 
 
-def batch_stats(x, axis: int = 1) -> BatchStats:
-    """Per-channel mean and *biased* variance of a batch, two-pass in float64."""
+def batch_stats(x, axis: int = 1, *, fast_variance: bool = False) -> BatchStats:
+    """Per-channel mean and *biased* variance of a batch, two-pass in float64.
+
+    ``fast_variance=True`` reproduces Flax's ``use_fast_variance=True`` (:data:`bnkit.FLAX`) instead:
+    ``var = max(E[x^2] - E[x]^2, 0)`` in one pass, in the input's dtype promoted to at least float32
+    as Flax computes it (its rounding included), returned in float64. Only on request: the two-pass
+    variance is the accurate one.
+    """
+    if fast_variance:
+        x = np.asarray(x)
+        dtype = np.promote_types(x.dtype if x.dtype.kind == "f" else np.float32, np.float32)
+        xs = x.astype(dtype)
+        axes = _reduce_axes(xs, axis)
+        mean = xs.mean(axis=axes)
+        var = np.maximum(np.square(xs).mean(axis=axes) - np.square(mean), 0)
+        return BatchStats(_f64(mean), _f64(var), x.size // x.shape[axis % x.ndim])
     x = _f64(x)
     axes = _reduce_axes(x, axis)
     mean = x.mean(axis=axes)
@@ -134,11 +148,14 @@ def batch_stats(x, axis: int = 1) -> BatchStats:
     return BatchStats(mean, var, x.size // x.shape[axis % x.ndim])
 
 
-def forward_train(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1):
-    """Training forward pass: ``(y, BatchStats)``. ``gamma``/``beta`` of None mean 1 and 0."""
+def forward_train(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, *, fast_variance: bool = False):
+    """Training forward pass: ``(y, BatchStats)``. ``gamma``/``beta`` of None mean 1 and 0.
+
+    ``fast_variance=True``: the batch statistics of :func:`batch_stats` with it (Flax's default).
+    """
+    stats = batch_stats(x, axis, fast_variance=fast_variance)
     x = _f64(x)
     gamma, beta = _affine(x, axis, gamma, beta)
-    stats = batch_stats(x, axis)
     y = _normalize(x, stats.mean, stats.var, gamma, beta, eps, axis)
     return y, stats
 
