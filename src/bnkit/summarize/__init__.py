@@ -7,7 +7,7 @@ totals; :func:`render` prints it with rich, in the style of Keras' ``summary()``
 
 from __future__ import annotations
 
-from bnkit.frameworks import accepts_tf_keras, is_keras_model
+from bnkit.frameworks import accepts_tf_keras, is_keras_model, is_onnx_model
 from bnkit.summarize.rows import LayerRow, MemoryEstimate, ModelSummary
 
 __all__ = ["summary", "render", "ModelSummary", "LayerRow", "MemoryEstimate", "is_keras_model"]
@@ -31,6 +31,10 @@ def summary(model, input_shape=None, *, dtype=None) -> ModelSummary:
         from bnkit.summarize._keras import summarize_keras
 
         return summarize_keras(model, input_shape)
+    if is_onnx_model(model):  # an onnx.ModelProto (bnkit.io reads .onnx files as one)
+        from bnkit.summarize._onnx import summarize_onnx
+
+        return summarize_onnx(model, input_shape)
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
@@ -39,7 +43,9 @@ def summary(model, input_shape=None, *, dtype=None) -> ModelSummary:
         from bnkit.summarize._torch import summarize_torch
 
         return summarize_torch(model, input_shape, dtype=dtype)
-    raise TypeError(f"summary() takes a torch.nn.Module or a keras.Model, got {type(model).__name__}")
+    raise TypeError(
+        f"summary() takes a torch.nn.Module, a keras.Model or an onnx.ModelProto, got {type(model).__name__}"
+    )
 
 
 def render(model_summary: ModelSummary, console=None) -> None:

@@ -113,7 +113,7 @@ class ModelSummary:
     """
 
     name: str
-    framework: str  # "torch" or "keras"
+    framework: str  # "torch", "keras" or "onnx"
     input_shapes: tuple[Shape, ...] | None
     rows: list[LayerRow]
     total: int
@@ -130,6 +130,7 @@ class ModelSummary:
     torch_running_stats: int | None = None  # None: all of torch_buffers
     keras_backend: str | None = None  # the Keras backend that ran a Keras model ("torch", "tensorflow", "jax")
     source: str | None = None  # what the model was read from when not a model of its framework ("tf-keras 2")
+    onnx_stored: int | None = None  # an ONNX model: the values of its floating-point initializers, each stored once
 
     @property
     def running_stats(self) -> int:
@@ -207,6 +208,7 @@ class ModelSummary:
                 "counters": self.torch_counters,
             },
             "renorm_layers": self.renorm_layers,
+            "onnx_stored": self.onnx_stored,
             "memory": memory,
             "explanation": self.explanation,
             "rows": rows,

@@ -15,7 +15,7 @@ from rich.text import Text
 from bnkit.summarize.rows import ModelSummary
 
 ACCOUNTING_NOTE = "Keras counts running statistics as non-trainable params; PyTorch keeps them as buffers."
-_FRAMEWORKS = {"keras": "Keras", "torch": "PyTorch"}
+_FRAMEWORKS = {"keras": "Keras", "torch": "PyTorch", "onnx": "ONNX"}
 
 
 def format_shape(shapes) -> str:
@@ -82,7 +82,8 @@ def layer_table(s: ModelSummary) -> Table:
     framework would count it. Names are kept whole (the type goes to the next line when the
     column is narrow), so that an 80-column terminal loses no column.
     """
-    own, other = (_FRAMEWORKS[s.framework], _FRAMEWORKS["torch" if s.framework == "keras" else "keras"])
+    # an ONNX model's own count is Keras' (every initializer a node reads): the other one is PyTorch's
+    own, other = (_FRAMEWORKS[s.framework], _FRAMEWORKS["keras" if s.framework == "torch" else "torch"])
     table = Table(
         # a Text: a model's name is not markup
         title=Text(f'Model: "{s.name}" ({_origin(s)}{own}' + _backend(s)),
@@ -102,7 +103,7 @@ def layer_table(s: ModelSummary) -> Table:
     for row in s.rows:
         label = Text(row.name)
         label.append(f" ({row.type})", style="dim")
-        mine, theirs = (row.params, row.torch_params) if s.framework == "keras" else (row.torch_params, row.params)
+        mine, theirs = (row.torch_params, row.params) if s.framework == "torch" else (row.params, row.torch_params)
         table.add_row(label, format_shape(row.output_shapes), f"{mine:,}", f"{theirs:,}")
     return table
 
@@ -139,6 +140,8 @@ def totals_blocks(s: ModelSummary) -> Columns:
     if s.torch_counters:
         torch_items.append(("Integer counters", f"{s.torch_counters:,}"))
     blocks = [keras_block, _block("PyTorch accounting", torch_items)]
+    if s.onnx_stored is not None:
+        blocks.insert(0, _block("ONNX storage", [("Initializer values", f"{s.onnx_stored:,}")]))
     if s.memory is not None:
         mb = s.memory.megabytes()
         blocks.append(

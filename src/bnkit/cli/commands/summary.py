@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             result = summary(model, args.input_shape)
         except (ValueError, TypeError) as e:
             raise CLIError(" ".join(str(e).split())) from e
-    if framework_of(model) == "torch" and ":" not in args.model:
+    if framework_of(model) in ("torch", "onnx") and ":" not in args.model:
         result = replace(result, name=Path(args.model).stem)  # an exported program has no class name of its own
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
