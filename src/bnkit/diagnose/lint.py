@@ -100,10 +100,15 @@ def lint(model, *, for_inference: bool = False, batch_size: int | None = None, i
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    from bnkit.frameworks import is_onnx_model
     from bnkit.summarize import is_keras_model
 
     if is_keras_model(model):
         findings = _lint_keras(model, for_inference, batch_size, input_shape)
+    elif is_onnx_model(model):  # an onnx.ModelProto: its own codes and messages (lint_onnx.py)
+        from bnkit.diagnose.lint_onnx import lint_onnx
+
+        return lint_onnx(model, for_inference=for_inference, batch_size=batch_size, input_shape=input_shape)
     else:
         import torch
 
