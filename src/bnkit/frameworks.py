@@ -29,7 +29,7 @@ class MissingFramework(ImportError):
 
 
 # package -> the bnkit extra that installs it
-_EXTRAS = {"tensorflow": "tensorflow", "tf_keras": "tensorflow", "jax": "jax"}
+_EXTRAS = {"tensorflow": "tensorflow", "tf_keras": "tensorflow", "jax": "jax", "onnxruntime": "onnx"}
 
 
 def import_optional(package: str, needed_for: str):

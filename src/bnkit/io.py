@@ -246,7 +246,8 @@ def save_model(model, path: str | os.PathLike, *, force: bool = False, input_sha
     writes it: translated as for ``.h5``, saved by tf-keras 2 in a subprocess, read back and checked
     before the folder is renamed into place (:mod:`bnkit.formats.saved_model_write`; needs
     ``pip install 'bnkit[tensorflow]'``). An existing SavedModel folder is replaced only with ``force``;
-    any other existing folder never.
+    any other existing folder never. Either framework's model is written to ``.onnx`` with every batch norm
+    a ``BatchNormalization`` node, checked with onnxruntime before the rename (:mod:`bnkit.formats.onnx_write`).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -258,6 +259,11 @@ def save_model(model, path: str | os.PathLike, *, force: bool = False, input_sha
             "convert the PyTorch module first (bnkit.convert.torch_to_keras), or give a suffix "
             "(.pt2, .pt, .safetensors)"
         )
+    if suffix == ".onnx" and framework in ("torch", "keras"):  # either framework's model (bnkit.formats.onnx_write)
+        from bnkit.formats.onnx_write import write as write_onnx
+
+        write_onnx(model, path, input_shape=input_shape, force=force)
+        return path
     writer = fmt.writer() if fmt is not None else None
     if writer is None:
         writable = ", ".join(s for f in formats() if f.writer() for s in f.suffixes[:1])

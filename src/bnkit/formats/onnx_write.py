@@ -41,6 +41,7 @@ included (ONNX's convolutions are channels-first).
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def write(
         proto, expected = _export(module, shapes, opset, training, shown)
     except NotWritable as e:
         raise ModelFileError(f"{shown}: not written: {e}") from e
-    found = sum(1 for node in proto.graph.node if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"))
+    found = sum(node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") for node in proto.graph.node)
     if found != expected:
         raise ModelFileError(
             f"{shown}: not written: the source calls {expected} batch norms, the exported graph holds {found} "
@@ -153,7 +154,9 @@ def _torch_module(model, framework: str, input_shape, shown: str):
             for tensor in model.inputs:
                 shape = tuple(tensor.shape[1:])
                 if any(d is None for d in shape):
-                    raise ModelFileError(f"{shown}: the Keras model's input shape {shape} is not fully known; give input_shape")
+                    raise ModelFileError(
+                        f"{shown}: the Keras model's input shape {shape} is not fully known; give input_shape"
+                    )
                 shapes.append(shape if len(shape) <= 1 or not channels_last else (shape[-1], *shape[:-1]))
         try:
             module = keras_to_torch(model)
@@ -236,9 +239,9 @@ def _export(module, shapes, opset: int, training: bool, shown: str):
         with captured(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                graph_module, examples, buffer, dynamo=False, opset_version=exporter_opset, input_names=names, output_names=output_names,
-                dynamic_axes={name: {0: "batch"} for name in names}, training=torch.onnx.TrainingMode.EVAL,
-                do_constant_folding=True,
+                graph_module, examples, buffer, dynamo=False, opset_version=exporter_opset, input_names=names,
+                output_names=output_names, dynamic_axes={name: {0: "batch"} for name in names},
+                training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
             )  # fmt: skip
     except Exception as e:
         raise ModelFileError(f"{shown}: not written: torch.onnx.export failed ({one_line(e, 300)})") from e
@@ -432,7 +435,8 @@ def _check_training(module, data, shapes, proto, shown) -> float:
     expected = [t.numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
     session = _session(data)
     names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {i.name: b for i, b in zip(session.get_inputs(), batch, strict=True)}), strict=True))
+    feed = {i.name: b for i, b in zip(session.get_inputs(), batch, strict=True)}
+    got = dict(zip(names, session.run(None, feed), strict=True))
     state = dict(twin.named_buffers())
     pairs = list(zip(expected, [got[n] for n in names[: len(expected)]], strict=True))
     for name in names[len(expected) :]:
@@ -455,8 +459,7 @@ def _onnx():
     from bnkit.frameworks import import_optional
 
     onnx = import_optional("onnx", "writing ONNX")
-    import onnx.version_converter  # noqa: F401 - a submodule onnx does not import itself
-
+    importlib.import_module("onnx.version_converter")  # a submodule onnx does not import itself
     return onnx
 
 
