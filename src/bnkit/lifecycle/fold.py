@@ -95,10 +95,24 @@ def fold_bn(model, *, example_inputs=None, report: bool = False):
     layers. A live tf-keras 2 model is folded as the Keras 3 model bnkit reads it as
     (:mod:`bnkit.keras.from_tf_keras`): the result is a Keras 3 model.
 
+    ONNX (an ``onnx.ModelProto``, as ``bnkit.io.load_model("m.onnx")`` reads it): a copy in which
+    each inference ``BatchNormalization`` whose input is the only use of a ``Conv``, ``ConvTranspose``
+    or ``Gemm`` output is folded into that node's weights (float64, cast back); the others are left
+    as they are, with the reason. The copy is run against the original by onnxruntime on a random
+    input before it is returned (:mod:`bnkit.lifecycle._fold_onnx`).
+
     A batch norm without running statistics (``track_running_stats=False``) normalises with
     batch statistics even in inference, so it cannot be folded: ``ValueError`` naming it.
     """
-    if framework_of(model, "fold_bn") == "keras":
+    framework = framework_of(model, "fold_bn")
+    if framework == "onnx":  # an onnx.ModelProto: bnkit.lifecycle._fold_onnx, checked with onnxruntime
+        if example_inputs is not None:
+            raise ValueError("example_inputs is for PyTorch models; an ONNX model's inputs are in its graph")
+        from bnkit.lifecycle._fold_onnx import fold_onnx
+
+        folded, decisions, _ = fold_onnx(model)
+        return FoldResult(folded, decisions) if report else folded
+    if framework == "keras":
         if example_inputs is not None:
             raise ValueError("example_inputs is for PyTorch models; Keras models know their shapes")
         from bnkit.lifecycle._fold_keras import fold_keras
