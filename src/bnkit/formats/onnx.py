@@ -75,8 +75,13 @@ def load(path: str | os.PathLike, budget: Budget | None = None):
 
 def read(path: Path, budget: Budget):
     """The registered reader (:mod:`bnkit.formats`): ``path`` → ``onnx.ModelProto`` with its external data in it."""
-    onnx = _onnx()
+    from bnkit.frameworks import MissingFramework
+
     shown = printable(str(path))
+    try:
+        onnx = _onnx()
+    except MissingFramework as e:  # one line: "reading an .onnx model needs onnx, ... (pip install 'bnkit[onnx]')"
+        raise ModelFileError(f"{shown}: {e}") from e
     size = path.stat().st_size
     budget.charge(size * PROTO_EXPANSION, f"the ONNX model ({size:,} bytes of protobuf)")
     try:
@@ -109,6 +114,10 @@ def _graphs(graph, where: str):
                 yield from _graphs(sub, f"{where}, node {_node_name(node)!r} attribute {attribute.name!r}")
 
 
+def _in(where: str) -> str:
+    return "" if where == "graph" else f" (in the {where})"
+
+
 def _node_name(node) -> str:
     return node.name or f"({node.op_type} without a name)"
 
@@ -128,14 +137,14 @@ def _check_operators(model, shown: str) -> None:
                 continue
             if not is_standard_domain(domain):
                 raise ModelFileError(
-                    f"{shown}: refused: node {_node_name(node)!r} ({where}) is the operator {node.op_type!r} of "
+                    f"{shown}: refused: node {_node_name(node)!r}{_in(where)} is the operator {node.op_type!r} of "
                     f"the domain {domain!r}, not a standard ONNX operator (domains {_DOMAINS}); "
                     "bnkit loads no custom-operator library"
                 )
             if not onnx.defs.has(node.op_type, "" if domain == "ai.onnx" else domain):
                 raise ModelFileError(
-                    f"{shown}: refused: node {_node_name(node)!r} ({where}) is {node.op_type!r}, which is no operator "
-                    f"of the domain {domain or 'ai.onnx'!r} (a custom operator?); "
+                    f"{shown}: refused: node {_node_name(node)!r}{_in(where)} is {node.op_type!r}, which is no "
+                    f"operator of the domain {domain or 'ai.onnx'!r} (a custom operator?); "
                     "bnkit loads no custom-operator library"
                 )
 
@@ -147,11 +156,12 @@ def _tensors(model):
     """``(where, TensorProto)`` for every tensor the model stores: initializers, sparse initializers'
     values and indices, tensors in node attributes (Constant's ``value``), in subgraphs and functions."""
     for graph, where in _graphs(model.graph, "graph"):
+        inside = "" if where == "graph" else f" (in the {where})"
         for tensor in graph.initializer:
-            yield f"initializer {tensor.name!r} ({where})", tensor
+            yield f"initializer {tensor.name!r}{inside}", tensor
         for sparse in graph.sparse_initializer:
-            yield f"sparse initializer {sparse.values.name!r} ({where})", sparse.values
-            yield f"sparse initializer {sparse.values.name!r}'s indices ({where})", sparse.indices
+            yield f"sparse initializer {sparse.values.name!r}{inside}", sparse.values
+            yield f"sparse initializer {sparse.values.name!r}'s indices{inside}", sparse.indices
         yield from _attribute_tensors(graph.node, where)
     for function in model.functions:
         yield from _attribute_tensors(function.node, f"function {function.domain}.{function.name}")
@@ -160,7 +170,8 @@ def _tensors(model):
 def _attribute_tensors(nodes, where: str):
     for node in nodes:
         for attribute in node.attribute:
-            shown = f"node {_node_name(node)!r}'s attribute {attribute.name!r} ({where})"
+            inside = "" if where == "graph" else f" (in the {where})"
+            shown = f"node {_node_name(node)!r}'s attribute {attribute.name!r}{inside}"
             if attribute.HasField("t"):
                 yield shown, attribute.t
             for tensor in attribute.tensors:
