@@ -26,10 +26,11 @@ import numpy as np
 from bnkit.diagnose.align import align
 from bnkit.diagnose.causes import Context, find_causes
 from bnkit.diagnose.causes.batchnorm import compare_running_stats
+from bnkit.diagnose.exporter_folds import folded_chains, merge
 from bnkit.diagnose.report import CAUSES, BatchNormPair, BatchNormState, Cause, CompareReport, LayerDiff
 from bnkit.diagnose.tolerance import SAFETY, Rounding, diff, local_terms, measure_rounding, own_rounding
 from bnkit.diagnose.trace import Trace, to_layout, to_numpy
-from bnkit.frameworks import accepts_tf_keras, is_keras_model, is_torch_module
+from bnkit.frameworks import accepts_tf_keras, is_keras_model, is_onnx_model, is_torch_module
 
 __all__ = ["compare", "CompareReport", "LayerDiff", "Cause", "BatchNormPair", "BatchNormState", "CAUSES"]
 
@@ -47,9 +48,12 @@ def compare(
     """Run ``model_a`` and ``model_b`` on ``inputs`` and report where and why they disagree.
 
     Args:
-        model_a, model_b: a ``torch.nn.Module`` or a ``keras.Model`` each, any pairing; a live
-            tf-keras 2 model is run as the Keras 3 model bnkit reads it as (:mod:`bnkit.keras.from_tf_keras`).
-        inputs: one batch in ``model_a``'s layout (NCHW for PyTorch, NHWC for Keras); the
+        model_a, model_b: a ``torch.nn.Module``, a ``keras.Model`` or an ``onnx.ModelProto`` each, any
+            pairing; a live tf-keras 2 model is run as the Keras 3 model bnkit reads it as
+            (:mod:`bnkit.keras.from_tf_keras`); an ONNX model is run by onnxruntime
+            (:mod:`~bnkit.diagnose.trace_onnx`), a conv+BN pair its exporter folded into one Conv paired
+            with that Conv (:mod:`~bnkit.diagnose.exporter_folds`).
+        inputs: one batch in ``model_a``'s layout (NCHW for PyTorch and ONNX, NHWC for Keras); the
             channel axis of a rank-3/4/5 input is moved for a model of the other framework.
         training: ``False`` compares inference: Keras models are called with
             ``training=False`` and PyTorch modules run in the mode they are in (a module left
@@ -83,14 +87,31 @@ def compare(
     trace_a.input_nonfinite = trace_b.input_nonfinite = bad_input
 
     pairs = align(trace_a.entries, trace_b.entries, trace_a.output_producers, trace_b.output_producers)
+    # conv+BN pairs an ONNX exporter folded into one Conv: one entry on the source side too, aligned again
+    # (until no more are found: a pair made wrongly before a merge may be right after it)
+    chains_a: list = []
+    chains_b: list = []
+    for _ in range(4):
+        found_a, found_b = folded_chains(trace_a, trace_b, pairs, 0), folded_chains(trace_b, trace_a, pairs, 1)
+        if not (found_a or found_b):
+            break
+        chains_a.append(found_a)
+        chains_b.append(found_b)
+        trace_a, trace_b = merge(trace_a, found_a), merge(trace_b, found_b)
+        pairs = align(trace_a.entries, trace_b.entries, trace_a.output_producers, trace_b.output_producers)
     # Within atol alone everywhere: they agree whatever rounding allows on top, which is then not
     # measured. Otherwise the rounding each layer may carry is measured on one side (PyTorch's where
     # there is one: it runs faster) and the rows are held to atol plus it.
     rows, bn_pairs, output = _rows(trace_a, trace_b, pairs, atol, rtol, training, None)
     measured = None
     if any(r.differs for r in rows) or output[2]:
-        noisy_is_b = framework_b == "torch" and framework_a != "torch"
-        measured = _rounding((model_b, trace_b, x_b) if noisy_is_b else (model_a, trace_a, x_a), training)
+        # measured on PyTorch's side where there is one (it runs faster), never on ONNX's (onnxruntime
+        # cannot add noise between its nodes: its layers' own rounding is added up instead)
+        noisy_is_b = (framework_b == "torch" and framework_a != "torch") or (
+            framework_a == "onnx" and framework_b != "onnx"
+        )
+        side = (model_b, trace_b, x_b, chains_b) if noisy_is_b else (model_a, trace_a, x_a, chains_a)
+        measured = _rounding(side, training)
         rows, bn_pairs, output = _rows(trace_a, trace_b, pairs, atol, rtol, training, (measured, noisy_is_b))
     out_abs, out_rel, out_div, output_atol = output
     output_nonfinite = not (np.isfinite(trace_a.output).all() and np.isfinite(trace_b.output).all())
@@ -191,6 +212,7 @@ def _rows(trace_a: Trace, trace_b: Trace, pairs, atol: float, rtol: float, train
         if ea.bn is not None and eb.bn is not None:
             compare_running_stats(row, ea.bn, eb.bn, atol, rtol, training, stats_rounding)
             bn_pairs.append(BatchNormPair(row, ea.bn, eb.bn))
+        row.note = ea.cache.get("note") or eb.cache.get("note") or ""
         rows.append(row)
     output_atol = atol
     if measured is not None:
@@ -201,6 +223,8 @@ def _rows(trace_a: Trace, trace_b: Trace, pairs, atol: float, rtol: float, train
 
 
 def _framework(model) -> str:
+    if is_onnx_model(model):
+        return "onnx"
     # Keras first: on its torch backend a keras.Model is also a torch.nn.Module
     if is_keras_model(model):
         from bnkit.keras import keras
@@ -214,13 +238,14 @@ def _framework(model) -> str:
     if is_torch_module(model):
         return "torch"
     raise TypeError(
-        f"compare needs a torch.nn.Module or a keras.Model, got {type(model).__module__}.{type(model).__name__}"
+        "compare needs a torch.nn.Module, a keras.Model or an onnx.ModelProto, got "
+        f"{type(model).__module__}.{type(model).__name__}"
     )
 
 
 def _data_layout(model, framework: str) -> str:
     """``"torch"`` or ``"keras"``: the layout of the model's tensors (a channels_first Keras model's is PyTorch's)."""
-    if framework == "torch":
+    if framework in ("torch", "onnx"):  # ONNX tensors are NCHW
         return "torch"
     from bnkit.diagnose.trace_keras import data_layout
 
@@ -232,6 +257,10 @@ def _trace(model, framework: str, x: np.ndarray, training: bool, perturb=None) -
         from bnkit.diagnose.trace_torch import trace_torch
 
         return trace_torch(model, x, training, perturb)
+    if framework == "onnx":
+        from bnkit.diagnose.trace_onnx import trace_onnx
+
+        return trace_onnx(model, x, training, perturb)
     from bnkit.diagnose.trace_keras import trace_keras
 
     return trace_keras(model, x, training, perturb)
@@ -241,8 +270,12 @@ def _rounding(side, training: bool) -> Rounding:
     """The rounding each traced layer of one side may carry, and the final output's: measured
     (:func:`bnkit.diagnose.tolerance.measure_rounding`), or, where the noisy run traced other
     layers, the layers' own rounding accumulated along the graph (root of the sum of squares)."""
-    model, trace, x = side
-    measured = measure_rounding(lambda perturb: _trace(model, trace.framework, x, training, perturb), trace)
+    model, trace, x, chains = side
+    measured = None
+    if trace.framework != "onnx":
+        measured = measure_rounding(
+            lambda perturb: _merged(_trace(model, trace.framework, x, training, perturb), chains), trace
+        )
     if measured is not None:
         return measured
     accumulated: list[float] = []
@@ -253,6 +286,13 @@ def _rounding(side, training: bool) -> Rounding:
     return Rounding(accumulated, out, [(0.0, 0.0)] * len(accumulated))
 
 
+def _merged(trace: Trace, rounds: list) -> Trace:
+    """``trace`` with the exporter-folded chains of each round merged, as compare merged them."""
+    for chains in rounds:
+        trace = merge(trace, chains)
+    return trace
+
+
 def _scale(x: np.ndarray) -> float:
     finite = x[np.isfinite(x)]
     return float(np.abs(finite).max()) if finite.size else 0.0
@@ -261,4 +301,6 @@ def _scale(x: np.ndarray) -> float:
 def _model_name(model, framework: str) -> str:
     if framework == "keras":
         return str(model.name)
+    if framework == "onnx":
+        return model.graph.name or "onnx"
     return type(model).__name__

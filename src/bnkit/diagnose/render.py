@@ -107,6 +107,8 @@ def render_rich(report, console=None, *, all_rows: bool = False) -> None:
         types = r.type_a if r.type_a == r.type_b else f"{r.type_a} / {r.type_b}"
         label = Text(r.name)
         label.append(f" ({types})", style="dim")
+        if r.note:
+            label.append(f" [{r.note}]", style="dim italic")
         cells = [str(r.index), label, "×".join(map(str, r.shape)), _short(r.max_abs_diff), _short(r.atol)]
         cells.append(_ratio(r.tolerance_ratio))
         if report.training:

@@ -32,6 +32,8 @@ CAUSES: dict[str, str] = {
     "with its spatial axes swapped; or the reshapes/permutations between two layers (a channel shuffle) differ",
     "resize": "a resize/upsampling layer interpolates differently on the two sides (mode, align_corners, "
     "antialias; Keras resizes with half-pixel centres and its 'nearest' is PyTorch's 'nearest-exact')",
+    "exporter-fold": "an exporter folded a batch norm into the convolution before it (ONNX) with other statistics "
+    "than the source model's batch norm holds now, or the source's batch norm uses batch statistics",
     "weights": "a layer gives different outputs from matching inputs: its parameters differ",
     "unexplained": "the models disagree for a reason bnkit could not identify",
 }
@@ -116,6 +118,7 @@ class LayerDiff:
     reduction_length: int = 1  # terms each output value of this layer sums
     tolerance_ratio: float = 0.0
     nonfinite: bool = False  # NaN or Inf in either side's output
+    note: str = ""  # "folded by the exporter": one side's conv+BN pair is the other's one convolution
 
     @property
     def differs(self) -> bool:
@@ -149,6 +152,7 @@ class LayerDiff:
             "running_mean_abs_diff": json_float(self.running_mean_abs_diff),
             "running_var_abs_diff": json_float(self.running_var_abs_diff),
             "running_stats_diverge": self.running_stats_diverge,
+            "note": self.note,
         }
 
 

@@ -296,7 +296,7 @@ def _same_input(ctx, k: int) -> tuple[bool, str] | None:
         if prev.flat_order == "hwc":
             x = prev.raw
         else:
-            x = prev.canonical if fb == "torch" else other_flatten_order(prev, "torch")
+            x = prev.canonical if fb in ("torch", "onnx") else other_flatten_order(prev, "torch")
     else:
         x = to_layout(to_layout(ea.input_raw[0], fa, "torch"), "torch", fb)
     try:
