@@ -661,3 +661,40 @@ def test_linear_over_the_length_axis_agrees_whether_or_not_channels_equal_steps(
     dense.set_weights([kernel, bias + 0.1])
     report = compare(tmodel, kmodel, x)
     assert not report.agree and codes(report) == ["weights"]
+
+
+class _TwoTransposedConvs(nn.Module):
+    """Two transposed convolutions of one input, one of which Keras computes as a larger window and a crop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cropped = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+        self.plain = nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.cropped(x) + self.plain(x))
+
+
+def test_a_transposed_convolution_cropped_on_one_side_pairs_with_its_twin():
+    """A crop after a transposed convolution (Keras' Cropping2D, PyTorch's F.pad by negative amounts) folds into
+    it, so the cropped convolution has its twin's shape and pairs with it, not with a sibling of that shape
+    (it was paired with the sibling: a false 'weights' alarm on an exact conversion), both directions."""
+    from bnkit.convert import keras_to_torch, torch_to_keras
+
+    torch.manual_seed(0)
+    tmodel = _TwoTransposedConvs().eval()
+    kmodel = torch_to_keras(tmodel, (4, 6, 6))
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype("float32")
+    report = compare(tmodel, kmodel, x)
+    assert report.agree and codes(report) == [], report
+    assert {(row.name_a, row.name_b) for row in report.rows if row.kind == "conv"} == {
+        ("cropped", "cropped"), ("plain", "plain")
+    }
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 4))
+    up = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(inputs)  # PyTorch crops after
+    side = keras.layers.Conv2DTranspose(4, 4, strides=2, padding="same", name="side")(inputs)
+    kmodel = keras.Model(inputs, keras.layers.Add()([up, side]))
+    report = compare(kmodel, keras_to_torch(kmodel), np.moveaxis(x, 1, -1))
+    assert report.agree and codes(report) == [], report

@@ -11,6 +11,7 @@ so that this module imports no framework; a name the installed version lacks is 
 * :data:`TORCH_FUNCTIONS` — functions, ``Tensor`` methods and ``aten`` operators (what a
   ``torch.export`` program calls) and their kind, with an optional check on the call.
 * :data:`KERAS_LAYERS` — Keras class names (matched anywhere in a layer's MRO) and their kind.
+* :data:`ONNX_OPS` — ONNX operator types and their kind (:mod:`~bnkit.diagnose.trace_onnx`).
 
 Layers of no kind (dropout, identity, reshapes, ...) are not recorded: data flows through them,
 so the layers before and after them are still connected in the traced graph.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Kind", "KINDS", "TORCH_MODULES", "TORCH_FUNCTIONS", "KERAS_LAYERS", "kind_of"]
+__all__ = ["Kind", "KINDS", "TORCH_MODULES", "TORCH_FUNCTIONS", "KERAS_LAYERS", "ONNX_OPS", "kind_of"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ KINDS: dict[str, Kind] = {
         Kind("concat", combine="max", description="concatenation"),
         Kind("act", description="activation"),
         Kind("pad", optional=True, description="zero padding"),
+        # a transposed convolution one framework crops inside and the other after it: folded into the
+        # convolution it follows (as an activation is), so both sides' entries have the cropped shape
+        Kind("crop", optional=True, description="cropping (negative padding)"),
         Kind("rnn", description="recurrent layer (GRU, LSTM, simple RNN; both directions of a bidirectional one)"),
         Kind("attn", description="multi-head attention (projections, softmax of scaled dot products, output)"),
         Kind("resize", description="resizing / upsampling (nearest, bilinear, bicubic interpolation)"),
@@ -120,7 +124,8 @@ TORCH_MODULES: tuple[tuple[str, str], ...] = (
 #   "constant": one tensor operand and a parameter or buffer of the model (x * layer_scale; x * 0.5 is
 #     not recorded: a Python number is part of the operation, as in Keras);
 #   "to_2d": the result is (N, features) from an input of rank 3 or more (a flattening view);
-#   "spatial": every axis after the channels is reduced (global pooling by mean/amax).
+#   "spatial": every axis after the channels is reduced (global pooling by mean/amax);
+#   "crop": the result is no larger than the input on any axis, and smaller (a pad by negative amounts).
 _F = "torch.nn.functional."
 # fmt: off
 _ADD = ("torch.add", "Tensor.add", "Tensor.add_", "Tensor.__add__", "Tensor.__iadd__", "Tensor.__radd__",
@@ -180,6 +185,7 @@ TORCH_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
                      _F + "max_pool3d", _F + "avg_pool3d", "aten.max_pool3d.default", "aten.avg_pool3d.default",
                      "aten.max_pool3d_with_indices.default")
     ),
+    *((name, "crop", "crop") for name in (_F + "pad", "aten.pad.default", "aten.constant_pad_nd.default")),
     *((name, "pad", None) for name in (_F + "pad", "aten.pad.default", "aten.constant_pad_nd.default")),
     *(
         (name, "conv", None)
@@ -229,6 +235,9 @@ KERAS_LAYERS: tuple[tuple[str, str], ...] = (
     ("Normalization", "scale"),  # (x - mean) / std with its stored statistics
     ("Rescaling", "scale"),  # recorded when its scale or offset is per channel (numbers are part of the op)
     ("Concatenate", "concat"),
+    ("Cropping1D", "crop"),
+    ("Cropping2D", "crop"),
+    ("Cropping3D", "crop"),
     ("ZeroPadding1D", "pad"),
     ("ZeroPadding2D", "pad"),
     ("ZeroPadding3D", "pad"),
@@ -245,6 +254,40 @@ KERAS_LAYERS: tuple[tuple[str, str], ...] = (
     ("Resizing", "resize"),
     ("Resize", "resize"),  # the op of keras.ops.image.resize in a functional model
 )
+
+# ONNX operators (op_type of the default domain) -> (kind, check), read by trace_onnx; the first row whose
+# check holds gives the kind. Checks as TORCH_FUNCTIONS' ("constant": one data operand and a constant of
+# more than one value, an initializer or Constant output: a number is part of the operation, as in Keras).
+ONNX_OPS: tuple[tuple[str, str, str | None], ...] = (
+    ("Conv", "conv", None),
+    ("ConvTranspose", "conv", None),
+    ("Gemm", "dense", None),
+    ("MatMul", "dense", "constant"),
+    ("BatchNormalization", "bn", None),
+    ("LayerNormalization", "ln", None),
+    ("GroupNormalization", "ln", None),
+    ("MaxPool", "pool", None),
+    ("AveragePool", "pool", None),
+    ("LpPool", "pool", None),
+    ("GlobalAveragePool", "gpool", None),
+    ("GlobalMaxPool", "gpool", None),
+    ("ReduceMean", "gpool", "spatial"),
+    ("ReduceMax", "gpool", "spatial"),
+    ("Flatten", "flatten", "to_2d"),
+    ("Reshape", "flatten", "to_2d"),
+    *((op, "add", "operands") for op in ("Add", "Sub")),
+    *((op, "mul", "operands") for op in ("Mul", "Div")),
+    *((op, "scale", "constant") for op in ("Add", "Sub", "Mul", "Div")),
+    ("Concat", "concat", "operands"),
+    *(
+        (op, "act", None)
+        for op in ("Relu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "LeakyRelu", "Elu", "Selu", "Celu",
+                   "HardSigmoid", "HardSwish", "Gelu", "Softplus", "Softsign", "PRelu", "Mish", "Clip")
+    ),
+    ("Pad", "pad", None),
+    ("Resize", "resize", None),
+    ("Upsample", "resize", None),
+)  # fmt: skip
 
 # Keras layers that are random in training (their masks cannot agree across frameworks): compare
 # calls them in inference mode. Matched like KERAS_LAYERS.

@@ -107,15 +107,16 @@ class Trace:
 
 def folds_into(entries: list[Entry], kind: str, inputs: list[tuple[int, ...]]) -> int | None:
     """The traced layer that a new layer of ``kind`` with operands from ``inputs`` folds into, or
-    None: an activation applied to a convolution's or dense layer's output (as Keras fuses
-    ``Conv2D(..., activation="relu")``), arithmetic with a constant applied to such arithmetic
+    None: an activation or a crop applied to a convolution's or dense layer's output (as Keras fuses
+    ``Conv2D(..., activation="relu")``; one side may crop a transposed convolution inside), arithmetic
+    with a constant applied to such arithmetic
     (``(x - mean) / std`` is one layer in Keras, two operations in PyTorch). The caller checks that
     the operand is that layer's latest output and that nothing else consumed it."""
     if len(inputs) != 1 or len(inputs[0]) != 1 or inputs[0][0] == INPUT:
         return None
     p = inputs[0][0]
     before = entries[p].kind
-    if (kind == "act" and kind_of(before).folds_activation) or (kind_of(kind).chains and before == kind):
+    if (kind in ("act", "crop") and kind_of(before).folds_activation) or (kind_of(kind).chains and before == kind):
         return p
     return None
 
@@ -154,8 +155,8 @@ def to_numpy(x) -> np.ndarray:
 
 def to_layout(x: np.ndarray, source: str, target: str, *, copy: bool = True) -> np.ndarray:
     """Move the channel axis of a rank-3/4/5 array from ``source``'s layout to ``target``'s
-    (a contiguous copy, or with ``copy=False`` a view)."""
-    if source == target or x.ndim not in (3, 4, 5):
+    (a contiguous copy, or with ``copy=False`` a view). ONNX's layout is PyTorch's (NCHW)."""
+    if source == target or x.ndim not in (3, 4, 5) or {source, target} <= {"torch", "onnx"}:
         return x
     moved = np.moveaxis(x, -1, 1) if source == "keras" else np.moveaxis(x, 1, -1)
     return np.ascontiguousarray(moved) if copy else moved

@@ -243,6 +243,9 @@ def _check(check: str | None, operands: list, result, constants: list) -> bool:
     if check == "spatial":
         n, c = first.shape[:2]
         return tuple(result.shape[:2]) == (n, c) and result.numel() == n * c
+    if check == "crop":
+        shrinks = result.ndim == first.ndim and all(r <= f for r, f in zip(result.shape, first.shape, strict=True))
+        return shrinks and result.numel() < first.numel()
     raise ValueError(f"unknown check {check!r} in bnkit.diagnose.kinds.TORCH_FUNCTIONS")
 
 
