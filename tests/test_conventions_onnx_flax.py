@@ -15,6 +15,7 @@ Where flax imports, the layers are also compared with ``flax.linen.BatchNorm`` i
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -244,3 +245,59 @@ def test_convention_names_round_trip():
         assert again.convention is bnkit.get_convention(name)
         module = bnkit.torch.BatchNorm1d(4, convention=name)
         assert module.convention is bnkit.get_convention(name) and f"convention={name!r}" in repr(module._name())
+
+
+def test_explain_onnx_layer_against_onnxruntime():
+    """explain(source="onnx"): the given layer's step is ONNX's (onnxruntime), its PyTorch equivalent agrees."""
+    from bnkit.explain import explain, random_batch
+
+    result = explain(source="onnx", channels=C, momentum=0.9, input_shape=SHAPE)
+    given, equivalent, literal = result.settings
+    assert (given.framework, given.eps, given.new_weight) == ("onnx", 1e-5, pytest.approx(0.1))
+    assert (equivalent.framework, equivalent.momentum, literal.momentum) == ("torch", 0.1, 0.9)
+    assert "convention='onnx'" in given.bnkit_code and given.code.startswith("onnx.helper.make_node(")
+    assert [c.framework for c in result.counts] == ["onnx", "torch"] and result.counts[0].total == 4 * C
+    assert result.difference("running mean", "equivalent").max_abs == 0.0
+    assert result.difference("running mean", "literal copy").relative > 0.1
+    assert any("ONNX's momentum=0.9 is the weight of the old running value" in note for note in result.notes)
+    # the given layer's running variance after the step is onnxruntime's
+    x = random_batch(SHAPE, 0).numpy()
+    session = _ort_training_bn(0.9, 1e-5)
+    ones, zeros = np.ones(C, np.float32), np.zeros(C, np.float32)
+    _, _, var = session.run(None, {"X": x, "scale": ones, "B": zeros, "input_mean": zeros, "input_var": ones})
+    n = SHAPE[0] * SHAPE[2] * SHAPE[3]
+    torch_var = 0.9 * 1 + 0.1 * reference.batch_stats(x, axis=1).var * n / (n - 1)
+    assert result.difference("running variance", "equivalent").max_abs == pytest.approx(
+        np.max(np.abs(var - torch_var)), rel=1e-3)
+
+
+def test_explain_cli_flax(capsys):
+    from bnkit.cli import main
+
+    assert main(["explain", "--from", "flax", "--channels", "4"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "flax.linen.BatchNorm(momentum=0.99) on 4 channels, in Flax's terms" in out
+    assert "Flax's momentum=0.99 is the weight of the old running value" in out and "use_fast_variance=True" in out
+    assert main(["explain", "--from", "flax", "--channels", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"][1]["code"] == "torch.nn.BatchNorm2d(4, eps=1e-05, momentum=0.01)"
+    assert data["counts"][0]["total"] == 8 and data["counts"][0]["not_counted"] == 8  # batch_stats apart
+    assert main(["explain", "--from", "onnx", "--no-center"]) == 2
+    assert "--no-center / --no-scale are keras and flax options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["onnx", "flax"])
+def test_explain_tables_keep_every_figure_at_80_columns(source):
+    import io
+
+    from rich.console import Console
+
+    from bnkit.cli.commands.explain import render
+    from bnkit.explain import explain
+
+    out = io.StringIO()
+    render(explain(source=source, channels=32, momentum=bnkit.get_convention(source).momentum),
+           Console(file=out, width=80, color_system=None))
+    text = out.getvalue()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80 and "…" not in text
+    assert ("input_var: 32 initializer" if source == "onnx" else "64 (batch_stats)") in text

@@ -4,6 +4,8 @@
 ``torch.nn.BatchNorm2d``) and returns an :class:`Explanation`: plain dataclasses that the
 ``bnkit explain`` command renders and ``--json`` prints.
 
+ONNX's ``BatchNormalization`` and Flax's ``BatchNorm`` are explained against PyTorch the same way.
+
 * ``settings``: the layer as given, its equivalent in the other framework (translated with
   :mod:`bnkit.conventions`), and a *literal* copy of its numbers into the other framework (the
   seed bug: Keras ``momentum=0.15`` copied into ``nn.BatchNorm2d(momentum=0.15)``).
@@ -32,7 +34,8 @@ from bnkit.conventions import KERAS, TORCH, get_convention, translate_momentum
 
 __all__ = ["LayerSettings", "ParamCount", "Difference", "Explanation", "explain", "random_batch"]
 
-Framework = Literal["keras", "torch"]
+Framework = Literal["keras", "torch", "onnx", "flax"]
+_NAMES = {"keras": "Keras", "torch": "PyTorch", "onnx": "ONNX", "flax": "Flax"}
 
 BATCH_DESCRIPTION = (
     "x[:, c] ~ N(mu_c, sigma_c^2), mu_c uniform in [-2, 2], log sigma_c uniform in [log 0.1, log 3]"
@@ -74,7 +77,7 @@ class ParamCount:
     trainable: int
     non_trainable: int
     not_counted: int  # state that exists but is not reported as parameters (PyTorch buffers)
-    weights: list[tuple[str, int, str]]  # (name, size, "trainable" | "non-trainable" | "buffer")
+    weights: list[tuple[str, int, str]]  # (name, size, kind): "trainable", "non-trainable", "buffer", ...
     why: str
 
 
@@ -158,6 +161,23 @@ def _torch_code(
     return code
 
 
+def _onnx_code(eps: float | None, momentum: float) -> str:
+    attrs = "" if eps is None else f", epsilon={_fmt(eps)}"
+    return ('onnx.helper.make_node("BatchNormalization", ["X", "scale", "B", "input_mean", "input_var"], '
+            f'["Y"]{attrs}, momentum={_fmt(momentum)})')
+
+
+def _flax_code(eps: float | None, momentum: float, center: bool, scale: bool) -> str:
+    args = [f"momentum={_fmt(momentum)}"]
+    if eps is not None:
+        args.append(f"epsilon={_fmt(eps)}")
+    if not center:
+        args.append("use_bias=False")
+    if not scale:
+        args.append("use_scale=False")
+    return f"flax.linen.BatchNorm({', '.join(args)})"
+
+
 def _bnkit_code(channels: int, framework: Framework, eps: float, momentum: float, center: bool, scale: bool,
                 track: bool, renorm: bool = False) -> str:
     args = [str(channels), f"eps={_fmt(eps)}", f"momentum={_fmt(momentum)}"]
@@ -184,6 +204,12 @@ def _layer_settings(
     if framework == "keras":
         code = _keras_code(channels, eps, momentum, center, scale, renorm)
         layout = "NHWC, axis=-1 (axis=1 on NCHW)"
+    elif framework == "onnx":
+        code = _onnx_code(eps, momentum)
+        layout = "NCHW, channel axis 1"
+    elif framework == "flax":
+        code = _flax_code(eps, momentum, center, scale)
+        layout = "NHWC, axis=-1 (features last)"
     else:  # torch.nn has no batch renormalization: bnkit's layer is the PyTorch one
         code = bnkit_code if renorm else _torch_code(channels, eps, momentum, center, scale, track)
         layout = "NCHW, channel axis 1"
@@ -238,6 +264,45 @@ def _keras_count(s: LayerSettings, channels: int) -> ParamCount:
             f"updates them in training). Hence {trainable + non_trainable} = {trainable} trainable + "
             f"{non_trainable} non-trainable."
         ),
+    )
+
+
+def _onnx_count(s: LayerSettings, channels: int) -> ParamCount:
+    # the operator's inputs scale, B, input_mean, input_var: initializers, none marked trainable
+    weights = [(name, channels, "initializer") for name in ("scale", "B", "input_mean", "input_var")]
+    return ParamCount(
+        framework="onnx",
+        reported_by="the initializers of the BatchNormalization node",
+        total=4 * channels,
+        trainable=0,
+        non_trainable=4 * channels,
+        not_counted=0,
+        weights=weights,
+        why="An ONNX graph stores tensors, not parameters: scale and B (gamma and beta) and the running "
+            "statistics input_mean and input_var are four initializers of the node, all required inputs "
+            "(scale 1 and B 0 where the layer had none). Exporters may store tensors with the same values once.",
+    )
+
+
+def _flax_count(s: LayerSettings, channels: int) -> ParamCount:
+    # flax.linen.BatchNorm: 'params' scale (use_scale) and bias (use_bias); 'batch_stats' mean and var
+    weights = []
+    if s.scale:
+        weights.append(("params/scale", channels, "trainable"))
+    if s.center:
+        weights.append(("params/bias", channels, "trainable"))
+    weights += [("batch_stats/mean", channels, "batch_stats"), ("batch_stats/var", channels, "batch_stats")]
+    trainable = sum(size for _, size, kind in weights if kind == "trainable")
+    return ParamCount(
+        framework="flax",
+        reported_by="the 'params' collection (tabulate / jax.tree counts)",
+        total=trainable,
+        trainable=trainable,
+        non_trainable=0,
+        not_counted=2 * channels,
+        weights=weights,
+        why="Flax keeps the running statistics in the separate 'batch_stats' collection (mean, var: "
+            f"{2 * channels} values), outside 'params', which is what counts of trainable parameters read.",
     )
 
 
@@ -327,7 +392,7 @@ def _one_step_each(layer, x) -> dict:
 
 
 def _momentum_phrase(s: LayerSettings) -> str:
-    weighs = "the new batch" if s.framework == "torch" else "the old value"
+    weighs = "the new batch" if get_convention(s.framework).momentum_weighs == "new" else "the old value"
     return f"{s.framework} momentum={_fmt(s.momentum)} weighs {weighs}: batch weight {s.new_weight:.4g}"
 
 
@@ -414,7 +479,11 @@ def explain(
     seed: int = 0,
     renorm: bool = False,
 ) -> Explanation:
-    """Explain a batch-norm layer written in ``source``'s terms (``"keras"`` or ``"torch"``).
+    """Explain a batch-norm layer written in ``source``'s terms (``"keras"``, ``"torch"``, ``"onnx"``, ``"flax"``).
+
+    An ONNX ``BatchNormalization`` or a Flax ``BatchNorm`` (:data:`bnkit.ONNX`, :data:`bnkit.FLAX`:
+    momentum on the old value, biased running variance) is explained against PyTorch, as a Keras one is;
+    a PyTorch one against Keras.
 
     The defaults are the seed example, Keras ``BatchNormalization(momentum=0.15, axis=-1)`` on 32
     channels. ``momentum`` and ``eps`` are read in ``source``'s meaning; ``eps=None`` is its default.
@@ -424,8 +493,8 @@ def explain(
     layers run on (default ``(8, channels, 8, 8)``); ``seed`` draws it. ``renorm=True``: Keras'
     ``BatchNormalization(renorm=True)`` (``source="keras"`` only; ``torch.nn`` has no renorm).
     """
-    if source not in ("keras", "torch"):
-        raise ValueError(f"source must be 'keras' or 'torch', got {source!r}")
+    if source not in _NAMES:
+        raise ValueError(f"source must be 'keras', 'torch', 'onnx' or 'flax', got {source!r}")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be a positive integer, got {channels!r}")
     center = _check_flag("center", center)
@@ -436,7 +505,7 @@ def explain(
         raise ValueError("renorm=True is Keras' batch renormalization: torch.nn has none (bnkit.torch's layers "
                          "take renorm=True); give source='keras'")
     src = get_convention(source)
-    target: Framework = "torch" if source == "keras" else "keras"
+    target: Framework = "torch" if source != "torch" else "keras"
     dst = get_convention(target)
     src.check_momentum(momentum)
     if momentum is None:
@@ -445,9 +514,12 @@ def explain(
     momentum = float(momentum)
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if source == "keras" and not track:
-        raise ValueError("Keras' BatchNormalization always keeps moving statistics: "
+    if source != "torch" and not track:
+        raise ValueError(f"{_NAMES[source]}'s batch norm always keeps running statistics: "
                          "track_running_stats=False exists only with source='torch'")
+    if source == "onnx" and not (center and scale):
+        raise ValueError("ONNX's BatchNormalization always has scale and B (required inputs): "
+                         "center=False / scale=False are for source='keras' or 'flax'")
     if source == "torch" and center != scale:
         raise ValueError(f"a torch.nn.BatchNorm2d is affine (center and scale) or not; got center={center}, "
                          f"scale={scale}: use source='keras' for one without the other")
@@ -475,8 +547,9 @@ def explain(
 
     x = random_batch(input_shape, seed)
     torch_settings = given if source == "torch" else equivalent
-    keras_settings = given if source == "keras" else equivalent
-    counts = [_keras_count(keras_settings, channels), _torch_count(_build(torch_settings, channels))]
+    own_count = {"onnx": _onnx_count, "flax": _flax_count}.get(source, _keras_count)
+    own = given if source != "torch" else equivalent  # the layer that is not PyTorch's
+    counts = [own_count(own, channels), _torch_count(_build(torch_settings, channels))]
 
     results = {s.role: _one_step_each(_build(s, channels), x) for s in (given, equivalent, literal)}
     differences = []
@@ -535,7 +608,37 @@ def _with_note_no_tracking(s: LayerSettings) -> LayerSettings:
     return replace(s, code=s.code + note, same_as_given=False)
 
 
+def _notes_old_weighing(given: LayerSettings, equivalent: LayerSettings, literal: LayerSettings,
+                        n: int) -> list[str]:
+    """The notes for an ONNX or Flax layer (momentum on the old value, biased) against PyTorch."""
+    name = _NAMES[given.framework]
+    conv = get_convention(given.framework)
+    notes = [
+        f"Momentum means opposite things: {name}'s momentum={_fmt(given.momentum)} is the weight of the old "
+        f"running value, PyTorch's momentum={_fmt(equivalent.momentum)} the weight of the new batch; both give "
+        f"the batch statistic weight {given.new_weight:.4g}.",
+        f"The literal copy {literal.code} weighs the batch {literal.new_weight:.4g} instead of "
+        f"{given.new_weight:.4g}: its running statistics, and so its inference outputs, drift apart"
+        + (" (its training outputs agree: same eps)." if literal.eps == given.eps
+           else f"; eps={_fmt(literal.eps)} instead of {_fmt(given.eps)} also moves its training outputs."),
+        f"Default eps: {name} {_fmt(conv.eps)}, PyTorch {_fmt(TORCH.eps)}. Training uses the batch's biased "
+        f"variance in both; the running variance is biased in {name} and unbiased (x n/(n-1), here "
+        f"{n}/{n - 1}) in PyTorch.",
+        f"To keep {name}'s semantics in PyTorch: {given.bnkit_code}",
+    ]
+    if given.framework == "flax":
+        notes.append(
+            "Flax's default use_fast_variance=True computes the batch variance as max(E[x^2] - E[x]^2, 0); "
+            "bnkit computes it in two passes, as Flax does with use_fast_variance=False. They differ only by "
+            "rounding, which grows with mean^2 / variance (float32 data with a large mean and a small spread "
+            "can get a variance of 0)."
+        )
+    return notes
+
+
 def _notes(given: LayerSettings, equivalent: LayerSettings, literal: LayerSettings, n: int) -> list[str]:
+    if given.framework in ("onnx", "flax"):
+        return _notes_old_weighing(given, equivalent, literal, n)
     keras = given if given.framework == "keras" else equivalent
     torch_ = given if given.framework == "torch" else equivalent
     if not given.track_running_stats:

@@ -25,16 +25,19 @@ _BYTES_PER_VALUE = 64  # peak memory of explain per value of the batch (measured
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source", choices=("keras", "torch"), default="keras",
-                        help="the framework whose terms the layer is given in (default: keras)")
+    parser.add_argument("--from", dest="source", choices=("keras", "torch", "onnx", "flax"), default="keras",
+                        help="the framework whose terms the layer is given in (default: keras); onnx "
+                             "(BatchNormalization) and flax (BatchNorm) are explained against torch")
     parser.add_argument("--channels", type=int, default=32, help="number of channels C (default: 32)")
     parser.add_argument("--momentum", type=float, default=None,
                         help="momentum in the --from framework's meaning (default: 0.15, the seed example, "
-                             "for keras; 0.1 for torch)")
+                             "for keras; 0.1 for torch, 0.9 for onnx, 0.99 for flax)")
     parser.add_argument("--eps", type=float, default=None,
                         help="epsilon (default: the --from framework's, 1e-3 keras, 1e-5 torch)")
-    parser.add_argument("--no-center", action="store_true", help="keras: no learnable beta (center=False)")
-    parser.add_argument("--no-scale", action="store_true", help="keras: no learnable gamma (scale=False)")
+    parser.add_argument("--no-center", action="store_true",
+                        help="keras: no learnable beta (center=False); flax: use_bias=False")
+    parser.add_argument("--no-scale", action="store_true",
+                        help="keras: no learnable gamma (scale=False); flax: use_scale=False")
     parser.add_argument("--no-affine", action="store_true", help="torch: affine=False")
     parser.add_argument("--no-track-running-stats", action="store_true",
                         help="torch: track_running_stats=False")
@@ -67,6 +70,12 @@ def _check_args(args) -> None:
     if args.source == "keras" and (args.no_affine or args.no_track_running_stats):
         flag = "--no-affine" if args.no_affine else "--no-track-running-stats"
         raise CLIError(f"{flag} is a torch option; with --from keras use --no-center / --no-scale")
+    if args.source in ("onnx", "flax") and (args.no_affine or args.no_track_running_stats or args.renorm):
+        flag = "--no-affine" if args.no_affine else "--no-track-running-stats" if not args.renorm else "--renorm"
+        raise CLIError(f"{flag} is not an option of {args.source}'s batch norm")
+    if args.source == "onnx" and (args.no_center or args.no_scale):
+        raise CLIError("ONNX's BatchNormalization always has scale and B (required inputs): "
+                       "--no-center / --no-scale are keras and flax options")
     if args.source == "torch" and (args.no_center or args.no_scale or args.renorm):
         flag = "--no-center" if args.no_center else "--no-scale" if args.no_scale else "--renorm"
         if flag == "--renorm":
@@ -80,6 +89,11 @@ def run(args) -> int:
 
     if args.source == "keras":
         momentum = SEED_KERAS_MOMENTUM if args.momentum is None else args.momentum
+        center, scale = not args.no_center, not args.no_scale
+    elif args.source in ("onnx", "flax"):
+        from bnkit.conventions import get_convention
+
+        momentum = get_convention(args.source).momentum if args.momentum is None else args.momentum
         center, scale = not args.no_center, not args.no_scale
     else:
         from bnkit.conventions import TORCH
@@ -114,7 +128,7 @@ def run(args) -> int:
 
 # --------------------------------------------------------------------------- rendering
 
-_FRAMEWORK = {"keras": "Keras", "torch": "PyTorch"}
+_FRAMEWORK = {"keras": "Keras", "torch": "PyTorch", "onnx": "ONNX", "flax": "Flax"}
 
 
 def _num(value: float) -> str:
@@ -142,7 +156,8 @@ def render(result, console=None) -> None:
     given = result.given
     n = result.values_per_channel
     console.print(f"[bold]bnkit explain[/]: {escape(given.code)} on {result.channels} channels, "
-                  f"in {_FRAMEWORK[given.framework]}' terms".replace("PyTorch'", "PyTorch's"))
+                  f"in {_FRAMEWORK[given.framework]}' terms".replace("PyTorch'", "PyTorch's")
+                  .replace("ONNX'", "ONNX's").replace("Flax'", "Flax's"))
 
     # settings, side by side
     table = Table(title="Settings in both conventions", title_justify="left")
@@ -182,7 +197,8 @@ def render(result, console=None) -> None:
         ("total", lambda c: f"{c.total:,}"),
         ("trainable", lambda c: f"{c.trainable:,}"),
         ("non-trainable", lambda c: f"{c.non_trainable:,}"),
-        ("not counted", lambda c: f"{c.not_counted:,} (buffers)" if c.not_counted else "0"),
+        ("not counted", lambda c: f"{c.not_counted:,} ({'batch_stats' if c.framework == 'flax' else 'buffers'})"
+         if c.not_counted else "0"),
         ("weights", lambda c: escape("\n".join(f"{name}: {size} {kind}" for name, size, kind in c.weights))),
     ]
     for label, cell in rows:
