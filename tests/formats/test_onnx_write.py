@@ -55,8 +55,8 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def ort_opsets() -> list[int]:
-    """Opsets 9..newest that onnx defines, those onnxruntime runs (the others are written but not checked)."""
-    return [9, 11, 13, 14, 15, 17, 20, 21, 23]
+    """Opsets from 9 to the newest onnx defines (onnxruntime 1.32 runs them all): old, the exporter's newest, newer."""
+    return [9, 11, 13, 14, 15, 17, 20, 21, 23, newest_opset()]
 
 
 # ------------------------------------------------------------------------------------------ op grid
@@ -281,3 +281,36 @@ def test_resnet18_keeps_every_batch_norm(tmp_path):
     x = np.random.default_rng(6).standard_normal((2, 3, 64, 64)).astype("float32")
     with torch.no_grad():
         assert relative(module(torch.from_numpy(x)).numpy(), run_file(path, x)["output"]) <= TOL
+
+
+def _cli(capsys, *argv):
+    from bnkit.cli import main
+
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_convert_keras_and_pt2_to_onnx(tmp_path, capsys):
+    """``bnkit convert x.keras out.onnx`` and ``bnkit convert x.pt2 out.onnx``: the files keep their batch norms."""
+    import json
+
+    from bnkit.io import save_model
+
+    keras_path = tmp_path / "m.keras"
+    _keras_model().save(keras_path)
+    status, out, _ = _cli(capsys, "convert", keras_path, tmp_path / "k.onnx", "--json")
+    assert status == 0
+    report = json.loads(out)
+    assert report["from"] == "keras" and report["opset"] == 17 and report["relative_difference"] <= TOL
+    assert [(r["epsilon"], round(r["momentum"], 6)) for r in report["batch_norms"]] == [(np.float32(1e-3), 0.95)]
+
+    pt2 = save_model(randomize(_conv_bn()), tmp_path / "m.pt2", input_shape=(3, 8, 8))
+    status, out, _ = _cli(capsys, "convert", pt2, tmp_path / "t.onnx", "--opset", "13")
+    assert status == 0 and "1 BatchNormalization node" in out and "opset 13" in out
+    assert [round(a["momentum"], 6) for _, a, _ in batch_norm_nodes(tmp_path / "t.onnx")] == [0.7]
+
+    status, _, err = _cli(capsys, "convert", pt2, tmp_path / "t.onnx")
+    assert status != 0 and "already exists" in err and len(err.strip().splitlines()) == 1
+    status, _, err = _cli(capsys, "convert", pt2, tmp_path / "u.onnx", "--training")
+    assert status != 0 and "unbiased" in err and len(err.strip().splitlines()) == 1

@@ -61,6 +61,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+    parser.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset of an OUT.onnx (9 to the newest onnx defines; default 17)"
+    )
+    parser.add_argument(
+        "--training", action="store_true",
+        help="OUT.onnx: batch norms in training mode (training_mode=1, updated running statistics as outputs)",
+    )  # fmt: skip
     add_reading_options(parser)
 
 
@@ -221,6 +228,10 @@ def run(args) -> int:
 
     # torch.export's own deprecation noise, not the user's concern
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    if _suffix(args.output) == ".onnx":  # either framework to ONNX, batch norms kept as nodes
+        from bnkit.cli.commands._convert_onnx import run as to_onnx
+
+        return to_onnx(args)
     target_framework = _direction(args.output)
     keras2 = _suffix(args.output) in _KERAS2_SUFFIXES or not _suffix(args.output)  # read back before the rename
     what = "a Keras 2 .h5" if _suffix(args.output) else "a tf-keras 2 SavedModel folder"
