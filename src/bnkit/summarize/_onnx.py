@@ -12,11 +12,13 @@ so the same layer is counted three ways:
 * **as PyTorch counts it**: 2·C params (``weight``, ``bias``) and 2·C buffers (``running_mean``,
   ``running_var``).
 
-In the Keras and PyTorch accountings an initializer counts once per role it plays (once as a parameter,
-once as a statistic), whichever nodes share it. Every floating initializer read by a node is a parameter
-there (trainable: ONNX marks none frozen), except a BN's statistics; integer initializers (shapes, axes,
-indices) are constants, not parameters, and are left out of every count. A node reading an initializer
-through ``Identity`` nodes (as the TorchScript exporter writes a BN's statistics) reads that initializer.
+In the Keras and PyTorch accountings an initializer counts once per input it feeds: the layers of the source
+had a tensor each, which the exporter merged because their values were equal (resnet18 with fresh batch norms,
+exported by the TorchScript exporter, shares one zero bias among the folded convs of a width). Every floating
+initializer read by a node is a parameter there (trainable: ONNX marks none frozen), except a BN's statistics;
+integer initializers (shapes, axes, indices) are constants, not parameters, and are left out of every count. A
+node reading an initializer through ``Identity`` nodes (as the TorchScript exporter writes a BN's statistics)
+reads that initializer.
 Output shapes come from ``onnx.shape_inference`` (a symbolic size, e.g. the batch, is ``None``).
 """
 
@@ -103,12 +105,9 @@ def summarize_onnx(model, input_shape=None) -> ModelSummary:
     graph = model.graph
     shapes = _shapes(model)
     rows = []
-    roles: dict[tuple[str, bool], int] = {}  # (initializer, is_statistic) -> values: each role counted once
     for index, (node, read) in enumerate(parameter_inputs(graph)):
         statistics = sum(_numel(t) for _, t, statistic in read if statistic)
         trainable = sum(_numel(t) for _, t, statistic in read if not statistic)
-        for _, tensor, statistic in read:
-            roles[(tensor.name, statistic)] = _numel(tensor)
         outputs = tuple(shapes[o] for o in node.output if o in shapes)
         rows.append(
             LayerRow(
@@ -120,11 +119,11 @@ def summarize_onnx(model, input_shape=None) -> ModelSummary:
                 buffers=statistics,
             )
         )
-    trainable = sum(n for (_, statistic), n in roles.items() if not statistic)
-    buffers = sum(n for (_, statistic), n in roles.items() if statistic)
+    trainable = sum(r.trainable_params for r in rows)
+    buffers = sum(r.buffers for r in rows)
     floating = [t for t in graph.initializer if _floating(t.data_type)]
     stored = sum(_numel(t) for t in floating)
-    read_names = {name for name, _ in roles}
+    read_names = {t.name for _, read in parameter_inputs(graph) for _, t, _ in read}
     unread = [t for t in floating if t.name not in read_names]
     integers = [t for t in graph.initializer if not _floating(t.data_type)]
 
@@ -133,8 +132,8 @@ def summarize_onnx(model, input_shape=None) -> ModelSummary:
     notes = [
         f"ONNX stores {stored:,} values in {len(floating)} floating-point initializers"
         + (
-            f"; Keras and PyTorch count {shared:,} more, as initializers that play two roles (equal constants "
-            "stored once, e.g. a fresh BN's input_mean sharing B's zeros) count once per role"
+            f"; Keras and PyTorch count {shared:,} more: the exporter stored equal tensors once (a fresh BN's "
+            "input_mean shares B's zeros), and each input they feed counts"
             if shared > 0
             else ""
         )
