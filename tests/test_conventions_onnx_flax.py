@@ -301,3 +301,23 @@ def test_explain_tables_keep_every_figure_at_80_columns(source):
     text = out.getvalue()
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 80 and "…" not in text
     assert ("input_var: 32 initializer" if source == "onnx" else "64 (batch_stats)") in text
+
+
+def test_compare_names_the_onnx_momentum_convention():
+    """A PyTorch model with convention='onnx' against torch.nn with the same number: compare's causes say why."""
+    from bnkit.diagnose.compare import compare
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.9))
+    onnx_like = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnkit.torch.BatchNorm2d(4, convention="onnx"))
+    onnx_like[0].load_state_dict(plain[0].state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    report = compare(plain, onnx_like, x, training=True)
+    codes = [c.code for c in report.causes]
+    assert "momentum-convention" in codes and "running-variance-estimator" in codes
+    text = next(c.explanation for c in report.causes if c.code == "momentum-convention")
+    assert "both say momentum=0.9, but it weighs the new value in model A and the old value in model B" in text
+    fixed = bnkit.torch.BatchNorm2d(4, momentum=bnkit.translate_momentum(0.9, "torch", "onnx"), convention="onnx")
+    onnx_like[1] = fixed
+    codes = [c.code for c in compare(plain, onnx_like, x, training=True).causes]
+    assert "momentum-convention" not in codes and codes == ["running-variance-estimator"]
