@@ -16,7 +16,7 @@ from __future__ import annotations
 from bnkit.convert._common import UnsupportedLayerError
 from bnkit.frameworks import accepts_tf_keras
 
-__all__ = ["keras_to_torch", "torch_to_keras", "UnsupportedLayerError"]
+__all__ = ["keras_to_torch", "torch_to_keras", "onnx_to_torch", "UnsupportedLayerError"]
 
 
 @accepts_tf_keras("keras_model")
@@ -32,6 +32,21 @@ def torch_to_keras(module, input_shape, *, semantics="source"):
     from bnkit.convert.torch_walker import torch_to_keras as convert
 
     return convert(module, input_shape, semantics=semantics)
+
+
+def onnx_to_torch(model_proto):
+    """Convert an ONNX ``ModelProto`` to a ``torch.fx.GraphModule`` of ``torch.nn`` layers (returned in
+    ``eval()``). Every BatchNormalization becomes ``bnkit.torch.BatchNorm*d(convention="onnx")`` with the
+    node's epsilon and momentum; one in training mode, a batch norm with ``track_running_stats=False``.
+    Raises :class:`UnsupportedLayerError` naming the first node (name, op_type) it cannot convert."""
+    from bnkit.frameworks import import_optional
+
+    onnx = import_optional("onnx", "converting an ONNX model")
+    if not isinstance(model_proto, onnx.ModelProto):
+        raise TypeError(f"onnx_to_torch converts an onnx.ModelProto; got {type(model_proto).__name__}")
+    from bnkit.convert.onnx_walker import onnx_to_torch as convert
+
+    return convert(model_proto)
 
 
 def _expect(model, framework: str, function: str) -> None:
