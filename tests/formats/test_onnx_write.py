@@ -314,3 +314,29 @@ def test_cli_convert_keras_and_pt2_to_onnx(tmp_path, capsys):
     assert status != 0 and "already exists" in err and len(err.strip().splitlines()) == 1
     status, _, err = _cli(capsys, "convert", pt2, tmp_path / "u.onnx", "--training")
     assert status != 0 and "unbiased" in err and len(err.strip().splitlines()) == 1
+
+
+def test_frozen_batch_norms_are_inference_nodes(tmp_path):
+    """torchvision's FrozenBatchNorm2d (fixed statistics, also in training) and bnkit's: inference nodes,
+    in a training-mode file too."""
+    from bnkit.torch.frozen import FrozenBatchNorm2d
+    from conftest import import_torchvision
+
+    torchvision = import_torchvision()
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d(4, eps=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(frozen, name).copy_(torch.rand(4, generator=g) - 0.5)
+    frozen.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+    ours = FrozenBatchNorm2d.from_batchnorm(randomize(nn.BatchNorm2d(4, eps=2e-3)))
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), frozen, nn.ReLU(), ours).eval()
+    x = np.random.default_rng(8).standard_normal((2, 3, 8, 8)).astype("float32")
+    for training in (False, True):
+        path = tmp_path / f"f{training}.onnx"
+        write(module, path, input_shape=(3, 8, 8), training=training)
+        nodes = batch_norm_nodes(path)
+        assert [(np.float32(a["epsilon"]), a.get("training_mode", 0), n) for _, a, n in nodes] == [
+            (np.float32(1e-4), 0, 1), (np.float32(2e-3), 0, 1)
+        ]  # fmt: skip
+        with torch.no_grad():
+            assert relative(module(torch.from_numpy(x)).numpy(), run_file(path, x)["output"]) <= TOL
