@@ -232,6 +232,10 @@ def run(args) -> int:
         from bnkit.cli.commands._convert_onnx import run as to_onnx
 
         return to_onnx(args)
+    if _suffix(args.input) == ".onnx":  # ONNX to either framework, verified against onnxruntime
+        from bnkit.cli.commands._convert_from_onnx import run as from_onnx
+
+        return from_onnx(args)
     target_framework = _direction(args.output)
     keras2 = _suffix(args.output) in _KERAS2_SUFFIXES or not _suffix(args.output)  # read back before the rename
     what = "a Keras 2 .h5" if _suffix(args.output) else "a tf-keras 2 SavedModel folder"
