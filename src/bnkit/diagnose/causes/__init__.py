@@ -6,6 +6,7 @@ One module per rule or small family of rules:
 * :mod:`.nonfinite` — ``non-finite``: the first layer that produced NaN/Inf;
 * :mod:`.batchnorm` — ``training-mode``, ``keras-frozen-inference``, ``missing-running-stats``,
   ``eps``, ``momentum-convention``, ``running-variance-estimator``;
+* :mod:`.exporter` — ``exporter-fold`` (and ``training-mode``) at a conv+BN pair an ONNX exporter folded;
 * :mod:`.layout` — ``layout``: a Dense after Flatten in the other framework's order;
 * :mod:`.resize` — ``resize``: a resize layer whose interpolation (mode, align_corners) differs;
 * :mod:`.weights` — ``weights`` (and ``layout`` for a convolution kernel with swapped axes, and the
@@ -112,7 +113,7 @@ class Context:
 
 
 def find_causes(report: CompareReport, ctx: Context) -> list[Cause]:
-    from bnkit.diagnose.causes import batchnorm, layout, nonfinite, resize, weights
+    from bnkit.diagnose.causes import batchnorm, exporter, layout, nonfinite, resize, weights
 
     found: dict[str, Cause] = {}
 
@@ -123,6 +124,7 @@ def find_causes(report: CompareReport, ctx: Context) -> list[Cause]:
 
     nonfinite.find(report, ctx, add)
     batchnorm.find(report, ctx, add)
+    exporter.find(report, ctx, add)
     layout.find(report, ctx, add)
     resize.find(report, ctx, add)
     explained = {name for cause in found.values() for name in cause.layers}

@@ -124,6 +124,9 @@ def find(report: CompareReport, ctx, add) -> None:
                 why = (
                     "the module is in train() mode"
                     if batch.framework == "torch" and batch.in_training_mode
+                    else "its ONNX BatchNormalization node has training_mode=1 (before opset 14: more than one "
+                    "output), which onnxruntime runs with the batch statistics"
+                    if batch.framework == "onnx" and not ctx.training
                     else "it was called in training mode"
                 )
                 other_why = (
@@ -132,7 +135,9 @@ def find(report: CompareReport, ctx, add) -> None:
                     else "uses its running statistics"
                 )
                 fix = (
-                    "call model.eval() on the PyTorch module before inference"
+                    "set training_mode=0 on the ONNX node and keep its one output"
+                    if batch.framework == "onnx" and not ctx.training
+                    else "call model.eval() on the PyTorch module before inference"
                     if not ctx.training
                     else "make both sides run this batch norm in the same mode"
                 )

@@ -1,0 +1,239 @@
+"""compare with ONNX models (issue 20): an ``onnx.ModelProto`` run by onnxruntime, layer by layer, against
+the PyTorch module it was exported from (``torch.onnx.export``, dynamo=False and True) or another ONNX model.
+
+Both exporters of torch 2.13 fold every batch norm that follows a convolution into the convolution, so
+the torchvision networks' exports hold no BatchNormalization node: compare pairs each conv+BN of the
+module with the folded Conv ("folded by the exporter") and finds them in agreement with no cause. Faults
+planted in the .onnx (an epsilon, a conv kernel, training_mode=1, a literal momentum) and a fold with stale
+statistics are named at their node with their cause.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.diagnose.compare import compare
+from bnkit.diagnose.exporter_folds import NOTE
+from conftest import import_torchvision
+from convert.real_networks import randomize_normalization
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import helper, numpy_helper  # noqa: E402
+
+
+def _export(module, x, path, dynamo: bool):
+    torch.onnx.export(module, (x,), str(path), dynamo=dynamo, verbose=False)
+    return onnx.load(str(path))
+
+
+def _bn_count(module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(module, input, ModelProto) of a torchvision network at 64x64 with randomised batch-norm statistics,
+    exported once per exporter."""
+    torchvision = import_torchvision()
+    folder = tmp_path_factory.mktemp("torchvision_onnx")
+    cache: dict = {}
+
+    def get(name: str, dynamo: bool):
+        if (name, dynamo) not in cache:
+            torch.manual_seed(0)
+            module = getattr(torchvision.models, name)(num_classes=10).eval()
+            randomize_normalization(module)
+            x = torch.randn(2, 3, 64, 64)
+            cache[name, dynamo] = module, x, _export(module, x, folder / f"{name}_{dynamo}.onnx", dynamo)
+        return cache[name, dynamo]
+
+    return get
+
+
+# the dynamo exporter takes 5-20 s per network here
+_EXPORTERS = [False, pytest.param(True, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("dynamo", _EXPORTERS, ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_export_agrees_with_folded_pairs(exported, name, dynamo):
+    module, x, model = exported(name, dynamo)
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]  # the exporter folded them all
+    report = compare(module, model, x.numpy())
+    assert report.agree, str(report)
+    assert report.causes == []
+    assert report.unmatched_a == [] and report.unmatched_b == []
+    folded = [r for r in report.rows if r.note == NOTE]
+    assert len(folded) == _bn_count(module)  # every conv+BN of the module paired with its folded Conv
+    assert report.framework_b == "onnx"
+    # the ONNX side's output is onnxruntime's own
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(ours - module(x).numpy()).max() <= report.output_atol + report.rtol * np.abs(ours).max()
+
+
+def test_onnx_first_and_onnx_against_onnx(exported):
+    module, x, model = exported("resnet18", False)
+    report = compare(model, module, x.numpy())
+    assert report.agree and report.causes == [] and report.unmatched_a == report.unmatched_b == []
+    assert sum(r.note == NOTE for r in report.rows) == _bn_count(module)
+    same = compare(model, model, x.numpy())
+    assert same.agree and same.unmatched_a == [] and not any(r.note for r in same.rows)
+
+
+# ---- a small network whose batch norms after a ReLU stay nodes ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Conv+BN+ReLU (folded by the exporters), then two Conv+ReLU+BN (kept as BatchNormalization nodes)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(16),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(16),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    randomize_normalization(net)
+    return net, torch.randn(4, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def small_exports(small, tmp_path_factory):
+    net, x = small
+    folder = tmp_path_factory.mktemp("onnx")
+    return {dynamo: _export(net, x, folder / f"small_{dynamo}.onnx", dynamo) for dynamo in (False, True)}
+
+
+def _copy(model):
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    return work
+
+
+def _set(node, name, value):
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _nodes(model, op_type):
+    return [n for n in model.graph.node if n.op_type == op_type]
+
+
+def _named_at(report, code, node_name):
+    cause = next(c for c in report.causes if c.code == code)
+    assert any(node_name in layer for layer in cause.layers), cause.layers
+    return cause
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_small_export_agrees_and_reads_onnx_bn_state(small, small_exports, dynamo):
+    net, x = small
+    model = small_exports[dynamo]
+    bns = _nodes(model, "BatchNormalization")
+    assert len(bns) == 2  # the two after a ReLU are kept
+    report = compare(net, model, x.numpy())
+    assert report.agree and report.causes == [] and report.unmatched_a == report.unmatched_b == []
+    assert [r.note for r in report.rows].count(NOTE) == 1
+    assert len(report.batch_norms) == 2
+    for pair in report.batch_norms:
+        attrs = {a.name: helper.get_attribute_value(a) for a in bns[report.batch_norms.index(pair)].attribute}
+        assert pair.b.framework == "onnx" and pair.b.momentum_weighs == "old"
+        assert pair.b.momentum == pytest.approx(attrs.get("momentum", 0.9))  # the exporter's 1 - 0.1
+        assert pair.b.new_weight == pytest.approx(pair.a.new_weight)
+        assert pair.b.eps == pytest.approx(attrs.get("epsilon", 1e-5)) and not pair.b.uses_batch_stats
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_planted_epsilon_named_at_its_node(small, small_exports, dynamo):
+    net, x = small
+    model = _copy(small_exports[dynamo])
+    node = _nodes(model, "BatchNormalization")[0]
+    _set(node, "epsilon", 1e-2)
+    report = compare(net, model, x.numpy())
+    assert report.cause_codes == ["eps"]
+    _named_at(report, "eps", node.name)
+
+
+def test_planted_training_mode_named_at_its_node(small, small_exports):
+    net, x = small
+    model = _copy(small_exports[False])
+    node = _nodes(model, "BatchNormalization")[1]
+    _set(node, "training_mode", 1)
+    node.output.extend(["planted_running_mean", "planted_running_var"])  # onnxruntime requires them then
+    report = compare(net, model, x.numpy())
+    assert report.cause_codes == ["training-mode"]
+    cause = _named_at(report, "training-mode", node.name)
+    assert "training_mode=1" in cause.explanation
+
+
+@pytest.mark.parametrize("which", ["kept", "folded"])
+def test_planted_conv_weights_named_at_its_node(small, small_exports, which):
+    net, x = small
+    model = _copy(small_exports[False])
+    node = _nodes(model, "Conv")[1 if which == "kept" else 0]
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[0, 0, 1, 1] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    report = compare(net, model, x.numpy())
+    assert report.cause_codes == ["weights"]
+    _named_at(report, "weights", node.name)
+
+
+def test_fold_with_stale_statistics_is_named(small, small_exports):
+    """The module's first batch norm changed after the export (recalibrated): the folded Conv holds the old
+    statistics: exporter-fold, not weights."""
+    net, x = small
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        moved[1].running_var.mul_(1.5)
+        moved[1].running_mean.add_(0.1)
+    model = small_exports[False]
+    report = compare(moved, model, x.numpy())
+    assert report.cause_codes == ["exporter-fold"]
+    _named_at(report, "exporter-fold", _nodes(model, "Conv")[0].name)
+
+
+def test_training_compare_runs_onnx_batch_norms_in_training_mode(small, small_exports):
+    """training=True: the kept BatchNormalization nodes run ONNX's training mode (onnxruntime), whose
+    running variance takes the biased batch variance where PyTorch's takes the unbiased one; the folded
+    conv+BN can only be inference."""
+    net, x = small
+    model = small_exports[False]
+    report = compare(net, model, x.numpy(), training=True)
+    assert set(report.cause_codes) == {"training-mode", "running-variance-estimator"}
+    _named_at(report, "training-mode", _nodes(model, "Conv")[0].name)
+    for node in _nodes(model, "BatchNormalization"):
+        _named_at(report, "running-variance-estimator", node.name)
+    assert all(p.b.uses_batch_stats and p.b.running_mean_after is not None for p in report.batch_norms)
+    # momentum 0.1 written literally (PyTorch's meaning) into the ONNX node: a momentum-convention cause
+    literal = _copy(model)
+    node = _nodes(literal, "BatchNormalization")[0]
+    _set(node, "momentum", 0.1)
+    report = compare(net, literal, x.numpy(), training=True)
+    _named_at(report, "momentum-convention", node.name)
+
+
+def test_refusals_name_the_problem(small, small_exports):
+    net, x = small
+    model = _copy(small_exports[False])
+    model.graph.node[1].domain = "com.example"
+    with pytest.raises(ValueError, match=r"custom domain 'com.example'") as e:
+        compare(net, model, x.numpy())
+    assert model.graph.node[1].name in str(e.value)
+    two = _copy(small_exports[False])
+    two.graph.input.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    with pytest.raises(ValueError, match="one input; this graph has 2"):
+        compare(two, net, x.numpy())
