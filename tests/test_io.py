@@ -87,7 +87,8 @@ def test_pickled_module_is_refused_by_weights_only(tmp_path):
         ("truncated.pt2", b"PK\x03\x04garbage", "not a torch.export program .not a zip archive"),
         ("bad.keras", b"not a zip", "not a Keras .keras archive .not a zip file"),
         ("bad.h5", b"not hdf5", "not a legacy Keras .h5 model .not an HDF5 file"),
-        ("model.onnx", b"whatever", "unknown model format"),
+        ("model.onnx", b"whatever", "not a readable ONNX model .DecodeError"),
+        ("model.tflite", b"whatever", "unknown model format"),
     ],
 )
 def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
