@@ -354,9 +354,10 @@ def _batch(shapes) -> list:
 
 
 def _check_inference(model, module, framework, data, shapes, keras_layout, training, shown) -> RoundTrip:
-    """The file in onnxruntime against the source model (the Keras model for a Keras source), in
-    inference; a training-mode file is run in inference by rewriting nothing: its batch norms are
-    checked by :func:`_check_training` instead, and the inference check runs the inference twin."""
+    """The file in onnxruntime against the source model (the Keras model itself for a Keras source) in
+    inference: ``max |file - source| / max |source|`` over the outputs within ``ROUND_TRIP_TOLERANCE``.
+    A training-mode file is checked through its inference twin (the same graph with ``training_mode=0``
+    and one output per batch norm); its training mode is :func:`_check_training`'s."""
     import numpy as np
     import torch
 
