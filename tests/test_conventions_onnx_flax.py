@@ -321,3 +321,26 @@ def test_compare_names_the_onnx_momentum_convention():
     onnx_like[1] = fixed
     codes = [c.code for c in compare(plain, onnx_like, x, training=True).causes]
     assert "momentum-convention" not in codes and codes == ["running-variance-estimator"]
+
+
+def test_convert_keeps_the_onnx_convention():
+    """Keras (bnkit layer, convention='onnx') -> PyTorch -> Keras: the convention and a training step survive."""
+    from bnkit.convert import keras_to_torch, torch_to_keras
+    from bnkit.keras import keras
+
+    inputs = keras.Input((5, 6, C))
+    outputs = bnkit.keras.BatchNormalization(convention="onnx", momentum=0.8)(inputs)
+    model = keras.Model(inputs, outputs)
+    module = keras_to_torch(model)
+    (bn,) = [m for m in module.modules() if hasattr(m, "convention")]
+    assert bn.convention == bnkit.ONNX and bn.momentum == 0.8
+    x = _nhwc_batches()[0]
+    y_keras = np.asarray(model(x, training=True).detach().cpu())
+    module.train()
+    with torch.no_grad():
+        y_torch = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()  # PyTorch's NCHW
+    np.testing.assert_allclose(y_torch.transpose(0, 2, 3, 1), y_keras, atol=1e-5)
+    np.testing.assert_allclose(bn.running_var.numpy(), model.layers[-1].get_weights()[3], atol=1e-6)
+    back = torch_to_keras(module.eval(), (C, 5, 6))
+    (layer,) = [la for la in back.layers if hasattr(la, "convention")]
+    assert layer.convention == bnkit.ONNX and layer.momentum == 0.8
