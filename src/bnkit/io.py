@@ -14,6 +14,9 @@ A model spec is one of:
   parameters and operator arguments, so that summaries, conversion and diagnosis see
   ``BatchNorm2d(eps=…, momentum=…)`` rather than anonymous operators. Layers bnkit does not
   know stay as the exported sub-programs: they still run;
+* ``model.onnx`` — an ONNX model, returned as an ``onnx.ModelProto`` (``pip install 'bnkit[onnx]'``):
+  its external data is read only from inside the model's folder, and operators outside ONNX's standard
+  domains are refused by node (:mod:`bnkit.formats.onnx`);
 * ``package.module:factory`` — a Python callable returning a ``torch.nn.Module`` or a
   ``keras.Model``, with optional weights: a ``.pt`` state dict (read with
   ``torch.load(weights_only=True)``: a pickle of arbitrary objects is refused) or a

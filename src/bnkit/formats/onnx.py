@@ -21,7 +21,9 @@ An ONNX file is a protobuf message: parsing it runs nothing. What makes reading 
   bnkit never loads a custom-operator library (``SessionOptions.register_custom_ops_library``), so
   such a node could not run anyway.
 * ``onnx.checker.check_model`` then checks the graph against the operator schemas; its message
-  becomes the cause in the one-line :class:`~bnkit.formats.ModelFileError`.
+  becomes the cause in the one-line :class:`~bnkit.formats.ModelFileError`. It runs once the data is
+  in the model (on external references it opens files relative to the working folder), and not on a model
+  of 2 GiB or more, which protobuf cannot serialise for it (the checks above still apply).
 
 Needs ``onnx`` (``pip install 'bnkit[onnx]'``); ``import bnkit`` imports neither onnx nor onnxruntime.
 """
@@ -45,6 +47,7 @@ STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
 #: Bytes of Python objects per byte of protobuf once parsed (the message holds its tensors' bytes once).
 PROTO_EXPANSION = 2
+_PROTOBUF_LIMIT = 2**31
 _DOMAINS = ", ".join(map(repr, STANDARD_DOMAINS))
 
 # element sizes in bits of the types numpy has no exact itemsize for (packed sub-byte types)
@@ -94,7 +97,11 @@ def read(path: Path, budget: Budget):
     folder = path.resolve().parent
     for where, tensor in _tensors(model):
         _check_tensor(tensor, where, folder, budget, shown)
+    if model.ByteSize() >= _PROTOBUF_LIMIT:  # the checker serialises the model, which protobuf cannot past 2 GiB
+        return model
     try:
+        # after the external data is in the model: on a model that still refers to files, the checker
+        # opens them relative to the working folder
         onnx.checker.check_model(model)
     except Exception as e:  # onnx.checker.ValidationError, or a ValueError for a model over 2 GB
         raise ModelFileError(f"{shown}: not a valid ONNX model ({type(e).__name__}: {one_line(e)})") from e
