@@ -2,7 +2,7 @@
 
 ``HardSigmoid(alpha, beta) = max(0, min(1, alpha * x + beta))`` is ``nn.Hardsigmoid`` for
 ``alpha = 1/6, beta = 0.5`` and the composed clamp otherwise; ``Clip(min, max)`` is ``nn.ReLU``
-(``[0, inf)``), ``nn.ReLU6`` (``[0, 6]``) or ``nn.Hardtanh``.
+(``[0, inf)``), ``nn.ReLU6`` (``[0, 6]``), ``nn.Hardtanh`` (``[-1, 1]``) or ``torch.clamp``.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def clip(b, node, inputs):
         return b.module(name, nn.ReLU(), x)
     if low == 0.0 and high == 6.0:
         return b.module(name, nn.ReLU6(), x)
-    if math.isfinite(low) and math.isfinite(high):
-        return b.module(name, nn.Hardtanh(low, high), x)
+    if (low, high) == (-1.0, 1.0):
+        return b.module(name, nn.Hardtanh(), x)
     return b.function(torch.clamp, x, None if math.isinf(low) else low, None if math.isinf(high) else high)
 
 
