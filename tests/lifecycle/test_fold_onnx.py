@@ -224,3 +224,28 @@ def test_cli_fold_onnx(exported, run_cli, tmp_path):
     assert again.returncode == 2
     assert "bnkit fold: error: out.onnx: already exists; pass --force to replace it" in again.stderr
     assert run_cli("fold", "in.onnx", "out.onnx", "--force").returncode == 0
+
+
+def test_initializers_listed_as_inputs():
+    """IR 3 lists every initializer as a graph input (old exporters): folded, inputs kept in step.
+    From IR 4 on an initializer that is also an input may be overridden by the caller: left, by name."""
+    rng = np.random.default_rng(4)
+    f32 = TensorProto.FLOAT
+    inits = [_tensor(rng, "W", (4, 3, 3, 3)), _tensor(rng, "b", (4,))] + _bn_params(rng, "bn", 4)
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], name="conv"), _bn("bn", "c", "y")]
+    inputs = [helper.make_tensor_value_info("x", f32, [2, 3, 6, 6])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", f32, [2, 4, 4, 4])],
+                              initializer=inits)
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    old.ir_version = 3
+    onnx.checker.check_model(old)
+    folded, decisions = bnkit.fold_bn(old, report=True)
+    assert [d.outcome for d in decisions] == ["folded"]
+    assert {i.name for i in folded.graph.input} == {"x"} | {t.name for t in folded.graph.initializer}
+    _assert_same(old, folded, {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)})
+
+    new = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    new.ir_version = 8
+    (decision,) = bnkit.fold_bn(new, report=True).decisions
+    assert decision.reason == "its scale 'bn_scale' is also a graph input, which a caller may override"

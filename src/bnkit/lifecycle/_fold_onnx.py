@@ -144,13 +144,15 @@ def _fold_weights(producer, weight: np.ndarray, bias, s: np.ndarray, t: np.ndarr
 class _Graph:
     """What the folding reads of the top-level graph: initializers, producers and consumers."""
 
-    def __init__(self, graph) -> None:
+    def __init__(self, graph, ir_version: int) -> None:
         from onnx import numpy_helper
 
         self.graph = graph
         self.to_array = numpy_helper.to_array
         self.initializers = {t.name: t for t in graph.initializer}
-        self.runtime_inputs = {i.name for i in graph.input}  # an initializer listed here can be overridden
+        # from IR 4 on, an initializer that is also a graph input is a default a caller may override; before,
+        # every initializer had to be listed as an input (old exporters' files), so that says nothing
+        self.runtime_inputs = {i.name for i in graph.input} if ir_version >= 4 else set()
         self.outputs = {o.name for o in graph.output}
         self.producer = {out: node for node in graph.node for out in node.output if out}
         self.readers: dict[str, list] = {}
@@ -237,11 +239,12 @@ def _unique(taken: set[str], base: str) -> str:
 
 def _fold_graph(model) -> list[FoldDecision]:
     """Fold ``model``'s top-level graph in place; one decision per BatchNormalization anywhere in it."""
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     opset = _default_opset(model)
-    g = _Graph(graph)
+    g = _Graph(graph, model.ir_version)
+    listed = model.ir_version < 4  # new initializers are listed as graph inputs too
     taken = set(g.initializers) | {n for node in _all_nodes(graph) for n in (*node.input, *node.output)}
     taken |= {i.name for i in graph.input}
     decisions, drop, renames = [], [], {}
@@ -257,7 +260,10 @@ def _fold_graph(model) -> list[FoldDecision]:
         # new initializers: the old ones may be shared with other nodes (tied weights)
         w_name = _unique(taken, f"{producer.input[1]}_bnfold")
         b_name = _unique(taken, f"{producer.output[0]}_bnfold_bias")
-        graph.initializer.extend([numpy_helper.from_array(w, w_name), numpy_helper.from_array(b, b_name)])
+        new = [numpy_helper.from_array(w, w_name), numpy_helper.from_array(b, b_name)]
+        graph.initializer.extend(new)
+        if listed:
+            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in new)
         producer.input[1] = w_name
         if len(producer.input) > 2:
             producer.input[2] = b_name
@@ -275,7 +281,7 @@ def _fold_graph(model) -> list[FoldDecision]:
     stale = [v for v in graph.value_info if v.name in renames]  # the removed intermediate tensors
     for v in stale:
         graph.value_info.remove(v)
-    _prune_initializers(graph)
+    _prune_initializers(graph, listed)
     for owner in graph.node:  # batch norms inside subgraphs: not folded
         for index, node in enumerate(n for sub in _subgraphs(owner) for n in _all_nodes(sub)):
             if node.op_type == "BatchNormalization":
@@ -285,13 +291,18 @@ def _fold_graph(model) -> list[FoldDecision]:
     return decisions
 
 
-def _prune_initializers(graph) -> None:
-    """Drop the initializers nothing reads any more (the folded weights' and batch norms' old ones)."""
-    read = {name for node in _all_nodes(graph) for name in node.input}
-    read |= {o.name for o in graph.output} | {i.name for i in graph.input}
+def _prune_initializers(graph, listed: bool) -> None:
+    """Drop the initializers nothing reads any more (the folded weights' and batch norms' old ones);
+    ``listed`` (IR < 4): also their graph inputs, which only listed them."""
+    read = {name for node in _all_nodes(graph) for name in node.input} | {o.name for o in graph.output}
+    if not listed:
+        read |= {i.name for i in graph.input}
     unused = [t for t in graph.initializer if t.name not in read]
+    names = {t.name for t in unused}
     for t in unused:
         graph.initializer.remove(t)
+    for value in [i for i in graph.input if i.name in names]:
+        graph.input.remove(value)
 
 
 # ------------------------------------------------------------------------------------ verification
