@@ -249,3 +249,17 @@ def test_initializers_listed_as_inputs():
     new.ir_version = 8
     (decision,) = bnkit.fold_bn(new, report=True).decisions
     assert decision.reason == "its scale 'bn_scale' is also a graph input, which a caller may override"
+
+
+def test_a_model_onnxruntime_cannot_run_is_one_line():
+    """Symbolic H, W are checked at 16: a Reshape that fits only 6x6 fails there, said in one line."""
+    rng = np.random.default_rng(6)
+    f32 = TensorProto.FLOAT
+    inits = [_tensor(rng, "W", (4, 3, 3, 3)), numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")]
+    inits += _bn_params(rng, "bn", 4)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), _bn("bn", "c", "n"),
+             helper.make_node("Reshape", ["n", "shape"], ["y"], name="reshape")]
+    inputs = [helper.make_tensor_value_info("x", f32, ["N", 3, "H", "W"])]
+    model = _model(nodes, inits, inputs, [helper.make_tensor_value_info("y", f32, ["N", 64])])
+    with pytest.raises(ValueError, match=r"^onnxruntime could not run the original model to check the folding \("):
+        bnkit.fold_bn(model)

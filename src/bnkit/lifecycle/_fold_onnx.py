@@ -327,8 +327,9 @@ def _random_feeds(model, seed: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _run(model, feeds):
+def _run(model, feeds, which: str):
     from bnkit.frameworks import missing_framework
+    from bnkit.text import one_line
 
     try:
         import onnxruntime as ort
@@ -338,15 +339,19 @@ def _run(model, feeds):
     # the graphs' own semantics: onnxruntime's fusions (its own Conv+BN folding among them) are off
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [o.name for o in session.get_outputs()], session.run(None, feeds)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [o.name for o in session.get_outputs()], session.run(None, feeds)
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...)
+        raise ValueError(f"onnxruntime could not run the {which} model to check the folding "
+                         f"({type(e).__name__}: {one_line(e)})") from e
 
 
 def _check(original, folded, seed: int) -> float:
     """The largest ``max|folded - original| / max|original|`` over the outputs; ``ValueError`` past TOLERANCE."""
     feeds = _random_feeds(original, seed)
-    names, expected = _run(original, feeds)
-    _, actual = _run(folded, feeds)
+    names, expected = _run(original, feeds, "original")
+    _, actual = _run(folded, feeds, "folded")
     worst = 0.0
     for name, a, b in zip(names, expected, actual, strict=True):
         a, b = np.asarray(a), np.asarray(b)
