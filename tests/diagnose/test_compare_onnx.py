@@ -111,7 +111,14 @@ def small():
 def small_exports(small, tmp_path_factory):
     net, x = small
     folder = tmp_path_factory.mktemp("onnx")
-    return {dynamo: _export(net, x, folder / f"small_{dynamo}.onnx", dynamo) for dynamo in (False, True)}
+    cache: dict = {}
+
+    def get(dynamo: bool):
+        if dynamo not in cache:
+            cache[dynamo] = _export(net, x, folder / f"small_{dynamo}.onnx", dynamo)
+        return cache[dynamo]
+
+    return get
 
 
 def _copy(model):
@@ -140,7 +147,7 @@ def _named_at(report, code, node_name):
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_small_export_agrees_and_reads_onnx_bn_state(small, small_exports, dynamo):
     net, x = small
-    model = small_exports[dynamo]
+    model = small_exports(dynamo)
     bns = _nodes(model, "BatchNormalization")
     assert len(bns) == 2  # the two after a ReLU are kept
     report = compare(net, model, x.numpy())
@@ -158,7 +165,7 @@ def test_small_export_agrees_and_reads_onnx_bn_state(small, small_exports, dynam
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_planted_epsilon_named_at_its_node(small, small_exports, dynamo):
     net, x = small
-    model = _copy(small_exports[dynamo])
+    model = _copy(small_exports(dynamo))
     node = _nodes(model, "BatchNormalization")[0]
     _set(node, "epsilon", 1e-2)
     report = compare(net, model, x.numpy())
@@ -168,7 +175,7 @@ def test_planted_epsilon_named_at_its_node(small, small_exports, dynamo):
 
 def test_planted_training_mode_named_at_its_node(small, small_exports):
     net, x = small
-    model = _copy(small_exports[False])
+    model = _copy(small_exports(False))
     node = _nodes(model, "BatchNormalization")[1]
     _set(node, "training_mode", 1)
     node.output.extend(["planted_running_mean", "planted_running_var"])  # onnxruntime requires them then
@@ -181,7 +188,7 @@ def test_planted_training_mode_named_at_its_node(small, small_exports):
 @pytest.mark.parametrize("which", ["kept", "folded"])
 def test_planted_conv_weights_named_at_its_node(small, small_exports, which):
     net, x = small
-    model = _copy(small_exports[False])
+    model = _copy(small_exports(False))
     node = _nodes(model, "Conv")[1 if which == "kept" else 0]
     init = next(i for i in model.graph.initializer if i.name == node.input[1])
     w = numpy_helper.to_array(init).copy()
@@ -200,7 +207,7 @@ def test_fold_with_stale_statistics_is_named(small, small_exports):
     with torch.no_grad():
         moved[1].running_var.mul_(1.5)
         moved[1].running_mean.add_(0.1)
-    model = small_exports[False]
+    model = small_exports(False)
     report = compare(moved, model, x.numpy())
     assert report.cause_codes == ["exporter-fold"]
     _named_at(report, "exporter-fold", _nodes(model, "Conv")[0].name)
@@ -211,7 +218,7 @@ def test_training_compare_runs_onnx_batch_norms_in_training_mode(small, small_ex
     running variance takes the biased batch variance where PyTorch's takes the unbiased one; the folded
     conv+BN can only be inference."""
     net, x = small
-    model = small_exports[False]
+    model = small_exports(False)
     report = compare(net, model, x.numpy(), training=True)
     assert set(report.cause_codes) == {"training-mode", "running-variance-estimator"}
     _named_at(report, "training-mode", _nodes(model, "Conv")[0].name)
@@ -228,12 +235,42 @@ def test_training_compare_runs_onnx_batch_norms_in_training_mode(small, small_ex
 
 def test_refusals_name_the_problem(small, small_exports):
     net, x = small
-    model = _copy(small_exports[False])
+    model = _copy(small_exports(False))
     model.graph.node[1].domain = "com.example"
     with pytest.raises(ValueError, match=r"custom domain 'com.example'") as e:
         compare(net, model, x.numpy())
     assert model.graph.node[1].name in str(e.value)
-    two = _copy(small_exports[False])
+    two = _copy(small_exports(False))
     two.graph.input.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
     with pytest.raises(ValueError, match="one input; this graph has 2"):
         compare(two, net, x.numpy())
+
+
+def test_cli_compares_an_onnx_file_with_a_pt2(small, small_exports, tmp_path, capsys):
+    """``bnkit compare m.onnx m.pt2``: the .onnx read by bnkit's safe reader, the input shape from the
+    graph's declared input; a planted epsilon gives exit status 1 and the cause in the JSON."""
+    import json
+
+    from bnkit.cli import main
+
+    net, x = small
+    pt2 = tmp_path / "small.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(pt2))
+    good = tmp_path / "small.onnx"
+    onnx.save(small_exports(False), str(good))
+    batch = str(x.shape[0])  # the TorchScript export fixes the batch dimension
+    assert main(["compare", str(good), str(pt2), "--batch-size", batch, "--json"]) == 0
+    agreed = json.loads(capsys.readouterr().out)
+    assert agreed["agree"] and agreed["model_a"]["framework"] == "onnx"
+    assert [row["note"] for row in agreed["layers"]].count(NOTE) == 1
+    bad_model = _copy(small_exports(False))
+    node = _nodes(bad_model, "BatchNormalization")[0]
+    _set(node, "epsilon", 1e-2)
+    bad = tmp_path / "eps.onnx"
+    onnx.save(bad_model, str(bad))
+    assert main(["compare", str(pt2), str(bad), "--input-shape", "3,16,16", "--batch-size", batch, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [c["code"] for c in report["causes"]] == ["eps"]
+    assert node.name in report["causes"][0]["layers"][0]
+    assert main(["compare", str(good), str(pt2), "--batch-size", "3"]) == 2
+    assert f"give --batch-size {batch}" in capsys.readouterr().err

@@ -18,7 +18,7 @@ HELP = "Run two models (Keras or PyTorch) on the same input, layer by layer, and
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "model_a", metavar="A", help="model file (.keras, .h5, .pt2), SavedModel folder or package.module:factory"
+        "model_a", metavar="A", help="model file (.keras, .h5, .pt2, .onnx), SavedModel folder or module:factory"
     )
     parser.add_argument("model_b", metavar="B", help="the model to compare with A, same forms")
     parser.add_argument("--weights-a", metavar="FILE", help="weights (.pt or .safetensors) for a factory A")
@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
         "--input-shape",
         metavar="SHAPE",
         type=parse_shape,
-        help="input shape without the batch dimension, in A's layout (H,W,C for Keras, C,H,W for PyTorch), "
+        help="input shape without the batch dimension, in A's layout (H,W,C for Keras, C,H,W for PyTorch and ONNX), "
         "e.g. 64,64,1; default: the Keras model's input shape",
     )
     parser.add_argument(
@@ -70,6 +70,9 @@ def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> 
             if isinstance(shape, list):
                 shape = shape[0] if len(shape) == 1 else None
             shape = tuple(shape[1:]) if shape and all(isinstance(d, int) for d in shape[1:]) else None
+        elif framework == "onnx":  # the graph input's declared dimensions, where all but the batch are fixed
+            shape = _onnx_input_dims(model)
+            shape = shape[1:] if shape and all(isinstance(d, int) for d in shape[1:]) else None
         else:  # a .pt2 program records its example input's shape
             from bnkit.summarize._torch import _recorded_shapes
 
@@ -77,10 +80,46 @@ def _input_shape(args, model_a, model_b, framework_a: str, framework_b: str) -> 
             shape = shapes[0] if shapes and len(shapes) == 1 else None
         if shape is None:
             continue
-        if framework != framework_a and len(shape) in (2, 3, 4):  # to A's layout: channels last or first
+        if _layout(framework) != _layout(framework_a) and len(shape) in (2, 3, 4):  # to A's layout
             shape = (shape[-1], *shape[:-1]) if framework == "keras" else (*shape[1:], shape[0])
         return tuple(shape)
-    raise CLIError("cannot tell the input shape of a PyTorch model: give --input-shape in A's layout, e.g. 1,64,64")
+    raise CLIError(
+        "cannot tell the input shape of a PyTorch or ONNX model: give --input-shape in A's layout, e.g. 1,64,64"
+    )
+
+
+def _layout(framework: str) -> str:
+    """Channels last (Keras) or first (PyTorch, ONNX)."""
+    return "keras" if framework == "keras" else "torch"
+
+
+def _onnx_input_dims(model) -> tuple | None:
+    """The dimensions an ONNX graph declares for its one data input (None for a named or unknown one)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def _check_onnx_input(model, shape, batch: int, what: str) -> int:
+    """An ONNX model's declared input takes the batch (fixed dimensions must match); the bytes of a run
+    whose every node output is kept, estimated as the input's size per node."""
+    declared = _onnx_input_dims(model)
+    wanted = (batch, *shape)
+    if declared is not None:
+        shown = tuple("?" if d in (None, 0) else d for d in declared)
+        if len(declared) != len(wanted) or any(
+            d not in (None, 0) and d != w for d, w in zip(declared[1:], wanted[1:], strict=True)
+        ):
+            raise CLIError(f"{what}: the ONNX graph's input is declared {shown}, not {wanted}: give --input-shape")
+        if declared[0] not in (None, 0) and declared[0] != batch:  # a TorchScript export fixes the batch
+            raise CLIError(f"{what}: the ONNX graph's input is declared {shown}: give --batch-size {declared[0]}")
+    size = 4 * batch
+    for d in shape:
+        size *= int(d)
+    return size * (len(model.graph.node) + 1)
 
 
 def _check_input(model_a, model_b, framework_a: str, framework_b: str, shape, batch: int) -> None:
@@ -88,11 +127,18 @@ def _check_input(model_a, model_b, framework_a: str, framework_b: str, shape, ba
     from bnkit.inputs import check_fits, check_model_input
 
     shape_b = shape
-    if framework_a != framework_b and len(shape) in (2, 3, 4):  # A's layout to B's, as compare moves it
-        shape_b = (*shape[1:], shape[0]) if framework_a == "torch" else (shape[-1], *shape[:-1])
+    if _layout(framework_a) != _layout(framework_b) and len(shape) in (2, 3, 4):  # A's layout to B's, as compare does
+        shape_b = (*shape[1:], shape[0]) if framework_a != "keras" else (shape[-1], *shape[:-1])
     what = "comparing the models"
-    nbytes = check_model_input(model_a, shape, batch, what=what + " (model A)")
-    nbytes += check_model_input(model_b, shape_b, batch, what=what + " (model B)")
+    nbytes = 0
+    for model, framework, model_shape, label in (
+        (model_a, framework_a, shape, "A"),
+        (model_b, framework_b, shape_b, "B"),
+    ):
+        if framework == "onnx":
+            nbytes += _check_onnx_input(model, model_shape, batch, f"{what} (model {label})")
+        else:
+            nbytes += check_model_input(model, model_shape, batch, what=f"{what} (model {label})")
     check_fits(nbytes, f"{what} on a batch of {batch} of shape {shape}")
 
 
