@@ -44,7 +44,7 @@ def summary(model, input_shape=None, *, dtype=None) -> ModelSummary:
 
         return summarize_torch(model, input_shape, dtype=dtype)
     raise TypeError(
-        f"summary() takes a torch.nn.Module, a keras.Model or an onnx.ModelProto, got {type(model).__name__}"
+        f"summary() takes a torch.nn.Module or a keras.Model (or an onnx.ModelProto), got {type(model).__name__}"
     )
 
 
