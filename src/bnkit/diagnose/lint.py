@@ -88,7 +88,8 @@ class Finding:
 
 @accepts_tf_keras("model")
 def lint(model, *, for_inference: bool = False, batch_size: int | None = None, input_shape=None):
-    """Batch normalization pitfalls in a ``torch.nn.Module`` or a ``keras.Model``.
+    """Batch normalization pitfalls in a ``torch.nn.Module`` or a ``keras.Model`` (or an ``onnx.ModelProto``:
+    :mod:`bnkit.diagnose.lint_onnx`, whose codes are listed there).
 
     ``for_inference=True`` says the model is about to be used for inference, so any BN
     still in training mode is an error. ``batch_size`` is the training batch size (the
@@ -113,7 +114,9 @@ def lint(model, *, for_inference: bool = False, batch_size: int | None = None, i
         import torch
 
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"lint() takes a torch.nn.Module or a keras.Model, got {type(model).__name__}")
+            raise TypeError(
+                f"lint() takes a torch.nn.Module or a keras.Model (or an onnx.ModelProto), got {type(model).__name__}"
+            )
         findings = _lint_torch(model, for_inference, batch_size, input_shape)
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
 
