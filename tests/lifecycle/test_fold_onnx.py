@@ -263,3 +263,25 @@ def test_a_model_onnxruntime_cannot_run_is_one_line():
     model = _model(nodes, inits, inputs, [helper.make_tensor_value_info("y", f32, ["N", 64])])
     with pytest.raises(ValueError, match=r"^onnxruntime could not run the original model to check the folding \("):
         bnkit.fold_bn(model)
+
+
+def test_statistics_through_identity_and_constant_nodes():
+    """torch's exporter stores equal tensors once and reads the copies through Identity nodes; a Constant
+    node's tensor is a constant too. Both fold, and the nodes that fed only the batch norm go."""
+    rng = np.random.default_rng(7)
+    f32 = TensorProto.FLOAT
+    scale, bias, mean, var = _bn_params(rng, "bn", 4)
+    inits = [_tensor(rng, "W", (4, 3, 3, 3)), scale, mean, var]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Identity", ["bn_scale"], ["scale_copy"], name="id1"),
+        helper.make_node("Identity", ["scale_copy"], ["scale_copy2"], name="id2"),
+        helper.make_node("Constant", [], ["b_const"], name="const", value=bias),
+        helper.make_node("BatchNormalization", ["c", "scale_copy2", "b_const", "bn_mean", "bn_var"], ["y"],
+                         name="bn"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", f32, [2, 3, 6, 6])]
+    model = _model(nodes, inits, inputs, [helper.make_tensor_value_info("y", f32, [2, 4, 4, 4])])
+    folded, decisions = bnkit.fold_bn(model, report=True)
+    assert [d.outcome for d in decisions] == ["folded"] and _ops(folded) == ["Conv"]
+    _assert_same(model, folded, {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)})

@@ -162,7 +162,23 @@ class _Graph:
                     self.readers.setdefault(name, []).append(node)
 
     def constant(self, name: str, what: str):
-        """The initializer ``name`` as a NumPy array, or a reason why it is not a constant."""
+        """The constant ``name`` as a NumPy array, or a reason why it is not one: an initializer, reached
+        through Identity nodes (torch's exporter stores equal tensors once, the others as Identity of it),
+        or a Constant node's tensor."""
+        source = name
+        for _ in range(len(self.graph.node)):  # a chain of Identity nodes at most that long
+            node = self.producer.get(source)
+            if source in self.initializers or node is None or node.domain not in ("", "ai.onnx"):
+                break
+            if node.op_type == "Identity":
+                source = node.input[0]
+                continue
+            value = _attr(node, "value", None) if node.op_type == "Constant" else None
+            if value is None:
+                break
+            array = self.to_array(value)
+            return array if array.dtype.type in _FLOATS else f"its {what} {name!r} is {array.dtype}, not float16/32/64"
+        name = source
         if name not in self.initializers:
             return f"its {what} {name!r} is not an initializer (computed, or a graph input)"
         if name in self.runtime_inputs:
@@ -193,12 +209,6 @@ def _try_fold(g: _Graph, bn, opset: int):
         return reason
     if len(bn.input) < 5:
         return f"it has {len(bn.input)} inputs, not 5"
-    params = []
-    for name, what in zip(bn.input[1:5], ("scale", "B", "input_mean", "input_var"), strict=True):
-        value = g.constant(name, what)
-        if isinstance(value, str):
-            return value
-        params.append(value)
     x = bn.input[0]
     producer = g.producer.get(x)
     if producer is None:
@@ -212,6 +222,12 @@ def _try_fold(g: _Graph, bn, opset: int):
     if len(readers) != 1:
         others = ", ".join(repr(r.name or r.op_type) for r in readers if r is not bn)
         return f"the output of {kind} is also read by {others}"
+    params = []
+    for name, what in zip(bn.input[1:5], ("scale", "B", "input_mean", "input_var"), strict=True):
+        value = g.constant(name, what)
+        if isinstance(value, str):
+            return value
+        params.append(value)
     weight = g.constant(producer.input[1], f"{producer.op_type}'s weight")
     if isinstance(weight, str):
         return weight
@@ -281,7 +297,9 @@ def _fold_graph(model) -> list[FoldDecision]:
     stale = [v for v in graph.value_info if v.name in renames]  # the removed intermediate tensors
     for v in stale:
         graph.value_info.remove(v)
-    _prune_initializers(graph, listed)
+    if drop:  # a graph with nothing folded is returned as it was
+        _prune_dead_constants(graph)
+        _prune_initializers(graph, listed)
     for owner in graph.node:  # batch norms inside subgraphs: not folded
         for index, node in enumerate(n for sub in _subgraphs(owner) for n in _all_nodes(sub)):
             if node.op_type == "BatchNormalization":
@@ -289,6 +307,18 @@ def _fold_graph(model) -> list[FoldDecision]:
                 decisions.append(FoldDecision(_name(node, index), "BatchNormalization", "kept",
                                               reason=f"it is {where} (If/Loop/Scan bodies are not folded)"))
     return decisions
+
+
+def _prune_dead_constants(graph) -> None:
+    """Drop the Identity and Constant nodes that fed only the folded batch norms (nothing reads them now)."""
+    while True:
+        read = {name for node in _all_nodes(graph) for name in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.domain in ("", "ai.onnx")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
 
 
 def _prune_initializers(graph, listed: bool) -> None:
