@@ -163,6 +163,26 @@ def test_conv_bias_cancelled_by_training_bn():
     assert bnkit.lint(inference) == []  # in inference the bias is not cancelled: nothing to say
 
 
+def test_batch_of_one():
+    """onnxruntime trains a BN on one value per channel without complaint and outputs B for every input."""
+    values = {"s": 1.0, "b": 0.5, "m": 0.0, "v": 1.0}
+    inits = [numpy_helper.from_array(np.full(C, v, np.float32), n) for n, v in values.items()]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], name="bn",
+                            training_mode=1)  # fmt: skip
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "rm", "rv")], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    np.testing.assert_array_equal(_run(model, np.array([[3.0, -2.0, 7.0]], np.float32))[0], [[0.5, 0.5, 0.5]])
+    assert ("batch-of-one", "bn", "error") in _codes(model, batch_size=1)
+    assert not any(f.code == "batch-of-one" for f in bnkit.lint(model, batch_size=2))
+    spatial = _bn_model(outputs=("y", "rm", "rv"), attributes={"training_mode": 1})
+    (finding,) = [f for f in bnkit.lint(spatial, batch_size=1) if f.code == "batch-of-one"]
+    assert finding.severity == "warning" and "(4 values per channel)" in finding.message
+
+
 def test_eps_mismatch():
     model = _bn_model(extra_bn=1e-3)
     assert ("eps-mismatch", "(model)", "info") in _codes(model)

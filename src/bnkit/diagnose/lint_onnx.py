@@ -32,6 +32,11 @@ Codes (those shared with :mod:`bnkit.diagnose.lint` mean the same there):
 ``conv-bias-before-bn`` (warning)
     A Conv/ConvTranspose/Gemm with a bias initializer whose only reader is a training-mode BN: the BN
     subtracts the batch mean per channel, which cancels the bias (it gets zero gradient).
+``batch-of-one`` (error with one value per channel, warning otherwise)
+    With ``batch_size=1``, a training-mode BN: with one value per channel (an ``(N, C)`` input) the batch
+    variance is 0 and onnxruntime outputs ``B`` for every input, without an error; with more (``N, C, H, W``)
+    each channel is normalised over one sample's own values. The values per channel come from the BN's
+    input shape (``onnx.shape_inference``) with the batch set to 1.
 ``eps-mismatch`` (info)
     BN nodes of one model with different epsilons.
 
@@ -90,9 +95,11 @@ def _training(node, attributes: dict, opset: int) -> tuple[bool, str]:
 
 
 def lint_onnx(model, *, for_inference: bool = False, batch_size: int | None = None, input_shape=None):
-    """Findings for an ``onnx.ModelProto`` (see the module doc), errors first. ``batch_size`` and
-    ``input_shape`` are not used: the graph declares its own shapes."""
-    from bnkit.summarize._onnx import initializer_sources
+    """Findings for an ``onnx.ModelProto`` (see the module doc), errors first. ``batch_size``: the batch size
+    it will run at (``batch-of-one``); ``input_shape`` is not used: the graph declares its own shapes."""
+    from bnkit.summarize._onnx import initializer_sources, value_shapes
+
+    shapes = value_shapes(model) if batch_size == 1 else {}
 
     opset = _opset(model)
     findings: list[Finding] = []
@@ -134,6 +141,8 @@ def lint_onnx(model, *, for_inference: bool = False, batch_size: int | None = No
         findings += _statistics_findings(name, shown, node, initializer_sources(graph), eps)
         if training:
             findings += _bias_findings(graph, node, shown)
+        if training and batch_size == 1:
+            findings.append(_batch_of_one(name, shown, shapes.get(node.input[0])))
     findings += _eps_mismatch(named_eps)
     order = ("error", "warning", "info")
     return sorted(findings, key=lambda f: order.index(f.severity))
@@ -168,6 +177,26 @@ def _momentum_findings(name, shown, momentum, training: bool) -> list[Finding]:
             "warning" if training else "info",
         )]  # fmt: skip
     return []
+
+
+def _batch_of_one(name, shown, shape) -> Finding:
+    per_channel = None if shape is None or None in shape[2:] else math.prod(shape[2:])
+    if per_channel == 1:
+        return Finding(
+            "batch-of-one", name,
+            f"{shown} runs in training mode and gets one value per channel at batch size 1: the batch variance "
+            "is 0 and onnxruntime outputs B for every input, without an error. Use a batch of 2 or more, or "
+            "an inference graph (training_mode=0).",
+            "error",
+        )  # fmt: skip
+    known = "" if per_channel is None else f" ({per_channel:,} values per channel)"
+    return Finding(
+        "batch-of-one", name,
+        f"{shown} runs in training mode and normalises each channel over a single sample at batch size 1{known}: "
+        "the statistics are that sample's own (instance normalization in effect). Use a larger batch or an "
+        "inference graph (training_mode=0).",
+        "warning",
+    )  # fmt: skip
 
 
 def _array(tensor):

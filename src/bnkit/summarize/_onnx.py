@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from bnkit.summarize.rows import LayerRow, ModelSummary
 
-__all__ = ["summarize_onnx", "parameter_inputs", "BN_STATISTIC_SLOTS"]
+__all__ = ["summarize_onnx", "parameter_inputs", "initializer_sources", "value_shapes", "BN_STATISTIC_SLOTS"]
 
 #: The inputs of ``BatchNormalization`` that are running statistics: ``input_mean`` and ``input_var``.
 BN_STATISTIC_SLOTS = (3, 4)
@@ -80,7 +80,7 @@ def parameter_inputs(graph):
             yield node, read
 
 
-def _shapes(model) -> dict:
+def value_shapes(model) -> dict:
     """Value name → its shape (a tuple, ``None`` for a symbolic size), from shape inference where it works."""
     import onnx
 
@@ -103,7 +103,7 @@ def summarize_onnx(model, input_shape=None) -> ModelSummary:
     from onnx import helper
 
     graph = model.graph
-    shapes = _shapes(model)
+    shapes = value_shapes(model)
     rows = []
     for index, (node, read) in enumerate(parameter_inputs(graph)):
         statistics = sum(_numel(t) for _, t, statistic in read if statistic)
