@@ -188,8 +188,8 @@ def find(report: CompareReport, ctx, add) -> None:
                 add(
                     "momentum-convention",
                     f"{name}: the running statistics move at different speeds: {detail}. PyTorch's momentum "
-                    "is the weight of the new batch (run = (1-m)·run + m·batch), Keras' the weight of "
-                    "the old "
+                    "is the weight of the new batch (run = (1-m)·run + m·batch), Keras', ONNX's and Flax's "
+                    "the weight of the old "
                     "value (run = m·run + (1-m)·batch): translate with bnkit.translate_momentum.",
                     name,
                     "observed: the running statistics differ after one training step",
