@@ -3,16 +3,22 @@
     KERAS_BACKEND=torch python benchmarks/convert_cpu.py [--networks resnet18,ResNet50] [--repeats 3]
 
 The networks are tests/convert/real_networks.py's (every network issue 8 names: keras.applications
-and torchvision, random weights, 96x96 inputs). Each is converted from its own framework to the
-other ("there"), and the result converted back ("back"); a network bnkit refuses is listed with
-the reason. Each network and leg runs in a fresh Python process, so that one network's freed
-memory does not hide the next one's and import costs are paid before the clock starts (a tiny
-model is converted first). Memory, in the first conversion: the growth of the process's peak
+and torchvision, random weights, 96x96 inputs) and tests/convert/real_networks_beyond.py's (issue 19:
+video, segmentation, recurrent, attention, a FrozenBatchNorm2d backbone, a channels_first Keras CNN).
+Each is converted from its own framework to the other ("there"), and the result converted back
+("back"); a network bnkit refuses is listed with the reason ("refused (expected)" for those
+real_networks_beyond.EXPECTED_REFUSALS names). Each network and leg runs in a fresh Python process, so
+that one network's freed memory does not hide the next one's and import costs are paid before the clock
+starts (a tiny model is converted first). Memory, in the first conversion: the growth of the process's peak
 resident set over the resident set after building the model (Linux VmHWM, reset through
 /proc/self/clear_refs; it counts PyTorch's tensors and Keras' variables) and the peak of Python
 allocations (tracemalloc: Python objects and NumPy arrays). Time: the median of ``--repeats``
 further conversions. Error: max |converted - source| / max |source| of the inference outputs on
-a batch of 2. Goal: every network converts in under 5 s on a 2-core machine.
+a batch of 2, in PyTorch's layout for a model that takes it (a channels_first Keras model does), the worst
+output of a dict. After "there": one training forward of both (dropout off), its outputs' error and the worst
+updated running statistic's ("training", "statistics"), and bnkit.compare's verdict, source against
+converted, in inference and in a training forward ("agree" / "DISAGREE"). Goal: every network converts in
+under 5 s on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -39,11 +45,23 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(TESTS), str(TESTS / "convert")]
 
 import torch  # noqa: E402
-from real_networks import NETWORKS, Network, format_error, relative_error  # noqa: E402
+from real_networks import (  # noqa: E402
+    NETWORKS,
+    Network,
+    convert,
+    format_error,
+    relative_error,
+    run_in_torch_layout,
+    torch_layout_input,
+    training_check,
+)
+from real_networks_beyond import BENCHMARK_ONLY, BEYOND, EXPECTED_REFUSALS  # noqa: E402
 
 from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras  # noqa: E402
 
 GOAL_SECONDS = 5.0
+assert not set(NETWORKS) & set(BEYOND), set(NETWORKS) & set(BEYOND)
+ALL_NETWORKS: dict[str, Network] = NETWORKS | BEYOND
 
 
 @dataclass
@@ -56,6 +74,12 @@ class Row:
     python_peak_mib: float | None = None
     error: float | None = None
     refused: str | None = None
+    # "there" only: a training forward of both sides, and bnkit.compare's verdicts
+    batch_norms: int | None = None
+    training_error: float | None = None
+    statistics_error: float | None = None
+    compare_inference: str | None = None
+    compare_training: str | None = None
 
 
 def _status_kib(field: str) -> int | None:
@@ -98,20 +122,7 @@ def _is_keras(model) -> bool:
     return isinstance(model, keras.layers.Layer)  # on Keras' torch backend, also an nn.Module
 
 
-def _outputs(model, x_torch_layout):
-    import numpy as np
-
-    from bnkit.keras import keras
-
-    with torch.no_grad():
-        if not _is_keras(model):
-            return model.eval()(torch.from_numpy(x_torch_layout)).numpy()
-        x = np.moveaxis(x_torch_layout, 1, -1) if x_torch_layout.ndim > 2 else x_torch_layout
-        y = np.asarray(keras.ops.convert_to_numpy(model(x)))
-        return np.moveaxis(y, -1, 1) if y.ndim > 2 else y
-
-
-def _leg(network: str, source, torch_shape, x, expected, leg: str, repeats: int) -> tuple[Row, object]:
+def _leg(network: str, source, torch_shape, x_torch, expected, leg: str, repeats: int) -> tuple[Row, object]:
     is_keras = _is_keras(source)
     direction = "keras_to_torch" if is_keras else "torch_to_keras"
 
@@ -130,26 +141,38 @@ def _leg(network: str, source, torch_shape, x, expected, leg: str, repeats: int)
         converted = convert()
         times.append(time.perf_counter() - start)
     row.seconds = statistics.median(times)
-    row.error = relative_error(_outputs(converted, x), expected)
+    row.error = relative_error(run_in_torch_layout(converted, x_torch, False), expected)
     return row, converted
 
 
+def _verdict(source, converted, x, training: bool) -> str:
+    import bnkit
+
+    return "agree" if bnkit.compare(source, converted, x, training=training).agree else "DISAGREE"
+
+
 def measure(net: Network, leg: str, repeats: int) -> Row:
-    """One leg of one network in this process: "there", or "back" (after an untimed "there")."""
+    """One leg of one network in this process: "there", or "back" (after an untimed "there"). After
+    "there", compare's verdicts, then a training forward (which updates both sides' statistics)."""
     source = net.build()
-    x = net.example_input(2)
-    torch_shape = net.input_shape if net.framework == "torch" else (net.input_shape[-1], *net.input_shape[:-1])
-    x = x if net.framework == "torch" else x.transpose(0, 3, 1, 2).copy()  # PyTorch's layout
-    expected = _outputs(source, x)
+    x_torch = torch_layout_input(net, source)
+    torch_shape = x_torch.shape[1:]
+    expected = run_in_torch_layout(source, x_torch, False)
     if leg == "back":
-        source = keras_to_torch(source) if _is_keras(source) else torch_to_keras(source, torch_shape)
+        source = convert(source, net, x_torch)[0]
         gc.collect()
-    return _leg(net.name, source, torch_shape, x, expected, leg, repeats)[0]
+    row, converted = _leg(net.name, source, torch_shape, x_torch, expected, leg, repeats)
+    if leg == "there" and converted is not None:
+        x = net.example_input(2)  # compare takes the first model's own layout
+        row.compare_inference = _verdict(source, converted, x, False)
+        row.compare_training = _verdict(source, converted, x, True)
+        row.batch_norms, row.training_error, row.statistics_error = training_check(source, converted, x_torch)
+    return row
 
 
 def run(networks: list[Network], repeats: int = 3, isolate: bool = True, threads: int | None = None):
     """Convert each network there and back, yielding one :class:`Row` per conversion (or refusal).
-    With ``isolate``, each network and leg runs in a fresh process (networks of :data:`NETWORKS` only)."""
+    With ``isolate``, each network and leg runs in a fresh process (networks of :data:`ALL_NETWORKS` only)."""
     for net in networks:
         for leg in ("there", "back"):
             row = _in_child(net.name, leg, repeats, threads) if isolate else measure(net, leg, repeats)
@@ -174,18 +197,28 @@ def _warm_up() -> None:
 
 
 HEADER = (
-    f"{'network':<20} {'direction':<15} {'leg':<6} {'time (s)':>9} {'peak RSS (MiB)':>15} "
-    f"{'Python peak (MiB)':>18} {'max rel. error':>15}"
+    f"{'network':<30} {'direction':<15} {'leg':<6} {'time (s)':>9} {'peak RSS (MiB)':>15} "
+    f"{'Python peak (MiB)':>18} {'max rel. error':>15} {'BNs':>4} {'training':>9} {'statistics':>10} "
+    f"{'compare inference / training':>29}"
 )
 
 
 def format_row(r: Row) -> str:
-    head = f"{r.network:<20} {r.direction:<15} {r.leg:<6}"
+    name = r.network + (" †" if r.network in BENCHMARK_ONLY else "")
+    head = f"{name:<30} {r.direction:<15} {r.leg:<6}"
     if r.refused:
-        return f"{head} refused: {r.refused}"
+        expected = " (expected)" if r.network in EXPECTED_REFUSALS else ""
+        return f"{head} refused{expected}: {r.refused}"
     rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "n/a"
     slow = "  (over the 5 s goal)" if r.seconds > GOAL_SECONDS else ""
-    return f"{head} {r.seconds:>9.2f} {rss:>15} {r.python_peak_mib:>18.0f} {format_error(r.error):>15}{slow}"
+    line = f"{head} {r.seconds:>9.2f} {rss:>15} {r.python_peak_mib:>18.0f} {format_error(r.error):>15}"
+    if r.compare_inference is not None:
+        verdicts = f"{r.compare_inference} / {r.compare_training}"
+        line += (
+            f" {r.batch_norms:>4} {format_error(r.training_error):>9} {format_error(r.statistics_error):>10}"
+            f" {verdicts:>29}"
+        )
+    return line + slow
 
 
 def print_table(rows) -> list[Row]:
@@ -199,12 +232,14 @@ def print_table(rows) -> list[Row]:
     refused = [r.network for r in done if r.refused]
     total = len(converted) + len(refused)
     print(f"converted {len(converted)} of {total} networks; refused: {', '.join(refused) or 'none'}")
+    if any(r.network in BENCHMARK_ONLY for r in done):
+        print("† benchmark only: too slow for the test suite (tests/convert/real_networks_beyond.BENCHMARK_ONLY)")
     return done
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated names (default: all)")
+    parser.add_argument("--networks", default=",".join(ALL_NETWORKS), help="comma-separated names (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--child", nargs=2, metavar=("NETWORK", "LEG"), help=argparse.SUPPRESS)
@@ -213,18 +248,18 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.child:
         _warm_up()
-        print(json.dumps(asdict(measure(NETWORKS[args.child[0]], args.child[1], args.repeats))))
+        print(json.dumps(asdict(measure(ALL_NETWORKS[args.child[0]], args.child[1], args.repeats))))
         return 0
-    unknown = [n for n in args.networks.split(",") if n not in NETWORKS]
+    unknown = [n for n in args.networks.split(",") if n not in ALL_NETWORKS]
     if unknown:
-        parser.error(f"unknown networks {unknown}; known: {', '.join(NETWORKS)}")
+        parser.error(f"unknown networks {unknown}; known: {', '.join(ALL_NETWORKS)}")
     print(
         f"convert_cpu: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} conversions, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    print_table(run([NETWORKS[n] for n in args.networks.split(",")], args.repeats, threads=args.threads))
+    print_table(run([ALL_NETWORKS[n] for n in args.networks.split(",")], args.repeats, threads=args.threads))
     return 0
 
 

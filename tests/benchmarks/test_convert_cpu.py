@@ -36,6 +36,9 @@ def test_rows_for_a_converted_and_a_refused_network(capsys):
     assert (back.direction, back.leg) == ("keras_to_torch", "back")
     assert there.error <= 1e-5 and back.error <= 1e-5 and there.seconds > 0 and there.python_peak_mib > 0
     assert reflect.refused == "cannot convert layer '0' (Conv2d): padding_mode='reflect'; only 'zeros' converts"
+    # after "there": compare's verdicts and a training forward of both sides
+    assert (there.compare_inference, there.compare_training, there.batch_norms) == ("agree", "agree", 1)
+    assert there.training_error <= 1e-4 and there.statistics_error <= 1e-4 and back.compare_inference is None
     bench.print_table(rows)
     out = capsys.readouterr().out
     assert "refused: cannot convert layer '0' (Conv2d)" in out and "converted 1 of 2 networks; refused: reflect" in out

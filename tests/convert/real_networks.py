@@ -13,6 +13,7 @@ lists them); this module only builds and measures.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from torch import nn
 
 from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.keras import keras
+from bnkit.keras.data_format import is_channels_first
+from bnkit.torch.frozen import is_batch_norm, is_torchvision_frozen
 from conftest import import_torchvision
 
 L = keras.layers
@@ -98,7 +101,8 @@ def randomize_normalization(model, seed: int = 1) -> None:
     Batch norms: running means in [-0.5, 0.5], variances in [0.5, 2]; all normalizations:
     gammas in [0.5, 1.5], betas in [-0.5, 0.5]; ConvNeXt's layer scales (initialised to 1e-6,
     which would hide their residual branches) in [0.5, 1.5]; a Keras ``Normalization`` fed
-    rescaled pixels: means in [0.3, 0.6], variances in [0.04, 0.09].
+    rescaled pixels: means in [0.3, 0.6], variances in [0.04, 0.09]. torchvision's ``FrozenBatchNorm2d``
+    (buffers only: weight, bias, running_mean, running_var) as a batch norm.
     """
     rng = np.random.default_rng(seed)
     ranges = {
@@ -119,7 +123,8 @@ def randomize_normalization(model, seed: int = 1) -> None:
         for module in model.modules():
             tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
             for name, tensor in tensors.items():
-                if (isinstance(module, norms) or name == "layer_scale") and name in ranges and tensor is not None:
+                normalization = isinstance(module, norms) or is_torchvision_frozen(module)
+                if (normalization or name == "layer_scale") and name in ranges and tensor is not None:
                     values = rng.uniform(*ranges[name], tuple(tensor.shape)).astype("float32")
                     with torch.no_grad():
                         tensor.copy_(torch.from_numpy(values))
@@ -234,13 +239,34 @@ def _to_torch_layout(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if x.ndim > 2 else x
 
 
+def takes_torch_layout(model) -> bool:
+    """Whether ``model`` takes and returns PyTorch's layout, channels at axis 1: a PyTorch module, or a
+    channels_first Keras model (:func:`bnkit.keras.data_format.is_channels_first`), whose conversion takes
+    the same tensors. Any other Keras model has its channels last."""
+    return _is_torch(model) or is_channels_first(model)
+
+
+def torch_layout_input(net: Network, source, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """:meth:`Network.example_input` in PyTorch's layout (channels at axis 1)."""
+    x = net.example_input(batch, seed)
+    return x if takes_torch_layout(source) else _to_torch_layout(x)
+
+
+def run_in_torch_layout(model, x_torch: np.ndarray, training: bool):
+    """``model`` on ``x_torch`` (PyTorch's layout), its outputs in PyTorch's layout: a model that takes
+    channels last gets the channels moved there, and its outputs' channels moved back to axis 1."""
+    if takes_torch_layout(model):
+        return _run(model, x_torch, training)
+    return each(_to_torch_layout, _run(model, _to_keras_layout(x_torch), training))
+
+
 def _batch_norm_statistics(model) -> list[tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]]:
     """(running mean, running variance) readers of every batch norm of a PyTorch or Keras model."""
     if _is_torch(model):
         return [
             (lambda m=m: _numpy(m.running_mean), lambda m=m: _numpy(m.running_var))
             for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            if is_batch_norm(m)  # torchvision's FrozenBatchNorm2d too: its statistics stay, as its Keras twin's
         ]
     return [
         (lambda la=layer: _numpy(la.moving_mean.value), lambda la=layer: _numpy(la.moving_variance.value))
@@ -300,59 +326,83 @@ def _is_keras_normalization_variance(name: str) -> bool:
     return "normalization" in name.rpartition("/")[0] and leaf in ("variance", "count")
 
 
+def _arrangements(values: np.ndarray) -> list[bytes]:
+    """The bytes of ``values``, then of every other transpose of it with its size-1 axes squeezed out
+    (at most 4 axes left): the layouts a converter may choose for the same weight."""
+    squeezed = values.squeeze()
+    if not 2 <= squeezed.ndim <= 4:
+        return [values.tobytes()]
+    return [values.tobytes()] + [
+        np.ascontiguousarray(squeezed.transpose(axes)).tobytes()
+        for axes in itertools.permutations(range(squeezed.ndim))
+        if axes != tuple(range(squeezed.ndim))
+    ]
+
+
 def lost_weights(source, back) -> tuple[str, ...]:
-    """The source's weights whose values, bit for bit, no weight of ``back`` holds. Shapes are not
+    """The source's weights whose values no weight of ``back`` holds, bit for bit. Shapes are not
     compared: a weight may come back reshaped (ConvNeXt's layer scale of shape (C, 1, 1) becomes a
     (C,) multiplier; a Keras Conv2D with groups equal to its channels, a DepthwiseConv2D), but
-    its values in order are the same."""
+    its values in order are the same. Nor are axis orders: a weight held as a transpose of its squeezed
+    array (ndim <= 4) counts as held — a layout the converter chose for the same function (ViT's
+    (1, 17, 32) position embedding comes back as (32, 17): Keras' (N, L, E) sequences are (N, E, L) in
+    PyTorch's mapped layout). Whether the function is the same is the round trip's inference error."""
     held = {(values.dtype.str, values.tobytes()) for _, values in _weights(back)}
     return tuple(
         name
         for name, values in _weights(source)
-        if (values.dtype.str, values.tobytes()) not in held and not _is_keras_normalization_variance(name)
+        if not any((values.dtype.str, b) in held for b in _arrangements(values))
+        and not _is_keras_normalization_variance(name)
     )
+
+
+def convert(source, net: Network, x_torch: np.ndarray, semantics="source"):
+    """``source`` converted to the other framework: (the converted model, its direction)."""
+    if net.framework == "keras":
+        return keras_to_torch(source, semantics=semantics), "keras_to_torch"
+    return torch_to_keras(source, x_torch.shape[1:], semantics=semantics), "torch_to_keras"
+
+
+def training_check(source, target, x_torch: np.ndarray) -> tuple[int, float, float]:
+    """One training forward of ``source`` and ``target`` (dropout off on both sides) on ``x_torch``:
+    (batch norms paired, relative error of the outputs, worst relative error of the updated running
+    means and variances). Updates both models' statistics; leaves PyTorch modules in ``eval()``."""
+    pairs = _pair_batch_norms(source, target)
+    _without_dropout(source), _without_dropout(target)
+    expected = run_in_torch_layout(source, x_torch, True)
+    training = relative_error(run_in_torch_layout(target, x_torch, True), expected)
+    errors = [relative_error(t(), s()) for s_pair, t_pair in pairs for s, t in zip(s_pair, t_pair, strict=True)]
+    for model in (source, target):
+        if _is_torch(model):
+            model.eval()
+    return len(pairs), training, max(errors, default=0.0)
 
 
 def check_network(net: Network, batch: int = 2, seed: int = 0, semantics="source", round_trip=False) -> Report:
     """Convert ``net`` (``semantics="source"`` by default) and compare the converted model with the
     source: inference outputs, then one training forward (dropout off on both sides) — its outputs
     and every batch norm's updated running statistics. With ``round_trip``, the converted model is
-    also converted back, and its inference outputs and weights compared with the source's. Raises
-    what the conversion raises."""
+    also converted back, and its inference outputs and weights compared with the source's. Both sides
+    are fed the same batch, in PyTorch's layout where the model takes it (a PyTorch module, a
+    channels_first Keras model), else with its channels last. Raises what the conversion raises."""
     source = net.build()
-    x = net.example_input(batch, seed)
+    x_torch = torch_layout_input(net, source, batch, seed)
     start = time.perf_counter()
-    if net.framework == "keras":
-        target, direction = keras_to_torch(source, semantics=semantics), "keras_to_torch"
-        x_target = _to_torch_layout(x)
-    else:
-        target, direction = torch_to_keras(source, net.input_shape, semantics=semantics), "torch_to_keras"
-        x_target = _to_keras_layout(x)
+    target, direction = convert(source, net, x_torch, semantics)
     seconds = time.perf_counter() - start
-
-    def to_source_layout(y):
-        return each(_to_keras_layout if net.framework == "keras" else _to_torch_layout, y)
-
-    expected = _run(source, x, False)
-    inference = relative_error(to_source_layout(_run(target, x_target, False)), expected)
+    expected = run_in_torch_layout(source, x_torch, False)
+    inference = relative_error(run_in_torch_layout(target, x_torch, False), expected)
     round_trip_error, lost = math.nan, ()
     if round_trip:
-        if net.framework == "keras":
-            back = torch_to_keras(target, x_target.shape[1:], semantics=semantics)
+        if net.framework == "keras":  # a channels_first model comes back channels-last (bnkit's Keras side is)
+            back = torch_to_keras(target, x_torch.shape[1:], semantics=semantics)
         else:
             back = keras_to_torch(target, semantics=semantics)
-        round_trip_error, lost = relative_error(_run(back, x, False), expected), lost_weights(source, back)
+        round_trip_error = relative_error(run_in_torch_layout(back, x_torch, False), expected)
+        lost = lost_weights(source, back)
         del back
-    pairs = _pair_batch_norms(source, target)
-    _without_dropout(source), _without_dropout(target)
-    expected = _run(source, x, True)
-    training = relative_error(to_source_layout(_run(target, x_target, True)), expected)
-    errors = [relative_error(t(), s()) for s_pair, t_pair in pairs for s, t in zip(s_pair, t_pair, strict=True)]
-    statistics = max(errors, default=0.0)
-    for model in (source, target):
-        if _is_torch(model):
-            model.eval()
-    return Report(net.name, direction, len(pairs), seconds, inference, training, statistics, round_trip_error, lost)
+    batch_norms, training, statistics = training_check(source, target, x_torch)
+    return Report(net.name, direction, batch_norms, seconds, inference, training, statistics, round_trip_error, lost)
 
 
 def format_error(error: float) -> str:

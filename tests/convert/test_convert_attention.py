@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from layer_checks import TOL, to_numpy
-from real_networks import INFERENCE_TOL, TRAINING_TOL, Network, check_network, randomize_normalization
+from real_networks import INFERENCE_TOL, TRAINING_TOL, check_network
+from real_networks_beyond import TRANSFORMER_BLOCK, keras_transformer_block, small_vision_transformer
 from torch import nn
 
 from bnkit.convert import UnsupportedLayerError, keras_to_torch, torch_to_keras
@@ -203,71 +204,19 @@ def test_a_false_shape_check_is_refused_naming_it():
 # ---- whole networks -----------------------------------------------------------------------------
 
 
-def small_vision_transformer() -> Network:
-    def build():
-        import_torchvision()
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        torch.manual_seed(0)
-        module = VisionTransformer(
-            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
-        )
-        with torch.no_grad():  # torchvision starts the class token at zero: a lost token would not show
-            module.class_token.normal_()
-        randomize_normalization(module)
-        return module.eval()
-
-    return Network("vit_small", "torch", build, (3, 32, 32))
-
-
-def _transposed_copies(source, back) -> bool:
-    """Whether every source weight that ``back`` lacks bit for bit is held there transposed."""
-    held = {t.detach().numpy().tobytes() for t in back.state_dict().values()}
-    return all(
-        np.ascontiguousarray(t.detach().numpy().T).tobytes() in held or t.detach().numpy().tobytes() in held
-        for t in source.state_dict().values()
-    )
-
-
 def test_small_vision_transformer_both_ways():
     net = small_vision_transformer()
     report = check_network(net, round_trip=True)
     assert report.inference_error <= INFERENCE_TOL, report
     assert report.round_trip_error <= INFERENCE_TOL, report
     assert report.training_error <= TRAINING_TOL, report
-    # the position embedding comes back transposed: Keras' (N, L, E) sequences are (N, E, L) in PyTorch's
-    # mapped layout until the first layer norm
-    assert set(report.weights_lost) <= {"encoder.pos_embedding"}, report
-    source = net.build()
-    back = keras_to_torch(torch_to_keras(source, net.input_shape))
-    assert _transposed_copies(source, back)
-
-
-def keras_transformer_block() -> keras.Model:
-    """A conv stem with a batch norm, patches as a sequence, then a pre-norm transformer block."""
-    keras.utils.set_random_seed(0)
-    x = keras.Input((16, 16, 3))
-    y = L.Conv2D(16, 4, strides=4, use_bias=False)(x)
-    y = L.BatchNormalization(momentum=0.9)(y)
-    y = L.ReLU()(y)
-    y = L.Reshape((16, 16))(y)
-    h = L.LayerNormalization(epsilon=1e-6)(y)
-    h = L.MultiHeadAttention(4, 4, dropout=0.1)(h, h)
-    y = L.Add()([y, h])
-    h = L.LayerNormalization(epsilon=1e-6)(y)
-    h = L.Dense(32, activation="gelu")(h)
-    h = L.Dropout(0.1)(h)
-    h = L.Dense(16)(h)
-    y = L.Add()([y, h])
-    y = L.GlobalAveragePooling1D()(y)
-    model = keras.Model(x, L.Dense(10)(y), name="transformer_block")
-    randomize_normalization(model)
-    return model
+    # every weight comes back; the position embedding transposed (lost_weights accepts that): Keras' (N, L, E)
+    # sequences are (N, E, L) in PyTorch's mapped layout until the first layer norm
+    assert report.weights_lost == (), report
 
 
 def test_keras_transformer_block_both_ways():
-    report = check_network(Network("transformer_block", "keras", keras_transformer_block, (16, 16, 3)),
-                           round_trip=True)  # fmt: skip
+    report = check_network(TRANSFORMER_BLOCK, round_trip=True)
     assert report.batch_norms == 1, report
     assert report.inference_error <= INFERENCE_TOL, report
     assert report.round_trip_error <= INFERENCE_TOL, report

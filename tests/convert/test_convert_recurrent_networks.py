@@ -7,9 +7,8 @@ Random weights, randomised batch-norm statistics, batch 2.
 from __future__ import annotations
 
 import pytest
-import torch
-from real_networks import INFERENCE_TOL, TRAINING_TOL, Network, check_network, randomize_normalization
-from torch import nn
+from real_networks import INFERENCE_TOL, TRAINING_TOL, Network, check_network
+from real_networks_beyond import SEQUENCE_NETWORKS as NETWORKS
 
 from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.diagnose.compare import compare
@@ -18,75 +17,6 @@ from bnkit.keras import keras
 
 L = keras.layers
 
-
-class CRNN(nn.Module):
-    """A speech/OCR-style CRNN: two Conv1d + BatchNorm1d + ReLU blocks over (N, mel bins, frames), a
-    2-layer bidirectional GRU over the frames, a Linear on the last frame."""
-
-    def __init__(self, bins: int = 16, channels: int = 32, hidden: int = 24, classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv1d(bins, channels, 3, padding=1, bias=False),
-            nn.BatchNorm1d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv1d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm1d(channels),
-            nn.ReLU(inplace=True),
-        )
-        self.gru = nn.GRU(channels, hidden, num_layers=2, batch_first=True, bidirectional=True)
-        self.dropout = nn.Dropout(0.2)
-        self.classifier = nn.Linear(2 * hidden, classes)
-
-    def forward(self, x):
-        x = self.features(x).permute(0, 2, 1)  # (N, frames, channels)
-        out, _ = self.gru(x)
-        return self.classifier(self.dropout(out[:, -1]))
-
-
-class LSTMTagger(nn.Module):
-    """A sequence tagger: BatchNorm1d over (N, features, steps), a bidirectional LSTM, per-step tag logits."""
-
-    def __init__(self, features: int = 12, hidden: int = 16, tags: int = 7) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(features)
-        self.lstm = nn.LSTM(features, hidden, batch_first=True, bidirectional=True)
-        self.tagger = nn.Linear(2 * hidden, tags)
-
-    def forward(self, x):
-        out, _ = self.lstm(self.norm(x).transpose(1, 2))
-        return self.tagger(out)  # (N, steps, tags)
-
-
-def torch_sequence_model(name: str, cls, input_shape) -> Network:
-    def build():
-        torch.manual_seed(0)
-        module = cls()
-        randomize_normalization(module)
-        return module.eval()
-
-    return Network(name, "torch", build, input_shape)
-
-
-def keras_conv_lstm_gru(steps: int = 24, channels: int = 8) -> Network:
-    def build():
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((steps, channels))
-        x = L.Conv1D(16, 3, padding="same", use_bias=False)(inputs)
-        x = L.ReLU()(L.BatchNormalization()(x))
-        x = L.Bidirectional(L.LSTM(12, return_sequences=True), name="bilstm")(x)
-        x = L.GRU(10, name="gru")(x)
-        model = keras.Model(inputs, L.Dense(5)(x), name="conv_lstm_gru")
-        randomize_normalization(model)
-        return model
-
-    return Network("conv_lstm_gru", "keras", build, (steps, channels))
-
-
-NETWORKS = [
-    torch_sequence_model("crnn", CRNN, (16, 24)),
-    torch_sequence_model("lstm_tagger", LSTMTagger, (12, 20)),
-    keras_conv_lstm_gru(),
-]
 # the source weights that do not come back bit for bit: PyTorch's two LSTM biases come back as their float32
 # sum (Keras has one) in bias_ih, and zeros in bias_hh
 SUMMED_BIASES = {"lstm_tagger": {f"lstm.bias_{k}_l0{d}" for k in ("ih", "hh") for d in ("", "_reverse")}}

@@ -11,104 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from real_networks import (
-    INFERENCE_TOL,
-    TRAINING_TOL,
-    Network,
-    check_network,
-    format_error,
-    randomize_normalization,
-)
+from real_networks import INFERENCE_TOL, TRAINING_TOL, Network, check_network, format_error
+from real_networks_beyond import SEGMENTATION_NETWORKS as NETWORKS
 
 import bnkit
 from bnkit.convert import keras_to_torch, torch_to_keras
 from bnkit.keras import keras
-from conftest import import_torchvision
-
-L = keras.layers
-SIZE = 64
-
-
-def torchvision_segmentation(name: str, size: int = SIZE, **kwargs) -> Network:
-    """``torchvision.models.segmentation.<name>`` with random weights, 5 classes, a ``size``×``size`` input."""
-
-    def build():
-        torchvision = import_torchvision()
-        torch.manual_seed(0)
-        module = getattr(torchvision.models.segmentation, name)(
-            weights=None, weights_backbone=None, num_classes=5, **kwargs
-        )
-        randomize_normalization(module)
-        return module.eval()
-
-    return Network(name, "torch", build, (3, size, size))
-
-
-def _conv_bn_relu(x, filters, kernel=3, strides=1, dilation=1, name=""):
-    x = L.Conv2D(
-        filters, kernel, strides=strides, dilation_rate=dilation, padding="same", use_bias=False, name=f"{name}_conv"
-    )(x)
-    x = L.BatchNormalization(name=f"{name}_bn")(x)
-    return L.ReLU(name=f"{name}_relu")(x)
-
-
-def keras_unet(size: int = SIZE) -> Network:
-    """A small U-Net: Conv2D+BN+ReLU encoder, MaxPooling2D, UpSampling2D(bilinear) + Concatenate decoder."""
-
-    def build():
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((size, size, 3))
-        e1 = _conv_bn_relu(_conv_bn_relu(inputs, 8, name="enc1a"), 8, name="enc1b")
-        e2 = _conv_bn_relu(_conv_bn_relu(L.MaxPooling2D(name="pool1")(e1), 16, name="enc2a"), 16, name="enc2b")
-        mid = _conv_bn_relu(L.MaxPooling2D(name="pool2")(e2), 32, name="mid")
-        d2 = L.UpSampling2D(2, interpolation="bilinear", name="up2")(mid)
-        d2 = _conv_bn_relu(L.Concatenate(name="cat2")([d2, e2]), 16, name="dec2")
-        d1 = L.UpSampling2D(2, interpolation="bilinear", name="up1")(d2)
-        d1 = _conv_bn_relu(L.Concatenate(name="cat1")([d1, e1]), 8, name="dec1")
-        model = keras.Model(inputs, L.Conv2D(5, 1, name="logits")(d1), name="unet")
-        randomize_normalization(model)
-        return model
-
-    return Network("keras_unet", "keras", build, (size, size, 3))
-
-
-def keras_deeplab(size: int = SIZE) -> Network:
-    """DeepLab-style: strided stem, ASPP (1x1, dilated 3x3 at rates 2 and 4, global pooling resized back
-    with Resizing), 1x1 projection, logits upsampled to the input with UpSampling2D(bilinear)."""
-
-    def build():
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((size, size, 3))
-        x = _conv_bn_relu(inputs, 16, strides=2, name="stem1")
-        x = _conv_bn_relu(x, 32, strides=2, name="stem2")
-        features = size // 4
-        branches = [
-            _conv_bn_relu(x, 16, kernel=1, name="aspp0"),
-            _conv_bn_relu(x, 16, dilation=2, name="aspp1"),
-            _conv_bn_relu(x, 16, dilation=4, name="aspp2"),
-        ]
-        pooled = L.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(x)
-        pooled = _conv_bn_relu(pooled, 16, kernel=1, name="aspp_pool_proj")
-        branches.append(L.Resizing(features, features, interpolation="bilinear", name="aspp_pool_resize")(pooled))
-        x = _conv_bn_relu(L.Concatenate(name="aspp_cat")(branches), 16, kernel=1, name="project")
-        logits = L.Conv2D(5, 1, name="logits")(x)
-        model = keras.Model(inputs, L.UpSampling2D(4, interpolation="bilinear", name="upsample")(logits))
-        randomize_normalization(model)
-        return model
-
-    return Network("keras_deeplab", "keras", build, (size, size, 3))
-
-
-NETWORKS = {
-    net.name: net
-    for net in [
-        torchvision_segmentation("lraspp_mobilenet_v3_large"),
-        torchvision_segmentation("fcn_resnet50", aux_loss=True),
-        torchvision_segmentation("deeplabv3_mobilenet_v3_large", aux_loss=True),
-        keras_unet(),
-        keras_deeplab(),
-    ]
-}
 
 
 @pytest.mark.slow
