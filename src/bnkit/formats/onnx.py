@@ -290,7 +290,7 @@ def _read_external(tensor, what: str, folder: Path, budget: Budget) -> None:
     if length is not None:
         if length > available:
             raise ModelFileError(
-                f"refused: {what}'s external data ({printable(location)!r}, offset {offset:,}, length {length:,}) "
+                f"refused: {what}: its external data ({printable(location)!r}, offset {offset:,}, length {length:,}) "
                 f"runs past the end of the file ({file.stat().st_size:,} bytes: truncated?)"
             )
         available = length
@@ -304,7 +304,7 @@ def _read_external(tensor, what: str, folder: Path, budget: Budget) -> None:
         f.seek(offset)
         data = f.read(nbytes)
     if len(data) != nbytes:  # the file shrank while it was read
-        raise ModelFileError(f"refused: {what}'s external data {printable(location)!r} ended early")
+        raise ModelFileError(f"refused: {what}: its external data {printable(location)!r} ended early")
     tensor.raw_data = data
     del tensor.external_data[:]
     tensor.data_location = TensorProto.DEFAULT
@@ -316,20 +316,20 @@ def _inside(folder: Path, location: str, what: str) -> Path:
     parts = location.replace("\\", "/").split("/")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
         raise ModelFileError(
-            f"refused: {what}'s external data {shown!r} is an absolute path, not inside the model's folder"
+            f"refused: {what}: its external data {shown!r} is an absolute path, not inside the model's folder"
         )
     if ".." in parts:
-        raise ModelFileError(f"refused: {what}'s external data {shown!r} leads out of the model's folder ('..')")
+        raise ModelFileError(f"refused: {what}: its external data {shown!r} leads out of the model's folder ('..')")
     if "\0" in location:
-        raise ModelFileError(f"refused: {what}'s external data location has a NUL byte")
+        raise ModelFileError(f"refused: {what}: its external data location has a NUL byte")
     target = (folder / location).resolve()
     if not target.is_relative_to(folder):
         raise ModelFileError(
-            f"refused: {what}'s external data {shown!r} is a link leading out of the model's folder (to "
+            f"refused: {what}: its external data {shown!r} is a link leading out of the model's folder (to "
             f"{printable(str(target))!r})"
         )
     if not target.exists():
-        raise ModelFileError(f"{what}'s external data {shown!r} is missing from the model's folder")
+        raise ModelFileError(f"{what}: its external data {shown!r} is missing from the model's folder")
     if not target.is_file():
-        raise ModelFileError(f"refused: {what}'s external data {shown!r} is not a regular file")
+        raise ModelFileError(f"refused: {what}: its external data {shown!r} is not a regular file")
     return target
