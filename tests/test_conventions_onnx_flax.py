@@ -317,6 +317,7 @@ def test_compare_names_the_onnx_momentum_convention():
     assert "momentum-convention" in codes and "running-variance-estimator" in codes
     text = next(c.explanation for c in report.causes if c.code == "momentum-convention")
     assert "both say momentum=0.9, but it weighs the new value in model A and the old value in model B" in text
+    assert "Keras', ONNX's and Flax's the weight of the old value" in text
     fixed = bnkit.torch.BatchNorm2d(4, momentum=bnkit.translate_momentum(0.9, "torch", "onnx"), convention="onnx")
     onnx_like[1] = fixed
     codes = [c.code for c in compare(plain, onnx_like, x, training=True).causes]
