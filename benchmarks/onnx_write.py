@@ -13,6 +13,8 @@ check, run by onnxruntime (CPU) on a fresh random batch of 2 against the source 
 source's epsilon (as ONNX's float attribute: float32), the time of the write (export, onnx.checker,
 onnxruntime check, atomic write) and, for a torchvision network, how many BatchNormalization nodes
 ``torch.onnx.export(dynamo=False)`` itself keeps in eval (it folds every batch norm that follows a conv).
+``--training``: training-mode files; the error is then the writer's own checks (the file's inference twin
+against the source; "training": output and updated statistics against the PyTorch module's training forward).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def exporter_batch_norms(module, shape) -> int:
     return sum(n.op_type == "BatchNormalization" for n in onnx.load_from_string(buffer.getvalue()).graph.node)
 
 
-def measure(name: str, opset: int, folder: Path) -> dict:
+def measure(name: str, opset: int, folder: Path, training: bool = False) -> dict:
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -74,7 +76,8 @@ def measure(name: str, opset: int, folder: Path) -> dict:
     model = net.build()
     path = folder / f"{name}.onnx"
     start = time.perf_counter()
-    written = write(model, path, input_shape=None if net.framework == "keras" else net.input_shape, opset=opset)
+    shape = None if net.framework == "keras" else net.input_shape
+    written = write(model, path, input_shape=shape, opset=opset, training=training)
     seconds = time.perf_counter() - start
     x = net.example_input(2, seed=7)  # the source's layout
     if net.framework == "keras":
@@ -84,9 +87,12 @@ def measure(name: str, opset: int, folder: Path) -> dict:
         with torch.no_grad():
             expected = model(torch.from_numpy(x)).numpy()
         x_onnx = x
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x_onnx})
-    error = float(np.max(np.abs(expected - got)) / np.max(np.abs(expected)))
+    if training:  # the writer's own checks: its inference twin against the source, training mode against PyTorch
+        error = written.round_trip.relative
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x_onnx})
+        error = float(np.max(np.abs(expected - got)) / np.max(np.abs(expected)))
     nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
     file_eps = sorted(
         float(onnx.helper.get_attribute_value(a)) for n in nodes for a in n.attribute if a.name == "epsilon"
@@ -102,6 +108,7 @@ def measure(name: str, opset: int, folder: Path) -> dict:
         "onnx_batch_norms": len(nodes),
         "eps_exact": file_eps == sorted(float(np.float32(e)) for e in eps),
         "write_seconds": seconds,
+        "training_error": written.training_error,
         "exporter_batch_norms": exporter_batch_norms(model, net.input_shape) if net.framework == "torch" else None,
     }
     return row
@@ -112,12 +119,15 @@ def main() -> int:
     parser.add_argument("--networks", default=DEFAULT)
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--training", action="store_true", help="training-mode files (Keras' convention only: PyTorch's is refused)"
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bnkit-onnx-write-") as folder:
         for name in args.networks.split(","):
             try:
-                row = measure(name, args.opset, Path(folder))
+                row = measure(name, args.opset, Path(folder), args.training)
             except Exception as e:  # one network's failure is a row, not the end of the table
                 row = {"network": name, "failed": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             rows.append(row)
@@ -130,7 +140,8 @@ def main() -> int:
                     f"{name:20s} error {row['error']:.2e}  BN source {row['source_batch_norms']:4d}  onnx "
                     f"{row['onnx_batch_norms']:4d}  eps exact {row['eps_exact']!s:5s}  "
                     f"write {row['write_seconds']:6.1f} s"
-                    + (f"  torch.onnx.export keeps {exported}" if exported else ""),
+                    + (f"  torch.onnx.export keeps {exported}" if exported else "")
+                    + (f"  training {row['training_error']:.2e}" if row["training_error"] is not None else ""),
                     flush=True,
                 )
     if args.json:
