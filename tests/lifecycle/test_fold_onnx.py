@@ -285,3 +285,18 @@ def test_statistics_through_identity_and_constant_nodes():
     folded, decisions = bnkit.fold_bn(model, report=True)
     assert [d.outcome for d in decisions] == ["folded"] and _ops(folded) == ["Conv"]
     _assert_same(model, folded, {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)})
+
+
+def test_cli_fold_onnx_json(tmp_path, capsys):
+    from bnkit.cli import main
+
+    onnx.save(_hand_built(), str(tmp_path / "hand.onnx"))
+    assert main(["fold", str(tmp_path / "hand.onnx"), str(tmp_path / "out.onnx"), "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["folded"], report["left_as_they_are"]) == (3, 3, 0)
+    assert 0 <= report["onnxruntime_max_relative_difference"] <= 1e-5
+    assert main(["fold", str(tmp_path / "hand.onnx"), str(tmp_path / "out.pt2")]) == 2
+    assert "an ONNX model is written as .onnx; got suffix '.pt2'" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt2").exists()
