@@ -274,3 +274,43 @@ def test_import_bnkit_imports_neither_onnx_nor_onnxruntime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_custom_node_inside_a_subgraph_refused(tmp_path):
+    """An If branch is a graph too: its nodes are checked like the main graph's."""
+    branch = helper.make_graph(
+        [helper.make_node("Evil", ["x"], ["o"], name="hidden", domain="my.ops")], "then",
+        [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["o2"], name="same")], "else",
+        [], [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    cond = numpy_helper.from_array(np.array(True), "c")
+    node = helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch, else_branch=other)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [cond],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)])
+    path = tmp_path / "if.onnx"
+    path.write_bytes(model.SerializeToString())
+    _refused(path, "'hidden'", "'Evil'", "'my.ops'", "node 'branch' attribute 'then_branch'")
+
+
+def test_constant_attribute_with_external_data_out_of_folder_refused(tmp_path):
+    """A Constant node's tensor may be stored outside the model too: the same rules apply."""
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 64)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    value = TensorProto(name="k", data_type=TensorProto.FLOAT, dims=[4])
+    value.data_location = TensorProto.EXTERNAL
+    for key, text in (("location", "../outside.bin"), ("offset", "0"), ("length", "16")):
+        value.external_data.add(key=key, value=text)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["y"], name="const", value=value)], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )  # fmt: skip
+    path = folder / "const.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    _refused(path, "node 'const''s attribute 'value'", "'../outside.bin'", "leads out of the model's folder")
