@@ -261,10 +261,12 @@ def test_caller_model_untouched(tmp_path):
 
 
 def test_save_model_writes_onnx(tmp_path):
-    from bnkit.io import save_model
+    from bnkit.io import load_model, save_model
 
     path = save_model(randomize(_conv_bn()), tmp_path / "m.onnx", input_shape=(3, 8, 8))
     assert len(batch_norm_nodes(path)) == 1
+    read = load_model(str(path))  # bnkit's safe reader takes the file: standard domains only
+    assert [n.op_type for n in read.graph.node] == ["Conv", "BatchNormalization", "Relu"]
 
 
 def test_resnet18_keeps_every_batch_norm(tmp_path):
