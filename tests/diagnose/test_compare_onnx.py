@@ -274,3 +274,24 @@ def test_cli_compares_an_onnx_file_with_a_pt2(small, small_exports, tmp_path, ca
     assert node.name in report["causes"][0]["layers"][0]
     assert main(["compare", str(good), str(pt2), "--batch-size", "3"]) == 2
     assert f"give --batch-size {batch}" in capsys.readouterr().err
+
+
+def test_keras_against_onnx(small, small_exports):
+    """The module converted to Keras (bnkit.convert) against the module's ONNX export: the Keras conv+BN+ReLU
+    pairs with the folded Conv, the kept batch norms with their nodes; a planted epsilon is named."""
+    from bnkit.convert import torch_to_keras
+
+    net, x = small
+    keras_model = torch_to_keras(net, tuple(x.shape[1:]))
+    model = small_exports(False)
+    x_keras = np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))
+    report = compare(keras_model, model, x_keras)
+    assert report.agree and report.causes == [] and report.unmatched_a == report.unmatched_b == []
+    assert [r.note for r in report.rows].count(NOTE) == 1 and len(report.batch_norms) == 2
+    assert compare(model, keras_model, x.numpy()).agree
+    planted = _copy(model)
+    node = _nodes(planted, "BatchNormalization")[1]
+    _set(node, "epsilon", 1e-2)
+    report = compare(keras_model, planted, x_keras)
+    assert report.cause_codes == ["eps"]
+    _named_at(report, "eps", node.name)

@@ -238,7 +238,7 @@ def _framework(model) -> str:
     if is_torch_module(model):
         return "torch"
     raise TypeError(
-        "compare needs a torch.nn.Module, a keras.Model or an onnx.ModelProto, got "
+        "compare needs a torch.nn.Module or a keras.Model (or an onnx.ModelProto), got "
         f"{type(model).__module__}.{type(model).__name__}"
     )
 
