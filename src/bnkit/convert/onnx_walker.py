@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import keyword
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from torch import fx, nn
 
 import bnkit.convert.onnx_ops  # noqa: F401 - registers the converters
 from bnkit.convert._common import UnsupportedLayerError
+from bnkit.convert.onnx_ops.fusions import fuse
 from bnkit.convert.onnx_ops.registry import onnx_converter
 
 __all__ = ["OnnxToTorch", "Value", "onnx_to_torch"]
@@ -42,6 +44,7 @@ class Value:
     node: fx.Node | None
     example: torch.Tensor
     buffer: fx.Node | None = None  # a constant's buffer, once a graph operation has read it
+    reshaped_from: Value | None = None  # the tensor a Reshape made this one of (to undo a reshape back)
 
     @property
     def is_constant(self) -> bool:
@@ -201,7 +204,7 @@ class OnnxToTorch:
                 if dtype.is_floating_point
                 else torch.zeros(shape, dtype=dtype),
             )
-        for node in _topological(g):
+        for node in _topological(fuse(g)):
             self._convert(node)
         outputs = []
         for out in g.output:
@@ -214,6 +217,9 @@ class OnnxToTorch:
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         name = re.sub(r"\W", "_", g.name or "onnx_model") or "onnx_model"
         gm = fx.GraphModule(self.root, self.graph, class_name=name if name[0].isalpha() else f"m_{name}")
+        gm.graph.eliminate_dead_code()  # reshapes undone later (see Value.reshaped_from) would pin the batch
+        gm.delete_all_unused_submodules()
+        gm.recompile()
         return gm.eval()
 
     def _convert(self, node) -> None:
@@ -282,27 +288,27 @@ def _input_spec(inp) -> tuple[tuple[int, ...], torch.dtype]:
     return shape, dtype
 
 
-def _topological(graph) -> list:
+def _topological(nodes) -> list:
     """The nodes in an order where each comes after the producers of its inputs (Kahn's algorithm;
     ONNX requires it already, but some tools write nodes out of order)."""
-    produced_by = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
-    waiting = [sum(1 for name in set(n.input) if name in produced_by) for n in graph.node]
+    produced_by = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    waiting = [sum(1 for name in set(n.input) if name in produced_by) for n in nodes]
     consumers: dict[int, list[int]] = {}
-    for i, n in enumerate(graph.node):
+    for i, n in enumerate(nodes):
         for name in set(n.input):
             if name in produced_by:
                 consumers.setdefault(produced_by[name], []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
+    ready = deque(i for i, w in enumerate(waiting) if w == 0)
     order = []
     while ready:
-        i = ready.pop(0)
-        order.append(graph.node[i])
+        i = ready.popleft()
+        order.append(nodes[i])
         for j in consumers.get(i, []):
             waiting[j] -= 1
             if waiting[j] == 0:
                 ready.append(j)
-    if len(order) != len(graph.node):
-        stuck = next(n for i, n in enumerate(graph.node) if waiting[i] > 0)
+    if len(order) != len(nodes):
+        stuck = next(n for i, n in enumerate(nodes) if waiting[i] > 0)
         raise UnsupportedLayerError(stuck.name or stuck.output[0], stuck.op_type, "the graph has a cycle")
     return order
 

@@ -137,7 +137,12 @@ def reshape(b, node, inputs):
     if not allowzero:  # 0 copies the input's dimension there
         target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
     out_shape = tuple(x.example.reshape(target).shape)
-    return _batch_kept_reshape(b, x, out_shape)
+    if x.reshaped_from is not None and x.reshaped_from.shape == out_shape:
+        return x.reshaped_from  # reshaped back: the tensor before, as it was (the batch stays free)
+    out = _batch_kept_reshape(b, x, out_shape)
+    if out is not x:
+        out.reshaped_from = x
+    return out
 
 
 @from_onnx("Flatten")
@@ -217,6 +222,13 @@ def gather(b, node, inputs):
     if index.dim() == 0:  # one position: the axis is dropped, as x.select(axis, i)
         sliced = b.function(torch.narrow, data, axis, int(index), 1)
         return b.function(torch.squeeze, sliced, axis)
+    flat = index.reshape(-1)
+    if data.rank == 1 and torch.equal(flat, torch.arange(data.shape[0])):
+        # every position in order (the dynamo exporter's as_strided of a flattened tensor): a reshape,
+        # or the tensor before the flatten when that had this shape
+        if data.reshaped_from is not None and data.reshaped_from.shape == tuple(index.shape):
+            return data.reshaped_from
+        return b.method("reshape", data, *index.shape)
     raise b.unsupported("Gather of several positions of a computed tensor is not supported")
 
 
