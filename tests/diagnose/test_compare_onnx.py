@@ -295,3 +295,24 @@ def test_keras_against_onnx(small, small_exports):
     report = compare(keras_model, planted, x_keras)
     assert report.cause_codes == ["eps"]
     _named_at(report, "eps", node.name)
+
+
+def test_batch_norms_kept_by_bnkit_writer_against_the_folded_export(small, small_exports, tmp_path):
+    """bnkit's .onnx writer keeps every batch norm a node: against the module each pairs with its node;
+    against the exporter's folded graph (ONNX against ONNX) the kept Conv+BatchNormalization+Relu is the
+    folded Conv."""
+    from bnkit.io import load_model, save_model
+
+    net, x = small
+    path = tmp_path / "kept.onnx"
+    save_model(net, path, input_shape=tuple(x.shape[1:]))
+    kept = load_model(path)
+    assert len(_nodes(kept, "BatchNormalization")) == _bn_count(net)
+    report = compare(net, kept, x.numpy())
+    assert report.agree and report.causes == [] and not any(r.note for r in report.rows)
+    assert len(report.batch_norms) == _bn_count(net)
+    for folded_first in (False, True):
+        pair = (small_exports(False), kept) if folded_first else (kept, small_exports(False))
+        report = compare(*pair, x.numpy())
+        assert report.agree and report.causes == [] and report.unmatched_a == report.unmatched_b == []
+        assert [r.note for r in report.rows].count(NOTE) == 1
