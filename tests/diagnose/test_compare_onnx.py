@@ -81,11 +81,13 @@ def test_torchvision_export_agrees_with_folded_pairs(exported, name, dynamo):
         assert np.abs(ours - module(x).numpy()).max() <= report.output_atol + report.rtol * np.abs(ours).max()
 
 
-def test_onnx_first_and_onnx_against_onnx(exported):
+def test_onnx_first_and_onnx_against_onnx(exported, tmp_path):
     module, x, model = exported("resnet18", False)
     report = compare(model, module, x.numpy())
     assert report.agree and report.causes == [] and report.unmatched_a == report.unmatched_b == []
     assert sum(r.note == NOTE for r in report.rows) == _bn_count(module)
+    page = (tmp_path / "report.html").read_text() if report.to_html(tmp_path / "report.html") else ""
+    assert page.count(f"[{NOTE}]") == _bn_count(module)
     same = compare(model, model, x.numpy())
     assert same.agree and same.unmatched_a == [] and not any(r.note for r in same.rows)
 

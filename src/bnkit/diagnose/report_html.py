@@ -156,7 +156,9 @@ def _layer_table(report, indices: list[int]) -> str:
         )
         out.append(
             f'<tr class="{classes}"><td class="num">{r.index}</td><td>{escape(r.name_a)}</td>'
-            f"<td>{escape(r.name_b)}</td><td>{escape(r.type_a)}</td><td>{escape(r.type_b)}</td>"
+            f"<td>{escape(r.name_b)}</td><td>{escape(r.type_a)}</td><td>{escape(r.type_b)}"
+            + (f" <i>[{escape(r.note)}]</i>" if r.note else "")
+            + "</td>"
             f"<td>{escape(str(tuple(r.shape)))}</td><td class='num'>{_fmt(r.max_abs_diff)}</td>"
             f"<td class='num'>{_fmt(r.atol)}</td><td class='num'>{_fmt(r.tolerance_ratio)}</td>"
             f"<td class='num'>{stats}</td></tr>"
