@@ -331,3 +331,40 @@ def test_used_second_output_refused():
 def test_not_a_model_proto():
     with pytest.raises(TypeError, match="onnx.ModelProto"):
         onnx_to_torch(torch.nn.ReLU())
+
+
+# ---- exporters' decompositions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("half_first", [False, True])  # TorchScript: x * (1 + erf) * 0.5; dynamo: x * (0.5 * ...)
+def test_exact_gelu_chain_becomes_nn_gelu(half_first):
+    scaled = ["half", "plus"] if half_first else ["x", "plus"]
+    nodes = [
+        helper.make_node("Div", ["x", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["plus"]),
+        helper.make_node("Mul", scaled, ["m"]),
+        helper.make_node("Mul", ["x", "m"] if half_first else ["m", "half"], ["y"], name="gelu"),
+    ]
+    init = {"sqrt2": np.float32(np.sqrt(2)), "one": np.float32(1.0), "half": np.float32(0.5)}
+    gm = _check(_model(nodes, [("x", [2, 3, 4, 4])], ["y"], init, 13), (2, 3, 4, 4), keras=True)
+    assert [type(m).__name__ for m in gm.children()] == ["GELU"]
+
+
+def test_layer_norm_chain_becomes_nn_layer_norm():
+    """The TorchScript exporter's nn.LayerNorm before opset 17 (ConvNeXt's, over the last axis)."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mean"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+        helper.make_node("Div", ["d", "std"], ["n"]),
+        helper.make_node("Mul", ["n", "g"], ["s"]),
+        helper.make_node("Add", ["s", "b"], ["y"], name="ln"),
+    ]
+    init = {"two": np.float32(2.0), "eps": np.float32(1e-6), "g": _w(6) + 1, "b": _w(6)}
+    gm = _check(_model(nodes, [("x", [2, 5, 6])], ["y"], init, 13), (2, 5, 6))
+    (ln,) = gm.children()
+    assert isinstance(ln, torch.nn.LayerNorm) and ln.eps == pytest.approx(1e-6)

@@ -1,10 +1,14 @@
 """Exporters' decompositions recognised before the walk, so that they become one ``torch.nn`` layer.
 
-Both torch exporters write an exact ``nn.GELU`` as ``0.5 * x * (1 + erf(x / sqrt(2)))``: five nodes
+* Both torch exporters write an exact ``nn.GELU`` as ``0.5 * x * (1 + erf(x / sqrt(2)))``: five nodes
 (``Div``, ``Erf``, ``Add``, ``Mul``, ``Mul``, in either order of the last two) that PyTorch runs as they are
 but Keras has no ``erf`` layer for. :func:`fuse` gives the node list with each such chain replaced by
-one ``Gelu`` node (the operator opset 20 added; the converter takes it at any opset), where the chain's
-intermediate values are used nowhere else. Nothing else changes: the model is not modified.
+one ``Gelu`` node (the operator opset 20 added; the converter takes it at any opset).
+* Before opset 17 the TorchScript exporter writes ``nn.LayerNorm`` as ``d = x - mean(x)``,
+  ``(d / sqrt(mean(d ** 2) + eps)) * scale + bias`` over the last axes (``ReduceMean``, ``Sub``, ``Pow``,
+  ``ReduceMean``, ``Add``, ``Sqrt``, ``Div``, ``Mul``, ``Add``): one ``LayerNormalization`` node.
+
+A chain is replaced only where its intermediate values are used nowhere else. The model is not modified.
 """
 
 from __future__ import annotations
@@ -87,4 +91,64 @@ def fuse(graph) -> list:
         gelu = helper.make_node("Gelu", [x], [second.output[0]], name=second.name or erf.name)
         removed.update(id(n) for n in (div, erf, add, first))
         replaced[id(second)] = gelu
+    for mean in nodes:
+        chain = _layer_norm_chain(mean, constants, sole, consumers, outputs, helper)
+        if chain is not None and not any(id(n) in removed or id(n) in replaced for n in chain[0]):
+            removed.update(id(n) for n in chain[0][:-1])
+            replaced[id(chain[0][-1])] = chain[1]
     return [replaced.get(id(n), n) for n in nodes if id(n) not in removed]
+
+
+def _reduce_axes(node, constants) -> list[int] | None:
+    from onnx import helper
+
+    if node.op_type != "ReduceMean":
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if not attrs.get("keepdims", 1):
+        return None
+    if "axes" in attrs:
+        return [int(a) for a in attrs["axes"]]
+    if len(node.input) > 1 and node.input[1] in constants:
+        return [int(a) for a in constants[node.input[1]].reshape(-1)]
+    return None
+
+
+def _layer_norm_chain(mean, constants, sole, consumers, outputs, helper):
+    """``(nodes of the chain, LayerNormalization node)`` for a decomposed layer norm starting at ``mean``."""
+    axes = _reduce_axes(mean, constants)
+    if not axes or sorted(axes) != list(range(-len(axes), 0)):  # the last axes, as negative indices
+        return None
+    x = mean.input[0]
+    sub = sole(mean.output[0], "Sub")
+    if sub is None or list(sub.input) != [x, mean.output[0]]:
+        return None
+    users = consumers.get(sub.output[0], [])
+    if len(users) != 2 or sub.output[0] in outputs:
+        return None
+    power = next((n for n in users if n.op_type == "Pow"), None)
+    div = next((n for n in users if n.op_type == "Div"), None)
+    if power is None or div is None or not _scalar(constants, power.input[1], 2.0):
+        return None
+    variance = sole(power.output[0], "ReduceMean")
+    if variance is None or _reduce_axes(variance, constants) != axes:
+        return None
+    add = sole(variance.output[0], "Add")
+    eps_name = _other(add, variance.output[0]) if add is not None else None
+    if eps_name not in constants or constants[eps_name].size != 1:
+        return None
+    sqrt = sole(add.output[0], "Sqrt")
+    if sqrt is None or list(div.input) != [sub.output[0], sqrt.output[0]]:
+        return None
+    mul = sole(div.output[0], "Mul")
+    scale = _other(mul, div.output[0]) if mul is not None else None
+    shift = sole(mul.output[0], "Add") if mul is not None else None
+    bias = _other(shift, mul.output[0]) if shift is not None else None
+    if scale not in constants or bias not in constants:
+        return None
+    eps = float(constants[eps_name].reshape(()))
+    node = helper.make_node(
+        "LayerNormalization", [x, scale, bias], [shift.output[0]], name=shift.name or mean.name,
+        axis=-len(axes), epsilon=eps,
+    )  # fmt: skip
+    return [mean, sub, power, variance, add, sqrt, div, mul, shift], node
