@@ -1,6 +1,6 @@
 """The crafted-file corpus: hostile and broken model files, made here by code, never downloaded.
 
-Each format has a module (``crafted_pt2``, ``crafted_keras``, ``crafted_h5``, ``crafted_weights``)
+Each format has a module (``crafted_pt2``, ``crafted_keras``, ``crafted_h5``, ``crafted_weights``, ``crafted_onnx``)
 with a ``cases(folder, sources)`` function that writes its files into ``folder`` and returns
 :class:`Crafted` cases. :func:`all_cases` gathers them; ``python tests/fuzz/make_corpus.py OUT``
 writes the whole corpus to a folder (for trying bnkit, or another tool, on it by hand).
@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT_MODULES = ("crafted_pt2", "crafted_keras", "crafted_h5", "crafted_weights")
+FORMAT_MODULES = ("crafted_pt2", "crafted_keras", "crafted_h5", "crafted_weights", "crafted_onnx")
 
 
 @dataclass(frozen=True)
