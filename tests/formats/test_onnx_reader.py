@@ -314,3 +314,25 @@ def test_constant_attribute_with_external_data_out_of_folder_refused(tmp_path):
     path = folder / "const.onnx"
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     _refused(path, "node 'const''s attribute 'value'", "'../outside.bin'", "leads out of the model's folder")
+
+
+def test_model_local_function_is_read_and_its_body_checked(tmp_path):
+    """A call of a function defined in the model is standard operators in the end: read, and run by onnxruntime;
+    a custom operator inside the function's body is refused by name."""
+
+    def model_with(body_op, body_domain=""):
+        body = [helper.make_node(body_op, ["a", "b"], ["c"], name="inner", domain=body_domain)]
+        opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(body_domain, 1)] if body_domain else [])
+        function = helper.make_function("local.fns", "MyAdd", ["a", "b"], ["c"], body, opsets)
+        model = _small_model()
+        model.graph.node[1].op_type, model.graph.node[1].domain = "MyAdd", "local.fns"
+        model.opset_import.append(helper.make_opsetid("local.fns", 1))
+        model.functions.append(function)
+        return model
+
+    path = tmp_path / "fn.onnx"
+    path.write_bytes(model_with("Add").SerializeToString())
+    x = np.ones((1, 4), np.float32)
+    np.testing.assert_allclose(_run(load_model(path), x), _run(_small_model(), x), rtol=1e-6)
+    path.write_bytes(model_with("Evil", "my.ops").SerializeToString())
+    _refused(path, "'inner'", "'Evil'", "function local.fns.MyAdd")
