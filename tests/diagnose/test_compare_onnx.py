@@ -318,3 +318,30 @@ def test_batch_norms_kept_by_bnkit_writer_against_the_folded_export(small, small
         report = compare(*pair, x.numpy())
         assert report.agree and report.causes == [] and report.unmatched_a == report.unmatched_b == []
         assert [r.note for r in report.rows].count(NOTE) == 1
+
+
+@pytest.mark.parametrize("opset", [9, 13, 17])
+def test_opsets_and_onnx_training_statistics(small, tmp_path, opset):
+    """Opsets 9 (training told by the number of outputs: onnxruntime takes 1 or 5), 13 and 17 (training_mode):
+    the export agrees in inference; in training, onnxruntime's running mean is PyTorch's (momentum 0.9 on
+    the old value = 0.1 on the new) and its running variance folds in the biased batch variance, PyTorch's
+    the unbiased: (torch - 0.9·before) / (onnx - 0.9·before) = n / (n - 1)."""
+    torch.manual_seed(0)  # no conv+BN: nothing folded, so both sides train every batch norm
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 16 * 16, 10),
+    ).eval()  # fmt: skip
+    randomize_normalization(net)
+    x = small[1]
+    torch.onnx.export(net, (x,), str(tmp_path / "o.onnx"), dynamo=False, opset_version=opset)
+    model = onnx.load(str(tmp_path / "o.onnx"))
+    assert compare(net, model, x.numpy()).agree
+    report = compare(net, model, x.numpy(), training=True)
+    assert report.cause_codes == ["running-variance-estimator"] and len(report.batch_norms) == 2
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    for pair in report.batch_norms:
+        a, b = pair.a, pair.b
+        assert b.uses_batch_stats and b.in_training_mode  # run in training mode by compare(training=True)
+        np.testing.assert_allclose(b.running_mean_after, a.running_mean_after, rtol=1e-5, atol=1e-6)
+        ratio = (a.running_var_after - 0.9 * a.running_var_before) / (b.running_var_after - 0.9 * b.running_var_before)
+        np.testing.assert_allclose(ratio, n / (n - 1), rtol=1e-4)

@@ -74,13 +74,16 @@ _NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}
 
 
 def _training_copy(model, onnx) -> None:
-    """Every BatchNormalization node in training mode, with its running statistics as outputs."""
+    """Every BatchNormalization node in training mode, with its running statistics as outputs (before
+    opset 14, where the number of outputs says training, also the saved mean and variance: onnxruntime
+    takes 1 or 5 outputs there)."""
     opset = opset_of(model)
+    extra = ("running_mean", "running_var", "saved_mean", "saved_var")
     for k, node in enumerate(model.graph.node):
         if node.op_type != "BatchNormalization":
             continue
-        while len(node.output) < 3:
-            node.output.append(f"{node.name or k}__bnkit_running_{'mean' if len(node.output) == 1 else 'var'}")
+        while len(node.output) < (3 if opset >= 14 else 5):
+            node.output.append(f"{node.name or k}__bnkit_{extra[len(node.output) - 1]}")
         if opset >= 14:
             for a in list(node.attribute):
                 if a.name == "training_mode":
