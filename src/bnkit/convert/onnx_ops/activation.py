@@ -114,7 +114,7 @@ def _softmax(b, node, inputs, cls):
                 f"axis={axis} at opset {b.opset} normalises over the flattened axes {axis}.., "
                 "which bnkit.convert supports only for the last axis"
             )
-        axis = x.rank - 1 if all(d == 1 for d in x.shape[axis + 1 :]) and axis == x.rank - 1 else axis
+        # trailing axes of size 1 only: the flattened softmax is the one over axis itself
     return b.module(b.name_for(node, None), cls(dim=axis), x)
 
 
