@@ -72,3 +72,32 @@ def test_lost_weights_takes_a_transpose_as_held_and_other_values_as_lost():
 def test_beyond_holds_every_network_of_the_family_tests():
     family = [*VIDEO_NETWORKS, *SEGMENTATION_NETWORKS, *(n.name for n in SEQUENCE_NETWORKS), TRANSFORMER_BLOCK.name]
     assert set(family) | {"vit_small"} | BENCHMARK_ONLY | EXPECTED_REFUSALS <= set(BEYOND)
+
+
+class _TwoHeads(nn.Module):
+    """Segmentation-style dict outputs, "out" before "aux" as torchvision's (Keras orders them by key)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.out, self.aux = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"out": self.out(features), "aux": self.aux(features)}
+
+
+def test_compare_agrees_on_dict_outputs_in_another_key_order():
+    """compare takes the same output of both models: Keras sorts a model's dict outputs by key ({"aux", "out"}),
+    so the PyTorch side's dict is read in key order too (it compared "out" with Keras' "aux", a false alarm on
+    torchvision's fcn_resnet50 and deeplabv3_mobilenet_v3_large with aux_loss)."""
+    from bnkit.convert import torch_to_keras
+
+    torch.manual_seed(0)
+    module = _TwoHeads().eval()
+    converted = torch_to_keras(module, (3, 8, 8))
+    x = torch.randn(2, 3, 8, 8).numpy()
+    for training in (False, True):
+        report = bnkit.compare(module, converted, x, training=training)
+        assert report.agree and report.output_max_abs_diff < 1e-5, report.render()
+        module.eval()

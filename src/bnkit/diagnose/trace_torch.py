@@ -515,7 +515,9 @@ def _run(work, x: np.ndarray, perturb, torch) -> Trace:
             e.bn.running_var_after = module.running_var.detach().cpu().numpy().copy()
             if e.bn.renorm:
                 e.bn.renorm_after = (to_numpy(module.renorm_mean).copy(), to_numpy(module.renorm_stddev).copy())
-    final = _first_tensor(out, torch)
+    # a dict of outputs in key order, as Keras orders a model's (keras.tree sorts them): the same output on
+    # both sides of a conversion (torchvision's {"out", "aux"} is aux first in Keras)
+    final = _first_tensor(dict(sorted(out.items(), key=lambda kv: str(kv[0]))) if isinstance(out, dict) else out, torch)
     if final is None and hasattr(out, "_fields"):  # a namedtuple of outputs
         final = _first_tensor(tuple(out), torch)
     if final is None:
