@@ -345,3 +345,10 @@ def test_opsets_and_onnx_training_statistics(small, tmp_path, opset):
         np.testing.assert_allclose(b.running_mean_after, a.running_mean_after, rtol=1e-5, atol=1e-6)
         ratio = (a.running_var_after - 0.9 * a.running_var_before) / (b.running_var_after - 0.9 * b.running_var_before)
         np.testing.assert_allclose(ratio, n / (n - 1), rtol=1e-4)
+
+
+def test_an_input_the_graph_refuses_is_one_value_error(small, small_exports):
+    net, x = small
+    wrong = torch.randn(4, 3, 16, 16)[:, :2]  # two channels where the graph's Conv takes three
+    with pytest.raises(ValueError, match=r"onnxruntime cannot run the ONNX model on input \(4, 2, 16, 16\)"):
+        compare(small_exports(False), small_exports(False), wrong.numpy())

@@ -119,12 +119,24 @@ def trace_onnx(model, x: np.ndarray, training: bool, perturb=None) -> Trace:
             if name and name not in present:
                 graph.output.append(onnx.ValueInfoProto(name=name))
                 present.add(name)
-    session = _session(work, ort)
+    try:
+        session = _session(work, ort)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors are its own classes: one line, ours
+        raise ValueError(f"onnxruntime refuses the ONNX model: {_first_line(e)}") from e
     names = [o.name for o in session.get_outputs()]
     values: dict[str, np.ndarray] = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    values.update(zip(names, session.run(None, {source.name: x}), strict=True))
+    try:
+        outputs = session.run(None, {source.name: x})
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"onnxruntime cannot run the ONNX model on input {tuple(x.shape)}: {_first_line(e)}") from e
+    values.update(zip(names, outputs, strict=True))
     values[source.name] = x
     return _record(work, values, source.name, model)
+
+
+def _first_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text[:300]
 
 
 def _consumers(graph) -> dict[str, int]:
