@@ -6,6 +6,7 @@ asymmetric ``pads`` (and ``auto_pad=SAME_*`` where it needs them) become a ``Zer
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,11 +31,12 @@ def _weights(b, inputs):
     return x, weight, bias, nd
 
 
-def _set(module: nn.Module, weight, bias) -> None:
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(weight.astype("float32")))
-        if bias is not None:
-            module.bias.copy_(torch.from_numpy(bias.astype("float32")))
+def _set(module: nn.Module, weight, bias) -> nn.Module:
+    """The module (built on the meta device: no random initialisation to pay for) holding these weights."""
+    module.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+    if bias is not None:
+        module.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
+    return module
 
 
 @from_onnx("Conv")
@@ -58,10 +60,17 @@ def conv(b, node, inputs):
     if x.shape[1] != in_channels:
         raise b.unsupported(f"{x.shape[1]} input channels, the weight expects {in_channels} (group={group})")
     module = _CONV[nd](
-        in_channels, weight.shape[0], kernel, strides, tuple(begins), dilations, group, bias=bias is not None
+        in_channels,
+        weight.shape[0],
+        kernel,
+        strides,
+        tuple(begins),
+        dilations,
+        group,
+        bias=bias is not None,
+        device="meta",
     )
-    _set(module, weight, bias)
-    return b.module(name, module, x)
+    return b.module(name, _set(module, weight, bias), x)
 
 
 @from_onnx("ConvTranspose")
@@ -90,6 +99,6 @@ def conv_transpose(b, node, inputs):
         group,
         bias=bias is not None,
         dilation=dilations,
+        device="meta",
     )
-    _set(module, weight, bias)
-    return b.module(b.name_for(node), module, x)
+    return b.module(b.name_for(node), _set(module, weight, bias), x)

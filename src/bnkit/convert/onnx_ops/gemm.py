@@ -15,11 +15,10 @@ from bnkit.convert.onnx_ops.registry import from_onnx
 
 
 def _linear(b, node, x, weight: np.ndarray, bias: np.ndarray | None):
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype="float32")))
-        if bias is not None:
-            module.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias, dtype="float32")))
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no random init
+    module.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(weight, dtype="float32")))
+    if bias is not None:
+        module.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bias, dtype="float32")))
     return b.module(b.name_for(node), module, x)
 
 
