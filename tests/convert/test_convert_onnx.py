@@ -291,7 +291,8 @@ def test_batch_norm_kept_in_an_exported_network(tmp_path):
     assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 1
     gm = _check(model, (1, 3, 8, 8), keras=True)
     (bn,) = [m for m in gm.modules() if isinstance(m, BatchNorm2d)]
-    assert bn.convention.name == "onnx" and bn.eps == pytest.approx(1e-3) and bn.momentum == pytest.approx(0.9)
+    # the float32 attributes read as the decimals written (1e-3, 0.9), not 0.0010000000474974513
+    assert bn.convention.name == "onnx" and bn.eps == 1e-3 and bn.momentum == 0.9
 
 
 # ---- refusals ----------------------------------------------------------------------------------

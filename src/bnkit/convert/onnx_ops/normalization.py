@@ -12,6 +12,7 @@ onnxruntime runs) normalises with batch statistics even in inference: it becomes
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,8 +58,10 @@ def batch_norm(b, node, inputs):
         if array.shape != (channels,):
             raise b.unsupported(f"{what} has shape {tuple(array.shape)}, expected ({channels},) for the channel axis 1")
     training = training_mode(b, node, a)
-    eps = float(a.get("epsilon", 1e-5))
-    momentum = float(a.get("momentum", 0.9))
+    # ONNX stores float attributes as float32: the shortest decimal of that float32 (0.9, not 0.8999999761581421),
+    # which is the same float32 where the kernels compute with it
+    eps = _float32_decimal(a.get("epsilon", 1e-5))
+    momentum = _float32_decimal(a.get("momentum", 0.9))
     module = cls(channels, eps=eps, momentum=momentum, convention=onnx_convention(), track_running_stats=not training)
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(scale.astype("float32")))
@@ -67,6 +70,10 @@ def batch_norm(b, node, inputs):
             module.running_mean.copy_(torch.from_numpy(mean.astype("float32")))
             module.running_var.copy_(torch.from_numpy(var.astype("float32")))
     return b.module(b.name_for(node), module, x)
+
+
+def _float32_decimal(value: float) -> float:
+    return float(str(np.float32(value)))
 
 
 @from_onnx("LayerNormalization")
@@ -79,7 +86,7 @@ def layer_norm(b, node, inputs):
     bias = None if len(inputs) < 3 or inputs[2] is None else b.constant(inputs[2], "B")
     if int(a.get("stash_type", 1)) != 1:
         raise b.unsupported("stash_type other than float32 is not supported")
-    module = nn.LayerNorm(shape, eps=float(a.get("epsilon", 1e-5)), bias=bias is not None)
+    module = nn.LayerNorm(shape, eps=_float32_decimal(a.get("epsilon", 1e-5)), bias=bias is not None)
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(scale.astype("float32")).broadcast_to(shape))
         if bias is not None:
