@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from real_networks import (  # noqa: E402
     NETWORKS,
     Network,
+    _without_dropout,
     convert,
     format_error,
     relative_error,
@@ -164,6 +165,9 @@ def measure(net: Network, leg: str, repeats: int) -> Row:
     row, converted = _leg(net.name, source, torch_shape, x_torch, expected, leg, repeats)
     if leg == "there" and converted is not None:
         x = net.example_input(2)  # compare takes the first model's own layout
+        # compare turns off dropout layers, not the dropout inside attention layers (nn.MultiheadAttention's
+        # dropout, Keras MultiHeadAttention's inner Dropout): off here, as in the tests
+        _without_dropout(source), _without_dropout(converted)
         row.compare_inference = _verdict(source, converted, x, False)
         row.compare_training = _verdict(source, converted, x, True)
         row.batch_norms, row.training_error, row.statistics_error = training_check(source, converted, x_torch)
