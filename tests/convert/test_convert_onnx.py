@@ -369,3 +369,30 @@ def test_layer_norm_chain_becomes_nn_layer_norm():
     gm = _check(_model(nodes, [("x", [2, 5, 6])], ["y"], init, 13), (2, 5, 6))
     (ln,) = gm.children()
     assert isinstance(ln, torch.nn.LayerNorm) and ln.eps == pytest.approx(1e-6)
+
+
+def test_cli_refuses_an_unsupported_operator_in_one_line(tmp_path, capsys):
+    from bnkit.cli import main
+
+    path = tmp_path / "m.onnx"
+    model = _one("Hardmax", [2, 5])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5]))  # for the checker
+    onnx.save(model, str(path))
+    status = main(["convert", str(path), str(tmp_path / "m.pt2")])
+    err = capsys.readouterr().err.strip()
+    assert status != 0 and not (tmp_path / "m.pt2").exists()
+    assert "cannot convert layer 'the_hardmax' (Hardmax): this ONNX operator is not supported" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_writes_a_verified_pt2(tmp_path, capsys):
+    from bnkit.cli import main
+
+    model, _ = _bn_model(15)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3, 5, 5]))
+    path = tmp_path / "bn.onnx"
+    onnx.save(model, str(path))
+    assert main(["convert", str(path), str(tmp_path / "bn.pt2"), "--json"]) == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    assert report["relative_difference"] <= 1e-5 and report["batch_norms"][0]["epsilon"] == pytest.approx(1e-3)
+    assert (tmp_path / "bn.pt2").exists()

@@ -198,12 +198,14 @@ class OnnxToTorch:
                 continue
             shape, dtype = _input_spec(inp)
             placeholder = self.graph.placeholder(self._unique(inp.name))
-            self.env[inp.name] = Value(
-                placeholder,
-                torch.zeros(shape, dtype=dtype).normal_()
+            # its own generator: converting leaves torch's global random state alone
+            generator = torch.Generator().manual_seed(0)
+            example = (
+                torch.randn(shape, generator=generator).to(dtype)
                 if dtype.is_floating_point
-                else torch.zeros(shape, dtype=dtype),
+                else torch.zeros(shape, dtype=dtype)
             )
+            self.env[inp.name] = Value(placeholder, example)
         for node in _topological(fuse(g)):
             self._convert(node)
         outputs = []
@@ -259,8 +261,7 @@ def _default_opset(model) -> int:
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
-    if array.dtype == np.float64:  # bnkit's graphs compute in float32 as the exporters wrote them
-        return torch.from_numpy(array.copy())
+    """A tensor of its own (numpy_helper's arrays may be read-only views of the protobuf)."""
     return torch.from_numpy(np.array(array, copy=True))
 
 
