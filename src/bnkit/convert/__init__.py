@@ -2,6 +2,8 @@
 
 * :func:`keras_to_torch` — a functional or Sequential Keras model → ``torch.fx.GraphModule``.
 * :func:`torch_to_keras` — an ``nn.Module`` (traced with ``torch.fx``) → Keras functional model.
+* :func:`onnx_to_torch` — an ``onnx.ModelProto`` → ``torch.fx.GraphModule`` of ``torch.nn`` layers
+  (batch norms in the "onnx" convention); ``torch_to_keras`` takes it on to Keras.
 
 Layouts are each framework's own: the PyTorch side takes ``(N, C, H, W)``, the Keras side
 ``(N, H, W, C)``; weights are transposed, and the Dense/Linear after a Flatten has its rows
