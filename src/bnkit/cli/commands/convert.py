@@ -37,7 +37,7 @@ _PARITY_TOLERANCE = 1e-4
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "input", metavar="IN", help="model to convert: .keras, .h5, .pt2, SavedModel folder or package.module:factory"
+        "input", metavar="IN", help="model to convert: .keras, .h5, .pt2, .onnx, SavedModel folder or module:factory"
     )
     parser.add_argument(
         "output", metavar="OUT",
