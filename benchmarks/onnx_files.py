@@ -9,7 +9,11 @@ opset 18)`` and with the TorchScript exporter (``dynamo=False``) at opsets 17, 1
 folder. Each file is converted with ``bnkit.convert.onnx_to_torch`` and on with ``torch_to_keras``;
 error: max |converted - onnxruntime| / max |onnxruntime| on one standard normal batch (goal: 1e-5);
 time: the ONNX → PyTorch conversion, then PyTorch → Keras. "BN" counts the BatchNormalization nodes the
-exporter kept (it folds those after a Conv). A refusal is printed with its one-line reason.
+exporter kept (it folds those after a Conv). "read": the file read by bnkit's safe reader
+(``bnkit.io.load_model``), in seconds. "compare": ``bnkit.compare(module, model, x)`` of the PyTorch module
+(what ``.pt2`` holds) against the read ``.onnx`` in inference: ``agree`` or the verdict with its cause codes,
+then "paired": the layers bnkit paired with an exporter-folded Conv (folded conv+BN pairs). A refusal is
+printed with its one-line reason.
 """
 
 from __future__ import annotations
@@ -45,14 +49,16 @@ def main() -> None:
     import torch
     from real_networks import randomize_normalization
 
+    import bnkit
     from bnkit.convert import onnx_to_torch, torch_to_keras
+    from bnkit.io import load_model
     from conftest import import_torchvision
 
     tv = import_torchvision()
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
           f"input 1x3x{args.size}x{args.size}")  # fmt: skip
     header = f"{'network':<20} {'exporter':<12} {'opset':>5} {'BN':>3} {'to torch':>9} {'to keras':>9} "
-    print(header + f"{'onnx->torch':>11} {'torch->keras':>12}")
+    print(header + f"{'onnx->torch':>11} {'torch->keras':>12} {'read':>6}  compare")
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype("float32")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.networks.split(","):
@@ -69,7 +75,20 @@ def main() -> None:
                 except Exception as e:
                     print(f"{row} export failed: {' '.join(str(e).split())[:100]}")
                     continue
-                proto = onnx.load(str(path))
+                start = time.perf_counter()
+                try:
+                    proto = load_model(path)
+                except Exception as e:
+                    print(f"{row} read refused: {' '.join(str(e).split())[:160]}")
+                    continue
+                t_read = time.perf_counter() - start
+                try:
+                    report = bnkit.compare(model, proto, x)
+                    paired = sum(bool(getattr(r, "note", "")) for r in report.rows)
+                    verdict = "agree" if report.agree else "DISAGREE " + ",".join(report.cause_codes)
+                    verdict += f" ({paired} folded pairs)" if paired else ""
+                except Exception as e:
+                    verdict = f"compare failed: {' '.join(str(e).split())[:100]}"
                 bns = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
                 session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 (ref,) = session.run(None, {session.get_inputs()[0].name: x})
@@ -93,7 +112,8 @@ def main() -> None:
                     t_keras = f"{t_keras:>11.2f}s"
                 except Exception as e:
                     e_keras, t_keras = "refused", f"  ({' '.join(str(e).split())[:120]})"
-                print(f"{row} {e_torch:>9.1e} {e_keras:>9} {t_torch:>10.2f}s {t_keras}", flush=True)
+                print(f"{row} {e_torch:>9.1e} {e_keras:>9} {t_torch:>10.2f}s {t_keras} {t_read:>5.2f}s  {verdict}",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
