@@ -61,16 +61,34 @@ def test_torch_batchnorm1d_settings(module):
     assert (bn.scale, bn.center) == (module.affine, module.bias is not None)
 
 
-def test_frozen_keras_batchnorm_is_converted_in_eval():
+def test_frozen_keras_batchnorm_stays_frozen_in_train():
+    """A Keras BN with trainable=False runs in inference mode even under training=True (fit): it becomes
+    bnkit's FrozenBatchNorm1d, which does the same in train(); nothing to remember, no warning. Converted
+    back, a Keras batch norm with trainable=False again."""
+    import warnings
+
+    import numpy as np
+
+    from bnkit.torch import FrozenBatchNorm1d
+
     inputs = keras.Input((4,))
     bn = L.BatchNormalization(name="bn")
     model = keras.Model(inputs, bn(inputs))
+    bn.moving_mean.assign(np.array([0.5, -0.5, 1.0, 0.0], "float32"))
+    bn.moving_variance.assign(np.array([2.0, 0.5, 1.0, 3.0], "float32"))
     bn.trainable = False
-    with pytest.warns(UserWarning, match="frozen") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         torch_model = keras_to_torch(model)
-    (frozen,) = [w for w in record if "frozen" in str(w.message)]
-    assert frozen.filename == __file__  # the warning points at the user's call, not bnkit's code
-    assert not torch_model.bn.training and not torch_model.bn.weight.requires_grad
+    assert isinstance(torch_model.bn, FrozenBatchNorm1d)
+    x = random_array((8, 4))
+    expected = to_numpy(model(x, training=True))  # frozen: the moving statistics, and they stay put
+    got = to_numpy(torch_model.train()(torch.from_numpy(x)))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(torch_model.bn.running_var.numpy(), to_numpy(bn.moving_variance))
+    back = torch_to_keras(torch_model.eval(), (4,))
+    (layer,) = [la for la in back.layers if isinstance(la, L.BatchNormalization)]
+    assert not layer.trainable
 
 
 def test_cumulative_momentum_refusal_speaks_pytorch_and_keras():

@@ -290,16 +290,19 @@ ONNX_OPS: tuple[tuple[str, str, str | None], ...] = (
 )  # fmt: skip
 
 # Keras layers that are random in training (their masks cannot agree across frameworks): compare
-# calls them in inference mode. Matched like KERAS_LAYERS.
+# calls them in inference mode. Matched like KERAS_LAYERS. MultiHeadAttention: its dropout on the
+# attention weights is all that training changes in it.
 KERAS_RANDOM_LAYERS: tuple[str, ...] = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-                                        "GaussianNoise", "GaussianDropout", "AlphaDropout")  # fmt: skip
+                                        "GaussianNoise", "GaussianDropout", "AlphaDropout",
+                                        "MultiHeadAttention")  # fmt: skip
 # Layers outside keras.layers that are random in training: keras.applications ConvNeXt's and bnkit's
 # stochastic depth.
 KERAS_RANDOM_CUSTOM_LAYERS: tuple[str, ...] = ("StochasticDepth",)
 
 # PyTorch modules (class names anywhere in the MRO) that are random in training: compare runs them
-# in eval() (torch.nn's dropouts, torchvision's and bnkit's StochasticDepth).
-TORCH_RANDOM_MODULES: tuple[str, ...] = ("_DropoutNd", "StochasticDepth")
+# in eval() (torch.nn's dropouts, torchvision's and bnkit's StochasticDepth; nn.MultiheadAttention, whose
+# dropout on the attention weights is all that train() changes in it).
+TORCH_RANDOM_MODULES: tuple[str, ...] = ("_DropoutNd", "StochasticDepth", "MultiheadAttention")
 
 
 def kind_of(name: str) -> Kind:

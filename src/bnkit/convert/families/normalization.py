@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnkit.conventions import KERAS, TORCH, Convention, translate_momentum
-from bnkit.convert._common import warn_at_caller
 from bnkit.convert.registry import from_keras, from_torch
 from bnkit.convert.values import Constant, KerasValue, TorchValue, call_with_weights, keras_array, torch_array
 from bnkit.keras import BatchNormalization as BnkitKerasBN
@@ -110,13 +109,9 @@ def batchnorm_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
         if counter is not None:
             bn.num_batches_tracked.fill_(int(keras_array(counter)))
     if not layer.trainable:
-        # Keras runs a frozen BN in inference mode; PyTorch decides by module mode.
-        bn.requires_grad_(False)
-        warn_at_caller(
-            f"{layer.name}: a frozen Keras BatchNormalization (trainable=False) runs in inference mode; "
-            "the converted BatchNorm is put in eval() with requires_grad=False, but model.train() "
-            "switches it back to batch statistics: call .eval() on it after model.train()"
-        )
+        # Keras runs a frozen BN in inference mode, in fit() too: bnkit's FrozenBatchNorm computes that in
+        # train() as in eval() (a torch.nn batch norm would switch back to batch statistics in train())
+        bn = FrozenBatchNorm.from_batchnorm(bn)
     return TorchValue(b.add_module(layer.name, bn, x.node), x.rank, x.layout)
 
 
