@@ -352,3 +352,138 @@ def test_an_input_the_graph_refuses_is_one_value_error(small, small_exports):
     wrong = torch.randn(4, 3, 16, 16)[:, :2]  # two channels where the graph's Conv takes three
     with pytest.raises(ValueError, match=r"onnxruntime cannot run the ONNX model on input \(4, 2, 16, 16\)"):
         compare(small_exports(False), small_exports(False), wrong.numpy())
+
+
+# ---- activations the exporters write as several nodes; a BN after the ReLU after a folded BN -----------
+
+
+class _ToChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def _activation_net(name: str) -> nn.Module:
+    """A conv (or linear) layer followed by an activation that torch's exporters decompose, then one more layer."""
+    torch.manual_seed(0)
+    if name == "silu":  # Sigmoid, Mul(x, ·) at every opset
+        layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1)]
+    elif name == "hardswish":  # below opset 14: HardSigmoid, Mul(x, ·)
+        layers = [nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 4, 1)]
+    elif name == "gelu":  # Gemm then Div, Erf, Add, Mul, Mul
+        layers = [nn.Flatten(), nn.Linear(3 * 6 * 6, 16), nn.GELU(), nn.Linear(16, 4)]
+    else:  # "gelu_channels_last", ConvNeXt's: MatMul, Add (the bias), then the erf chain
+        layers = [nn.Conv2d(3, 8, 3), _ToChannelsLast(), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)]
+    net = nn.Sequential(*layers).eval()
+    randomize_normalization(net)
+    return net
+
+
+def _export_at(net, x, path, dynamo: bool, opset: int):
+    torch.onnx.export(net, (x,), str(path), dynamo=dynamo, opset_version=opset, verbose=False)
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "dynamo", "opset", "written_as"),
+    [
+        ("silu", False, 17, "SiLU"),
+        ("silu", True, 18, "SiLU"),
+        ("hardswish", False, 13, "Hardswish"),
+        ("hardswish", False, 9, "Hardswish"),
+        ("gelu", False, 17, "GELU"),
+        ("gelu", True, 18, "GELU"),
+        ("gelu_channels_last", False, 17, "GELU"),
+        ("gelu_channels_last", False, 9, "GELU"),
+    ],
+)
+def test_activation_written_as_several_nodes_folds_into_its_layer(tmp_path, name, dynamo, opset, written_as):
+    """SiLU as Sigmoid·Mul, Hardswish as x·HardSigmoid(x), GELU as the erf chain: one activation entry of the
+    ONNX trace (named by its values), folded into the Conv/Gemm/MatMul+Add it follows as PyTorch's module is
+    folded into its layer, so compare agrees with no cause (it said 'weights' before: the bare Conv was held
+    against conv+activation). onnxruntime's output is checked against the module first."""
+    net = _activation_net(name)
+    x = torch.randn(2, 3, 6, 6)
+    model = _export_at(net, x, tmp_path / "a.onnx", dynamo, opset)
+    assert "Mul" in [n.op_type for n in model.graph.node]  # decomposed: no single activation node
+    ort_out = _ort_run(model, x.numpy())
+    np.testing.assert_allclose(ort_out, net(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    report = compare(net, model, x.numpy())
+    assert report.agree and report.causes == [], report.render()
+    assert any(row.type_b.endswith(f"+{written_as}") for row in report.rows), [r.type_b for r in report.rows]
+    assert not report.unmatched_a and not report.unmatched_b
+
+
+def _ort_run(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_a_changed_decomposed_activation_is_still_found(tmp_path):
+    """The matcher hides nothing: the erf chain's 0.5 planted as 0.6 is no GELU any more (an 'Elementwise'
+    activation), and compare disagrees at the Gemm it follows; a planted kernel in the SiLU export too."""
+    net = _activation_net("gelu")
+    x = torch.randn(2, 3, 6, 6)
+    model = _export_at(net, x, tmp_path / "g.onnx", False, 17)
+    half = next(n for n in model.graph.node if n.op_type == "Constant" and np.isclose(_constant(n), 0.5))
+    half.attribute[0].t.CopyFrom(numpy_helper.from_array(np.asarray(0.6, dtype=np.float32)))
+    report = compare(net, model, x.numpy())
+    assert not report.agree
+    first = next(row for row in report.rows if row.differs)
+    assert first.type_b == "Gemm+Elementwise"
+    silu = _activation_net("silu")
+    model = _export_at(silu, x, tmp_path / "s.onnx", False, 17)
+    conv = _nodes(model, "Conv")[0]
+    weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    w = numpy_helper.to_array(weight).copy()
+    w[0, 0, 0, 0] += 0.5
+    weight.CopyFrom(numpy_helper.from_array(w, weight.name))
+    report = compare(silu, model, x.numpy())
+    assert "weights" in report.cause_codes and report.rows[0].differs and report.rows[0].type_b == "Conv+SiLU"
+
+
+def _constant(node):
+    return numpy_helper.to_array(node.attribute[0].t)
+
+
+def _bn_relu_bn() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1),
+    ).eval()  # fmt: skip
+    randomize_normalization(net)
+    return net
+
+
+@pytest.mark.parametrize(("dynamo", "opset"), [(False, 17), (False, 9), (True, 18)])
+def test_conv_bn_relu_bn_pairs_the_kept_node_with_the_second_batch_norm(tmp_path, dynamo, opset):
+    """conv → BN → ReLU → BN exports as Conv (the first BN folded) + Relu, then the second BN as a node.
+    The first BN was paired with that node (compare said 'weights'); now conv+BN+ReLU pairs with the
+    folded Conv+Relu ('folded by the exporter') and the second BN with the BatchNormalization node."""
+    net = _bn_relu_bn()
+    x = torch.randn(2, 3, 8, 8)
+    model = _export_at(net, x, tmp_path / "b.onnx", dynamo, opset)
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 1
+    report = compare(net, model, x.numpy())
+    assert report.agree and report.causes == [], report.render()
+    assert [row.type_a for row in report.rows] == ["Conv2d+BatchNorm2d+ReLU", "BatchNorm2d", "Conv2d"]
+    assert report.rows[0].note == NOTE and report.rows[1].type_b == "BatchNormalization"
+    assert report.rows[1].name_a == "3" and len(report.batch_norms) == 1
+
+
+def test_cli_pt2_against_its_own_torchscript_export(tmp_path, capsys):
+    """``bnkit compare m.pt2 m.onnx`` (the .pt2 first) on the conv → BN → ReLU → BN network and a SiLU one:
+    exit status 0, agree, no cause."""
+    import json
+
+    from bnkit.cli import main
+
+    x = torch.randn(2, 3, 8, 8)
+    for name, net in (("bnrelubn", _bn_relu_bn()), ("silu", _activation_net("silu"))):
+        pt2, path = tmp_path / f"{name}.pt2", tmp_path / f"{name}.onnx"
+        torch.export.save(torch.export.export(net, (x,)), str(pt2))
+        _export_at(net, x, path, False, 17)
+        assert main(["compare", str(pt2), str(path), "--input-shape", "3,8,8", "--batch-size", "2", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["agree"] and report["causes"] == [], name

@@ -45,10 +45,12 @@ def folded_chains(trace: Trace, other: Trace, pairs: list[tuple[int, int]], side
     entries = trace.entries
     chains = []
     for b, e in enumerate(entries):
-        if e.kind != "bn" or b in partner or len(e.inputs) != 1 or len(e.inputs[0]) != 1:
+        if e.kind != "bn" or len(e.inputs) != 1 or len(e.inputs[0]) != 1:
             continue
         c = e.inputs[0][0]
         if c == INPUT or entries[c].kind not in ("conv", "dense") or c not in partner:
+            continue
+        if b in partner and not _paired_past_activation(entries, consumers, c, b, other.entries[partner[c]], partner):
             continue
         if consumers[c] != [b] or c in outputs or "weight" not in entries[c].weights:
             continue
@@ -66,6 +68,18 @@ def folded_chains(trace: Trace, other: Trace, pairs: list[tuple[int, int]], side
                 chain.append(a)
         chains.append(tuple(chain))
     return chains
+
+
+def _paired_past_activation(entries, consumers, c: int, b: int, q: Entry, partner: dict) -> bool:
+    """Whether batch norm ``b`` (after conv ``c``) was paired with a batch norm that the ONNX graph applies
+    after the activation: ``conv → BN → act → BN`` exported as ``Conv(+BN folded)+act → BatchNormalization``.
+    The ONNX Conv ``q`` paired with ``c`` carries an activation that ``c`` does not, and the activation that
+    alone reads ``b``'s output has no partner: then ``b`` belongs to the fold and the kept node to the BN
+    after the activation."""
+    if len(q.callables) <= len(entries[c].callables) or len(consumers[b]) != 1:
+        return False
+    a = consumers[b][0]
+    return entries[a].kind == "act" and entries[a].inputs == [(b,)] and a not in partner
 
 
 def fold_weights(conv: dict, bn: dict) -> dict[str, np.ndarray]:

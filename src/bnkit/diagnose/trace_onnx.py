@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnkit.diagnose.kinds import ONNX_OPS, kind_of
+from bnkit.diagnose.onnx_patterns import activation_name
 from bnkit.diagnose.report import BatchNormState
 from bnkit.diagnose.trace import INPUT, Entry, Trace, folds_into, magnitude
 from bnkit.frameworks import is_onnx_model
@@ -154,7 +155,9 @@ class _Runner:
     constant inputs are the node's, built when first called."""
 
     def __init__(self, node, data: list[str], constants: dict[str, np.ndarray], opset: int, ir_version: int):
-        self.node, self.data, self.constants = node, data, constants
+        # ``node`` may be a list: the element-wise nodes of one activation, the last one's output returned
+        self.nodes = list(node) if isinstance(node, (list, tuple)) else [node]
+        self.node, self.data, self.constants = self.nodes[-1], data, constants
         self.opset, self.ir_version = opset, ir_version
         self.session = None
 
@@ -170,7 +173,7 @@ class _Runner:
             ]
             inits = [onnx.numpy_helper.from_array(np.asarray(v), n) for n, v in self.constants.items()]
             graph = helper.make_graph(
-                [self.node], "bnkit_rerun", inputs, [onnx.ValueInfoProto(name=self.node.output[0])], inits
+                self.nodes, "bnkit_rerun", inputs, [onnx.ValueInfoProto(name=self.node.output[0])], inits
             )
             m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
             m.ir_version = self.ir_version
@@ -267,6 +270,34 @@ def onnx_bn_state(node, attrs: dict, opset: int, weights: dict, x: np.ndarray, y
     )
 
 
+def _activations(graph, values: dict, input_name: str):
+    """Activations written as several element-wise nodes (:mod:`~bnkit.diagnose.onnx_patterns`), keyed by
+    their last node's index, and the indices of their other nodes."""
+    from bnkit.diagnose.onnx_patterns import activation_regions
+
+    data = {input_name}
+    for node in graph.node:
+        if node.op_type not in _NO_DATA and any(n in data for n in node.input if n):
+            data.update(n for n in node.output if n in values and np.issubdtype(values[n].dtype, np.floating))
+    regions = activation_regions(graph, values, data)
+    return regions, {k for r in regions.values() for k in r.nodes[:-1]}
+
+
+def _bias_of(entries: list[Entry], kind: str, node, inputs, constants: dict):
+    """The bias vector of ``Add(MatMul(x, W), b)`` (b of W's output size, broadcast over the last axis)
+    when ``node`` adds it to a MatMul entry that has none yet; else None."""
+    if kind != "scale" or node.op_type != "Add" or len(inputs) != 1 or len(inputs[0]) != 1 or inputs[0][0] < 0:
+        return None
+    prev = entries[inputs[0][0]]
+    if prev.kind != "dense" or prev.type != "MatMul" or "bias" in prev.weights or "weight" not in prev.weights:
+        return None
+    b = next((np.asarray(v) for v in constants.values() if np.size(v) > 1), None)
+    width = prev.weights["weight"].shape[0]
+    if b is None or b.size != width or b.shape[-1] != width:
+        return None
+    return b.reshape(-1).copy()
+
+
 def _record(work, values: dict[str, np.ndarray], input_name: str, model) -> Trace:
     graph = work.graph
     opset = opset_of(work)
@@ -282,14 +313,20 @@ def _record(work, values: dict[str, np.ndarray], input_name: str, model) -> Trac
     def const(name):
         return values.get(name) if name and name not in provenance else None
 
+    regions, inner = _activations(model.graph, values, input_name)  # the model's own outputs
     for i, node in enumerate(graph.node):
-        data_names = [n for n in node.input if n and n in provenance]
+        if i in inner:
+            continue  # part of an activation written as several nodes: recorded at its last node
+        region = regions.get(i)
+        data_names = [n for n in ([region.source] if region else node.input) if n and n in provenance]
         if node.op_type in _NO_DATA or not data_names:
             continue  # constants: no provenance
         out_name = node.output[0]
         out = values.get(out_name)
         kind = None
-        if out is not None and np.issubdtype(out.dtype, np.floating):
+        if region is not None and out is not None:
+            kind = "act"
+        elif out is not None and np.issubdtype(out.dtype, np.floating):
             data = [values[n] for n in data_names]
             consts = [values[n] for n in node.input if n and n not in provenance and n in values]
             kind = next((k for k, c in table.get(node.op_type, ()) if _check(c, data, consts, out)), None)
@@ -303,12 +340,32 @@ def _record(work, values: dict[str, np.ndarray], input_name: str, model) -> Trac
             data_names = data_names[:1]
         attrs = _attrs(node)
         inputs = [provenance[n] for n in data_names]
-        constants = {n: values[n] for n in node.input if n and n not in data_names and n in values}
-        runner = _Runner(node, data_names, constants, opset, work.ir_version)
+        nodes = [graph.node[k] for k in region.nodes] if region else [node]
+        inside = {o for n in nodes for o in n.output}
+        constants = {
+            n: values[n]
+            for m in nodes
+            for n in m.input
+            if n and n not in data_names and n not in inside and n in values
+        }
+        runner = _Runner(nodes, data_names, constants, opset, work.ir_version)
+        op_type = activation_name(values[region.source], out) if region else node.op_type
+        # readers of the data outside the activation, and the activation once
+        readers = consumers.get(data_names[0], 0) - (region.reads - 1 if region else 0)
         p = folds_into(entries, kind, inputs)
-        if p is not None and latest.get(p) == data_names[0] and consumers.get(data_names[0], 0) == 1:
-            prev = entries[p]  # an activation (or constant arithmetic) applied to this layer's output alone
+        b = _bias_of(entries, kind, node, inputs, constants)
+        if b is not None and latest.get(inputs[0][0]) == data_names[0] and readers == 1:
+            prev = entries[inputs[0][0]]  # MatMul then Add of a bias vector: a linear layer, as Gemm is
             prev.type = f"{prev.type}+{node.op_type}"
+            prev.weights["bias"] = b
+            prev.set_output(out, out)
+            prev.callables.append(runner)
+            latest[inputs[0][0]] = out_name
+            provenance[out_name] = (inputs[0][0],)
+            continue
+        if p is not None and latest.get(p) == data_names[0] and readers == 1:
+            prev = entries[p]  # an activation (or constant arithmetic) applied to this layer's output alone
+            prev.type = f"{prev.type}+{op_type}"
             prev.set_output(out, out)
             prev.callables.append(runner)
             latest[p] = out_name
@@ -318,7 +375,7 @@ def _record(work, values: dict[str, np.ndarray], input_name: str, model) -> Trac
         name = node.name or f"{node.op_type}_{i}"
         count = used.get(name, 0)
         used[name] = count + 1
-        entry = Entry(index, name if count == 0 else f"{name}_{count}", node.op_type, kind, out, out, inputs=inputs)
+        entry = Entry(index, name if count == 0 else f"{name}_{count}", op_type, kind, out, out, inputs=inputs)
         arrays = [values[n] for n in data_names]
         entry.input_scales = [magnitude(a) for a in arrays]
         entry.input_shapes = [tuple(a.shape) for a in arrays]
