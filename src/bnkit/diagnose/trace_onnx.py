@@ -7,6 +7,9 @@ rows; data flow through every other node (reshapes, casts, slices) is followed b
 traced graph is connected as in :mod:`~bnkit.diagnose.trace_torch`. ONNX tensors are NCHW: the
 canonical output is the raw one, and weights are read in PyTorch's layout (Conv ``(out, in/g, *k)``;
 Gemm ``B`` as ``(out, in)``; ConvTranspose ``(in, out/g, *k)`` swapped to ``(out/g, in, *k)``).
+An activation the exporter wrote as several element-wise nodes (SiLU as ``x · Sigmoid(x)``, Hardswish as
+``x · HardSigmoid(x)``, GELU as the erf chain; :mod:`~bnkit.diagnose.onnx_patterns`) is one ``act`` entry,
+and ``MatMul`` then ``Add`` of a bias vector is one ``dense`` entry, as PyTorch's modules are.
 
 A ``BatchNormalization`` node's state is ONNX's: ``y = scale · (x - mean) / sqrt(var + epsilon) + B``,
 in training ``running = momentum · running + (1 - momentum) · batch`` (momentum weighs the *old* value,
