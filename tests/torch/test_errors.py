@@ -221,8 +221,8 @@ def test_arguments_torch_refuses_only_in_the_forward_pass(kwargs, error):
          "BatchNorm2d: momentum must be a float, got str 'fast'"),
         ({"eps": [1e-3], "convention": "keras"}, TypeError, "BatchNorm2d: eps must be a float, got list [0.001]"),
         ({"convention": "tensorflow"}, ValueError,
-         "BatchNorm2d: convention must be one of 'torch', 'keras', 'tf_keras_fused', 'onnx', 'flax' or a bnkit.Convention, "
-         "got 'tensorflow'"),
+         "BatchNorm2d: convention must be one of 'torch', 'keras', 'tf_keras_fused', 'onnx', 'flax' or a "
+         "bnkit.Convention, got 'tensorflow'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):
