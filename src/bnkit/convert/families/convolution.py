@@ -1,5 +1,6 @@
-"""Convolutions, both ways: ``Conv1D``/``Conv2D`` (``groups`` too) ⇄ ``nn.Conv1d``/``nn.Conv2d``;
-``DepthwiseConv1D``/``DepthwiseConv2D`` ⇄ ``nn.Conv1d``/``nn.Conv2d`` with ``groups=in_channels``;
+"""Convolutions, both ways: ``Conv1D``/``Conv2D``/``Conv3D`` (``groups`` too) ⇄ ``nn.Conv1d``/``2d``/``3d``;
+``DepthwiseConv1D``/``DepthwiseConv2D`` ⇄ ``nn.Conv1d``/``nn.Conv2d`` with ``groups=in_channels`` (Keras has no
+``DepthwiseConv3D``: a depthwise ``Conv3d(C, C·M, k, groups=C)`` is ``Conv3D(groups=C)``, the same sums);
 ``SeparableConv1D``/``SeparableConv2D`` ⇄ :class:`bnkit.convert.torch_modules.SeparableConv2d` (a
 depthwise conv then a pointwise one, as Keras computes it).
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 L = keras.layers
 
 _KERAS_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+_TORCH_CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}  # by the input's rank
+_KERAS_CONV = {1: L.Conv1D, 2: L.Conv2D, 3: L.Conv3D}  # by the number of spatial axes
 _KERAS_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
 
 
@@ -83,13 +86,13 @@ def _bias(layer) -> dict[str, np.ndarray]:
     return {"bias": keras_array(layer.bias)} if layer.use_bias else {}
 
 
-@from_keras(L.Conv1D, L.Conv2D, non_negative=has_non_negative_activation)
+@from_keras(L.Conv1D, L.Conv2D, L.Conv3D, non_negative=has_non_negative_activation)
 def conv_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
     kernel = keras_array(layer.kernel)
     padding, explicit = _torch_padding(b, layer, node, x)
     conv = torch_module_holding(
-        lambda: (nn.Conv1d if x.rank == 3 else nn.Conv2d)(
+        lambda: _TORCH_CONV[x.rank](
             kernel.shape[-2] * layer.groups,
             layer.filters,
             tuple(layer.kernel_size),
@@ -189,17 +192,17 @@ def _is_depthwise(m) -> bool:
     return m.groups > 1 and m.groups == m.in_channels
 
 
-@from_torch(nn.Conv1d, nn.Conv2d)
+@from_torch(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     """``Conv2d`` → ``Conv2D`` (``groups`` kept); with ``groups=in_channels > 1`` → ``DepthwiseConv2D``
-    (``depth_multiplier = out_channels / in_channels``)."""
+    (``depth_multiplier = out_channels / in_channels``); a depthwise ``Conv3d`` → ``Conv3D(groups=C)``."""
     x = b.input(node)
     name = b.name(node)
     n = x.rank - 2
     settings = _conv_settings(m, n)
     weight = torch_array(m.weight)
     bias = [torch_array(m.bias)] if m.bias is not None else []
-    if _is_depthwise(m):
+    if _is_depthwise(m) and n < 3:
         padding, source = _keras_padding(b, node, m, x, name)
         multiplier = m.out_channels // m.in_channels
         layer = (L.DepthwiseConv1D if n == 1 else L.DepthwiseConv2D)(
@@ -212,7 +215,7 @@ def conv_to_keras(b: TorchToKeras, node, m) -> KerasValue:
             node, f"stride={settings['strides']} with dilation={settings['dilation_rate']}: Keras refuses the pair"
         )
     padding, source = _keras_padding(b, node, m, x, name)
-    layer = (L.Conv1D if n == 1 else L.Conv2D)(
+    layer = _KERAS_CONV[n](
         m.out_channels, padding=padding, groups=m.groups, use_bias=m.bias is not None, name=name, **settings
     )
     return b.apply(node, layer, source, [_keras_kernel(weight), *bias])

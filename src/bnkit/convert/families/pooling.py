@@ -1,8 +1,9 @@
-"""Pooling, both ways: ``MaxPooling``/``AveragePooling`` 1D/2D ⇄ ``nn.MaxPool``/``nn.AvgPool`` 1d/2d
+"""Pooling, both ways: ``MaxPooling``/``AveragePooling`` 1D/2D/3D ⇄ ``nn.MaxPool``/``nn.AvgPool`` 1d/2d/3d
 (and ``F.max_pool*d``/``F.avg_pool*d``, ``ceil_mode`` included); global pooling ⇄
 ``nn.Adaptive*Pool*d(1)``, ``F.adaptive_*_pool*d(x, 1)``, ``x.mean((2, 3))``, ``torch.amax``;
-adaptive pooling ⇄ ``AdaptiveAveragePooling``/``AdaptiveMaxPooling`` 1D/2D (Keras computes
-PyTorch's windows: from ``floor(i·n/out)`` to ``ceil((i+1)·n/out)``).
+adaptive pooling ⇄ ``AdaptiveAveragePooling``/``AdaptiveMaxPooling`` 1D/2D/3D (Keras computes
+PyTorch's windows: from ``floor(i·n/out)`` to ``ceil((i+1)·n/out)``). The 3-D layers (video networks) follow
+the same rules with one more axis.
 
 A pooling is its windows. PyTorch's start at ``-padding + i·stride``; with ``ceil_mode`` the last
 one may reach past the right padding (what lies outside is ignored). Keras' ``valid`` windows
@@ -38,11 +39,11 @@ if TYPE_CHECKING:
 
 L = keras.layers
 
-_KERAS_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D)
-_KERAS_GLOBAL_MAX_POOLS = (L.GlobalMaxPooling1D, L.GlobalMaxPooling2D)
-_KERAS_ADAPTIVE_MAX_POOLS = (L.AdaptiveMaxPooling1D, L.AdaptiveMaxPooling2D)
-_TORCH_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
-_TORCH_ADAPTIVE_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_KERAS_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
+_KERAS_GLOBAL_MAX_POOLS = (L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D)
+_KERAS_ADAPTIVE_MAX_POOLS = (L.AdaptiveMaxPooling1D, L.AdaptiveMaxPooling2D, L.AdaptiveMaxPooling3D)
+_TORCH_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_TORCH_ADAPTIVE_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
@@ -61,14 +62,14 @@ def _keras_averages_real_values(pads, ks) -> bool:
 # ---- Keras -> PyTorch ---------------------------------------------------------------------
 
 
-@from_keras(*_KERAS_MAX_POOLS, L.AveragePooling1D, L.AveragePooling2D)
+@from_keras(*_KERAS_MAX_POOLS, L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)
 def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
     spatial_rank = x.rank - 2
     in_shape = node.input_tensors[0].shape
     ks, strides = tuple(layer.pool_size), tuple(layer.strides)
     padding = [0] * spatial_rank
-    is_max = layer.pool_mode == "max"  # any rank (MaxPooling3D: bnkit.convert.families.volumetric)
+    is_max = layer.pool_mode == "max"  # any rank
     source = x.node
     ceil_mode = False
     if layer.padding == "same":
@@ -109,7 +110,7 @@ def pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     return TorchValue(b.add_module(layer.name, pool, source), x.rank)
 
 
-@from_keras(L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, *_KERAS_GLOBAL_MAX_POOLS)
+@from_keras(L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, *_KERAS_GLOBAL_MAX_POOLS)
 def global_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
     dims = tuple(range(2, x.rank))
@@ -119,15 +120,19 @@ def global_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     return TorchValue(out, x.rank if keepdims else 2)
 
 
-@from_keras(L.AdaptiveAveragePooling1D, L.AdaptiveAveragePooling2D, *_KERAS_ADAPTIVE_MAX_POOLS)
+@from_keras(
+    L.AdaptiveAveragePooling1D, L.AdaptiveAveragePooling2D, L.AdaptiveAveragePooling3D, *_KERAS_ADAPTIVE_MAX_POOLS
+)
 def adaptive_pool_to_torch(b: KerasToTorch, layer, node, inputs) -> TorchValue:
     (x,) = inputs
     is_max = isinstance(layer, _KERAS_ADAPTIVE_MAX_POOLS)
     cls = {
         (True, 3): nn.AdaptiveMaxPool1d,
         (True, 4): nn.AdaptiveMaxPool2d,
+        (True, 5): nn.AdaptiveMaxPool3d,
         (False, 3): nn.AdaptiveAvgPool1d,
         (False, 4): nn.AdaptiveAvgPool2d,
+        (False, 5): nn.AdaptiveAvgPool3d,
     }[(is_max, x.rank)]
     size = tuple(layer.output_size)
     return TorchValue(b.add_module(layer.name, cls(size[0] if x.rank == 3 else size), x.node), x.rank)
@@ -197,7 +202,7 @@ def pool_keras(b: TorchToKeras, node, m, x: KerasValue, name: str) -> KerasValue
     raise b.unsupported(node, f"padding={pads} is not what Keras 'same' pads here ({keras_same})")
 
 
-@from_torch(*_TORCH_MAX_POOLS, nn.AvgPool1d, nn.AvgPool2d)
+@from_torch(*_TORCH_MAX_POOLS, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 def pool_module_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     return pool_keras(b, node, m, b.input(node), b.name(node))
 
@@ -209,6 +214,8 @@ _POOL_FUNCTIONS = {
     F.max_pool2d: (nn.MaxPool2d, _MAX_POOL_ARGS),
     F.avg_pool1d: (nn.AvgPool1d, _AVG_POOL_ARGS),
     F.avg_pool2d: (nn.AvgPool2d, (*_AVG_POOL_ARGS, "divisor_override")),
+    F.max_pool3d: (nn.MaxPool3d, _MAX_POOL_ARGS),
+    F.avg_pool3d: (nn.AvgPool3d, (*_AVG_POOL_ARGS, "divisor_override")),
 }
 
 
@@ -266,17 +273,17 @@ def adaptive_pool_keras(b: TorchToKeras, node, x: KerasValue, output_size, is_ma
     return b.apply(node, cls(outs[0] if n == 1 else outs, name=name), x)
 
 
-@from_torch(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, *_TORCH_ADAPTIVE_MAX_POOLS)
+@from_torch(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, *_TORCH_ADAPTIVE_MAX_POOLS)
 def adaptive_pool_module_to_keras(b: TorchToKeras, node, m) -> KerasValue:
     if getattr(m, "return_indices", False):
         raise b.unsupported(node, "return_indices=True has no Keras equivalent")
     return adaptive_pool_keras(b, node, b.input(node), m.output_size, isinstance(m, _TORCH_ADAPTIVE_MAX_POOLS))
 
 
-_ADAPTIVE_MAX_FUNCTIONS = (F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+_ADAPTIVE_MAX_FUNCTIONS = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 
 
-@from_torch(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, *_ADAPTIVE_MAX_FUNCTIONS)
+@from_torch(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, *_ADAPTIVE_MAX_FUNCTIONS)
 def adaptive_pool_function_to_keras(b: TorchToKeras, node, fn) -> KerasValue:
     if fn in _ADAPTIVE_MAX_FUNCTIONS and b.arg(node, 2, "return_indices", False):
         raise b.unsupported(node, "return_indices=True has no Keras equivalent")
