@@ -6,6 +6,7 @@ Layouts: Keras tensors are channels-last (``N, *spatial, C``), PyTorch tensors c
 
 from __future__ import annotations
 
+import keyword
 import math
 import sys
 import warnings
@@ -158,3 +159,17 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_NOT_THE_CALLER):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def unique_identifier(base: str, taken: set[str]) -> str:
+    """``base`` (already made of word characters) as a Python identifier not in ``taken``: a leading digit or a
+    keyword gets ``_`` in front, a name taken ``_1``, ``_2``... behind; the result is added to ``taken``
+    (a module attribute name of a converted graph)."""
+    base = base or "layer"
+    if base[0].isdigit() or keyword.iskeyword(base):
+        base = f"_{base}"
+    candidate, i = base, 1
+    while candidate in taken:
+        candidate, i = f"{base}_{i}", i + 1
+    taken.add(candidate)
+    return candidate

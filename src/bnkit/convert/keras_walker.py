@@ -8,7 +8,6 @@ PyTorch modules and operations with. The translations live in :mod:`bnkit.conver
 from __future__ import annotations
 
 import functools
-import keyword
 import re
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from torch import fx, nn
 
 import bnkit.convert.families  # noqa: F401 - registers the converters
-from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError
+from bnkit.convert._common import SemanticsChoice, UnsupportedLayerError, unique_identifier
 from bnkit.convert.layouts import identity, inverse, mapped_layout
 from bnkit.convert.registry import from_keras, keras_converter, keras_unsupported_reason
 from bnkit.convert.values import TorchValue
@@ -162,14 +161,7 @@ class KerasToTorch:
 
     # ---- the walk ------------------------------------------------------------------------
     def _unique(self, name: str) -> str:
-        base = re.sub(r"\W", "_", name) or "layer"
-        if base[0].isdigit() or keyword.iskeyword(base):
-            base = f"_{base}"
-        candidate, i = base, 1
-        while candidate in self.names:
-            candidate, i = f"{base}_{i}", i + 1
-        self.names.add(candidate)
-        return candidate
+        return unique_identifier(re.sub(r"\W", "_", name), self.names)
 
     def build(self) -> fx.GraphModule:
         for node in _nodes(self.model):

@@ -14,7 +14,6 @@ Shapes read so hold for the declared input shape; dimension 0 is the batch where
 
 from __future__ import annotations
 
-import keyword
 import re
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import torch
 from torch import fx, nn
 
 import bnkit.convert.onnx_ops  # noqa: F401 - registers the converters
-from bnkit.convert._common import UnsupportedLayerError
+from bnkit.convert._common import UnsupportedLayerError, unique_identifier
 from bnkit.convert.onnx_ops.fusions import fuse
 from bnkit.convert.onnx_ops.registry import onnx_converter
 
@@ -164,14 +163,7 @@ class OnnxToTorch:
         return node.name or node.op_type.lower()
 
     def _unique(self, name: str) -> str:
-        base = re.sub(r"\W", "_", name).strip("_") or "layer"
-        if base[0].isdigit() or keyword.iskeyword(base):
-            base = f"_{base}"
-        candidate, i = base, 1
-        while candidate in self.names:
-            candidate, i = f"{base}_{i}", i + 1
-        self.names.add(candidate)
-        return candidate
+        return unique_identifier(re.sub(r"\W", "_", name).strip("_"), self.names)  # "/layer1/Conv": no "_" ends
 
     def name_for(self, node, weight_index: int | None = 1) -> str:
         """A readable module name: the weight initializer's (``layer1.0.conv1.weight`` → ``layer1_0_conv1``)

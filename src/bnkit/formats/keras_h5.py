@@ -100,6 +100,18 @@ class RoundTrip:
     def relative(self) -> float:
         return self.difference / self.largest if self.largest > 0 else self.difference
 
+    @classmethod
+    def between(cls, expected, got) -> RoundTrip:
+        """Max |got − expected| and max |expected| over paired outputs (NumPy arrays of equal shapes)."""
+        import numpy as np
+
+        difference = largest = 0.0
+        for a, b in zip(expected, got, strict=True):
+            if a.size:
+                difference = max(difference, float(np.max(np.abs(a - b))))
+                largest = max(largest, float(np.max(np.abs(a))))
+        return cls(difference, largest)
+
 
 def write(model, path: Path, *, force: bool = False, input_shape=None) -> RoundTrip:
     """Write the Keras model ``model`` to ``path`` as a Keras 2 ``.h5`` (see the module doc), atomically;
@@ -218,17 +230,14 @@ def _read_back(model, tmp: Path, batch: list, shown: str, read_with=None, what: 
         ) from e
     expected = expected if isinstance(expected, (list, tuple)) else [expected]
     got = got if isinstance(got, (list, tuple)) else [got]
-    difference = largest = 0.0
-    for a, b in zip(expected, got, strict=True):
-        a, b = np.asarray(keras.ops.convert_to_numpy(a)), np.asarray(keras.ops.convert_to_numpy(b))
-        if a.size:
-            difference = max(difference, float(np.max(np.abs(a - b))))
-            largest = max(largest, float(np.max(np.abs(a))))
-    result = RoundTrip(difference, largest)
+    def as_numpy(outputs):
+        return [np.asarray(keras.ops.convert_to_numpy(t)) for t in outputs]
+
+    result = RoundTrip.between(as_numpy(expected), as_numpy(got))
     if not result.relative <= ROUND_TRIP_TOLERANCE:
         raise ModelFileError(
             f"{shown}: not written: the {what}, read back, disagrees with the model: max |difference| "
-            f"{difference:.3g} is {result.relative:.3g} of the largest output {largest:.3g} "
+            f"{result.difference:.3g} is {result.relative:.3g} of the largest output {result.largest:.3g} "
             f"(tolerance {ROUND_TRIP_TOLERANCE:g}) on a random batch"
         )
     return result

@@ -400,18 +400,14 @@ def _check_inference(model, module, framework, data, shapes, keras_layout, train
             module.train(was)
         expected = [t.detach().numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
         got = got[: len(expected)]
-    difference = largest = 0.0
     for a, b in zip(expected, got, strict=True):
         if a.shape != b.shape:
             raise ModelFileError(f"{shown}: not written: the file's output has shape {b.shape}, the model's {a.shape}")
-        if a.size:
-            difference = max(difference, float(np.max(np.abs(a - b))))
-            largest = max(largest, float(np.max(np.abs(a))))
-    result = RoundTrip(difference, largest)
+    result = RoundTrip.between(expected, got)
     if not result.relative <= ROUND_TRIP_TOLERANCE:
         raise ModelFileError(
-            f"{shown}: not written: onnxruntime's output differs from the model's by {difference:.3g}, "
-            f"{result.relative:.3g} of the largest output {largest:.3g} (tolerance {ROUND_TRIP_TOLERANCE:g}) "
+            f"{shown}: not written: onnxruntime's output differs from the model's by {result.difference:.3g}, "
+            f"{result.relative:.3g} of the largest output {result.largest:.3g} (tolerance {ROUND_TRIP_TOLERANCE:g}) "
             "on a random batch"
         )
     return result
