@@ -34,6 +34,7 @@ from bnkit.io import ModelFileError, load_model, save_model
 from bnkit.keras import keras
 from bnkit.lifecycle.fold import fold_bn
 from conftest import import_torchvision
+from convert.real_networks import randomize_normalization  # every batch norm 1d/2d: statistics, gamma, beta
 
 L = keras.layers
 RTOL = 1e-5
@@ -68,18 +69,6 @@ def _start_tf_keras():
         [sys.executable, "-c", _TF_KERAS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env,
     )  # fmt: skip
-
-
-def _randomize_batch_norms(model: nn.Module, seed: int = 0) -> None:
-    """Statistics, gammas and betas away from their initial values, so that every batch norm matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
 
 
 class _Operations(nn.Module):
@@ -199,7 +188,7 @@ def written(tmp_path_factory):
     for name in ("resnet18", "mobilenet_v2"):
         torch.manual_seed(0)
         net = getattr(torchvision.models, name)(num_classes=10).eval()
-        _randomize_batch_norms(net)
+        randomize_normalization(net)
         with torch.no_grad():
             expected = net(torch.from_numpy(x)).numpy()
         add(name, torch_to_keras(net, (3, 32, 32)), _nhwc(x), {"y": expected})
@@ -215,7 +204,7 @@ def written(tmp_path_factory):
     add("keras_mobilenet", app, xk, {"y": _keras_numpy(app(xk, training=False))})
 
     operations = _Operations().eval()
-    _randomize_batch_norms(operations, seed=1)
+    randomize_normalization(operations, seed=1)
     x16 = rng.standard_normal((2, 3, 16, 16)).astype("float32")
     with torch.no_grad():
         expected = operations(torch.from_numpy(x16)).numpy()
@@ -237,7 +226,7 @@ def written(tmp_path_factory):
 
     # training: PyTorch's batch norm (unbiased running variance, momentum on the new value) ...
     torch_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3, eps=1e-4))
-    _randomize_batch_norms(torch_bn, seed=2)
+    randomize_normalization(torch_bn, seed=2)
     x6 = rng.standard_normal((4, 3, 6, 6)).astype("float32")
     converted = torch_to_keras(torch_bn.eval(), (3, 6, 6))
     with torch.no_grad():
@@ -245,7 +234,7 @@ def written(tmp_path_factory):
     stats = {"mean": torch_bn[1].running_mean.numpy(), "variance": torch_bn[1].running_var.numpy()}
     add("torch_bn_training", converted, _nhwc(x6), {"y": y, **stats}, train=True)
     linear = _Linear(momentum=0.3)  # BatchNorm1d: written between two Reshapes, as a 4-D fused batch norm
-    _randomize_batch_norms(linear, seed=3)
+    randomize_normalization(linear, seed=3)
     x4 = rng.standard_normal((5, 4)).astype("float32")
     converted = torch_to_keras(linear.eval(), (4,))
     with torch.no_grad():
@@ -414,7 +403,7 @@ def _main(capsys, *argv):
 
 def test_bnkit_convert_writes_h5_from_pt2_and_from_keras(tmp_path, capsys):
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
-    _randomize_batch_norms(module)
+    randomize_normalization(module)
     save_model(module.eval(), tmp_path / "m.pt2", input_shape=(3, 6, 6))
     report = _main(capsys, "convert", tmp_path / "m.pt2", tmp_path / "m.h5", "--json")
     assert (report["from"], report["to"]) == ("torch", "keras")

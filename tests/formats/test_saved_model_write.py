@@ -31,6 +31,7 @@ from bnkit.formats.atomic import atomic_folder
 from bnkit.io import ModelFileError, load_model, save_model
 from bnkit.keras import keras
 from conftest import import_torchvision
+from convert.real_networks import randomize_normalization  # every batch norm 1d/2d: statistics, gamma, beta
 
 RTOL = 1e-5
 
@@ -50,17 +51,6 @@ np.savez(out, tf_keras=model(x, training=False).numpy(), signature=y_sig.numpy()
 """
 
 
-def _randomize_batch_norms(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-
-
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
@@ -69,7 +59,7 @@ def test_resnet18_converted_to_a_saved_model_loads_in_tf_keras_tensorflow_and_bn
     torchvision = import_torchvision()
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()
-    _randomize_batch_norms(net)
+    randomize_normalization(net)
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("float32")
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()

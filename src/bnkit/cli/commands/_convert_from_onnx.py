@@ -117,7 +117,7 @@ def run(args) -> int:
         "to": target,
         "opset": next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
         "input_shape_torch": list(shape),
-        "batch_norms": _batch_norms(model),
+        "batch_norms": batch_norm_nodes(model),
         "max_abs_difference": difference,
         "max_abs_output": largest,
         "relative_difference": relative,
@@ -144,7 +144,9 @@ def run(args) -> int:
     return 0
 
 
-def _batch_norms(model) -> list[dict]:
+def batch_norm_nodes(model) -> list[dict]:
+    """An ONNX model's BatchNormalization nodes as report rows: name, epsilon, momentum, training_mode (ONNX's
+    defaults where an attribute is absent); also what the writer's report lists."""
     from onnx import helper
 
     rows = []

@@ -79,19 +79,9 @@ def _nodes(path) -> list[dict]:
     """The written file's BatchNormalization nodes: name, epsilon, momentum, training_mode (onnx reads it)."""
     import onnx
 
-    rows = []
-    for node in onnx.load(str(path)).graph.node:
-        if node.op_type == "BatchNormalization":
-            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            rows.append(
-                {
-                    "name": node.name,
-                    "epsilon": float(attributes.get("epsilon", 1e-5)),
-                    "momentum": float(attributes.get("momentum", 0.9)),
-                    "training_mode": int(attributes.get("training_mode", 0)),
-                }
-            )
-    return rows
+    from bnkit.cli.commands._convert_from_onnx import batch_norm_nodes
+
+    return batch_norm_nodes(onnx.load(str(path)))
 
 
 def _render(report: dict) -> None:
